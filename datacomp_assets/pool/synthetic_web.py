@@ -1,0 +1,296 @@
+"""A deterministic synthetic web: image-text pairs whose quality varies the way CommonPool's does.
+
+Every sample is a pure function of (seed, index), so the server can render any image on request
+and the pool can be regenerated bit for bit. The world has:
+
+- objects with long-tailed (Zipf) frequencies, each in a colour, a count (1-4) and a rendering style;
+- English captions from varied templates and synonyms;
+- web noise at fixed shares (``DEFAULT_NOISE``): mismatched captions, non-English captions, short or
+  file-name captions, small originals, extreme aspect ratios.
+
+Ground truth (object, colour, count, style, noise kind) is returned by ``ground_truth`` and stored
+apart from the pool; filters never read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+OBJECTS = (
+    "circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon",
+    "pentagon", "arrow", "crescent", "heart", "octagon", "trapezoid", "bolt", "kite",
+)
+# Synonyms an English caption may use instead of the object's name.
+SYNONYMS = {"circle": ["circle", "disc", "round dot"], "square": ["square", "box"],
+            "star": ["star", "five-pointed star"], "cross": ["cross", "plus sign"],
+            "ring": ["ring", "hoop"], "bolt": ["bolt", "lightning bolt"], "kite": ["kite"]}
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
+    "purple": (140, 50, 180), "orange": (245, 140, 30), "pink": (245, 130, 190), "cyan": (40, 200, 210),
+}
+STYLES = ("photo", "drawing", "painting", "sketch")
+STYLE_WEIGHTS = (0.5, 0.25, 0.2, 0.05)  # sketches are rare in the pool: the eval's distribution shift
+STYLE_WORDS = {"photo": ["a photo of", "a picture of", "an image of"],
+               "drawing": ["a drawing of", "a clip art of", "an illustration of"],
+               "painting": ["a painting of", "an artwork of", "a watercolor of"],
+               "sketch": ["a sketch of", "a pencil sketch of", "a line drawing of"]}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+TRANSLATIONS = {
+    "fr": {"objects": {"circle": "cercle", "square": "carré", "triangle": "triangle", "star": "étoile",
+                       "cross": "croix", "ring": "anneau", "diamond": "losange", "hexagon": "hexagone",
+                       "pentagon": "pentagone", "arrow": "flèche", "crescent": "croissant", "heart": "cœur",
+                       "octagon": "octogone", "trapezoid": "trapèze", "bolt": "éclair", "kite": "cerf-volant"},
+           "colors": {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune", "purple": "violet",
+                      "orange": "orange", "pink": "rose", "cyan": "cyan"},
+           "templates": ["une photo d'un {object} {color}", "un {object} {color} sur un fond",
+                         "image d'un joli {object} de couleur {color}"]},
+    "de": {"objects": {"circle": "Kreis", "square": "Quadrat", "triangle": "Dreieck", "star": "Stern",
+                       "cross": "Kreuz", "ring": "Ring", "diamond": "Raute", "hexagon": "Sechseck",
+                       "pentagon": "Fünfeck", "arrow": "Pfeil", "crescent": "Halbmond", "heart": "Herz",
+                       "octagon": "Achteck", "trapezoid": "Trapez", "bolt": "Blitz", "kite": "Drachen"},
+           "colors": {"red": "roter", "green": "grüner", "blue": "blauer", "yellow": "gelber",
+                      "purple": "lila", "orange": "oranger", "pink": "rosa", "cyan": "türkiser"},
+           "templates": ["ein Foto von einem {color} {object}", "ein {color} {object} auf dem Hintergrund",
+                         "Bild mit einem schönen {color} {object} zum Herunterladen"]},
+    "es": {"objects": {"circle": "círculo", "square": "cuadrado", "triangle": "triángulo", "star": "estrella",
+                       "cross": "cruz", "ring": "anillo", "diamond": "rombo", "hexagon": "hexágono",
+                       "pentagon": "pentágono", "arrow": "flecha", "crescent": "media luna", "heart": "corazón",
+                       "octagon": "octágono", "trapezoid": "trapecio", "bolt": "rayo", "kite": "cometa"},
+           "colors": {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo",
+                      "purple": "morado", "orange": "naranja", "pink": "rosado", "cyan": "cian"},
+           "templates": ["una foto de un {object} {color}", "un {object} {color} sobre un fondo",
+                         "imagen de un bonito {object} de color {color} para descargar"]},
+}
+SHORT_CAPTIONS = ("image", "photo", "untitled", "img", "pic", "jpg", "IMG_{n}", "DSC{n}", "{n}.jpg",
+                  "image {n}", "photo_{n}")
+
+NOISE_KINDS = ("clean", "mismatched", "non_english", "short", "small", "odd_aspect")
+DEFAULT_NOISE = {"mismatched": 0.25, "non_english": 0.12, "short": 0.08, "small": 0.06, "odd_aspect": 0.06}
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """What the synthetic web looks like; every field is documented in the README."""
+
+    seed: int = 0
+    zipf_exponent: float = 1.1
+    noise: dict = field(default_factory=lambda: dict(DEFAULT_NOISE))
+    min_side: int = 200  # normal originals are at least this big (the basic filter's threshold)
+    max_side: int = 320
+    small_side: tuple = (24, 120)
+    odd_aspect: tuple = (3.5, 6.0)
+
+
+@dataclass(frozen=True)
+class Sample:
+    index: int
+    uid: str
+    text: str
+    width: int
+    height: int
+    object: str
+    color: str
+    count: int
+    style: str
+    kind: str
+    language: str
+    image_seed: int
+
+
+def uid_for(seed: int, index: int, namespace: str = "pool") -> str:
+    """A 128-bit uid as 32 hex chars, like CommonPool's."""
+    return hashlib.blake2b(f"{namespace}:{seed}:{index}".encode(), digest_size=16).hexdigest()
+
+
+def object_weights(zipf_exponent: float) -> np.ndarray:
+    ranks = np.arange(1, len(OBJECTS) + 1, dtype=np.float64)
+    w = ranks ** -zipf_exponent
+    return w / w.sum()
+
+
+def english_caption(rng: np.random.Generator, obj: str, color: str, count: int, style: str) -> str:
+    name = str(rng.choice(SYNONYMS.get(obj, [obj])))
+    if count > 1:
+        name = name + ("es" if name.endswith(("x", "s")) else "s")
+        thing = f"{NUMBER_WORDS[count]} {color} {name}"
+    else:
+        thing = f"{'an' if color[0] in 'aeiou' else 'a'} {color} {name}"
+    template = int(rng.integers(0, 5))
+    if template == 0:
+        return f"{rng.choice(STYLE_WORDS[style])} {thing}"
+    if template == 1:
+        return f"{thing}, {rng.choice(['stock image', 'free download', 'hd wallpaper', 'vector'])}"
+    if template == 2:
+        return f"{rng.choice(STYLE_WORDS[style])} {thing} on a plain background"
+    if template == 3:
+        return f"{thing.capitalize()} in {style} style"
+    return f"Here is {thing}"
+
+
+def foreign_caption(rng: np.random.Generator, lang: str, obj: str, color: str) -> str:
+    t = TRANSLATIONS[lang]
+    return str(rng.choice(t["templates"])).format(object=t["objects"][obj], color=t["colors"][color])
+
+
+def sample(index: int, config: WebConfig = WebConfig(), namespace: str = "pool",
+           noise: dict | None = None) -> Sample:
+    """The index-th sample of the web (pure function of config, namespace and index)."""
+    ns = int.from_bytes(hashlib.blake2b(namespace.encode(), digest_size=4).digest(), "little")
+    rng = np.random.default_rng([config.seed, ns, index])
+    noise = config.noise if noise is None else noise
+    obj = OBJECTS[int(rng.choice(len(OBJECTS), p=object_weights(config.zipf_exponent)))]
+    color = str(rng.choice(list(COLORS)))
+    count = int(rng.choice([1, 2, 3, 4], p=[0.55, 0.2, 0.15, 0.1]))
+    style = str(rng.choice(STYLES, p=STYLE_WEIGHTS))
+    kinds = list(noise)
+    shares = [noise[k] for k in kinds]
+    u = rng.random()
+    kind = "clean"
+    for k, s in zip(kinds, shares):
+        if u < s:
+            kind = k
+            break
+        u -= s
+    side = int(rng.integers(config.min_side, config.max_side + 1))
+    width, height = side, int(side * rng.uniform(0.8, 1.25))
+    language = "en"
+    if kind == "small":
+        width = int(rng.integers(*config.small_side))
+        height = max(8, int(width * rng.uniform(0.8, 1.25)))
+    elif kind == "odd_aspect":
+        ratio = rng.uniform(*config.odd_aspect)
+        width, height = (int(side * ratio), side) if rng.random() < 0.5 else (side, int(side * ratio))
+    if kind == "mismatched":  # the caption of some other image
+        other_obj = OBJECTS[int(rng.choice(len(OBJECTS), p=object_weights(config.zipf_exponent)))]
+        text = english_caption(rng, other_obj, str(rng.choice(list(COLORS))), int(rng.integers(1, 5)),
+                               str(rng.choice(STYLES)))
+    elif kind == "non_english":
+        language = str(rng.choice(list(TRANSLATIONS)))
+        text = foreign_caption(rng, language, obj, color)
+    elif kind == "short":
+        text = str(rng.choice(SHORT_CAPTIONS)).format(n=int(rng.integers(1000, 9999)))
+    else:
+        text = english_caption(rng, obj, color, count, style)
+    return Sample(index=index, uid=uid_for(config.seed, index, namespace), text=text, width=width,
+                  height=height, object=obj, color=color, count=count, style=style, kind=kind,
+                  language=language, image_seed=int(rng.integers(0, 2**31 - 1)))
+
+
+def ground_truth(s: Sample) -> dict:
+    """The per-sample truth kept outside the pool (for tests and audits only)."""
+    d = asdict(s)
+    d.pop("image_seed")
+    return d
+
+
+# ---------------------------------------------------------------- rendering
+
+def _polygon(obj: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]] | None:
+    def regular(n, phase=0.0, radii=(1.0,)):
+        pts = []
+        for i in range(n * len(radii)):
+            a = rot + phase + 2 * math.pi * i / (n * len(radii))
+            rr = r * radii[i % len(radii)]
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return pts
+
+    shapes = {
+        "square": lambda: regular(4, math.pi / 4),
+        "triangle": lambda: regular(3, -math.pi / 2),
+        "star": lambda: regular(5, -math.pi / 2, (1.0, 0.42)),
+        "diamond": lambda: [(cx, cy - r), (cx + 0.6 * r, cy), (cx, cy + r), (cx - 0.6 * r, cy)],
+        "hexagon": lambda: regular(6),
+        "pentagon": lambda: regular(5, -math.pi / 2),
+        "octagon": lambda: regular(8, math.pi / 8),
+        "cross": lambda: [(cx + x * r, cy + y * r) for x, y in
+                          [(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1),
+                           (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)]],
+        "arrow": lambda: [(cx + x * r, cy + y * r) for x, y in
+                          [(-1, -.25), (.2, -.25), (.2, -.7), (1, 0), (.2, .7), (.2, .25), (-1, .25)]],
+        "heart": lambda: [(cx + r * 0.06 * 16 * math.sin(t) ** 3,
+                           cy - r * 0.06 * (13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
+                                            - math.cos(4 * t)))
+                          for t in np.linspace(0, 2 * math.pi, 40)],
+        "trapezoid": lambda: [(cx - r, cy + .6 * r), (cx + r, cy + .6 * r), (cx + .5 * r, cy - .6 * r),
+                              (cx - .5 * r, cy - .6 * r)],
+        "bolt": lambda: [(cx + x * r, cy + y * r) for x, y in
+                         [(.1, -1), (-.6, .15), (-.05, .15), (-.2, 1), (.6, -.2), (.05, -.2), (.3, -1)]],
+        "kite": lambda: [(cx, cy - r), (cx + .55 * r, cy - .25 * r), (cx, cy + r), (cx - .55 * r, cy - .25 * r)],
+    }
+    return shapes[obj]() if obj in shapes else None
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: str, cx: float, cy: float, r: float, rot: float,
+                 fill, outline, width: int) -> None:
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if obj == "circle":
+        draw.ellipse(box, fill=fill, outline=outline, width=width)
+    elif obj == "ring":
+        draw.ellipse(box, outline=outline if fill is None else fill, width=max(width, int(r * 0.35)))
+    elif obj == "crescent":
+        draw.ellipse(box, fill=fill, outline=outline, width=width)
+        off = r * 0.45
+        draw.ellipse([box[0] + off, box[1] - off * 0.3, box[2] + off, box[3] - off * 0.3],
+                     fill=draw._bg, outline=None)  # type: ignore[attr-defined]
+    else:
+        draw.polygon(_polygon(obj, cx, cy, r, rot), fill=fill, outline=outline, width=width)
+
+
+def render(s: Sample) -> Image.Image:
+    """Draw the sample's image at its original size."""
+    rng = np.random.default_rng(s.image_seed)
+    w, h = s.width, s.height
+    # Draw the scene in a square canvas; odd aspect ratios place it somewhere along a long banner.
+    side = min(w, h)
+    color = COLORS[s.color]
+    if s.style == "photo":
+        base = rng.integers(60, 200, size=3)
+        noise = rng.normal(0, 18, size=(h, w, 3))
+        bg_arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+        img = Image.fromarray(bg_arr, "RGB")
+        bg = tuple(int(x) for x in base)
+    elif s.style == "painting":
+        top, bottom = rng.integers(120, 250, size=3), rng.integers(80, 220, size=3)
+        t = np.linspace(0, 1, h)[:, None, None]
+        img = Image.fromarray((top * (1 - t) + bottom * t).repeat(w, axis=1).astype(np.uint8), "RGB")
+        bg = tuple(int(x) for x in (top + bottom) // 2)
+    else:
+        bg = (250, 250, 250)
+        img = Image.new("RGB", (w, h), bg)
+    draw = ImageDraw.Draw(img)
+    draw._bg = bg  # type: ignore[attr-defined]
+    ox = int(rng.integers(0, w - side + 1))
+    oy = int(rng.integers(0, h - side + 1))
+    grid = 1 if s.count == 1 else 2
+    cells = rng.permutation(grid * grid)[: s.count]
+    cell = side / grid
+    for c in cells:
+        gx, gy = divmod(int(c), grid)
+        r = cell * rng.uniform(0.28, 0.42)
+        cx = ox + gx * cell + cell / 2 + rng.uniform(-0.08, 0.08) * cell
+        cy = oy + gy * cell + cell / 2 + rng.uniform(-0.08, 0.08) * cell
+        rot = rng.uniform(-0.3, 0.3)
+        lw = max(1, int(side / 60))
+        if s.style == "sketch":
+            _draw_object(draw, s.object, cx, cy, r, rot, None, (60, 60, 60), max(1, lw))
+        elif s.style == "drawing":
+            _draw_object(draw, s.object, cx, cy, r, rot, color, (20, 20, 20), lw)
+        else:
+            shade = tuple(max(0, int(v * 0.6)) for v in color)
+            _draw_object(draw, s.object, cx, cy, r, rot, color, shade, lw)
+    if s.style == "painting":
+        img = img.filter(ImageFilter.GaussianBlur(radius=side / 120))
+    return img
+
+
+def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

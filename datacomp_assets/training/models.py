@@ -1,0 +1,34 @@
+"""The project's miniature CLIP architectures, registered with open_clip by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+def register_model_configs() -> None:
+    """Make `datacomp-tiny-*` known to open_clip (idempotent)."""
+    if "datacomp-tiny-vit" not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def load_model(model_name: str, checkpoint: str | Path | None = None, device: str = "cpu"):
+    """(model, preprocess, tokenizer) for a model name and an optional open_clip checkpoint file.
+
+    Checkpoints are read with `weights_only=True`; open_clip's trainer saves `state_dict` under a
+    `module.` prefix when it ran distributed, which is stripped here.
+    """
+    import torch
+
+    register_model_configs()
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device=device)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = state.get("state_dict", state)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model.load_state_dict(state)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(model_name)

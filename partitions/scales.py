@@ -1,0 +1,56 @@
+"""The benchmark's compute scales and each one's fixed configuration (reference section 1).
+
+`tiny` is this project's miniature: the same formats and recipe, sized to run offline on a 2-core CPU.
+The paper's scales are exactly the reference's; only the data changes between submissions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    name: str
+    pool_size: int            # candidate pool size
+    samples_seen: int         # fixed training budget (== pool size in the paper's filtering track)
+    model: str                # open_clip model name
+    global_batch: int
+    lr: float
+    warmup: int               # steps
+    beta2: float
+    checkpoints: int          # "epochs": checkpoint intervals only
+    image_size: int           # img2dataset's download resize target
+    shard_size: int           # samples per webdataset shard
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    eps: float = 1e-6
+    seed: int = 0
+    precision: str = "amp"    # on GPUs; the accelerator resource picks fp32 on a CPU
+    synthetic: bool = False   # True: the pool comes from the loopback synthetic web
+
+    @property
+    def steps(self) -> int:
+        return -(-self.samples_seen // self.global_batch)
+
+    def as_metadata(self) -> dict:
+        return {k: v for k, v in asdict(self).items()}
+
+
+SCALES: dict[str, ScaleConfig] = {
+    "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=60_000, model="datacomp-tiny-vit",
+                        global_batch=256, lr=2e-3, warmup=20, beta2=0.98, checkpoints=2,
+                        image_size=64, shard_size=2_000, synthetic=True, precision="fp32"),
+    "small": ScaleConfig("small", 12_800_000, 12_800_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 5, 512, 10_000),
+    "medium": ScaleConfig("medium", 128_000_000, 128_000_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 8, 512, 10_000),
+    "large": ScaleConfig("large", 1_280_000_000, 1_280_000_000, "ViT-B-16", 8192, 5e-4, 500, 0.98, 8, 512, 10_000),
+    "xlarge": ScaleConfig("xlarge", 12_800_000_000, 12_800_000_000, "ViT-L-14", 90_112, 1e-3, 10_000, 0.95, 8,
+                          512, 10_000, precision="amp_bf16"),
+}
+
+
+def get_scale(name: str) -> ScaleConfig:
+    try:
+        return SCALES[name]
+    except KeyError:
+        raise ValueError(f"unknown scale {name!r}; choose one of {', '.join(SCALES)}") from None
