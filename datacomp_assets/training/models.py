@@ -11,7 +11,7 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 def register_model_configs() -> None:
     """Make `datacomp-tiny-*` known to open_clip (idempotent)."""
-    if "datacomp-tiny-vit" not in open_clip.list_models():
+    if "datacomp-tiny" not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 

@@ -1,0 +1,29 @@
+"""The one Definitions object of the code location (`dagster dev`, `dagster asset materialize`)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import dagster as dg  # noqa: E402
+
+from datacomp_assets.evaluation.assets import eval_results, eval_suite  # noqa: E402
+from datacomp_assets.filtering.assets import subset, subset_is_valid  # noqa: E402
+from datacomp_assets.leaderboard.assets import leaderboard  # noqa: E402
+from datacomp_assets.metadata.assets import pool_metadata, scorer_models  # noqa: E402
+from datacomp_assets.pool.assets import curated_source, pool_index, pool_shards  # noqa: E402
+from datacomp_assets.training.assets import checkpoint  # noqa: E402
+from resources import AcceleratorResource, DownloaderResource, StorageResource, SyntheticWebResource  # noqa: E402
+
+POOL_ASSETS = [pool_index, pool_shards, curated_source, scorer_models, pool_metadata, eval_suite]
+STRATEGY_ASSETS = [subset, checkpoint, eval_results]
+ALL_ASSETS = [*POOL_ASSETS, *STRATEGY_ASSETS, leaderboard]
+
+RESOURCES = {
+    "storage": StorageResource(),
+    "accelerator": AcceleratorResource(),
+    "downloader": DownloaderResource(),
+    "synthetic_web": SyntheticWebResource(),
+}
+
+defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=[subset_is_valid], resources=RESOURCES)

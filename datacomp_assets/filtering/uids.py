@@ -1,0 +1,100 @@
+"""Subset files: the uids a filter keeps, as the reference's sorted `u8,u8` NumPy array.
+
+A uid is 32 hex chars (128 bits) stored as two uint64: (int(h[:16], 16), int(h[16:], 16)).
+Conversions work on fixed-width byte arrays with NumPy (no per-uid Python loop), since a small-scale
+pool has 12.8M uids.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+UID_DTYPE = np.dtype("u8,u8")
+
+# ASCII byte -> nibble value; 255 marks a byte that is not a hex digit.
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX_VALUE[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX_VALUE[_c] = 10 + _i
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def uid_to_pair(uid: str) -> tuple[int, int]:
+    """One uid as the reference's (high, low) uint64 pair."""
+    if len(uid) != 32:
+        raise ValueError(f"uid must be 32 hex chars, got {uid!r}")
+    return int(uid[:16], 16), int(uid[16:32], 16)
+
+
+def uids_to_array(uids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Hex uids -> sorted `u8,u8` array (duplicates kept: they mean up-weighting)."""
+    try:
+        raw = np.asarray(uids, dtype="S")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"uids must be ASCII hex strings: {err}") from None
+    if raw.size == 0:
+        return np.empty(0, dtype=UID_DTYPE)
+    if raw.ndim != 1 or raw.dtype.itemsize != 32:
+        raise ValueError(f"uids must be a flat list of 32-char hex strings (longest is {raw.dtype.itemsize})")
+    # A shorter uid is NUL-padded by NumPy, so the bad-digit check below catches it too.
+    nibbles = _HEX_VALUE[raw.view(np.uint8).reshape(-1, 32)]
+    if (nibbles == 255).any():
+        bad = int(np.flatnonzero((nibbles == 255).any(axis=1))[0])
+        raise ValueError(f"not a 32-char hex uid: {raw[bad]!r}")
+    # Two nibbles per byte, then each 8-byte half read as a big-endian integer.
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    halves = packed.view(">u8")  # shape (n, 2): (high, low)
+    out = np.empty(len(raw), dtype=UID_DTYPE)
+    out["f0"], out["f1"] = halves[:, 0], halves[:, 1]
+    return sort_uids(out)
+
+
+def sort_uids(arr: np.ndarray) -> np.ndarray:
+    """Sorted by (high, low). lexsort on the two columns equals np.sort on the structured array, faster."""
+    return arr[np.lexsort((arr["f1"], arr["f0"]))]
+
+
+def array_to_uids(arr: np.ndarray) -> list[str]:
+    """`u8,u8` array -> lowercase, zero-padded 32-char hex uids, in the array's order."""
+    halves = np.empty((len(arr), 2), dtype=">u8")
+    halves[:, 0], halves[:, 1] = arr["f0"], arr["f1"]
+    packed = halves.view(np.uint8).reshape(-1, 16)
+    chars = np.empty((len(arr), 32), dtype=np.uint8)
+    chars[:, 0::2], chars[:, 1::2] = _HEX_DIGITS[packed >> 4], _HEX_DIGITS[packed & 0x0F]
+    return chars.view("S32").ravel().astype("U32").tolist()
+
+
+def _check_subset(arr: np.ndarray, where: str | os.PathLike) -> None:
+    if arr.dtype != UID_DTYPE or arr.ndim != 1:
+        raise ValueError(f"{where}: a subset must be a 1-d array of dtype {UID_DTYPE}, "
+                         f"got {arr.dtype} with shape {arr.shape}")
+    hi, lo = arr["f0"], arr["f1"]
+    in_order = (hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))
+    if not in_order.all():
+        raise ValueError(f"{where}: subset uids are not sorted (first out of order at row "
+                         f"{int(np.flatnonzero(~in_order)[0]) + 1})")
+
+
+def save_subset(arr: np.ndarray, path: str | os.PathLike) -> None:
+    """np.save a valid subset atomically (temp name, then rename), so readers never see half a file."""
+    path = Path(path)
+    _check_subset(arr, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file object stops np.save from appending ".npy"
+            np.save(f, arr)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_subset(path: str | os.PathLike) -> np.ndarray:
+    """Load a subset file, rejecting a wrong dtype or unsorted uids (ValueError naming the file)."""
+    arr = np.load(path, allow_pickle=False)
+    _check_subset(arr, path)
+    return arr

@@ -1,0 +1,67 @@
+"""Metadata stage: the scorer CLIPs (tiny) and the pool's metadata (parquet + npz, reference schema)."""
+
+import dagster as dg
+
+from datacomp_assets.metadata.scorers import SCORER_MODELS, scorer_recipe
+from datacomp_assets.pool.shards import brace_pattern
+from datacomp_assets.training.assets import train_with_placement, training_metadata
+from partitions import get_scale, scale_partitions
+from partitions.scales import require_synthetic
+from resources import AcceleratorResource, StorageResource
+
+METADATA = "metadata"
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=METADATA, deps=["curated_source"], code_version="1",
+          pool="gpu")
+def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource,
+                  accelerator: AcceleratorResource) -> dg.MaterializeResult:
+    """Two CLIPs of different sizes trained on the curated source; they stand in for OpenAI's B/32 and L/14."""
+    scale = get_scale(context.partition_key)
+    require_synthetic(scale, "scorer_models")
+    curated = storage.path(scale.name, "curated_source")
+    data = brace_pattern(curated, len(list(curated.glob("*.tar"))))
+    meta = {}
+    for prefix in SCORER_MODELS:
+        recipe = scorer_recipe(scale, prefix, scale.scorer_samples_seen)
+        result = train_with_placement(recipe, data, storage.path(scale.name, "scorer_models"), prefix,
+                                      accelerator, context.log.info)
+        meta.update({f"{prefix}_{k}": v for k, v in training_metadata(result, recipe).items()})
+    return dg.MaterializeResult(metadata=meta)
+
+
+def scorer_checkpoint(storage: StorageResource, scale_name: str, prefix: str):
+    from datacomp_assets.training.trainer import TrainJob
+
+    scale = scorer_recipe(get_scale(scale_name), prefix, get_scale(scale_name).scorer_samples_seen)
+    return TrainJob(scale, "", storage.path(scale_name, "scorer_models"), prefix).final_checkpoint
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=METADATA, deps=["pool_shards", "scorer_models"],
+          code_version="1", pool="gpu")
+def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
+                  accelerator: AcceleratorResource) -> dg.MaterializeResult:
+    """Per-sample features computed once: language, caption counts, embeddings and both CLIP scores."""
+    import duckdb
+
+    from datacomp_assets.metadata.build import Scorer, build_pool_metadata
+    from datacomp_assets.training.models import load_model
+
+    scale = get_scale(context.partition_key)
+    device = accelerator.placement(scale.precision).device
+    scorers = []
+    for prefix, model_name in SCORER_MODELS.items():
+        model, preprocess, tokenizer = load_model(model_name, scorer_checkpoint(storage, scale.name, prefix), device)
+        scorers.append(Scorer(prefix, model, preprocess, tokenizer, device))
+    out = storage.path(scale.name, "pool_metadata")
+    summary = build_pool_metadata(storage.path(scale.name, "pool_shards"), out, scorers, context.log.info)
+    rows, en, b32, l14 = duckdb.sql(
+        f"select count(*), avg((language = 'en')::int), avg(clip_b32_similarity_score), "
+        f"avg(clip_l14_similarity_score) from read_parquet('{out}/*.parquet')").fetchall()[0]
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(out)),
+        "rows": rows, "shards": summary["shards"], "english_fraction": en,
+        "mean_clip_b32_similarity_score": b32, "mean_clip_l14_similarity_score": l14,
+        "seconds": round(summary["seconds"], 1),
+        "rows_per_second": summary["rows_per_second"] or 0.0,
+    })

@@ -1,0 +1,77 @@
+"""Pool stage: the candidate pool's index (urls + captions), its downloaded shards, and the curated source."""
+
+import time
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from datacomp_assets.pool.curated import write_curated_source
+from partitions import get_scale, scale_partitions
+from partitions.scales import require_synthetic
+from resources import DownloaderResource, StorageResource, SyntheticWebResource
+
+POOL = "pool"
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=POOL, code_version="1")
+def pool_index(context: dg.AssetExecutionContext, storage: StorageResource,
+               synthetic_web: SyntheticWebResource) -> dg.MaterializeResult:
+    """The candidate pool's urls and alt-texts (uid, url, text). At `tiny`: the synthetic web's pages,
+    with each sample's ground truth written to a separate file that no filter reads."""
+    from datacomp_assets.pool.index import write_pool_index
+
+    scale = get_scale(context.partition_key)
+    require_synthetic(scale, "pool_index")
+    out = storage.path(scale.name, "pool_index")
+    summary = write_pool_index(synthetic_web.web_config(), scale.pool_size, synthetic_web.base_url, out)
+    kinds = summary["kind_counts"]
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(out / "index.parquet")),
+        "rows": summary["rows"],
+        "web": dg.MetadataValue.json(synthetic_web.web_config().__dict__),
+        "ground_truth_kinds": dg.MetadataValue.md(
+            "| kind | samples |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in sorted(kinds.items()))),
+    })
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=POOL, deps=["pool_index"], code_version="1")
+def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, downloader: DownloaderResource,
+                synthetic_web: SyntheticWebResource) -> dg.MaterializeResult:
+    """img2dataset downloads the index into webdataset shards (`NNNNNNNN.tar/.parquet/_stats.json`)."""
+    from datacomp_assets.pool.download import download_shards
+
+    scale = get_scale(context.partition_key)
+    index = storage.path(scale.name, "pool_index") / "index.parquet"
+    out = storage.path(scale.name, "pool_shards")
+    context.log.info(f"downloading {pq.read_metadata(index).num_rows} urls into {out}")
+    with synthetic_web.serve():
+        summary = download_shards(index, out, image_size=scale.image_size, shard_size=scale.shard_size,
+                                  processes=downloader.processes, threads=downloader.threads,
+                                  timeout=downloader.timeout, retries=downloader.retries)
+    context.log.info(f"downloaded {summary.successes}/{summary.count} images")
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(out)),
+        "shards": summary.shards,
+        "urls": summary.count,
+        "successes": summary.successes,
+        "success_rate": float(summary.success_rate),
+        "failed_to_download": summary.failed_to_download,
+        "failed_to_resize": summary.failed_to_resize,
+        "seconds": round(summary.elapsed_s, 1),
+        "images_per_second": round(summary.images_per_second or 0.0, 1),
+    })
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=POOL, code_version="1")
+def curated_source(context: dg.AssetExecutionContext, storage: StorageResource,
+                   synthetic_web: SyntheticWebResource) -> dg.MaterializeResult:
+    """A separate source of clean, balanced pairs (tiny only): the scorers' training data."""
+    scale = get_scale(context.partition_key)
+    require_synthetic(scale, "curated_source")
+    out = storage.path(scale.name, "curated_source")
+    t0 = time.perf_counter()
+    summary = write_curated_source(synthetic_web.web_config(), scale.curated_size, out, scale.image_size,
+                                   scale.shard_size)
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(out)), "samples": summary["samples"], "shards": summary["shards"],
+        "seconds": round(time.perf_counter() - t0, 1)})

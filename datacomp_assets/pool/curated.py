@@ -1,0 +1,55 @@
+"""The tiny scale's curated source: clean, English, balanced pairs from the same world, never in the pool.
+
+It plays the part that high-quality data (e.g. the data a DFN or OpenAI's CLIP was trained on) plays at
+the paper's scales: scorer models are trained on it, and bring-your-own-data strategies may mix it in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from multiprocessing import Pool
+from pathlib import Path
+
+from datacomp_assets.pool.shards import write_webdataset
+from datacomp_assets.pool.synthetic_web import WebConfig, encode_jpeg, render, sample
+
+NAMESPACE = "curated"
+
+
+def _resized_jpeg(img, image_size: int) -> bytes:
+    # img2dataset's keep_ratio_largest with resize_only_if_bigger, so curated images match pool images.
+    w, h = img.size
+    if max(w, h) > image_size:
+        r = image_size / max(w, h)
+        img = img.resize((max(1, round(w * r)), max(1, round(h * r))))
+    return encode_jpeg(img)
+
+
+def _sample_files(args) -> tuple[str, dict[str, bytes]]:
+    config, index, image_size = args
+    s = sample(index, config, namespace=NAMESPACE, noise={})
+    meta = {"uid": s.uid, "caption": s.text, "original_width": s.width, "original_height": s.height}
+    return f"{index:09d}", {"jpg": _resized_jpeg(render(s), image_size), "txt": s.text.encode(),
+                            "json": json.dumps(meta).encode()}
+
+
+def write_curated_source(config: WebConfig, n: int, out_dir: str | Path, image_size: int, shard_size: int,
+                         processes: int = 2) -> dict:
+    """Write n curated pairs as webdataset shards into out_dir (atomically); returns a summary."""
+    balanced = replace(config, zipf_exponent=0.0)  # curated data covers every concept evenly
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards = -(-n // shard_size)
+    with Pool(processes) as pool:
+        for k in range(shards):
+            indices = range(k * shard_size, min(n, (k + 1) * shard_size))
+            files = pool.imap(_sample_files, [(balanced, i, image_size) for i in indices], chunksize=64)
+            write_webdataset(tmp / f"{k:08d}.tar", files)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return {"samples": n, "shards": shards, "path": str(out_dir)}

@@ -1,0 +1,103 @@
+"""A local HTTP server for the synthetic web, so the pool is fetched by img2dataset over real HTTP.
+
+Images are rendered on request from (namespace, index): nothing is stored, and every URL stays valid
+as long as the server runs with the same ``WebConfig``.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from datacomp_assets.pool.synthetic_web import WebConfig, encode_jpeg, render, sample
+
+# /images/{namespace}/{index}.jpg; namespaces are simple names so URLs need no escaping.
+IMAGE_PATH = re.compile(r"^/images/([A-Za-z0-9_\-]+)/(\d+)\.jpg$")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def image_url(base_url: str, index: int, namespace: str = "pool") -> str:
+    """The URL at which the server serves sample `index` of `namespace`."""
+    return f"{base_url}/images/{namespace}/{index}.jpg"
+
+
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 refuses connections when img2dataset opens dozens at once.
+    request_queue_size = 256
+    daemon_threads = True  # a hung client must not block stop()
+
+
+def _handler_for(config: WebConfig) -> type[BaseHTTPRequestHandler]:
+    class SyntheticWebHandler(BaseHTTPRequestHandler):
+        # HTTP/1.1 keeps connections alive between img2dataset's requests.
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            match = IMAGE_PATH.match(self.path.split("?", 1)[0])
+            if match is None:
+                self._send(404, b"not found", "text/plain")
+                return
+            namespace, index = match.group(1), int(match.group(2))
+            body = encode_jpeg(render(sample(index, config, namespace)))
+            self._send(200, body, "image/jpeg")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002
+            pass  # one line per image would flood the logs of a 100k-image download
+
+    return SyntheticWebHandler
+
+
+class SyntheticWebServer:
+    """Serves the synthetic web from a background thread; use as a context manager or start()/stop()."""
+
+    def __init__(self, config: WebConfig = WebConfig(), host: str = "127.0.0.1", port: int = 0):
+        self.config = config
+        self.host = host
+        self.port = port
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("server is not started")
+        return f"http://{self.host}:{self._httpd.server_address[1]}"
+
+    def start(self) -> "SyntheticWebServer":
+        if self._httpd is not None:
+            return self
+        self._httpd = _Server((self.host, self.port), _handler_for(self.config))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="synthetic-web",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._httpd, self._thread = None, None
+
+    def __enter__(self) -> "SyntheticWebServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

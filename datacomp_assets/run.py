@@ -1,0 +1,56 @@
+"""`python -m datacomp_assets.run --scale tiny`: materialize a whole scale, then print its leaderboard.
+
+Runs go through Dagster (recorded in $DAGSTER_HOME, so `dagster dev` shows them): the scale's pool
+assets first, then subset -> checkpoint -> eval_results for each strategy, then the leaderboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import dagster as dg
+
+from datacomp_assets.definitions import ALL_ASSETS, POOL_ASSETS, RESOURCES, STRATEGY_ASSETS, subset_is_valid
+from datacomp_assets.filtering.strategies import STRATEGIES
+from datacomp_assets.leaderboard.assets import leaderboard
+from partitions import get_scale
+
+
+def materialize(selection, partition_key, instance, resources) -> None:
+    result = dg.materialize([*ALL_ASSETS, subset_is_valid], selection=selection, partition_key=partition_key,
+                            instance=instance, resources=resources, raise_on_error=False)
+    if not result.success:
+        sys.exit(f"materializing {partition_key} failed; see the errors above. Re-run the same command to resume.")
+
+
+def run_scale(scale: str, strategies: list[str], resources=None, instance=None) -> str:
+    get_scale(scale)
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
+    instance = instance or dg.DagsterInstance.get()
+    resources = resources or RESOURCES
+    t0 = time.perf_counter()
+    materialize(POOL_ASSETS, scale, instance, resources)
+    for strategy in strategies:
+        key = dg.MultiPartitionKey({"scale": scale, "strategy": strategy})
+        materialize(STRATEGY_ASSETS, key, instance, resources)
+    materialize([leaderboard], scale, instance, resources)
+    mat = instance.get_latest_materialization_event(leaderboard.key, partition=scale)
+    table = mat.asset_materialization.metadata["leaderboard"].value
+    print(f"\nDataComp leaderboard, scale {scale} ({time.perf_counter() - t0:.0f} s)\n\n{table}\n")
+    return table
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", default="tiny")
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), help="default: every strategy")
+    args = parser.parse_args(argv)
+    run_scale(args.scale, args.strategies)
+
+
+if __name__ == "__main__":
+    main()

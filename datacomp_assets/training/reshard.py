@@ -1,0 +1,84 @@
+"""Write exactly a subset's samples from the pool's webdataset shards into training shards.
+
+A uid listed k times in the subset is written k times (the reference's up-weighting). Pool shards are
+streamed one at a time, so memory holds one sample, not the pool.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datacomp_assets.filtering.uids import array_to_uids
+from datacomp_assets.pool.shards import brace_pattern, iter_webdataset
+
+
+@dataclass
+class ReshardSummary:
+    samples_written: int
+    unique_uids: int
+    shards: int
+    missing_uids: int
+    shard_pattern: str
+
+
+def reshard(pool_shards_dir: str | Path, subset: np.ndarray, out_dir: str | Path, shard_size: int,
+            min_shards: int = 4) -> ReshardSummary:
+    """Write the subset's samples (with multiplicity) into `out_dir/{00000000..}.tar`.
+
+    Written to a temporary directory and renamed, so a crash never leaves partial shards behind.
+    """
+    pool_tars = sorted(Path(pool_shards_dir).glob("*.tar"))
+    if not pool_tars:
+        raise FileNotFoundError(f"no webdataset shards (*.tar) in {pool_shards_dir}; materialize pool_shards first")
+    wanted = Counter(array_to_uids(subset))
+    total = sum(wanted.values())
+    if total == 0:
+        raise ValueError("the subset is empty: nothing to train on")
+    # Enough shards for shard sampling with replacement to mix, never more than the shard size.
+    per_shard = max(1, min(shard_size, -(-total // min_shards)))
+
+    out_dir = Path(out_dir)
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    written, shard_index, in_shard, found = 0, 0, 0, set()
+    tar = None
+    for pool_tar in pool_tars:
+        for _, files in iter_webdataset(pool_tar):
+            if "json" not in files:
+                continue
+            uid = json.loads(files["json"]).get("uid")
+            copies = wanted.get(uid, 0)
+            if copies == 0:
+                continue
+            found.add(uid)
+            for _ in range(copies):
+                if tar is None or in_shard == per_shard:
+                    if tar is not None:
+                        tar.close()
+                    tar = tarfile.open(tmp_dir / f"{shard_index:08d}.tar", "w")
+                    shard_index, in_shard = shard_index + 1, 0
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{written:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                written, in_shard = written + 1, in_shard + 1
+    if tar is not None:
+        tar.close()
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+    return ReshardSummary(
+        samples_written=written, unique_uids=len(found), shards=shard_index,
+        missing_uids=len(wanted) - len(found),
+        shard_pattern=brace_pattern(out_dir, shard_index),
+    )

@@ -1,0 +1,21 @@
+"""Partitions: the compute scale, the filtering strategy, and their product."""
+
+import dagster as dg
+
+from datacomp_assets.filtering.strategies import STRATEGIES
+from partitions.scales import SCALES, ScaleConfig, get_scale
+
+scale_partitions = dg.StaticPartitionsDefinition(list(SCALES))
+strategy_partitions = dg.StaticPartitionsDefinition(list(STRATEGIES))
+scale_strategy_partitions = dg.MultiPartitionsDefinition({"scale": scale_partitions, "strategy": strategy_partitions})
+# A per-strategy asset reads its scale's pool assets; the leaderboard reads every strategy of its scale.
+by_scale = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="scale")
+
+
+def scale_and_strategy(context: dg.AssetExecutionContext) -> tuple[ScaleConfig, str]:
+    key = context.partition_key.keys_by_dimension
+    return get_scale(key["scale"]), key["strategy"]
+
+
+__all__ = ["SCALES", "ScaleConfig", "get_scale", "scale_partitions", "strategy_partitions",
+           "scale_strategy_partitions", "by_scale", "scale_and_strategy"]

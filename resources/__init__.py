@@ -1,0 +1,8 @@
+"""Dagster resources: where files live, which accelerator trains, how the pool is fetched, the tiny web."""
+
+from resources.accelerator import AcceleratorResource
+from resources.downloader import DownloaderResource
+from resources.storage import StorageResource
+from resources.synthetic_web import SyntheticWebResource
+
+__all__ = ["AcceleratorResource", "DownloaderResource", "StorageResource", "SyntheticWebResource"]

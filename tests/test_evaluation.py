@@ -1,0 +1,187 @@
+"""The evaluation stage: suite layout, metric functions, and resumable checkpoint evaluation."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from datacomp_assets.evaluation import zeroshot
+from datacomp_assets.evaluation.suite import TASKS, build_suite
+from datacomp_assets.evaluation.zeroshot import (
+    aggregate, class_embeddings, classification_metrics, classify, evaluate_checkpoint,
+    iter_shard_samples, retrieval_metrics,
+)
+
+SCALE = 0.05  # a miniature suite: a few images per class
+TINY_MODEL = "datacomp-tiny"  # the smallest registered architecture; randomly initialised here
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    return root, build_suite(root, size_scale=SCALE)
+
+
+# ---------------------------------------------------------------- suite layout
+
+def test_suite_has_clip_benchmark_layout(suite):
+    root, counts = suite
+    assert set(counts) == set(TASKS)
+    for key, task in TASKS.items():
+        task_dir = root / key
+        nshards = int((task_dir / "test" / "nshards.txt").read_text())
+        assert nshards >= 1 and all((task_dir / "test" / f"{i}.tar").exists() for i in range(nshards))
+        with tarfile.open(task_dir / "test" / "0.tar") as tar:
+            names = tar.getnames()
+        target_ext = ".cls" if task.kind == "classification" else ".txt"
+        assert names[0].endswith(".jpg") and names[1] == names[0].replace(".jpg", target_ext)
+        samples = list(iter_shard_samples(task_dir))
+        assert len(samples) == counts[key] > 0
+        Image.open(io.BytesIO(samples[0]["jpg"])).verify()
+        if task.kind == "classification":
+            classnames = (task_dir / "classnames.txt").read_text().splitlines()
+            templates = (task_dir / "zeroshot_classification_templates.txt").read_text().splitlines()
+            assert classnames == list(task.classnames)
+            assert templates and all("{c}" in t for t in templates)
+            labels = [int(s["cls"]) for s in samples]
+            # Balanced: every class present, equally often.
+            per_class = [labels.count(c) for c in range(len(classnames))]
+            assert min(per_class) == max(per_class) >= 1
+        else:
+            for s in samples:
+                captions = s["txt"].decode().split("\n")
+                assert 2 <= len(captions) <= 3 and len(set(captions)) == len(captions)
+
+
+def test_sketch_task_differs_from_objects(suite):
+    root, _ = suite
+    first = {s["jpg"] for s in iter_shard_samples(root / "objects")}
+    assert not first & {s["jpg"] for s in iter_shard_samples(root / "objects_sketch")}
+
+
+def test_build_suite_is_idempotent(suite):
+    root, counts = suite
+    shard = root / "objects" / "test" / "0.tar"
+    before = shard.stat().st_mtime_ns
+    assert build_suite(root, size_scale=SCALE) == counts
+    assert shard.stat().st_mtime_ns == before
+    assert not list(root.glob("*.tmp"))
+
+
+def test_build_suite_rebuilds_other_scale(tmp_path):
+    small = build_suite(tmp_path, tasks=["retrieval"], size_scale=0.01)
+    larger = build_suite(tmp_path, tasks=["retrieval"], size_scale=0.02)
+    assert larger["retrieval"] > small["retrieval"]
+    assert len(list(iter_shard_samples(tmp_path / "retrieval"))) == larger["retrieval"]
+
+
+# ---------------------------------------------------------------- metrics on hand-made scores
+
+def test_classification_metrics_known_answers():
+    # 6 classes, 4 images: labels 0, 0, 1, 2.
+    logits = torch.tensor([
+        [9., 1, 0, 0, 0, 0],   # right
+        [1., 9, 0, 0, 0, 0],   # wrong; true class ranked 2nd
+        [0., 9, 1, 0, 0, 0],   # right
+        [9., 8, 7, 6, 5, -1],  # wrong; true class ranked 3rd
+    ])
+    labels = torch.tensor([0, 0, 1, 2])
+    m = classification_metrics(logits, labels)
+    assert m["acc1"] == pytest.approx(0.5)
+    assert m["acc5"] == pytest.approx(1.0)
+    # Per-class recall: class 0 -> 1/2, class 1 -> 1, class 2 -> 0.
+    assert m["mean_per_class_recall"] == pytest.approx(0.5)
+
+
+def test_acc5_only_with_five_classes():
+    m = classification_metrics(torch.eye(4), torch.arange(4))
+    assert "acc5" not in m and m["acc1"] == 1.0 and m["mean_per_class_recall"] == 1.0
+
+
+def test_retrieval_metrics_known_answers():
+    # 3 images; captions 0,1 -> image 0, caption 2 -> image 1, caption 3 -> image 2. scores[text, image].
+    scores = torch.tensor([
+        [0.9, 0.1, 0.0],  # -> image 0, right
+        [0.2, 0.8, 0.0],  # -> image 1, wrong
+        [0.1, 0.7, 0.0],  # -> image 1, right
+        [0.5, 0.0, 0.4],  # -> image 0, wrong
+    ])
+    m = retrieval_metrics(scores, torch.tensor([0, 0, 1, 2]))
+    assert m["image_retrieval_recall@1"] == pytest.approx(0.5)
+    # Best caption per image: image 0 -> caption 0 (right), image 1 -> caption 1 (wrong),
+    # image 2 -> caption 3 (right).
+    assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert m["mean_recall@1"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_perfect_features_score_full_marks():
+    """A 'cheating' model whose image features equal their class embedding gets acc1 == 1."""
+    torch.manual_seed(0)
+    n_classes, n_templates, dim = 10, 3, 32
+    templates = torch.randn(n_classes, n_templates, dim)
+    classifier = class_embeddings(templates)
+    assert torch.allclose(classifier.norm(dim=-1), torch.ones(n_classes))
+    # The classifier is the normalised mean of the normalised prompt embeddings.
+    expected = F.normalize(F.normalize(templates, dim=-1).mean(1), dim=-1)
+    assert torch.allclose(classifier, expected)
+    labels = torch.arange(n_classes).repeat(5)
+    m = classify(classifier[labels], classifier, labels)
+    assert m["acc1"] == m["acc5"] == m["mean_per_class_recall"] == 1.0
+
+
+# ---------------------------------------------------------------- checkpoint evaluation
+
+def test_evaluate_checkpoint_writes_and_resumes(suite, tmp_path, monkeypatch):
+    root, _ = suite
+    out = tmp_path / "eval_results.jsonl"
+    messages = []
+    rows = evaluate_checkpoint(TINY_MODEL, None, root, out, batch_size=64, progress=messages.append)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["key"] for r in lines] == list(TASKS) == [r["key"] for r in rows]
+    for row in lines:
+        task = TASKS[row["key"]]
+        assert row["dataset"] == row["key"] and row["group"] == task.group
+        assert 0.0 <= row["metrics"]["main_metric"] <= 1.0
+        assert row["metrics"]["main_metric"] == row["metrics"][task.main_metric]
+    assert "mean_recall@1" in lines[-1]["metrics"] and messages
+
+    summary = aggregate(rows)
+    assert summary["average"] == pytest.approx(sum(r["metrics"]["main_metric"] for r in rows) / len(rows))
+    vtab = [r["metrics"]["main_metric"] for r in rows if r["group"] == "VTAB"]
+    assert summary["VTAB"] == pytest.approx(sum(vtab) / len(vtab))
+
+    # A rerun recomputes nothing: neither the model nor any task is touched.
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("recomputed a finished task")
+
+    monkeypatch.setattr(zeroshot, "evaluate_task", must_not_run)
+    monkeypatch.setattr("datacomp_assets.training.models.load_model", must_not_run)
+    assert evaluate_checkpoint(TINY_MODEL, None, root, out) == rows
+    assert len(out.read_text().splitlines()) == len(TASKS)
+
+
+def test_evaluate_checkpoint_resumes_after_crash(suite, tmp_path, monkeypatch):
+    """Only tasks without a complete line are evaluated; a cut-short last line is ignored."""
+    root, _ = suite
+    out = tmp_path / "eval_results.jsonl"
+    done = [{"key": k, "dataset": k, "group": TASKS[k].group, "metrics": {"main_metric": 0.5}}
+            for k in list(TASKS)[:-1]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"key": "retri')
+    evaluated = []
+
+    def fake_evaluate_task(task, *args, **kwargs):
+        evaluated.append(task.key)
+        return {"mean_recall@1": 0.25, "main_metric": 0.25}
+
+    monkeypatch.setattr(zeroshot, "evaluate_task", fake_evaluate_task)
+    monkeypatch.setattr("datacomp_assets.training.models.load_model", lambda *a, **k: (None, None, None))
+    rows = evaluate_checkpoint(TINY_MODEL, None, root, out)
+    assert evaluated == ["retrieval"]
+    assert [r["key"] for r in rows] == list(TASKS)
+    assert [r["key"] for r in zeroshot.read_results(out).values()] == list(TASKS)
