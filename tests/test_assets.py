@@ -29,6 +29,12 @@ def miniature(tmp_path, monkeypatch):
     return tmp_path / "data" / "tiny", resources
 
 
+def latest_metadata(instance, asset: str, partition: str) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
 def test_definitions_load_with_partitions():
     repo = defs.get_repository_def()
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
@@ -50,8 +56,9 @@ def test_tiny_scale_end_to_end(miniature):
         # Subsets are sorted u8,u8 arrays of pool uids.
         pool = np.load(root / "subset" / "no_filter" / "subset.npy")
         basic = np.load(root / "subset" / "basic" / "subset.npy")
-        assert pool.dtype == np.dtype("u8,u8") and np.all(pool[:-1] <= pool[1:])
-        assert 0 < len(basic) < len(pool) and np.isin(basic, pool).all()
+        assert pool.dtype == np.dtype("u8,u8") and np.array_equal(pool, np.sort(pool))
+        assert len(pool) == MINIATURE.pool_size
+        assert 0 < len(basic) < len(pool) and set(basic.tolist()) <= set(pool.tolist())
 
         # Every eval task wrote one reference-format line per strategy.
         lines = [json.loads(x) for x in (root / "eval_results" / "basic" / "eval_results.jsonl").read_text().splitlines()]
@@ -59,15 +66,16 @@ def test_tiny_scale_end_to_end(miniature):
         assert all(0.0 <= x["metrics"]["main_metric"] <= 1.0 for x in lines)
 
         # Materializations carry what a user looks at.
-        shards = instance.get_latest_materialization_event(dg.AssetKey("pool_shards"), partition="tiny")
-        meta = shards.asset_materialization.metadata
-        assert meta["successes"].value == MINIATURE.pool_size and meta["success_rate"].value == 1.0
-        ckpt = instance.get_latest_materialization_event(
-            dg.AssetKey("checkpoint"), partition=dg.MultiPartitionKey({"scale": "tiny", "strategy": "basic"}))
-        assert ckpt.asset_materialization.metadata["final_loss"].value > 0
-        assert ckpt.asset_materialization.metadata["samples_per_second"].value > 0
+        shards = latest_metadata(instance, "pool_shards", "tiny")
+        assert shards["successes"] == MINIATURE.pool_size and shards["success_rate"] == 1.0
+        ckpt = latest_metadata(instance, "checkpoint", "tiny|basic")
+        assert ckpt["final_loss"] > 0 and ckpt["samples_per_second"] > 0
+        assert latest_metadata(instance, "subset", "tiny|basic")["kept_fraction"] < 1.0
+
+        check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey("subset"), "subset_is_valid")])
+        assert check, "the blocking subset check ran"
 
         # Materializing again reuses what exists: the pool is not downloaded twice.
         run_scale("tiny", ["basic"], resources=resources, instance=instance)
-        again = instance.get_latest_materialization_event(dg.AssetKey("pool_shards"), partition="tiny")
-        assert again.asset_materialization.metadata["successes"].value == MINIATURE.pool_size
+        assert latest_metadata(instance, "pool_shards", "tiny")["successes"] == MINIATURE.pool_size

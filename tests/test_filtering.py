@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datacomp_assets.filtering.strategies import STRATEGIES, expected_fraction, select_uids
+from datacomp_assets.filtering.strategies import STRATEGIES, SWEEPS, expected_fraction, select_uids
 from datacomp_assets.filtering.uids import (
     UID_DTYPE,
     array_to_uids,
@@ -122,7 +122,8 @@ def _expected(cols, name):
     return np.array(sorted(uid_to_pair(u) for u in cols["uid"][keep]), dtype=UID_DTYPE)
 
 
-DETERMINISTIC = [name for name in STRATEGIES if not STRATEGIES[name].random]
+ALL_RULES = {**STRATEGIES, **SWEEPS}
+DETERMINISTIC = [name for name in ALL_RULES if not ALL_RULES[name].random]
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
@@ -136,13 +137,13 @@ def test_strategy_matches_numpy(pool, name):
     assert 0 < len(got) <= N_ROWS
 
 
-@pytest.mark.parametrize("name", [n for n in STRATEGIES if n.startswith("clip_score_") and n.endswith("pct")])
+@pytest.mark.parametrize("name", [n for n in ALL_RULES if n.startswith("clip_score_") and n.endswith("pct")])
 def test_clip_score_fraction_keeps_f_times_n(pool, name):
     kept = len(select_uids(pool[0], name))
     assert abs(kept - expected_fraction(name) * N_ROWS) <= 0.01 * N_ROWS
 
 
-@pytest.mark.parametrize("name", [n for n in STRATEGIES if STRATEGIES[n].random])
+@pytest.mark.parametrize("name", [n for n in ALL_RULES if ALL_RULES[n].random])
 def test_random_strategy_size_subset_and_determinism(pool, name):
     metadata_dir, cols = pool
     got = select_uids(metadata_dir, name, seed=0)

@@ -30,11 +30,11 @@ class Strategy:
     random: bool = False  # keep a seeded uniform sample of `fraction` of the rows matching `where`
 
 
-def _random(fraction: float) -> Strategy:
+def random_fraction(fraction: float) -> Strategy:
     return Strategy(f"uniform random {fraction:.0%} of the pool", "true", fraction=fraction, random=True)
 
 
-def _top_fraction(model: str, fraction: float) -> Strategy:
+def top_fraction(model: str, fraction: float) -> Strategy:
     # quantile_disc is an exact order statistic (numpy's method="inverted_cdf"): the smallest score
     # with at least (1 - f) of the pool at or below it, so about f * n rows (plus ties) score >= it.
     col = SCORE_COLUMNS[model]
@@ -46,15 +46,26 @@ def _top_fraction(model: str, fraction: float) -> Strategy:
     )
 
 
-def _threshold(model: str, threshold: float) -> Strategy:
+def score_threshold(model: str, threshold: float) -> Strategy:
     col = SCORE_COLUMNS[model]
     return Strategy(f"CLIP {model.upper()} image-text similarity >= {threshold}", f"{col} >= {threshold}",
                     columns=(col,))
 
 
+# The paper's sweeps, by name: random fractions, top fractions by each scorer, and fixed thresholds.
+# (The thresholds are on OpenAI CLIP's cosine scale; the tiny scorers' scale differs.)
+SWEEPS: dict[str, Strategy] = {
+    **{f"random_{round(f * 100)}pct": random_fraction(f) for f in (0.01, 0.10, 0.25, 0.50, 0.75)},
+    **{f"clip_score_{m}_{round(f * 100)}pct": top_fraction(m, f)
+       for m in ("b32", "l14") for f in (0.10, 0.20, 0.30, 0.40)},
+    **{f"clip_score_b32_thr{t}": score_threshold("b32", t) for t in (0.25, 0.28)},
+}
+
+# The registry: every strategy here is a partition, is trained and evaluated, and has a leaderboard row.
+# Adding a strategy is adding an entry (each costs one training run per scale).
 STRATEGIES: dict[str, Strategy] = {
     "no_filter": Strategy("every sample of the pool", "true", fraction=1.0),
-    **{f"random_{round(f * 100)}pct": _random(f) for f in (0.01, 0.10, 0.25, 0.50, 0.75)},
+    "random_10pct": SWEEPS["random_10pct"],
     "basic": Strategy(
         "English (fastText top-1), more than 2 words and 5 characters, min side >= 200 px, aspect <= 3",
         "language = 'en' AND num_words > 2 AND num_chars > 5"
@@ -62,17 +73,17 @@ STRATEGIES: dict[str, Strategy] = {
         " AND greatest(original_width, original_height) / least(original_width, original_height) <= 3",
         columns=("language", "num_words", "num_chars", "original_width", "original_height"),
     ),
-    **{f"clip_score_{m}_{round(f * 100)}pct": _top_fraction(m, f)
-       for m in ("b32", "l14") for f in (0.10, 0.20, 0.30, 0.40)},
-    **{f"clip_score_b32_thr{t}": _threshold("b32", t) for t in (0.25, 0.28)},
+    "clip_score_b32_30pct": SWEEPS["clip_score_b32_30pct"],
+    "clip_score_l14_30pct": SWEEPS["clip_score_l14_30pct"],
 }
 
 
 def get_strategy(name: str) -> Strategy:
+    """A registered strategy, or one of the paper's sweeps, by name."""
     try:
-        return STRATEGIES[name]
+        return STRATEGIES.get(name) or SWEEPS[name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}") from None
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join({**STRATEGIES, **SWEEPS})}") from None
 
 
 def expected_fraction(strategy_name: str) -> float | None:
