@@ -7,8 +7,10 @@ assets first, then subset -> checkpoint -> eval_results for each strategy, then 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 import dagster as dg
 
@@ -48,6 +50,9 @@ def main(argv=None) -> None:
     parser.add_argument("--scale", default="tiny")
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), help="default: every strategy")
     args = parser.parse_args(argv)
+    # Record runs where `bin/ui` (dagster dev) will find them.
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster_home")))
+    home.mkdir(parents=True, exist_ok=True)
     run_scale(args.scale, args.strategies)
 
 

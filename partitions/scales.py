@@ -41,7 +41,7 @@ class ScaleConfig:
 
 
 SCALES: dict[str, ScaleConfig] = {
-    "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=60_000, model="datacomp-tiny",
+    "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=40_000, model="datacomp-tiny",
                         global_batch=256, lr=2e-3, warmup=20, beta2=0.98, checkpoints=2,
                         image_size=64, shard_size=2_000, synthetic=True, precision="fp32",
                         curated_size=10_000, scorer_samples_seen=40_000),
