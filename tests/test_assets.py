@@ -61,7 +61,8 @@ def test_tiny_scale_end_to_end(miniature):
         assert 0 < len(basic) < len(pool) and set(basic.tolist()) <= set(pool.tolist())
 
         # Every eval task wrote one reference-format line per strategy.
-        lines = [json.loads(x) for x in (root / "eval_results" / "basic" / "eval_results.jsonl").read_text().splitlines()]
+        results = root / "eval_results" / "basic" / "eval_results.jsonl"
+        lines = [json.loads(x) for x in results.read_text().splitlines()]
         assert {"objects", "retrieval", "digits"} <= {x["key"] for x in lines}
         assert all(0.0 <= x["metrics"]["main_metric"] <= 1.0 for x in lines)
 

@@ -18,10 +18,10 @@ evaluation image coincides with a pool image. This module imports no Dagster.
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import shutil
-import tarfile
+from datacomp_assets.pool.shards import write_webdataset
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -182,13 +182,6 @@ TASKS: dict[str, EvalTask] = {t.key: t for t in [
 
 # ---------------------------------------------------------------- writing
 
-def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # byte-identical shards on every build
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_task(task: EvalTask, task_dir: Path, size_scale: float) -> int:
     """Write one task's files into task_dir (which must not exist); returns the number of samples."""
     test_dir = task_dir / "test"
@@ -196,23 +189,17 @@ def write_task(task: EvalTask, task_dir: Path, size_scale: float) -> int:
     if task.kind == "classification":
         (task_dir / "classnames.txt").write_text("\n".join(task.classnames) + "\n")
         (task_dir / "zeroshot_classification_templates.txt").write_text("\n".join(task.templates) + "\n")
-    count, shard, tar = 0, 0, None
-    for image, target in task.builder(size_scale):
-        if count % SAMPLES_PER_SHARD == 0:
-            if tar is not None:
-                tar.close()
-                shard += 1
-            tar = tarfile.open(test_dir / f"{shard}.tar", "w")
-        key = f"{count:06d}"
-        _add_file(tar, f"{key}.jpg", encode_jpeg(image))
-        if task.kind == "classification":
-            _add_file(tar, f"{key}.cls", str(int(target)).encode())
-        else:
-            _add_file(tar, f"{key}.txt", "\n".join(target).encode())
-        count += 1
-    if tar is not None:
-        tar.close()
-    (test_dir / "nshards.txt").write_text(f"{shard + 1 if count else 0}\n")
+    def encoded():
+        for i, (image, target) in enumerate(task.builder(size_scale)):
+            label = str(int(target)) if task.kind == "classification" else "\n".join(target)
+            yield f"{i:06d}", {"jpg": encode_jpeg(image), "cls" if task.kind == "classification" else "txt":
+                               label.encode()}
+
+    samples, count, shard = encoded(), 0, 0
+    while chunk := list(itertools.islice(samples, SAMPLES_PER_SHARD)):
+        count += write_webdataset(test_dir / f"{shard}.tar", chunk)
+        shard += 1
+    (test_dir / "nshards.txt").write_text(f"{shard}\n")
     info = {"key": task.key, "group": task.group, "kind": task.kind, "main_metric": task.main_metric,
             "num_samples": count, "size_scale": size_scale, "format_version": SUITE_FORMAT_VERSION,
             "classnames": list(task.classnames)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datacomp_assets.evaluation.suite import TASKS, EvalTask
+from datacomp_assets.pool.shards import iter_webdataset
 
 # ---------------------------------------------------------------- reading the webdataset layout
 
@@ -29,20 +29,8 @@ def iter_shard_samples(task_dir: str | Path) -> Iterator[dict[str, bytes]]:
     test_dir = Path(task_dir) / "test"
     nshards = int((test_dir / "nshards.txt").read_text().strip())
     for i in range(nshards):
-        current: dict = {}
-        with tarfile.open(test_dir / f"{i}.tar") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                # webdataset convention: key = name up to the first dot, extension = the rest.
-                key, _, ext = member.name.partition(".")
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                current["__key__"] = key
-                current[ext] = tar.extractfile(member).read()
-        if current:
-            yield current
+        for key, files in iter_webdataset(test_dir / f"{i}.tar"):
+            yield {"__key__": key, **files}
 
 
 def read_lines(path: Path) -> list[str]:

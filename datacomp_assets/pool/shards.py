@@ -33,6 +33,7 @@ def write_webdataset(tar_path: str | Path, samples: Iterable[tuple[str, dict[str
             for ext, data in files.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
+                info.mtime = 0  # byte-identical shards for identical samples
                 tar.addfile(info, io.BytesIO(data))
             n += 1
     return n

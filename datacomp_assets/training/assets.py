@@ -41,7 +41,7 @@ def training_metadata(result: TrainResult, scale: ScaleConfig) -> dict:
         meta["final_loss"] = result.final_loss
         meta["samples_per_second"] = result.mean_samples_per_second
         meta["loss_curve"] = dg.MetadataValue.md(
-            "| samples seen | loss |\n|---|---|\n" + "\n".join(f"| {s} | {l:.4f} |" for s, l in result.losses))
+            "| samples seen | loss |\n|---|---|\n" + "\n".join(f"| {s} | {loss:.4f} |" for s, loss in result.losses))
     return meta
 
 
