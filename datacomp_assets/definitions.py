@@ -13,7 +13,8 @@ from datacomp_assets.leaderboard.assets import leaderboard  # noqa: E402
 from datacomp_assets.metadata.assets import pool_metadata, scorer_models  # noqa: E402
 from datacomp_assets.pool.assets import curated_source, pool_index, pool_shards  # noqa: E402
 from datacomp_assets.training.assets import checkpoint  # noqa: E402
-from resources import AcceleratorResource, DownloaderResource, StorageResource, SyntheticWebResource  # noqa: E402
+from resources import (  # noqa: E402
+    AcceleratorResource, DownloaderResource, PublishedMetadataResource, StorageResource, SyntheticWebResource)
 
 POOL_ASSETS = [pool_index, pool_shards, curated_source, scorer_models, pool_metadata, eval_suite]
 STRATEGY_ASSETS = [subset, checkpoint, eval_results]
@@ -24,6 +25,7 @@ RESOURCES = {
     "accelerator": AcceleratorResource(),
     "downloader": DownloaderResource(),
     "synthetic_web": SyntheticWebResource(),
+    "published": PublishedMetadataResource(),
 }
 
 defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=[subset_is_valid], resources=RESOURCES)

@@ -33,7 +33,7 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None) 
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
     instance = instance or dg.DagsterInstance.get()
-    resources = resources or RESOURCES
+    resources = {**RESOURCES, **(resources or {})}  # overrides on top of the defaults
     t0 = time.perf_counter()
     materialize(POOL_ASSETS, scale, instance, resources)
     for strategy in strategies:

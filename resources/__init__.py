@@ -2,7 +2,8 @@
 
 from resources.accelerator import AcceleratorResource
 from resources.downloader import DownloaderResource
+from resources.published import PublishedMetadataResource
 from resources.storage import StorageResource
 from resources.synthetic_web import SyntheticWebResource
 
-__all__ = ["AcceleratorResource", "DownloaderResource", "StorageResource", "SyntheticWebResource"]
+__all__ = ["AcceleratorResource", "DownloaderResource", "PublishedMetadataResource", "StorageResource", "SyntheticWebResource"]

@@ -8,21 +8,31 @@ import pyarrow.parquet as pq
 from datacomp_assets.pool.curated import write_curated_source
 from partitions import get_scale, scale_partitions
 from partitions.scales import require_synthetic
-from resources import DownloaderResource, StorageResource, SyntheticWebResource
+from resources import DownloaderResource, PublishedMetadataResource, StorageResource, SyntheticWebResource
 
 POOL = "pool"
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=POOL, code_version="1")
-def pool_index(context: dg.AssetExecutionContext, storage: StorageResource,
-               synthetic_web: SyntheticWebResource) -> dg.MaterializeResult:
-    """The candidate pool's urls and alt-texts (uid, url, text). At `tiny`: the synthetic web's pages,
-    with each sample's ground truth written to a separate file that no filter reads."""
+def pool_index(context: dg.AssetExecutionContext, storage: StorageResource, synthetic_web: SyntheticWebResource,
+               published: PublishedMetadataResource) -> dg.MaterializeResult:
+    """The candidate pool's urls and alt-texts: img2dataset's input.
+
+    At `tiny`, the synthetic web's pages, with each sample's ground truth in a separate file that no filter
+    reads. At the paper's scales, the published metadata (Hugging Face Hub or a local mirror)."""
     from datacomp_assets.pool.index import write_pool_index
+    from datacomp_assets.pool.published import PublishedSource, fetch_published_metadata, write_download_index
 
     scale = get_scale(context.partition_key)
-    require_synthetic(scale, "pool_index")
     out = storage.path(scale.name, "pool_index")
+    if not scale.synthetic:
+        source = PublishedSource(scale.name, mirror_dir=published.published_mirror_dir or None,
+                                 include_npz=published.include_npz)
+        files = fetch_published_metadata(source, out / "metadata")
+        summary = write_download_index(files, out / "index.parquet")
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(summary["path"]), "rows": summary["rows"],
+            "metadata_files": len(files), "source": source.mirror_dir or source.repo_id})
     summary = write_pool_index(synthetic_web.web_config(), scale.pool_size, synthetic_web.base_url, out)
     kinds = summary["kind_counts"]
     return dg.MaterializeResult(metadata={

@@ -29,8 +29,8 @@ def _resized_jpeg(img, image_size: int) -> bytes:
 
 
 def _sample_files(args) -> tuple[str, dict[str, bytes]]:
-    config, index, image_size = args
-    s = sample(index, config, namespace=NAMESPACE, noise={})
+    config, index, image_size, namespace, noise = args
+    s = sample(index, config, namespace=namespace, noise=noise)
     meta = {"uid": s.uid, "caption": s.text, "original_width": s.width, "original_height": s.height}
     return f"{index:09d}", {"jpg": _resized_jpeg(render(s), image_size), "txt": s.text.encode(),
                             "json": json.dumps(meta).encode()}
@@ -40,6 +40,13 @@ def write_curated_source(config: WebConfig, n: int, out_dir: str | Path, image_s
                          processes: int = 2) -> dict:
     """Write n curated pairs as webdataset shards into out_dir (atomically); returns a summary."""
     balanced = replace(config, zipf_exponent=0.0)  # curated data covers every concept evenly
+    return write_synthetic_source(balanced, n, out_dir, image_size, shard_size, processes,
+                                  namespace=NAMESPACE, noise={})
+
+
+def write_synthetic_source(config: WebConfig, n: int, out_dir: str | Path, image_size: int, shard_size: int,
+                           processes: int = 2, *, namespace: str, noise: dict | None = None) -> dict:
+    """Write samples 0..n-1 of a namespace as webdataset shards (atomically); noise None: the config's."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -48,7 +55,8 @@ def write_curated_source(config: WebConfig, n: int, out_dir: str | Path, image_s
     with Pool(processes) as pool:
         for k in range(shards):
             indices = range(k * shard_size, min(n, (k + 1) * shard_size))
-            files = pool.imap(_sample_files, [(balanced, i, image_size) for i in indices], chunksize=64)
+            jobs = [(config, i, image_size, namespace, noise) for i in indices]
+            files = pool.imap(_sample_files, jobs, chunksize=64)
             write_webdataset(tmp / f"{k:08d}.tar", files)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
