@@ -86,3 +86,15 @@ def test_open_clip_trainer_trains_and_resumes(tmp_path):
     assert resumed.resumed_from_epoch == 1 and resumed.checkpoint.exists()
     # A finished run is not trained again.
     assert train(job, log=lambda m: None).seconds == 0.0
+
+
+def test_reshard_blurs_faces_listed_in_the_metadata(tmp_path):
+    samples = write_pool(tmp_path / "pool", n=10)
+    pool = {json.loads(f["json"])["uid"]: f["jpg"] for _, f in iter_webdataset(tmp_path / "pool" / "00000000.tar")}
+    chosen = [samples[1].uid, samples[2].uid]
+    summary = reshard(tmp_path / "pool", uids_to_array(chosen), tmp_path / "train", 10,
+                      face_bboxes={samples[1].uid: [[0.2, 0.2, 0.8, 0.8]]})
+    out = {json.loads(f["json"])["uid"]: f["jpg"] for tar in sorted((tmp_path / "train").glob("*.tar"))
+           for _, f in iter_webdataset(tar)}
+    assert summary.faces_blurred == 1
+    assert out[samples[1].uid] != pool[samples[1].uid] and out[samples[2].uid] == pool[samples[2].uid]

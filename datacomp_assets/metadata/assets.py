@@ -37,14 +37,18 @@ def scorer_checkpoint(storage: StorageResource, scale_name: str, prefix: str):
     return TrainJob(scale, "", storage.path(scale_name, "scorer_models"), prefix).final_checkpoint
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=METADATA, deps=["pool_shards", "scorer_models"],
-          code_version="1", pool="gpu")
+@dg.asset(partitions_def=scale_partitions, group_name=METADATA, deps=["pool_shards", "scorer_models", "eval_suite"],
+          code_version="2", pool="gpu")
 def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
                   accelerator: AcceleratorResource) -> dg.MaterializeResult:
-    """Per-sample features computed once: language, caption counts, embeddings and both CLIP scores."""
+    """Per-sample features computed once: language, caption counts, embeddings and both CLIP scores.
+
+    The paper's safety steps run first: unsafe captions and near-duplicates of evaluation images (faiss
+    over image fingerprints) leave the pool, each recorded with its reason under `removed/`."""
     import duckdb
 
     from datacomp_assets.metadata.build import Scorer, build_pool_metadata
+    from datacomp_assets.metadata.safety import eval_fingerprints
     from datacomp_assets.training.models import load_model
 
     scale = get_scale(context.partition_key)
@@ -54,7 +58,9 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
         model, preprocess, tokenizer = load_model(model_name, scorer_checkpoint(storage, scale.name, prefix), device)
         scorers.append(Scorer(prefix, model, preprocess, tokenizer, device))
     out = storage.path(scale.name, "pool_metadata")
-    summary = build_pool_metadata(storage.path(scale.name, "pool_shards"), out, scorers, context.log.info)
+    eval_fp = eval_fingerprints(storage.path(scale.name, "eval_suite"), max_shift=0)
+    summary = build_pool_metadata(storage.path(scale.name, "pool_shards"), out, scorers, context.log.info,
+                                  eval_fingerprints=eval_fp)
     rows, en, b32, l14 = duckdb.sql(
         f"select count(*), avg((language = 'en')::int), avg(clip_b32_similarity_score), "
         f"avg(clip_l14_similarity_score) from read_parquet('{out}/*.parquet')").fetchall()[0]
@@ -62,6 +68,9 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
         "path": dg.MetadataValue.path(str(out)),
         "rows": rows, "shards": summary["shards"], "english_fraction": en,
         "mean_clip_b32_similarity_score": b32, "mean_clip_l14_similarity_score": l14,
+        "removed_unsafe_text": summary["removed_unsafe_text"],
+        "removed_eval_duplicate": summary["removed_eval_duplicate"],
+        "eval_images_checked": len(eval_fp),
         "seconds": round(summary["seconds"], 1),
         "rows_per_second": summary["rows_per_second"] or 0.0,
     })

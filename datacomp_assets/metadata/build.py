@@ -4,6 +4,10 @@ Per sample: the reference columns (uid, url, text, original size, both CLIP simi
 face_bboxes, sha256), the features filters need (fastText language and score, word/char/token counts),
 and the L2-normalized image and text embeddings of both scorers under the reference's npz keys.
 Shards are processed one at a time (bounded memory), and a shard already written is skipped (resume).
+
+The paper's safety preprocessing happens here, before any filter sees the pool: samples whose caption
+holds an unsafe word, and near-duplicates of evaluation images, are removed, and each removal is recorded
+with its reason in `removed/<shard>.parquet` for audits.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from datacomp_assets.metadata.language import caption_stats, identify_languages
+from datacomp_assets.metadata.safety import find_eval_duplicates, image_fingerprints, unsafe_text_mask
 from datacomp_assets.metadata.schema import write_metadata_shard
 from datacomp_assets.pool.shards import iter_webdataset
 
@@ -108,8 +114,38 @@ def shard_metadata(records: list[dict], images: list[Image.Image], scorers: list
     return table, embeddings
 
 
+REMOVED_SCHEMA = pa.schema([("uid", pa.string()), ("text", pa.string()), ("reason", pa.string()),
+                            ("eval_similarity", pa.float32())])
+
+
+def removal_reasons(records: list[dict], images: list[Image.Image], eval_fingerprints: np.ndarray | None,
+                    threshold: float) -> tuple[list[str | None], np.ndarray]:
+    """Per sample: why it leaves the pool ("unsafe_text", "eval_duplicate") or None; and its highest
+    similarity to an evaluation image."""
+    unsafe = unsafe_text_mask([r["text"] for r in records])
+    similarity = np.full(len(records), -np.inf, dtype=np.float32)
+    duplicate = np.zeros(len(records), dtype=bool)
+    if eval_fingerprints is not None and len(images):
+        duplicate, similarity = find_eval_duplicates(image_fingerprints(images), eval_fingerprints, threshold)
+    reasons = ["unsafe_text" if u else "eval_duplicate" if d else None for u, d in zip(unsafe, duplicate)]
+    return reasons, similarity
+
+
+def write_removed(records: list[dict], reasons: list, similarity: np.ndarray, path: Path) -> int:
+    rows = [i for i, r in enumerate(reasons) if r]
+    table = pa.table({"uid": [records[i]["uid"] for i in rows], "text": [records[i]["text"] for i in rows],
+                      "reason": [reasons[i] for i in rows], "eval_similarity": similarity[rows]},
+                     schema=REMOVED_SCHEMA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return len(rows)
+
+
 def build_pool_metadata(shards_dir: str | Path, out_dir: str | Path, scorers: list[Scorer],
-                        log: Callable[[str], None] = print) -> dict:
+                        log: Callable[[str], None] = print, eval_fingerprints: np.ndarray | None = None,
+                        duplicate_threshold: float = 0.97) -> dict:
     """Write `<out_dir>/<shard>.parquet` and `.npz` for every shard; returns counts and timings."""
     tars = sorted(Path(shards_dir).glob("*.tar"))
     if not tars:
@@ -123,10 +159,16 @@ def build_pool_metadata(shards_dir: str | Path, out_dir: str | Path, scorers: li
             skipped += 1
             continue
         records, images = read_downloaded(tar)
-        table, embeddings = shard_metadata(records, images, scorers)
+        reasons, similarity = removal_reasons(records, images, eval_fingerprints, duplicate_threshold)
+        write_removed(records, reasons, similarity, out_dir / "removed" / f"{tar.stem}.parquet")
+        kept = [i for i, r in enumerate(reasons) if r is None]
+        table, embeddings = shard_metadata([records[i] for i in kept], [images[i] for i in kept], scorers)
         write_metadata_shard(table, embeddings, stem)
         rows += table.num_rows
-        log(f"metadata shard {i + 1}/{len(tars)}: {table.num_rows} rows")
+        log(f"metadata shard {i + 1}/{len(tars)}: {table.num_rows} rows kept, {len(records) - len(kept)} removed")
     seconds = time.perf_counter() - t0
+    removed = pq.read_table(out_dir / "removed", columns=["reason"])["reason"].to_pylist()
     return {"shards": len(tars), "shards_skipped": skipped, "rows_computed": rows, "seconds": seconds,
+            "removed_unsafe_text": removed.count("unsafe_text"),
+            "removed_eval_duplicate": removed.count("eval_duplicate"),
             "rows_per_second": rows / seconds if seconds and rows else None}

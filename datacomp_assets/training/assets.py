@@ -21,6 +21,15 @@ def train_with_placement(scale: ScaleConfig, train_data: str, logs_dir: Path, na
     return train(job, log=log)
 
 
+def faces_in_pool(metadata_dir: Path) -> dict[str, list]:
+    """uid -> face boxes for the (few) pool samples with detected faces."""
+    import duckdb
+
+    rows = duckdb.sql(f"select uid, face_bboxes from read_parquet('{metadata_dir}/*.parquet') "
+                      "where len(face_bboxes) > 0").fetchall()
+    return dict(rows)
+
+
 def checkpoint_file(storage: StorageResource, scale: ScaleConfig, strategy: str) -> Path:
     """The final checkpoint of a strategy's training run (open_clip names it after the last "epoch")."""
     return storage.path(scale.name, "checkpoint", strategy) / "logs" / "train" / "checkpoints" / \
@@ -62,7 +71,9 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
     scale, strategy = scale_and_strategy(context)
     uids = load_subset(storage.path(scale.name, "subset", strategy) / "subset.npy")
     out = storage.path(scale.name, "checkpoint", strategy)
-    shards = reshard(storage.path(scale.name, "pool_shards"), uids, out / "train_shards", scale.shard_size)
+    faces = faces_in_pool(storage.path(scale.name, "pool_metadata"))
+    shards = reshard(storage.path(scale.name, "pool_shards"), uids, out / "train_shards", scale.shard_size,
+                     face_bboxes=faces)
     if shards.missing_uids:
         context.log.warning(f"{shards.missing_uids} subset uids have no downloaded image and are skipped")
     result = train_with_placement(scale, shards.shard_pattern, out / "logs", "train", accelerator,
@@ -70,5 +81,5 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
     return dg.MaterializeResult(metadata={
         **training_metadata(result, scale),
         "train_samples": shards.samples_written, "unique_uids": shards.unique_uids,
-        "missing_uids": shards.missing_uids,
+        "missing_uids": shards.missing_uids, "faces_blurred": shards.faces_blurred,
     })

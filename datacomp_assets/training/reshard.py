@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from datacomp_assets.filtering.uids import array_to_uids
+from datacomp_assets.metadata.safety import blur_faces
 from datacomp_assets.pool.shards import brace_pattern, iter_webdataset
 
 
@@ -28,11 +29,15 @@ class ReshardSummary:
     shards: int
     missing_uids: int
     shard_pattern: str
+    faces_blurred: int = 0
 
 
 def reshard(pool_shards_dir: str | Path, subset: np.ndarray, out_dir: str | Path, shard_size: int,
-            min_shards: int = 4) -> ReshardSummary:
+            min_shards: int = 4, face_bboxes: dict[str, list] | None = None) -> ReshardSummary:
     """Write the subset's samples (with multiplicity) into `out_dir/{00000000..}.tar`.
+
+    Faces listed in `face_bboxes` (uid -> normalized boxes, from the pool metadata) are blurred on the way,
+    so no unblurred face reaches training.
 
     Written to a temporary directory and renamed, so a crash never leaves partial shards behind.
     """
@@ -50,7 +55,7 @@ def reshard(pool_shards_dir: str | Path, subset: np.ndarray, out_dir: str | Path
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    written, shard_index, in_shard, found = 0, 0, 0, set()
+    written, shard_index, in_shard, found, blurred = 0, 0, 0, set(), 0
     tar = None
     for pool_tar in pool_tars:
         for _, files in iter_webdataset(pool_tar):
@@ -61,6 +66,9 @@ def reshard(pool_shards_dir: str | Path, subset: np.ndarray, out_dir: str | Path
             if copies == 0:
                 continue
             found.add(uid)
+            if face_bboxes and face_bboxes.get(uid) and "jpg" in files:
+                files = {**files, "jpg": blur_faces(files["jpg"], face_bboxes[uid])}
+                blurred += 1
             for _ in range(copies):
                 if tar is None or in_shard == per_shard:
                     if tar is not None:
@@ -80,5 +88,5 @@ def reshard(pool_shards_dir: str | Path, subset: np.ndarray, out_dir: str | Path
     return ReshardSummary(
         samples_written=written, unique_uids=len(found), shards=shard_index,
         missing_uids=len(wanted) - len(found),
-        shard_pattern=brace_pattern(out_dir, shard_index),
+        shard_pattern=brace_pattern(out_dir, shard_index), faces_blurred=blurred,
     )
