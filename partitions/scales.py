@@ -22,6 +22,7 @@ class ScaleConfig:
     checkpoints: int          # "epochs": checkpoint intervals only
     image_size: int           # img2dataset's download resize target
     shard_size: int           # samples per webdataset shard
+    download_timeout: int = 10  # seconds img2dataset waits for a host
     weight_decay: float = 0.2
     beta1: float = 0.9
     eps: float = 1e-6
@@ -43,7 +44,7 @@ class ScaleConfig:
 SCALES: dict[str, ScaleConfig] = {
     "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=40_000, model="datacomp-tiny",
                         global_batch=256, lr=2e-3, warmup=20, beta2=0.98, checkpoints=2,
-                        image_size=64, shard_size=2_000, synthetic=True, precision="fp32",
+                        image_size=64, shard_size=2_000, download_timeout=2, synthetic=True, precision="fp32",
                         curated_size=10_000, scorer_samples_seen=40_000),
     "small": ScaleConfig("small", 12_800_000, 12_800_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 5, 512, 10_000),
     "medium": ScaleConfig("medium", 128_000_000, 128_000_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 8, 512, 10_000),

@@ -6,4 +6,5 @@ from resources.published import PublishedMetadataResource
 from resources.storage import StorageResource
 from resources.synthetic_web import SyntheticWebResource
 
-__all__ = ["AcceleratorResource", "DownloaderResource", "PublishedMetadataResource", "StorageResource", "SyntheticWebResource"]
+__all__ = ["AcceleratorResource", "DownloaderResource", "PublishedMetadataResource", "StorageResource",
+           "SyntheticWebResource"]

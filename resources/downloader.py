@@ -2,9 +2,9 @@ import dagster as dg
 
 
 class DownloaderResource(dg.ConfigurableResource):
-    """img2dataset's parallelism and patience (the reference uses retries 2)."""
+    """img2dataset's parallelism and patience (the reference retries twice). `timeout` 0 uses the scale's."""
 
     processes: int = 2
     threads: int = 16
-    timeout: int = 10
+    timeout: int = 0
     retries: int = 2

@@ -2,29 +2,27 @@ from contextlib import contextmanager
 
 import dagster as dg
 
-from datacomp_assets.pool.synthetic_web import DEFAULT_NOISE, WebConfig
+from datacomp_assets.pool.synthetic_web import DEFAULT_FAULTS, DEFAULT_NOISE, WebConfig
 
 
 class SyntheticWebResource(dg.ConfigurableResource):
     """The tiny scale's synthetic web (README: "The synthetic web"), served on loopback while downloading.
 
+    `noise` maps caption/image noise kinds to their shares, `faults` web faults to theirs (README tables).
     Its URLs name `host:port`, so the port is fixed per deployment rather than picked at random.
     """
 
     seed: int = 0
     zipf_exponent: float = 1.1
-    mismatched: float = DEFAULT_NOISE["mismatched"]
-    non_english: float = DEFAULT_NOISE["non_english"]
-    short: float = DEFAULT_NOISE["short"]
-    small: float = DEFAULT_NOISE["small"]
-    odd_aspect: float = DEFAULT_NOISE["odd_aspect"]
+    noise: dict[str, float] = dict(DEFAULT_NOISE)
+    faults: dict[str, float] = dict(DEFAULT_FAULTS)
+    slow_seconds: float = 3.0
     host: str = "127.0.0.1"
     port: int = 18765
 
     def web_config(self) -> WebConfig:
-        noise = {"mismatched": self.mismatched, "non_english": self.non_english, "short": self.short,
-                 "small": self.small, "odd_aspect": self.odd_aspect}
-        return WebConfig(seed=self.seed, zipf_exponent=self.zipf_exponent, noise=noise)
+        return WebConfig(seed=self.seed, zipf_exponent=self.zipf_exponent, noise=dict(self.noise),
+                         faults=dict(self.faults), slow_seconds=self.slow_seconds)
 
     @property
     def base_url(self) -> str:

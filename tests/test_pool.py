@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 import tarfile
 import urllib.error
 import urllib.request
+from collections import Counter
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from datacomp_assets.pool.download import check_index, download_shards, list_tars, summarize_shards
+from datacomp_assets.evaluation.suite import build_objects
+from datacomp_assets.pool.download import (
+    EXPECTED_FAILURE, check_against_ground_truth, check_index, download_shards, list_tars, read_failures,
+    summarize_shards,
+)
 from datacomp_assets.pool.index import build_index_rows, write_pool_index
-from datacomp_assets.pool.synthetic_web import WebConfig, sample
+from datacomp_assets.pool.synthetic_web import (
+    DEFAULT_FAULTS, DEFAULT_NOISE, FAULT_KINDS, OBJECTS, SPAM_PHRASES, UNSAFE_WORDS, WebConfig, crawled_sha256,
+    eval_objects_sample, render, sample, served_bytes,
+)
 from datacomp_assets.pool.web_server import SyntheticWebServer, free_port
 
-CONFIG = WebConfig(seed=7)
+CONFIG = WebConfig(seed=7, faults={})  # a web without faults: every download succeeds
 N_SAMPLES, SHARD_SIZE, IMAGE_SIZE = 300, 100, 64
 
 
@@ -80,12 +91,14 @@ def test_index_has_only_public_columns_and_unique_uids(tmp_path):
     summary = write_pool_index(CONFIG, 500, "http://h:1", tmp_path)
     index = pq.read_table(tmp_path / "index.parquet")
     truth = pq.read_table(tmp_path / "ground_truth.parquet")
-    assert index.column_names == ["uid", "url", "text"]
+    assert index.column_names == ["uid", "url", "text", "sha256"]
     assert summary["rows"] == 500 and sum(summary["kind_counts"].values()) == 500
     uids = index.column("uid").to_pylist()
     assert len(set(uids)) == 500 and all(re.fullmatch(r"[0-9a-f]{32}", u) for u in uids)
     assert truth.column("uid").to_pylist() == uids
-    assert {"kind", "object", "color", "count", "style"} <= set(truth.column_names)
+    assert {"kind", "object", "color", "count", "style", "fault", "duplicate_of", "eval_task",
+            "eval_index"} <= set(truth.column_names)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in index.column("sha256").to_pylist())
     assert index.column("url")[3].as_py() == "http://h:1/images/pool/3.jpg"
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files behind
 
@@ -160,3 +173,125 @@ def test_dead_links_count_as_failed_to_download(server, tmp_path):
     assert summary.count == 40 and summary.failed_to_download == 10 and summary.successes == 30
     assert summary.success_rate == pytest.approx(0.75)
     assert sum(summary.errors.values()) == 10 and all("404" in e for e in summary.errors)
+
+
+# ---------------------------------------------------------------- web noise
+
+N_SHARES = 20_000
+
+
+@pytest.fixture(scope="module")
+def web_samples():
+    """sample() only (no rendering) over a tiny-scale pool, with the default shares."""
+    return [sample(i, WebConfig(seed=7)) for i in range(N_SHARES)]
+
+
+def test_every_noise_kind_and_fault_appears_at_about_its_share(web_samples):
+    kinds = Counter(s.kind for s in web_samples)
+    faults = Counter(s.fault for s in web_samples)
+    for kind, share in DEFAULT_NOISE.items():
+        # 4 binomial standard deviations: fails by chance about once in 15,000 runs.
+        assert abs(kinds[kind] / N_SHARES - share) <= 4 * (share * (1 - share) / N_SHARES) ** 0.5, kind
+    assert abs(kinds["clean"] / N_SHARES - (1 - sum(DEFAULT_NOISE.values()))) < 0.02
+    for fault, share in DEFAULT_FAULTS.items():
+        assert abs(faults[fault] / N_SHARES - share) <= 4 * (share * (1 - share) / N_SHARES) ** 0.5, fault
+    assert 0.06 <= sum(DEFAULT_FAULTS.values()) <= 0.08
+
+
+def test_faults_are_independent_of_noise_and_only_in_the_pool():
+    without = [sample(i, WebConfig(seed=7, faults={})) for i in range(300)]
+    with_faults = [sample(i, WebConfig(seed=7)) for i in range(300)]
+    assert [(s.text, s.kind, s.image_seed) for s in without] == [(s.text, s.kind, s.image_seed) for s in with_faults]
+    assert all(s.fault is None for s in without)
+    assert all(sample(i, WebConfig(seed=7), namespace="eval").fault is None for i in range(300))
+
+
+def test_spam_unsafe_and_off_topic_look_as_documented(web_samples):
+    spam = [s for s in web_samples if s.kind == "spam"][:50]
+    assert spam and all(sum(p in s.text for p in SPAM_PHRASES) >= 3 for s in spam)
+    assert not any(name in s.text for s in spam for name in OBJECTS)
+    unsafe = [s for s in web_samples if s.kind == "unsafe"][:50]
+    assert unsafe and all(set(s.text.split()) & set(UNSAFE_WORDS) for s in unsafe)
+    assert all(s.text.isascii() and len(s.text.split()) > 3 for s in unsafe)
+    clean_words = {w for s in web_samples if s.kind == "clean" for w in s.text.split()}
+    assert not clean_words & set(UNSAFE_WORDS)
+    off_topic = [s for s in web_samples if s.kind == "off_topic"][:5]
+    assert off_topic and all(s.object == "" and s.count == 0 for s in off_topic)
+    for s in off_topic:  # a smooth texture: no flat background, no drawn outline
+        pixels = np.asarray(render(s), dtype=np.float32)
+        most_common = Counter(map(tuple, pixels.reshape(-1, 3))).most_common(1)[0][1]
+        assert pixels.std() > 10 and most_common < 0.05 * pixels.size / 3
+
+
+def test_near_duplicates_copy_an_earlier_sample_with_a_light_edit(web_samples):
+    dups = [s for s in web_samples if s.kind == "near_duplicate"][:20]
+    assert dups
+    for s in dups:
+        source = web_samples[s.duplicate_of]
+        assert s.duplicate_of < s.index and source.kind != "near_duplicate"
+        assert s.text == source.text and (s.width, s.height) == (source.width, source.height)
+        edited = s.jpeg_quality != 90 or s.shift_x or s.shift_y
+        assert edited and max(abs(s.shift_x), abs(s.shift_y)) <= 3
+        a = np.asarray(render(s), dtype=np.float32)
+        b = np.asarray(render(source), dtype=np.float32)
+        b = np.roll(b, (s.shift_y, s.shift_x), axis=(0, 1))  # the shift edit is exactly this roll
+        assert np.abs(a - b).mean() < 1.0
+        assert served_bytes(s) != served_bytes(source)  # not a byte-exact copy
+
+
+def test_eval_copies_are_the_objects_task_images(web_samples):
+    copies = [s for s in web_samples if s.kind == "eval_copy"][:5]
+    assert copies and all(s.eval_task == "objects" and 0 <= s.eval_index < 800 for s in copies)
+    drawn = ("object", "color", "count", "style", "width", "height", "image_seed")
+    for s in copies:  # the copy draws exactly the evaluation sample's scene
+        original = eval_objects_sample(s.eval_index)
+        assert [getattr(s, k) for k in drawn] == [getattr(original, k) for k in drawn]
+        assert s.jpeg_quality != 90 or s.shift_x or s.shift_y
+    # ... and that is the picture the suite's own builder stores (resized to its 64 px).
+    stored = list(itertools.islice(build_objects(1.0), 20))
+    for eval_index in (0, 5, 17):
+        image, label = stored[eval_index]
+        original = eval_objects_sample(eval_index)
+        assert label == OBJECTS.index(original.object)
+        ours = render(original).resize(image.size, Image.LANCZOS)
+        assert np.array_equal(np.asarray(ours), np.asarray(image))
+
+
+def test_rendering_and_sha256_are_byte_deterministic():
+    config = WebConfig(seed=7, faults={k: 1 / 7 for k in FAULT_KINDS})
+    for i in range(30):
+        assert served_bytes(sample(i, config)) == served_bytes(sample(i, config))
+        assert crawled_sha256(sample(i, config)) == crawled_sha256(sample(i, config))
+
+
+# ---------------------------------------------------------------- web faults
+
+FAULTY = WebConfig(seed=7, faults={k: 0.05 for k in FAULT_KINDS}, slow_seconds=3.0)
+
+
+def test_download_failures_match_the_injected_faults(tmp_path):
+    """Each fault ends as its failure kind: redirects succeed, poisoned images fail verification."""
+    with SyntheticWebServer(FAULTY) as srv:
+        write_pool_index(FAULTY, 400, srv.base_url, tmp_path / "index")
+        summary = download_shards(tmp_path / "index" / "index.parquet", tmp_path / "shards", IMAGE_SIZE,
+                                  SHARD_SIZE, timeout=2, retries=0)
+    truth = pq.read_table(tmp_path / "index" / "ground_truth.parquet")
+    injected = Counter(f for f in truth.column("fault").to_pylist() if f is not None)
+    assert set(injected) == set(FAULT_KINDS)
+    expected = Counter()
+    for fault, n in injected.items():
+        if EXPECTED_FAILURE[fault] is not None:
+            expected[EXPECTED_FAILURE[fault]] += n
+    assert summary.failures_by_kind == dict(expected)
+    assert summary.successes == 400 - sum(expected.values())
+
+    report = check_against_ground_truth(tmp_path / "shards", tmp_path / "index" / "ground_truth.parquet")
+    assert report["no_fault"] == {"samples": 400 - sum(injected.values()), "failed": 0}
+    for fault in FAULT_KINDS:
+        assert report[fault]["observed"] == report[fault]["injected"] == injected[fault], fault
+
+    failures = read_failures(tmp_path / "shards")
+    assert failures.column_names == ["uid", "status", "error_message", "failure_kind"]
+    fault_by_uid = dict(zip(truth.column("uid").to_pylist(), truth.column("fault").to_pylist()))
+    for row in failures.to_pylist():
+        assert row["failure_kind"] == EXPECTED_FAILURE[fault_by_uid[row["uid"]]]

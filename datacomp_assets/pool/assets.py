@@ -1,5 +1,6 @@
 """Pool stage: the candidate pool's index (urls + captions), its downloaded shards, and the curated source."""
 
+import contextlib
 import time
 
 import dagster as dg
@@ -13,7 +14,7 @@ from resources import DownloaderResource, PublishedMetadataResource, StorageReso
 POOL = "pool"
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=POOL, code_version="1")
+@dg.asset(partitions_def=scale_partitions, group_name=POOL, code_version="2")
 def pool_index(context: dg.AssetExecutionContext, storage: StorageResource, synthetic_web: SyntheticWebResource,
                published: PublishedMetadataResource) -> dg.MaterializeResult:
     """The candidate pool's urls and alt-texts: img2dataset's input.
@@ -34,32 +35,41 @@ def pool_index(context: dg.AssetExecutionContext, storage: StorageResource, synt
             "path": dg.MetadataValue.path(summary["path"]), "rows": summary["rows"],
             "metadata_files": len(files), "source": source.mirror_dir or source.repo_id})
     summary = write_pool_index(synthetic_web.web_config(), scale.pool_size, synthetic_web.base_url, out)
-    kinds = summary["kind_counts"]
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(out / "index.parquet")),
+        "ground_truth": dg.MetadataValue.path(summary["ground_truth_path"]),
         "rows": summary["rows"],
+        "sha256_seconds": round(summary["sha256_seconds"], 1),
         "web": dg.MetadataValue.json(synthetic_web.web_config().__dict__),
-        "ground_truth_kinds": dg.MetadataValue.md(
-            "| kind | samples |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in sorted(kinds.items()))),
+        "ground_truth_kinds": count_table("kind", summary["kind_counts"]),
+        "injected_faults": count_table("fault", summary["fault_counts"]),
     })
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=POOL, deps=["pool_index"], code_version="1")
+def count_table(name: str, counts: dict) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"| {name} | samples |\n|---|---|\n"
+                               + "\n".join(f"| {k} | {v} |" for k, v in sorted(counts.items())))
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=POOL, deps=["pool_index"], code_version="2")
 def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, downloader: DownloaderResource,
                 synthetic_web: SyntheticWebResource) -> dg.MaterializeResult:
-    """img2dataset downloads the index into webdataset shards (`NNNNNNNN.tar/.parquet/_stats.json`)."""
-    from datacomp_assets.pool.download import download_shards
+    """img2dataset downloads the index into webdataset shards (`NNNNNNNN.tar/.parquet/_stats.json`).
+
+    Resumable: finished shards are kept, half-written ones are removed and fetched again. Every failure is
+    counted by kind; at `tiny` the counts are checked against the faults the web injected."""
+    from datacomp_assets.pool.download import check_against_ground_truth, download_shards
 
     scale = get_scale(context.partition_key)
     index = storage.path(scale.name, "pool_index") / "index.parquet"
     out = storage.path(scale.name, "pool_shards")
     context.log.info(f"downloading {pq.read_metadata(index).num_rows} urls into {out}")
-    with synthetic_web.serve():
+    with synthetic_web.serve() if scale.synthetic else contextlib.nullcontext():
         summary = download_shards(index, out, image_size=scale.image_size, shard_size=scale.shard_size,
                                   processes=downloader.processes, threads=downloader.threads,
-                                  timeout=downloader.timeout, retries=downloader.retries)
+                                  timeout=downloader.timeout or scale.download_timeout, retries=downloader.retries)
     context.log.info(f"downloaded {summary.successes}/{summary.count} images")
-    return dg.MaterializeResult(metadata={
+    metadata = {
         "path": dg.MetadataValue.path(str(out)),
         "shards": summary.shards,
         "urls": summary.count,
@@ -67,9 +77,18 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
         "success_rate": float(summary.success_rate),
         "failed_to_download": summary.failed_to_download,
         "failed_to_resize": summary.failed_to_resize,
+        "failures_by_kind": count_table("failure", summary.failures_by_kind),
         "seconds": round(summary.elapsed_s, 1),
         "images_per_second": round(summary.images_per_second or 0.0, 1),
-    })
+    }
+    if scale.synthetic:
+        audit = check_against_ground_truth(out, storage.path(scale.name, "pool_index") / "ground_truth.parquet")
+        metadata["faults_observed"] = dg.MetadataValue.md(
+            "| fault | injected | observed as | observed |\n|---|---|---|---|\n" + "\n".join(
+                f"| {k} | {v['injected']} | {v['expected']} | {v['observed']} |"
+                for k, v in audit.items() if k != "no_fault"))
+        metadata["unexpected_failures"] = audit["no_fault"]["failed"]
+    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=POOL, code_version="1")

@@ -1,15 +1,18 @@
 """Download the pool's images into webdataset shards with the real img2dataset, as DataComp does.
 
 Settings follow the reference (keep_ratio_largest, resize only if bigger, jpg, webdataset, uid kept
-as an extra column, sha256 computed). img2dataset's incremental mode skips every shard that already
+as an extra column, sha256 computed, and verified against the index's sha256 column when it has one, so
+a poisoned image is a counted failure). img2dataset's incremental mode skips every shard that already
 has a ``_stats.json``, so calling ``download_shards`` again on the same folder resumes instead of
-starting over.
+starting over; shards an interrupted run left half-written are deleted first.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import threading
 import time
@@ -17,6 +20,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # albumentations (pulled in by img2dataset) checks for updates over the network on import.
@@ -25,6 +30,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REQUIRED_COLUMNS = ("uid", "url", "text")
 # Shards are named NNNNNNNN.tar like the reference pool (img2dataset's default is 5 digits).
 SHARD_DIGITS = 8
+SHARD_FILE = re.compile(r"^(\d+)\.(tar|parquet)$")
+
+FAILURE_KINDS = ("dead_link", "refused", "timeout", "decode", "hash_mismatch", "other")
+# The failure each injected web fault must produce (None: the download must succeed).
+EXPECTED_FAILURE = {"dead_link": "dead_link", "refused": "refused", "slow": "timeout", "corrupt": "decode",
+                    "truncated": "decode", "poisoned": "hash_mismatch", "redirect": None}
 
 
 @dataclass
@@ -38,11 +49,28 @@ class DownloadSummary:
     failed_to_resize: int = 0
     success_rate: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # error message -> samples
+    failures_by_kind: dict[str, int] = field(default_factory=dict)  # FAILURE_KINDS -> samples
     elapsed_s: float = 0.0  # wall time of the download_shards call (0 when only summarised)
     images_per_second: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def failure_kind(error_message: str) -> str:
+    """Classify an img2dataset error message (urllib's or the resizer's) into FAILURE_KINDS."""
+    message = error_message.lower()
+    if "hash mismatch" in message:
+        return "hash_mismatch"
+    if "http error 404" in message:
+        return "dead_link"
+    if "refused" in message:
+        return "refused"
+    if "timed out" in message or "timeout" in message:
+        return "timeout"
+    if "decod" in message or "resize" in message:
+        return "decode"
+    return "other"
 
 
 def list_tars(out_dir: str | Path) -> list[Path]:
@@ -67,7 +95,81 @@ def summarize_shards(out_dir: str | Path) -> DownloadSummary:
                 errors[message] += n
     summary.success_rate = summary.successes / summary.count if summary.count else 0.0
     summary.errors = dict(errors.most_common())
+    by_kind: Counter[str] = Counter()
+    for message, n in errors.items():
+        by_kind[failure_kind(message)] += n
+    summary.failures_by_kind = {k: by_kind[k] for k in FAILURE_KINDS if by_kind[k]}
     return summary
+
+
+def _finished_shard_parquets(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.glob("*.parquet")
+                  if SHARD_FILE.match(p.name) and (out_dir / f"{p.stem}_stats.json").exists())
+
+
+def read_failures(out_dir: str | Path) -> pa.Table:
+    """uid, status, error_message and failure_kind of every failed sample of the finished shards."""
+    tables = [pq.read_table(p, columns=["uid", "status", "error_message"])
+              for p in _finished_shard_parquets(Path(out_dir))]
+    schema = pa.schema([("uid", pa.string()), ("status", pa.string()), ("error_message", pa.string())])
+    table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+    table = table.filter(pc.not_equal(table.column("status"), "success"))
+    kinds = [failure_kind(m or "") for m in table.column("error_message").to_pylist()]
+    return table.append_column("failure_kind", pa.array(kinds, pa.string()))
+
+
+def check_against_ground_truth(out_dir: str | Path, ground_truth_parquet: str | Path) -> dict:
+    """Per injected fault: how many were injected, and how many downloads ended as EXPECTED_FAILURE says.
+
+    ``{"dead_link": {"injected": 40, "observed": 40, "expected": "dead_link"}, ...,
+    "no_fault": {"samples": 900, "failed": 0}}`` over the uids of the finished shards.
+    """
+    downloaded = set()
+    for p in _finished_shard_parquets(Path(out_dir)):
+        downloaded.update(pq.read_table(p, columns=["uid"]).column("uid").to_pylist())
+    failures = read_failures(out_dir)
+    kind_by_uid = dict(zip(failures.column("uid").to_pylist(), failures.column("failure_kind").to_pylist()))
+    truth = pq.read_table(ground_truth_parquet, columns=["uid", "fault"]).to_pylist()
+    report: dict = {fault: {"injected": 0, "observed": 0, "expected": expected or "success"}
+                    for fault, expected in EXPECTED_FAILURE.items()}
+    report["no_fault"] = {"samples": 0, "failed": 0}
+    for row in truth:
+        if row["uid"] not in downloaded:
+            continue
+        observed = kind_by_uid.get(row["uid"])  # None: downloaded fine
+        if row["fault"] is None:
+            report["no_fault"]["samples"] += 1
+            report["no_fault"]["failed"] += observed is not None
+        else:
+            report[row["fault"]]["injected"] += 1
+            report[row["fault"]]["observed"] += observed == EXPECTED_FAILURE[row["fault"]]
+    return report
+
+
+def remove_unfinished_shards(out_dir: str | Path) -> list[str]:
+    """Delete what an interrupted run left half-written; return the names removed.
+
+    A shard is finished once img2dataset wrote its ``_stats.json`` (after closing its tar and parquet);
+    a tar or parquet without one, an unreadable ``_stats.json``, and img2dataset's ``_tmp`` folder are
+    leftovers that incremental mode would otherwise trust or trip over.
+    """
+    out_dir = Path(out_dir)
+    removed = []
+    for stats_path in out_dir.glob("*_stats.json"):
+        try:
+            json.loads(stats_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):  # killed while writing it
+            stats_path.unlink()
+            removed.append(stats_path.name)
+    for path in sorted(out_dir.iterdir()):
+        match = SHARD_FILE.match(path.name)
+        if match and not (out_dir / f"{match.group(1)}_stats.json").exists():
+            path.unlink()
+            removed.append(path.name)
+    if (out_dir / "_tmp").exists():
+        shutil.rmtree(out_dir / "_tmp")
+        removed.append("_tmp")
+    return removed
 
 
 def check_index(index_parquet: str | Path) -> None:
@@ -102,7 +204,10 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
     check_index(index_parquet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_unfinished_shards(out_dir)
     already_done = summarize_shards(out_dir).successes  # shards a previous call finished
+    # Verify each image against the sha256 the index carries (a mismatch is a counted failure).
+    has_sha256 = "sha256" in pq.read_schema(index_parquet).names
     start = time.perf_counter()
     _run_img2dataset(
         url_list=str(Path(index_parquet).resolve()),
@@ -123,6 +228,7 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
         timeout=timeout,
         retries=retries,
         compute_hash="sha256",
+        verify_hash=["sha256", "sha256"] if has_sha256 else None,
         enable_wandb=False,
         distributor="multiprocessing",
         incremental_mode="incremental",

@@ -6,10 +6,15 @@ and the pool can be regenerated bit for bit. The world has:
 - objects with long-tailed (Zipf) frequencies, each in a colour, a count (1-4) and a rendering style;
 - English captions from varied templates and synonyms;
 - web noise at fixed shares (``DEFAULT_NOISE``): mismatched captions, non-English captions, short or
-  file-name captions, small originals, extreme aspect ratios.
+  file-name captions, small originals, extreme aspect ratios, spam, unsafe words, off-topic textures,
+  near-duplicates of other pool samples and copies of evaluation images;
+- web faults at fixed shares (``DEFAULT_FAULTS``), independent of the caption noise: dead links, refused
+  connections, slow hosts, corrupt or truncated bytes, redirects and poisoned images (the host now serves
+  another image than the one whose sha256 the index carries). ``served_bytes`` is what the host sends,
+  ``crawled_sha256`` the hash the index records.
 
-Ground truth (object, colour, count, style, noise kind) is returned by ``ground_truth`` and stored
-apart from the pool; filters never read it.
+Ground truth (object, colour, count, style, noise kind, fault...) is returned by ``ground_truth`` and
+stored apart from the pool; filters never read it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,10 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 # Silhouettes chosen to stay distinct at 32x32 pixels.
 OBJECTS = (
@@ -74,8 +79,33 @@ TRANSLATIONS = {
 SHORT_CAPTIONS = ("image", "photo", "untitled", "img", "pic", "jpg", "IMG_{n}", "DSC{n}", "{n}.jpg",
                   "image {n}", "photo_{n}")
 
-NOISE_KINDS = ("clean", "mismatched", "non_english", "short", "small", "odd_aspect")
-DEFAULT_NOISE = {"mismatched": 0.25, "non_english": 0.12, "short": 0.08, "small": 0.06, "odd_aspect": 0.06}
+# Boilerplate that says nothing about any image (SEO and shop spam).
+SPAM_PHRASES = ("click here", "free shipping", "best price", "buy now", "limited offer", "sign up today",
+                "100% free", "download now", "cheap deals", "order online", "top rated seller", "win big")
+# Placeholder tokens standing in for unsafe text; an unsafe-text filter looks for these.
+UNSAFE_WORDS = ("nsfw", "xxx", "gore", "porn", "explicit", "gory")
+# Captions of pictures that show no object at all (textures, backgrounds).
+OFF_TOPIC_CAPTIONS = ("abstract background texture", "beautiful wallpaper hd", "free stock texture",
+                      "seamless pattern for your design", "grunge background", "nice colors",
+                      "desktop background 4k", "blurry photo")
+
+NOISE_KINDS = ("clean", "mismatched", "non_english", "short", "small", "odd_aspect", "spam", "unsafe",
+               "off_topic", "near_duplicate", "eval_copy")
+# 57% noisy in all, as before the last five kinds existed (mismatched shrank from 25% to 15%).
+DEFAULT_NOISE = {"mismatched": 0.15, "non_english": 0.12, "short": 0.08, "small": 0.06, "odd_aspect": 0.06,
+                 "spam": 0.02, "unsafe": 0.02, "off_topic": 0.02, "near_duplicate": 0.035, "eval_copy": 0.005}
+
+FAULT_KINDS = ("dead_link", "refused", "slow", "corrupt", "truncated", "redirect", "poisoned")
+# 7% of the pool's URLs misbehave; all but the redirects (1%) fail to download.
+DEFAULT_FAULTS = {"dead_link": 0.02, "refused": 0.01, "slow": 0.005, "corrupt": 0.01, "truncated": 0.01,
+                  "redirect": 0.01, "poisoned": 0.005}
+POOL_NAMESPACE = "pool"  # faults hit only the pool's URLs; eval and curated images are never downloaded
+
+# eval_copy samples copy images of this evaluation task (datacomp_assets.evaluation.suite), whose full
+# size is 16 classes x 50 samples.
+EVAL_COPY_TASK = "objects"
+EVAL_COPY_SAMPLES = 800
+JPEG_QUALITY = 90  # what the server encodes with; near-duplicates and eval copies use 60-85
 
 
 @dataclass(frozen=True)
@@ -89,6 +119,13 @@ class WebConfig:
     max_side: int = 320
     small_side: tuple = (24, 120)
     odd_aspect: tuple = (3.5, 6.0)
+    faults: dict = field(default_factory=lambda: dict(DEFAULT_FAULTS))
+    # A slow host answers after this many seconds: more than the downloader's timeout, so it fails.
+    slow_seconds: float = 3.0
+    # refused URLs point at this port of the server's host, where nothing listens. Port 1 (tcpmux) is
+    # privileged and unused, so no ordinary process can ever listen there; a fixed port keeps the index
+    # deterministic.
+    refused_port: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,6 +142,13 @@ class Sample:
     kind: str
     language: str
     image_seed: int
+    jpeg_quality: int = JPEG_QUALITY
+    shift_x: int = 0  # pixels the image is rolled by: a light edit of a copied image
+    shift_y: int = 0
+    duplicate_of: int | None = None  # near_duplicate: the pool index whose image and caption it copies
+    eval_task: str | None = None  # eval_copy: the evaluation task and index whose image it copies
+    eval_index: int | None = None
+    fault: str | None = None  # how the sample's host misbehaves (FAULT_KINDS), None when it does not
 
 
 def uid_for(seed: int, index: int, namespace: str = "pool") -> str:
@@ -142,28 +186,58 @@ def foreign_caption(rng: np.random.Generator, lang: str, obj: str, color: str) -
     return str(rng.choice(t["templates"])).format(object=t["objects"][obj], color=t["colors"][color])
 
 
+def _draw_kind(u: float, shares: dict) -> str | None:
+    """The key whose cumulative share interval holds u (None past the last one)."""
+    for k, s in shares.items():
+        if u < s:
+            return k
+        u -= s
+    return None
+
+
+def _light_edit(rng: np.random.Generator) -> dict:
+    """A re-encode at another JPEG quality, or a 1-3 px shift: what copies on the web look like."""
+    if rng.random() < 0.5:
+        return {"jpeg_quality": int(rng.integers(60, 86))}
+    dx, dy = (int(v) * int(rng.choice([-1, 1])) for v in rng.integers(1, 4, size=2))
+    return {"shift_x": dx, "shift_y": dy}
+
+
+def eval_objects_sample(eval_index: int) -> Sample:
+    """The sample the evaluation suite's `objects` task draws at eval_index (before resizing to 64 px).
+
+    Same label and style cycle as ``suite.build_objects``; the sample itself comes from the suite's own
+    ``_clean_sample``, so a change there changes the copies too.
+    """
+    from datacomp_assets.evaluation.suite import OBJECT_STYLES, _clean_sample  # late: suite imports us
+
+    style = OBJECT_STYLES[(eval_index // len(OBJECTS)) % len(OBJECT_STYLES)]
+    return _clean_sample(EVAL_COPY_TASK, eval_index, object=OBJECTS[eval_index % len(OBJECTS)], count=1,
+                         style=style)
+
+
 def sample(index: int, config: WebConfig = WebConfig(), namespace: str = "pool",
-           noise: dict | None = None) -> Sample:
-    """The index-th sample of the web (pure function of config, namespace and index)."""
+           noise: dict | None = None, faults: dict | None = None) -> Sample:
+    """The index-th sample of the web (pure function of config, namespace and index).
+
+    ``faults`` default to ``config.faults`` in the pool's namespace and to none elsewhere.
+    """
     ns = int.from_bytes(hashlib.blake2b(namespace.encode(), digest_size=4).digest(), "little")
     rng = np.random.default_rng([config.seed, ns, index])
     noise = config.noise if noise is None else noise
+    if faults is None:
+        faults = config.faults if namespace == POOL_NAMESPACE else {}
     obj = OBJECTS[int(rng.choice(len(OBJECTS), p=object_weights(config.zipf_exponent)))]
     color = str(rng.choice(list(COLORS)))
     count = int(rng.choice([1, 2, 3, 4], p=[0.55, 0.2, 0.15, 0.1]))
     style = str(rng.choice(STYLES, p=STYLE_WEIGHTS))
-    kinds = list(noise)
-    shares = [noise[k] for k in kinds]
-    u = rng.random()
-    kind = "clean"
-    for k, s in zip(kinds, shares):
-        if u < s:
-            kind = k
-            break
-        u -= s
+    kind = _draw_kind(rng.random(), noise) or "clean"
+    if kind == "near_duplicate" and index == 0:
+        kind = "clean"  # nothing earlier to copy
     side = int(rng.integers(config.min_side, config.max_side + 1))
     width, height = side, int(side * rng.uniform(0.8, 1.25))
     language = "en"
+    extra: dict = {}
     if kind == "small":
         width = int(rng.integers(*config.small_side))
         height = max(8, int(width * rng.uniform(0.8, 1.25)))
@@ -179,11 +253,40 @@ def sample(index: int, config: WebConfig = WebConfig(), namespace: str = "pool",
         text = foreign_caption(rng, language, obj, color)
     elif kind == "short":
         text = str(rng.choice(SHORT_CAPTIONS)).format(n=int(rng.integers(1000, 9999)))
+    elif kind == "spam":  # boilerplate about no image at all
+        picks = rng.choice(len(SPAM_PHRASES), size=int(rng.integers(3, 6)), replace=False)
+        text = " ".join(SPAM_PHRASES[int(i)] for i in picks)
+    elif kind == "unsafe":  # an ordinary caption with an unsafe word before or after it
+        word = str(rng.choice(UNSAFE_WORDS))
+        caption = english_caption(rng, obj, color, count, style)
+        text = f"{word} {caption}" if rng.random() < 0.5 else f"{caption} {word}"
+    elif kind == "off_topic":  # a texture with no object, captioned generically
+        obj, color, count = "", "", 0
+        text = str(rng.choice(OFF_TOPIC_CAPTIONS))
+    elif kind == "near_duplicate":
+        # Copy an earlier original (following copies of copies back to it), so the source is in any
+        # pool prefix that holds this sample.
+        source = sample(int(rng.integers(0, index)), config, namespace, noise, faults)
+        while source.kind == "near_duplicate":
+            source = sample(source.duplicate_of, config, namespace, noise, faults)
+        obj, color, count, style = source.object, source.color, source.count, source.style
+        width, height, text, language = source.width, source.height, source.text, source.language
+        extra = {"duplicate_of": source.index, "image_seed": source.image_seed, **_light_edit(rng)}
+    elif kind == "eval_copy":  # an evaluation image at its original size, ordinarily captioned
+        copied = eval_objects_sample(int(rng.integers(0, EVAL_COPY_SAMPLES)))
+        obj, color, count, style = copied.object, copied.color, copied.count, copied.style
+        width, height = copied.width, copied.height
+        text = english_caption(rng, obj, color, count, style)
+        extra = {"eval_task": EVAL_COPY_TASK, "eval_index": copied.index, "image_seed": copied.image_seed,
+                 **_light_edit(rng)}
     else:
         text = english_caption(rng, obj, color, count, style)
+    image_seed = int(rng.integers(0, 2**31 - 1))
+    # Faults come from a stream of their own, so changing their shares leaves every caption alone.
+    fault = _draw_kind(np.random.default_rng([config.seed, ns, index, 1]).random(), faults)
     return Sample(index=index, uid=uid_for(config.seed, index, namespace), text=text, width=width,
                   height=height, object=obj, color=color, count=count, style=style, kind=kind,
-                  language=language, image_seed=int(rng.integers(0, 2**31 - 1)))
+                  language=language, image_seed=extra.pop("image_seed", image_seed), fault=fault, **extra)
 
 
 def ground_truth(s: Sample) -> dict:
@@ -248,9 +351,24 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: str, cx: float, cy: float, r: f
         draw.polygon(_polygon(obj, cx, cy, r, rot), fill=fill, outline=outline, width=width)
 
 
+def _render_texture(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """A smooth colour noise with no object in it (off-topic backgrounds)."""
+    coarse = rng.integers(0, 256, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
+    return Image.fromarray(coarse, "RGB").resize((w, h), Image.BICUBIC)
+
+
 def render(s: Sample) -> Image.Image:
-    """Draw the sample's image at its original size."""
+    """Draw the sample's image at its original size (then shift it, for copies with that edit)."""
+    img = _render_scene(s)
+    if s.shift_x or s.shift_y:
+        img = ImageChops.offset(img, s.shift_x, s.shift_y)
+    return img
+
+
+def _render_scene(s: Sample) -> Image.Image:
     rng = np.random.default_rng(s.image_seed)
+    if not s.object:
+        return _render_texture(rng, s.width, s.height)
     w, h = s.width, s.height
     # Draw the scene in a square canvas; odd aspect ratios place it somewhere along a long banner.
     side = min(w, h)
@@ -301,3 +419,32 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- what hosts serve
+
+def image_bytes(s: Sample) -> bytes:
+    """The sample's image as its host published it (JPEG; copies may use another quality)."""
+    return encode_jpeg(render(s), s.jpeg_quality)
+
+
+def served_bytes(s: Sample) -> bytes:
+    """The body the host answers with today: the image, unless a fault changed the bytes."""
+    if s.fault == "corrupt":  # a parked domain's HTML page instead of an image
+        return f"<!DOCTYPE html><html><body>This domain is for sale ({s.index})</body></html>".encode()
+    if s.fault == "truncated":  # an upload cut off half way
+        full = image_bytes(s)
+        return full[: len(full) // 2]
+    if s.fault == "poisoned":  # someone replaced the image since the crawl
+        other = OBJECTS[(OBJECTS.index(s.object) + 1) % len(OBJECTS)] if s.object else s.object
+        return image_bytes(replace(s, object=other, image_seed=(s.image_seed + 1) % (2**31 - 1)))
+    return image_bytes(s)
+
+
+def crawled_sha256(s: Sample) -> str:
+    """The sha256 the index records: of the bytes the host served at crawl time.
+
+    Only a poisoned host changed its bytes since, so only its download fails hash verification.
+    """
+    crawled = image_bytes(s) if s.fault == "poisoned" else served_bytes(s)
+    return hashlib.sha256(crawled).hexdigest()

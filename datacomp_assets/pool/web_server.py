@@ -1,7 +1,11 @@
 """A local HTTP server for the synthetic web, so the pool is fetched by img2dataset over real HTTP.
 
 Images are rendered on request from (namespace, index): nothing is stored, and every URL stays valid
-as long as the server runs with the same ``WebConfig``.
+as long as the server runs with the same ``WebConfig``. Samples with a fault (``WebConfig.faults``)
+misbehave the way web hosts do: ``dead_link`` answers 404, ``slow`` answers after
+``WebConfig.slow_seconds``, ``redirect`` answers 302 to the same path with ``?redirected=1`` (served
+normally), ``corrupt``/``truncated``/``poisoned`` send the bytes of ``synthetic_web.served_bytes``.
+``refused`` is no server behaviour: the index points those URLs at a port where nothing listens.
 """
 
 from __future__ import annotations
@@ -9,9 +13,10 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from datacomp_assets.pool.synthetic_web import WebConfig, encode_jpeg, render, sample
+from datacomp_assets.pool.synthetic_web import WebConfig, sample, served_bytes
 
 # /images/{namespace}/{index}.jpg; namespaces are simple names so URLs need no escaping.
 IMAGE_PATH = re.compile(r"^/images/([A-Za-z0-9_\-]+)/(\d+)\.jpg$")
@@ -46,15 +51,28 @@ def _handler_for(config: WebConfig) -> type[BaseHTTPRequestHandler]:
                 self._send(404, b"not found", "text/plain")
                 return
             namespace, index = match.group(1), int(match.group(2))
-            body = encode_jpeg(render(sample(index, config, namespace)))
-            self._send(200, body, "image/jpeg")
+            s = sample(index, config, namespace)
+            if s.fault == "dead_link":
+                self._send(404, b"not found", "text/plain")
+                return
+            if s.fault == "slow":
+                time.sleep(config.slow_seconds)  # the client has given up by now
+            if s.fault == "redirect" and "?" not in self.path:
+                self._send(302, b"", "text/plain", location=f"{match.group(0)}?redirected=1")
+                return
+            self._send(200, served_bytes(s), "text/html" if s.fault == "corrupt" else "image/jpeg")
 
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+        def _send(self, status: int, body: bytes, content_type: str, location: str | None = None) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                if location is not None:
+                    self.send_header("Location", location)
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # a client that timed out hung up: nothing to answer
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002
             pass  # one line per image would flood the logs of a 100k-image download
