@@ -11,12 +11,13 @@ from datacomp_assets.evaluation.assets import eval_results, eval_suite  # noqa: 
 from datacomp_assets.filtering.assets import subset, subset_is_valid  # noqa: E402
 from datacomp_assets.leaderboard.assets import leaderboard  # noqa: E402
 from datacomp_assets.metadata.assets import pool_metadata, scorer_models  # noqa: E402
-from datacomp_assets.pool.assets import curated_source, pool_index, pool_shards  # noqa: E402
+from datacomp_assets.pool.assets import curated_source, external_sources, pool_index, pool_shards  # noqa: E402
 from datacomp_assets.training.assets import checkpoint  # noqa: E402
 from resources import (  # noqa: E402
-    AcceleratorResource, DownloaderResource, PublishedMetadataResource, StorageResource, SyntheticWebResource)
+    AcceleratorResource, DownloaderResource, ExternalSourcesResource, PublishedMetadataResource, StorageResource,
+    SyntheticWebResource)
 
-POOL_ASSETS = [pool_index, pool_shards, curated_source, scorer_models, pool_metadata, eval_suite]
+POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, pool_metadata, eval_suite]
 STRATEGY_ASSETS = [subset, checkpoint, eval_results]
 ALL_ASSETS = [*POOL_ASSETS, *STRATEGY_ASSETS, leaderboard]
 
@@ -26,6 +27,7 @@ RESOURCES = {
     "downloader": DownloaderResource(),
     "synthetic_web": SyntheticWebResource(),
     "published": PublishedMetadataResource(),
+    "external": ExternalSourcesResource(),
 }
 
 defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=[subset_is_valid], resources=RESOURCES)

@@ -2,9 +2,10 @@
 
 from resources.accelerator import AcceleratorResource
 from resources.downloader import DownloaderResource
+from resources.external import ExternalSourcesResource
 from resources.published import PublishedMetadataResource
 from resources.storage import StorageResource
 from resources.synthetic_web import SyntheticWebResource
 
-__all__ = ["AcceleratorResource", "DownloaderResource", "PublishedMetadataResource", "StorageResource",
-           "SyntheticWebResource"]
+__all__ = ["AcceleratorResource", "DownloaderResource", "ExternalSourcesResource", "PublishedMetadataResource",
+           "StorageResource", "SyntheticWebResource"]

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datacomp_assets.metadata.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, write_metadata_shard
+from datacomp_assets.pool.download import REFERENCE_SETTINGS
 from datacomp_assets.pool.external import (
     ExternalSource,
     noisy_source_config,
@@ -18,7 +19,6 @@ from datacomp_assets.pool.external import (
 from datacomp_assets.pool.published import (
     MIRROR_ENV,
     MIRROR_SETTING,
-    REFERENCE_DOWNLOAD_SETTINGS,
     PublishedSource,
     build_mirror_from_pool,
     fetch_published_metadata,
@@ -131,8 +131,8 @@ def test_download_index_has_what_img2dataset_needs(mirror, tmp_path):
     summary = write_download_index(files, tmp_path / "index.parquet")
     index = pq.read_table(summary["path"])
     assert summary["rows"] == index.num_rows == 7
-    settings = REFERENCE_DOWNLOAD_SETTINGS
-    needed = {settings["url_col"], settings["caption_col"], settings["bbox_col"], settings["verify_hash"][0],
+    settings = REFERENCE_SETTINGS
+    needed = {settings["url_col"], settings["caption_col"], "face_bboxes", "sha256",
               *settings["save_additional_columns"]}
     assert needed <= set(index.column_names)
     assert index.column("uid").to_pylist() == [f"{i:032x}" for i in range(7)]

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 from datacomp_assets.pool.curated import write_curated_source
 from partitions import get_scale, scale_partitions
 from partitions.scales import require_synthetic
-from resources import DownloaderResource, PublishedMetadataResource, StorageResource, SyntheticWebResource
+from resources import (
+    DownloaderResource, ExternalSourcesResource, PublishedMetadataResource, StorageResource, SyntheticWebResource)
 
 POOL = "pool"
 
@@ -104,3 +105,36 @@ def curated_source(context: dg.AssetExecutionContext, storage: StorageResource,
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(out)), "samples": summary["samples"], "shards": summary["shards"],
         "seconds": round(time.perf_counter() - t0, 1)})
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=POOL, code_version="1")
+def external_sources(context: dg.AssetExecutionContext, storage: StorageResource, downloader: DownloaderResource,
+                     synthetic_web: SyntheticWebResource, external: ExternalSourcesResource) -> dg.MaterializeResult:
+    """Bring-your-own-data sources beside the pool, as webdataset shards under `external_sources/<name>/`.
+
+    At `tiny`: a second, noisier synthetic source (half its captions mismatched); the curated source is
+    the other. At every scale: each url list named in the `external` resource, downloaded by img2dataset."""
+    from datacomp_assets.pool.download import download_shards
+    from datacomp_assets.pool.external import ExternalSource, prepare_external_index, write_noisy_source
+
+    scale = get_scale(context.partition_key)
+    root = storage.path(scale.name, "external_sources")
+    rows = []
+    if scale.synthetic:
+        noisy = write_noisy_source(synthetic_web.web_config(), scale.curated_size, root / "noisy", scale.image_size,
+                                   scale.shard_size)
+        rows.append(("noisy", noisy["samples"], noisy["samples"], str(root / "noisy")))
+    for name, url_list in external.url_lists.items():
+        source = ExternalSource(name, url_list, url_col=external.url_col, caption_col=external.caption_col)
+        index = prepare_external_index(source, root / name / "index.parquet")
+        summary = download_shards(index["path"], root / name / "shards", image_size=scale.image_size,
+                                  shard_size=scale.shard_size, processes=downloader.processes,
+                                  threads=downloader.threads, timeout=downloader.timeout or scale.download_timeout,
+                                  retries=downloader.retries)
+        rows.append((name, index["rows"], summary.successes, str(root / name / "shards")))
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(root)), "sources": len(rows),
+        "samples": sum(r[2] for r in rows),
+        "sources_table": dg.MetadataValue.md("| source | urls | samples | path |\n|---|---|---|---|\n"
+                                             + "\n".join(f"| {n} | {u} | {k} | {p} |" for n, u, k, p in rows)),
+    })

@@ -30,6 +30,20 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REQUIRED_COLUMNS = ("uid", "url", "text")
 # Shards are named NNNNNNNN.tar like the reference pool (img2dataset's default is 5 digits).
 SHARD_DIGITS = 8
+# The reference's img2dataset settings, at every scale (image size and shard size come from the scale).
+# A sha256 in the index is verified (a changed image is a counted failure, never a silent accept).
+REFERENCE_SETTINGS = {
+    "input_format": "parquet",
+    "url_col": "url",
+    "caption_col": "text",
+    "save_additional_columns": ["uid"],
+    "output_format": "webdataset",
+    "resize_mode": "keep_ratio_largest",
+    "resize_only_if_bigger": True,
+    "encode_format": "jpg",
+    "oom_shard_count": SHARD_DIGITS,
+    "compute_hash": "sha256",
+}
 SHARD_FILE = re.compile(r"^(\d+)\.(tar|parquet)$")
 
 FAILURE_KINDS = ("dead_link", "refused", "timeout", "decode", "hash_mismatch", "other")
@@ -206,29 +220,21 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_unfinished_shards(out_dir)
     already_done = summarize_shards(out_dir).successes  # shards a previous call finished
-    # Verify each image against the sha256 the index carries (a mismatch is a counted failure).
-    has_sha256 = "sha256" in pq.read_schema(index_parquet).names
     start = time.perf_counter()
+    columns = pq.read_schema(index_parquet).names
     _run_img2dataset(
         url_list=str(Path(index_parquet).resolve()),
         output_folder=str(out_dir.resolve()),
-        input_format="parquet",
-        url_col="url",
-        caption_col="text",
-        save_additional_columns=["uid"],
-        output_format="webdataset",
+        **REFERENCE_SETTINGS,
+        # Blur faces at download time where the index lists them (the published metadata does).
+        bbox_col="face_bboxes" if "face_bboxes" in columns else None,
+        verify_hash=["sha256", "sha256"] if "sha256" in columns else None,
         image_size=image_size,
-        resize_mode="keep_ratio_largest",
-        resize_only_if_bigger=True,
-        encode_format="jpg",
         number_sample_per_shard=shard_size,
-        oom_shard_count=SHARD_DIGITS,
         processes_count=processes,
         thread_count=threads,
         timeout=timeout,
         retries=retries,
-        compute_hash="sha256",
-        verify_hash=["sha256", "sha256"] if has_sha256 else None,
         enable_wandb=False,
         distributor="multiprocessing",
         incremental_mode="incremental",

@@ -31,26 +31,6 @@ HUB_TIMEOUT_S = 10.0
 # sha256 to verify that the bytes are the ones the metadata (and its scores) describe.
 DOWNLOAD_INDEX_COLUMNS = ("uid", "url", "text", "face_bboxes", "sha256")
 
-# img2dataset settings of the reference download (DataComp's download_upstream.py) at the paper's scales.
-REFERENCE_DOWNLOAD_SETTINGS = {
-    "input_format": "parquet",
-    "url_col": "url",
-    "caption_col": "text",
-    "save_additional_columns": ["uid"],
-    "bbox_col": "face_bboxes",            # faces are blurred at download time
-    "output_format": "webdataset",
-    "image_size": 512,
-    "resize_mode": "keep_ratio_largest",
-    "resize_only_if_bigger": True,
-    "encode_format": "jpg",
-    "number_sample_per_shard": 10_000,
-    "oom_shard_count": 8,                 # shard names NNNNNNNN, like the reference pool
-    "retries": 2,
-    "compute_hash": "sha256",
-    "verify_hash": ["sha256", "sha256"],  # [column, hash type]: drop images whose bytes changed since 2023
-}
-
-
 def default_mirror_dir() -> str | None:
     """The mirror named by $DATACOMP_MIRROR, if any (the resource field's default)."""
     return os.environ.get(MIRROR_ENV) or None

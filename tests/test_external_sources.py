@@ -1,0 +1,33 @@
+"""Bring-your-own-data sources materialize beside the pool: the tiny noisy source and a url list."""
+
+import json
+from dataclasses import replace
+
+import dagster as dg
+
+from datacomp_assets.pool.assets import external_sources
+from datacomp_assets.pool.synthetic_web import WebConfig, sample
+from datacomp_assets.pool.web_server import SyntheticWebServer, image_url
+from partitions.scales import SCALES
+from resources import DownloaderResource, ExternalSourcesResource, StorageResource, SyntheticWebResource
+
+
+def test_external_sources_at_tiny(tmp_path, monkeypatch):
+    monkeypatch.setitem(SCALES, "tiny", replace(SCALES["tiny"], curated_size=60, shard_size=50))
+    clean = WebConfig(faults={})
+    with SyntheticWebServer(clean) as server:
+        url_list = tmp_path / "mine.csv"
+        rows = [(image_url(server.base_url, i, "byod"), sample(i, clean, namespace="byod").text) for i in range(30)]
+        url_list.write_text("url,caption\n" + "".join(f'{u},"{t}"\n' for u, t in rows))
+        result = dg.materialize([external_sources], partition_key="tiny", resources={
+            "storage": StorageResource(root=str(tmp_path / "data")),
+            "downloader": DownloaderResource(processes=1, threads=4),
+            "synthetic_web": SyntheticWebResource(),
+            "external": ExternalSourcesResource(url_lists={"mine": str(url_list)})})
+    assert result.success
+    root = tmp_path / "data" / "tiny" / "external_sources"
+    assert len(list((root / "noisy").glob("*.tar"))) == 2
+    stats = [json.loads(p.read_text()) for p in (root / "mine" / "shards").glob("*_stats.json")]
+    assert sum(s["successes"] for s in stats) == 30
+    meta = result.asset_materializations_for_node("external_sources")[0].metadata
+    assert meta["sources"].value == 2 and meta["samples"].value == 90
