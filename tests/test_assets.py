@@ -62,6 +62,21 @@ def test_tiny_scale_end_to_end(miniature):
             assert f"| {s} |" in table
         assert "dataset_size" in table and "average" in table
 
+        truth = pq.read_table(root / "pool_index" / "ground_truth.parquet").to_pandas()
+
+        # Safety: every planted eval copy and unsafe caption that downloaded left the pool, and little else did.
+        downloaded = {u for p in (root / "pool_shards").glob("*.parquet")
+                      for u, st in zip(*pq.read_table(p, columns=["uid", "status"]).to_pydict().values())
+                      if st == "success"}
+        gone = pq.read_table(root / "pool_metadata" / "removed").to_pandas()
+        # (The miniature suite holds only the first few `objects` images; copies of later ones have no original.)
+        in_suite = json.loads((root / "eval_suite" / "objects" / "info.json").read_text())["num_samples"]
+        truth.loc[(truth.kind == "eval_copy") & (truth.eval_index >= in_suite), "kind"] = "eval_copy_not_in_suite"
+        for kind, reason in (("eval_copy", "eval_duplicate"), ("unsafe", "unsafe_text")):
+            planted = set(truth.uid[truth.kind == kind]) & downloaded
+            assert planted <= set(gone.uid[gone.reason == reason]), kind
+            assert (gone.reason == reason).sum() <= len(planted) + 0.01 * len(truth)
+
         # Subsets are sorted u8,u8 arrays of pool uids.
         pool = np.load(root / "subset" / "no_filter" / "subset.npy")
         basic = np.load(root / "subset" / "basic" / "subset.npy")
@@ -79,7 +94,6 @@ def test_tiny_scale_end_to_end(miniature):
         # Every download failure is one the web injected, counted under its kind.
         shards = latest_metadata(instance, "pool_shards", "tiny")
         assert shards["unexpected_failures"] == 0 and 0.8 < shards["success_rate"] < 1.0
-        truth = pq.read_table(root / "pool_index" / "ground_truth.parquet").to_pandas()
         failing = truth["fault"].isin(["dead_link", "refused", "slow", "corrupt", "truncated", "poisoned"])
         assert shards["successes"] == len(truth) - failing.sum()
         ckpt = latest_metadata(instance, "checkpoint", "tiny|basic")
