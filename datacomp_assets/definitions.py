@@ -11,7 +11,8 @@ from datacomp_assets.evaluation.assets import eval_results, eval_suite  # noqa: 
 from datacomp_assets.filtering.assets import subset, subset_is_valid  # noqa: E402
 from datacomp_assets.leaderboard.assets import leaderboard  # noqa: E402
 from datacomp_assets.metadata.assets import pool_metadata, scorer_models  # noqa: E402
-from datacomp_assets.pool.assets import curated_source, external_sources, pool_index, pool_shards  # noqa: E402
+from datacomp_assets.pool.assets import (  # noqa: E402
+    curated_source, external_sources, pool_index, pool_shards, pool_shards_match_injected_faults)
 from datacomp_assets.training.assets import checkpoint  # noqa: E402
 from resources import (  # noqa: E402
     AcceleratorResource, DownloaderResource, ExternalSourcesResource, PublishedMetadataResource, StorageResource,
@@ -20,6 +21,7 @@ from resources import (  # noqa: E402
 POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, pool_metadata, eval_suite]
 STRATEGY_ASSETS = [subset, checkpoint, eval_results]
 ALL_ASSETS = [*POOL_ASSETS, *STRATEGY_ASSETS, leaderboard]
+CHECKS = [subset_is_valid, pool_shards_match_injected_faults]
 
 RESOURCES = {
     "storage": StorageResource(),
@@ -30,4 +32,4 @@ RESOURCES = {
     "external": ExternalSourcesResource(),
 }
 
-defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=[subset_is_valid], resources=RESOURCES)
+defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=CHECKS, resources=RESOURCES)

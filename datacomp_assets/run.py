@@ -14,14 +14,14 @@ from pathlib import Path
 
 import dagster as dg
 
-from datacomp_assets.definitions import ALL_ASSETS, POOL_ASSETS, RESOURCES, STRATEGY_ASSETS, subset_is_valid
+from datacomp_assets.definitions import ALL_ASSETS, CHECKS, POOL_ASSETS, RESOURCES, STRATEGY_ASSETS
 from datacomp_assets.filtering.strategies import STRATEGIES
 from datacomp_assets.leaderboard.assets import leaderboard
 from partitions import get_scale
 
 
 def materialize(selection, partition_key, instance, resources) -> None:
-    result = dg.materialize([*ALL_ASSETS, subset_is_valid], selection=selection, partition_key=partition_key,
+    result = dg.materialize([*ALL_ASSETS, *CHECKS], selection=selection, partition_key=partition_key,
                             instance=instance, resources=resources, raise_on_error=False)
     if not result.success:
         sys.exit(f"materializing {partition_key} failed; see the errors above. Re-run the same command to resume.")

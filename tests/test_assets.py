@@ -103,6 +103,9 @@ def test_tiny_scale_end_to_end(miniature):
         check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(dg.AssetKey("subset"), "subset_is_valid")])
         assert check, "the blocking subset check ran"
+        faults = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey("pool_shards"), "pool_shards_match_injected_faults")])
+        assert faults, "the fault accounting check ran"
 
         # Materializing again reuses what exists: the pool is not downloaded twice.
         run_scale("tiny", ["basic"], resources=resources, instance=instance)

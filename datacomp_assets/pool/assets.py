@@ -138,3 +138,20 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
         "sources_table": dg.MetadataValue.md("| source | urls | samples | path |\n|---|---|---|---|\n"
                                              + "\n".join(f"| {n} | {u} | {k} | {p} |" for n, u, k, p in rows)),
     })
+
+
+@dg.asset_check(asset=pool_shards, description="At tiny: every download failure is a fault the web injected")
+def pool_shards_match_injected_faults(context: dg.AssetCheckExecutionContext,
+                                      storage: StorageResource) -> dg.AssetCheckResult:
+    from datacomp_assets.pool.download import check_against_ground_truth
+
+    scale = get_scale(context.partition_key)
+    if not scale.synthetic:
+        return dg.AssetCheckResult(passed=True, metadata={"note": "no ground truth at the paper's scales"})
+    audit = check_against_ground_truth(storage.path(scale.name, "pool_shards"),
+                                       storage.path(scale.name, "pool_index") / "ground_truth.parquet")
+    mismatched = {k: v for k, v in audit.items() if k != "no_fault" and v["injected"] != v["observed"]}
+    return dg.AssetCheckResult(
+        passed=not mismatched and audit["no_fault"]["failed"] == 0,
+        metadata={"unexpected_failures": audit["no_fault"]["failed"],
+                  "faults_not_observed_as_expected": dg.MetadataValue.json(mismatched)})

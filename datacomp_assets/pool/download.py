@@ -219,7 +219,13 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_unfinished_shards(out_dir)
-    already_done = summarize_shards(out_dir).successes  # shards a previous call finished
+    done = summarize_shards(out_dir)  # shards a previous call finished
+    expected_shards = -(-pq.read_metadata(index_parquet).num_rows // shard_size)
+    if done.shards >= expected_shards:
+        # Nothing left to fetch. Not calling img2dataset at all also avoids a hang seen when its worker
+        # pool is terminated while its workers are still starting (zero tasks to map).
+        return done
+    already_done = done.successes
     start = time.perf_counter()
     columns = pq.read_schema(index_parquet).names
     _run_img2dataset(
