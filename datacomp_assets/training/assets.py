@@ -48,7 +48,7 @@ def training_metadata(result: TrainResult, scale: ScaleConfig) -> dict:
     }
     if result.final_loss is not None:
         meta["final_loss"] = result.final_loss
-        meta["samples_per_second"] = result.mean_samples_per_second
+        meta["samples_per_second"] = result.median_samples_per_second
         meta["loss_curve"] = dg.MetadataValue.md(
             "| samples seen | loss |\n|---|---|\n" + "\n".join(f"| {s} | {loss:.4f} |" for s, loss in result.losses))
     return meta

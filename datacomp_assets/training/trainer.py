@@ -88,7 +88,7 @@ class TrainResult:
         return self.losses[-1][1] if self.losses else None
 
     @property
-    def mean_samples_per_second(self) -> float | None:
+    def median_samples_per_second(self) -> float | None:
         # The first logged batches include start-up; the median is the honest steady rate.
         if not self.samples_per_second:
             return None
