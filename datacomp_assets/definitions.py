@@ -8,9 +8,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import dagster as dg  # noqa: E402
 
 from datacomp_assets.evaluation.assets import eval_results, eval_suite  # noqa: E402
-from datacomp_assets.filtering.assets import subset, subset_is_valid  # noqa: E402
+from datacomp_assets.filtering.assets import pool_features, subset, subset_is_valid  # noqa: E402
 from datacomp_assets.leaderboard.assets import leaderboard  # noqa: E402
-from datacomp_assets.metadata.assets import pool_metadata, scorer_models  # noqa: E402
+from datacomp_assets.metadata.assets import dfn_model, pool_metadata, scorer_models  # noqa: E402
 from datacomp_assets.pool.assets import (  # noqa: E402
     curated_source, external_sources, pool_index, pool_shards, pool_shards_match_injected_faults)
 from datacomp_assets.training.assets import checkpoint  # noqa: E402
@@ -18,7 +18,8 @@ from resources import (  # noqa: E402
     AcceleratorResource, DownloaderResource, ExternalSourcesResource, PublishedMetadataResource, StorageResource,
     SyntheticWebResource)
 
-POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, pool_metadata, eval_suite]
+POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, dfn_model, pool_metadata,
+               eval_suite, pool_features]
 STRATEGY_ASSETS = [subset, checkpoint, eval_results]
 ALL_ASSETS = [*POOL_ASSETS, *STRATEGY_ASSETS, leaderboard]
 CHECKS = [subset_is_valid, pool_shards_match_injected_faults]

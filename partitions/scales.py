@@ -32,6 +32,12 @@ class ScaleConfig:
     curated_size: int = 0     # synthetic only: clean pairs the scorer CLIPs train on
     scorer_samples_seen: int = 0
     eval_suite_scale: float = 1.0  # synthetic only: size of the tiny evaluation suite (tests shrink it)
+    metaclip_t: float = 0.0   # MetaCLIP's balancing threshold; 0: MetaCLIP's 20,000 per 400M pairs, scaled
+    target_images_per_class: int = 50  # synthetic only: training images of the ImageNet analogue per class
+
+    @property
+    def metaclip_threshold(self) -> float:
+        return self.metaclip_t or 20_000 * self.pool_size / 400_000_000
 
     @property
     def steps(self) -> int:
@@ -42,10 +48,10 @@ class ScaleConfig:
 
 
 SCALES: dict[str, ScaleConfig] = {
-    "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=40_000, model="datacomp-tiny",
+    "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=20_000, model="datacomp-tiny",
                         global_batch=256, lr=2e-3, warmup=20, beta2=0.98, checkpoints=2,
                         image_size=64, shard_size=2_000, download_timeout=2, synthetic=True, precision="fp32",
-                        curated_size=10_000, scorer_samples_seen=40_000),
+                        curated_size=10_000, scorer_samples_seen=40_000, metaclip_t=500),
     "small": ScaleConfig("small", 12_800_000, 12_800_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 5, 512, 10_000),
     "medium": ScaleConfig("medium", 128_000_000, 128_000_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 8, 512, 10_000),
     "large": ScaleConfig("large", 1_280_000_000, 1_280_000_000, "ViT-B-16", 8192, 5e-4, 500, 0.98, 8, 512, 10_000),

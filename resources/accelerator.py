@@ -8,6 +8,7 @@ class Placement:
     device: str        # "cuda" or "cpu"
     nproc: int         # training processes (one per GPU; CPU processes on gloo)
     precision: str     # open_clip --precision
+    threads: int = 0   # CPU threads per process (0: the default)
 
 
 class AcceleratorResource(dg.ConfigurableResource):
@@ -17,6 +18,11 @@ class AcceleratorResource(dg.ConfigurableResource):
     device: str = "auto"        # auto | cuda | cpu
     gpus: int = 0               # 0: every visible GPU
     cpu_processes: int = 1      # >1 runs torchrun with the gloo backend on the CPU
+    cpu_threads: int = 0        # torch threads per training process on the CPU; 0: torch's default (all cores)
+
+    def with_cpu_threads(self, threads: int) -> "AcceleratorResource":
+        return AcceleratorResource(device=self.device, gpus=self.gpus, cpu_processes=self.cpu_processes,
+                                   cpu_threads=threads)
 
     def placement(self, scale_precision: str) -> Placement:
         import torch
@@ -31,4 +37,4 @@ class AcceleratorResource(dg.ConfigurableResource):
             return Placement("cuda", self.gpus or visible, scale_precision)
         if device != "cpu":
             raise ValueError(f"accelerator.device must be auto, cuda or cpu, not {device!r}")
-        return Placement("cpu", self.cpu_processes, "fp32")
+        return Placement("cpu", self.cpu_processes, "fp32", self.cpu_threads)

@@ -15,7 +15,8 @@ from partitions.scales import SCALES
 from resources import AcceleratorResource, DownloaderResource, StorageResource, SyntheticWebResource
 
 MINIATURE = replace(SCALES["tiny"], pool_size=400, samples_seen=256, global_batch=64, checkpoints=1, warmup=2,
-                    shard_size=200, curated_size=256, scorer_samples_seen=128, eval_suite_scale=0.04)
+                    shard_size=200, curated_size=256, scorer_samples_seen=128, eval_suite_scale=0.04,
+                    target_images_per_class=4, metaclip_t=20)
 
 
 @pytest.fixture
@@ -55,9 +56,9 @@ def test_definitions_load_with_partitions():
 
 def test_tiny_scale_end_to_end(miniature):
     root, resources = miniature
-    strategies = ["no_filter", "basic", "clip_score_l14_30pct"]
+    strategies = ["no_filter", "basic", "clip_score_l14_30pct", "image_based_clip_score_l14_30pct", "metaclip"]
     with dg.instance_for_test() as instance:
-        table = run_scale("tiny", strategies, resources=resources, instance=instance)
+        table = run_scale("tiny", strategies, resources=resources, instance=instance, parallel=2)
         for s in strategies:
             assert f"| {s} |" in table
         assert "dataset_size" in table and "average" in table
@@ -98,7 +99,14 @@ def test_tiny_scale_end_to_end(miniature):
         assert shards["successes"] == len(truth) - failing.sum()
         ckpt = latest_metadata(instance, "checkpoint", "tiny|basic")
         assert ckpt["final_loss"] > 0 and ckpt["samples_per_second"] > 0
-        assert latest_metadata(instance, "subset", "tiny|basic")["kept_fraction"] < 1.0
+        basic_subset = latest_metadata(instance, "subset", "tiny|basic")
+        assert basic_subset["kept_fraction"] < 1.0
+        assert "ground_truth_kind" in basic_subset["audit"] and "| non_english |" in basic_subset["audit"]
+        features = pq.read_table(root / "pool_features").to_pandas()
+        assert len(features) == len(pool) and features["in_target_cluster"].any()
+        both = np.load(root / "subset" / "image_based_clip_score_l14_30pct" / "subset.npy")
+        clip = np.load(root / "subset" / "clip_score_l14_30pct" / "subset.npy")
+        assert 0 < len(both) < len(clip) and set(both.tolist()) <= set(clip.tolist())
 
         check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(dg.AssetKey("subset"), "subset_is_valid")])

@@ -92,32 +92,78 @@ def pool(tmp_path_factory):
         "num_chars": np.array([len(t) for t in texts], np.int32),
     }
     cols["clip_b32_similarity_score"][:5] = [0.25, 0.28, 0.2499, 0.2801, 0.25]  # exact threshold ties
+    # Per-sample features live in their own parquet files (as pool_features writes them), in another order.
+    features = {
+        "uid": cols["uid"],
+        "cld3_language": rng.choice(["en", "en", "fr", "und"], n),
+        "num_tokens": cols["num_words"],
+        "text_concept": np.where(rng.random(n) < 0.4, "cat", None),
+        "in_target_cluster": rng.random(n) < 0.5,
+        "metaclip_keep_probability": rng.choice([0.0, 0.2, 1.0], n).astype(np.float32),
+        "metaclip_draw": rng.random(n).astype(np.float32),
+        "dfn_score": rng.normal(0.3, 0.1, n).astype(np.float32),
+        "semdedup_max_similarity": rng.uniform(0.98, 1.0, n).astype(np.float32),
+        "vas_score": rng.normal(0.01, 0.002, n).astype(np.float32),
+    }
     out = tmp_path_factory.mktemp("pool_metadata")
     for i, rows in enumerate(np.array_split(np.arange(n), 3)):
         pq.write_table(pa.table({k: v[rows] for k, v in cols.items()}), out / f"{i:08d}.parquet")
-    return out, cols
+    feature_dir = tmp_path_factory.mktemp("pool_features")
+    for i, rows in enumerate(np.array_split(rng.permutation(n), 2)):
+        pq.write_table(pa.table({k: v[rows] for k, v in features.items()}), feature_dir / f"{i:08d}.parquet")
+    return out, feature_dir, {**cols, **features}
+
+
+def _top(scores, candidates, n_keep):
+    """The reference's top-fraction rule: scores at or above the ceil(m - n_keep)-th smallest candidate score."""
+    m = candidates.sum()
+    if n_keep >= m:
+        return candidates
+    threshold = np.sort(scores[candidates])[math.ceil(m * (1 - round(n_keep / m, 6))) - 1]
+    return candidates & (scores >= threshold)
+
+
+def _keep_mask(cols, name):
+    """The rule, computed with numpy on the in-memory columns (None for random rules)."""
+    w, h = cols["original_width"], cols["original_height"]
+    n = len(w)
+    english, b32, l14 = cols["language"] == "en", cols["clip_b32_similarity_score"], cols["clip_l14_similarity_score"]
+    everything = np.ones(n, bool)
+    if name == "no_filter":
+        return everything
+    if name == "basic":
+        short, long = np.minimum(w, h), np.maximum(w, h)
+        with np.errstate(divide="ignore"):
+            return english & (cols["num_words"] > 2) & (cols["num_chars"] > 5) & (short >= 200) & (long / short <= 3)
+    if "_thr" in name:  # not OpenAI scores: the threshold keeps the share of the pool it keeps on CommonPool
+        model, thr = name.removeprefix("clip_score_").split("_thr")
+        share = {"0.25": 0.30, "0.28": 0.20, "0.3": 0.10}[thr]
+        return _top(cols[f"clip_{model}_similarity_score"], everything, share * n)
+    if name.startswith("clip_score_"):
+        model, pct = name.removeprefix("clip_score_").removesuffix("pct").split("_")
+        return _top(cols[f"clip_{model}_similarity_score"], everything, int(pct) / 100 * n)
+    if name == "laion2b":
+        return (cols["cld3_language"] == "en") & _top(b32, everything, 0.20 * n)
+    if name == "text_based":
+        return english & (cols["text_concept"] != None)  # noqa: E711 (elementwise on an object array)
+    if name == "image_based":
+        return english & (cols["num_tokens"] > 1) & (cols["num_chars"] > 5) & cols["in_target_cluster"]
+    if name == "image_based_clip_score_l14_30pct":
+        return _keep_mask(cols, "image_based") & _keep_mask(cols, "clip_score_l14_30pct")
+    if name == "metaclip":
+        return cols["metaclip_draw"] < cols["metaclip_keep_probability"]
+    if name == "dfn_30pct":
+        return _top(cols["dfn_score"], everything, 0.3 * n)
+    if name == "semdedup_clip_score_l14_30pct":
+        return _top(l14, cols["semdedup_max_similarity"] <= np.float32(0.995), 0.3 * n)
+    if name == "vas_clip_score_b32_45pct":
+        return _top(cols["vas_score"], _keep_mask(cols, "clip_score_b32_45pct"), 0.3 * n)
+    return None
 
 
 def _expected(cols, name):
-    """The reference rule, computed with numpy on the in-memory columns (None for random rules)."""
-    w, h = cols["original_width"], cols["original_height"]
-    if name == "no_filter":
-        keep = np.ones(len(w), bool)
-    elif name == "basic":
-        short, long = np.minimum(w, h), np.maximum(w, h)
-        with np.errstate(divide="ignore"):
-            keep = ((cols["language"] == "en") & (cols["num_words"] > 2) & (cols["num_chars"] > 5)
-                    & (short >= 200) & (long / short <= 3))
-    elif "_thr" in name:
-        model, thr = name.removeprefix("clip_score_").split("_thr")
-        keep = cols[f"clip_{model}_similarity_score"] >= np.float32(thr)
-    elif name.startswith("clip_score_"):
-        model, pct = name.removeprefix("clip_score_").removesuffix("pct").split("_")
-        scores = cols[f"clip_{model}_similarity_score"]
-        # The (1 - f) order statistic: the ceil(n * (1 - f))-th smallest score.
-        threshold = np.sort(scores)[math.ceil(len(scores) * (1 - int(pct) / 100)) - 1]
-        keep = scores >= threshold
-    else:
+    keep = _keep_mask(cols, name)
+    if keep is None:
         return None
     return np.array(sorted(uid_to_pair(u) for u in cols["uid"][keep]), dtype=UID_DTYPE)
 
@@ -128,8 +174,8 @@ DETERMINISTIC = [name for name in ALL_RULES if not ALL_RULES[name].random]
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_strategy_matches_numpy(pool, name):
-    metadata_dir, cols = pool
-    got = select_uids(metadata_dir, name)
+    metadata_dir, feature_dir, cols = pool
+    got = select_uids(metadata_dir, name, feature_dirs=[feature_dir])
     expected = _expected(cols, name)
     assert expected is not None, f"test has no reference computation for {name}"
     assert got.dtype == UID_DTYPE
@@ -145,7 +191,7 @@ def test_clip_score_fraction_keeps_f_times_n(pool, name):
 
 @pytest.mark.parametrize("name", [n for n in ALL_RULES if ALL_RULES[n].random])
 def test_random_strategy_size_subset_and_determinism(pool, name):
-    metadata_dir, cols = pool
+    metadata_dir, _, cols = pool
     got = select_uids(metadata_dir, name, seed=0)
     assert len(got) == round(N_ROWS * expected_fraction(name))
     np.testing.assert_array_equal(got, np.sort(got))
@@ -179,7 +225,7 @@ def test_unknown_strategy_lists_known(pool):
 
 def test_missing_columns_are_named(tmp_path):
     pq.write_table(pa.table({"uid": ["0" * 32], "text": ["a b c d"]}), tmp_path / "0.parquet")
-    with pytest.raises(ValueError, match="language.*num_words"):
+    with pytest.raises(ValueError, match="basic.*'language'.*pool_metadata"):
         select_uids(tmp_path, "basic")
     assert len(select_uids(tmp_path, "no_filter")) == 1
 
@@ -187,3 +233,84 @@ def test_missing_columns_are_named(tmp_path):
 def test_missing_dir_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         select_uids(tmp_path / "absent", "no_filter")
+
+
+def test_reference_thresholds_apply_as_they_are_with_openai_scorers(pool):
+    metadata_dir, _, cols = pool
+    got = select_uids(metadata_dir, "clip_score_b32_thr0.28", reference_scorers=True)
+    keep = cols["clip_b32_similarity_score"] >= np.float32(0.28)
+    np.testing.assert_array_equal(got, uids_to_array(cols["uid"][keep]))
+
+
+# ---------------------------------------------------------------- strategies as data
+
+USER_STRATEGIES = '''
+[big_english_cats]
+description = "English captions naming a cat, the 50% with the highest DFN score"
+where = "language = 'en' AND text_concept = 'cat'"
+order_by = "dfn_score"
+fraction = 0.5
+
+[cats_or_top_dfn]
+union = ["big_english_cats", "dfn_30pct"]
+
+[byod_cats_twice_plus_curated]
+mixture = [{from = "big_english_cats", upsample = 2}, {from = "source:curated"}]
+'''
+
+
+def test_strategies_declared_in_a_file_are_computed(pool, tmp_path, monkeypatch):
+    from datacomp_assets.filtering import strategies
+
+    metadata_dir, feature_dir, cols = pool
+    (tmp_path / "mine.toml").write_text(USER_STRATEGIES)
+    registry = strategies.load_registry([tmp_path / "mine.toml"])
+    assert {"no_filter", "big_english_cats", "cats_or_top_dfn"} <= set(registry)
+    monkeypatch.setattr(strategies, "STRATEGIES", registry)
+    external = tmp_path / "curated"
+    external.mkdir()
+    curated = [f"{i:032x}" for i in range(5)]
+    pq.write_table(pa.table({"uid": curated + ["f" * 32], "status": ["success"] * 5 + ["failed_to_download"]}),
+                   external / "00000.parquet")
+
+    def run(name):
+        return select_uids(metadata_dir, name, feature_dirs=[feature_dir], external_dirs={"curated": external})
+
+    cats = (cols["language"] == "en") & (cols["text_concept"] == "cat")
+    expected_cats = _top(cols["dfn_score"], cats, 0.5 * cats.sum())
+    np.testing.assert_array_equal(run("big_english_cats"), uids_to_array(cols["uid"][expected_cats]))
+    either = expected_cats | _keep_mask(cols, "dfn_30pct")
+    np.testing.assert_array_equal(run("cats_or_top_dfn"), uids_to_array(cols["uid"][either]))
+    mixed = run("byod_cats_twice_plus_curated")  # every cat twice, every downloaded curated sample once
+    expected = uids_to_array([*cols["uid"][expected_cats], *cols["uid"][expected_cats], *curated])
+    np.testing.assert_array_equal(mixed, expected)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[Bad-Name]\nwhere = 'true'", "lowercase"),
+    ("[x]\nwher = 'true'", "unknown settings \\['wher'\\]"),
+    ("[x]\norder_by = 'dfn_score'", "need a `fraction`"),
+    ("[x]\nfraction = 1.5\nrandom = true", "fraction must be in"),
+    ("[x]\nintersect = ['no_filter', 'nope']", "unknown strategies \\['nope'\\]"),
+    ("[x\n", "not valid TOML"),
+])
+def test_bad_strategy_files_are_named(tmp_path, text, message):
+    from datacomp_assets.filtering.strategies import load_registry
+
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_registry([tmp_path / "bad.toml"])
+
+
+def test_a_strategy_file_named_in_the_environment_becomes_a_partition(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "mine.toml").write_text(USER_STRATEGIES)
+    code = ("from datacomp_assets.definitions import defs; import dagster as dg; "
+            "print(sorted(defs.get_repository_def().asset_graph.get(dg.AssetKey('subset'))"
+            ".partitions_def.get_partition_keys()))")
+    env = {**os.environ, "DATACOMP_STRATEGIES": str(tmp_path / "mine.toml")}
+    keys = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "tiny|big_english_cats" in keys and "small|byod_cats_twice_plus_curated" in keys and "tiny|basic" in keys

@@ -21,13 +21,14 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-from datacomp_assets.pool.shards import write_webdataset
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from datacomp_assets.pool.shards import write_webdataset
 
 from datacomp_assets.pool.synthetic_web import (
     COLORS, NUMBER_WORDS, OBJECTS, english_caption, encode_jpeg, render, sample,
@@ -93,6 +94,15 @@ def build_objects(size_scale: float) -> Iterator[Example]:
         style = OBJECT_STYLES[(i // len(OBJECTS)) % len(OBJECT_STYLES)]
         s = _clean_sample("objects", i, object=OBJECTS[label], count=1, style=style)
         yield _to_stored_image(s), label
+
+
+def objects_training_images(per_class: int) -> Iterator[Example]:
+    """The ImageNet analogue's *training* images: same classes and styles as `objects`, drawn from their own
+    namespace, so never a test image. Filters use them as their target set (image_based, VAS)."""
+    for i, label in _balanced_labels(len(OBJECTS), per_class):
+        style = OBJECT_STYLES[(i // len(OBJECTS)) % len(OBJECT_STYLES)]
+        s = replace(sample(i, namespace="train/objects", noise={}), object=OBJECTS[label], count=1, style=style)
+        yield _to_stored_image(replace(s, height=s.width)), label
 
 
 def build_objects_sketch(size_scale: float) -> Iterator[Example]:

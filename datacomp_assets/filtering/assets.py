@@ -5,32 +5,103 @@ import time
 import dagster as dg
 import numpy as np
 
-from datacomp_assets.filtering.strategies import STRATEGIES, expected_fraction, select_uids
+from datacomp_assets.filtering.strategies import (
+    STRATEGIES, expected_fraction, registry_version, select_uids, strategy_definition, track)
 from datacomp_assets.filtering.uids import load_subset, save_subset, uids_to_array
-from partitions import by_scale, scale_and_strategy, scale_strategy_partitions
-from resources import StorageResource
+from partitions import by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions
+from partitions.scales import require_synthetic
+from resources import AcceleratorResource, StorageResource
+
+FILTERING = "filtering"
 
 
-@dg.asset(partitions_def=scale_strategy_partitions, group_name="filtering",
-          deps=[dg.AssetDep("pool_metadata", partition_mapping=by_scale)],
-          code_version="1")
+@dg.asset(partitions_def=scale_partitions, group_name=FILTERING, code_version="1", pool="gpu",
+          deps=["pool_metadata", "scorer_models", "dfn_model", "eval_suite", "curated_source"])
+def pool_features(context: dg.AssetExecutionContext, storage: StorageResource,
+                  accelerator: AcceleratorResource) -> dg.MaterializeResult:
+    """Per-sample columns the filters beyond the metadata read: caption concepts, k-means clusters and the
+    target clusters, SemDeDup similarities, VAS scores, MetaCLIP keep probabilities, DFN scores."""
+    from datacomp_assets.filtering.features import (
+        FeatureSettings, compute_pool_features, entries_from_captions, vocabulary_from_classnames)
+    from datacomp_assets.filtering.image_based import proportional_k
+    from datacomp_assets.metadata.assets import dfn_checkpoint, scorer_checkpoint
+    from datacomp_assets.metadata.build import Scorer, read_downloaded
+    from datacomp_assets.metadata.scorers import DFN_MODEL, SCORER_MODELS
+    from datacomp_assets.evaluation.suite import objects_training_images
+    from datacomp_assets.pool.shards import iter_webdataset
+    from datacomp_assets.training.models import load_model
+
+    scale = get_scale(context.partition_key)
+    require_synthetic(scale, "pool_features")  # paper scales: ImageNet's training images and MetaCLIP's list
+    t0 = time.perf_counter()
+    device = accelerator.placement(scale.precision).device
+    classnames = (storage.path(scale.name, "eval_suite", "objects") / "classnames.txt").read_text().split("\n")
+    curated_texts = [files["txt"].decode() for tar in sorted(storage.path(scale.name, "curated_source").glob("*.tar"))
+                     for _, files in iter_webdataset(tar) if "txt" in files]
+
+    l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(storage, scale.name, "l14"), device),
+                 device)
+    images, _ = zip(*objects_training_images(scale.target_images_per_class))
+    target_embeddings, _ = l14.embed(list(images), [""] * len(images))
+
+    dfn = Scorer("dfn", *load_model(DFN_MODEL, dfn_checkpoint(storage, scale.name), device), device)
+    dfn_scores = {}
+    for tar in sorted(storage.path(scale.name, "pool_shards").glob("*.tar")):
+        records, pool_images = read_downloaded(tar)
+        img, txt = dfn.embed(pool_images, [r["text"] for r in records])
+        dfn_scores.update(zip([r["uid"] for r in records], (img * txt).sum(axis=1).tolist()))
+    context.log.info(f"DFN scored {len(dfn_scores)} pool samples")
+
+    metadata_dir = storage.path(scale.name, "pool_metadata")
+    n_pool = _pool_rows(metadata_dir)
+    settings = FeatureSettings(
+        vocabulary=vocabulary_from_classnames(c for c in classnames if c),
+        metaclip_entries=entries_from_captions(curated_texts, min_count=5, extra=[c for c in classnames if c]),
+        metaclip_t=scale.metaclip_threshold, clusters=proportional_k(n_pool), seed=scale.seed)
+    out = storage.path(scale.name, "pool_features")
+    summary = compute_pool_features(metadata_dir, out, settings, target_embeddings, dfn_scores, context.log.info)
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(out)), **summary, "target_images": len(images),
+        "text_vocabulary": len(settings.vocabulary), "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _external_dirs(storage: StorageResource, scale_name: str) -> dict:
+    root = storage.path(scale_name, "external_sources")
+    return {d.name: d for d in sorted(root.iterdir()) if d.is_dir()} if root.exists() else {}
+
+
+@dg.asset(partitions_def=scale_strategy_partitions, group_name=FILTERING,
+          deps=[dg.AssetDep("pool_metadata", partition_mapping=by_scale),
+                dg.AssetDep("pool_features", partition_mapping=by_scale),
+                dg.AssetDep("external_sources", partition_mapping=by_scale)],
+          code_version=registry_version())
 def subset(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """The strategy's rule applied to the pool metadata: the uids a CLIP will be trained on."""
+    """The strategy's rule applied to the pool metadata: the uids a CLIP will be trained on, and an audit of
+    who is in and who is out."""
+    from datacomp_assets.filtering.audit import audit_markdown, audit_subset
+
     scale, strategy = scale_and_strategy(context)
     metadata_dir = storage.path(scale.name, "pool_metadata")
     t0 = time.perf_counter()
-    uids = select_uids(metadata_dir, strategy, seed=scale.seed)
+    uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=[storage.path(scale.name, "pool_features")],
+                       reference_scorers=not scale.synthetic, external_dirs=_external_dirs(storage, scale.name))
     seconds = time.perf_counter() - t0
     path = storage.path(scale.name, "subset", strategy) / "subset.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_subset(uids, path)
-    pool_rows = _pool_rows(metadata_dir)
+    truth = storage.path(scale.name, "pool_index") / "ground_truth.parquet"
+    audit = audit_subset(metadata_dir, uids, ground_truth_path=truth if scale.synthetic and truth.exists() else None)
+    overall = audit["overall"][0]
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)),
         "strategy": STRATEGIES[strategy].description,
+        "rule": dg.MetadataValue.json(strategy_definition(strategy)),
+        "track": track(strategy),
         "dataset_size": len(uids),
-        "pool_size": pool_rows,
-        "kept_fraction": len(uids) / pool_rows if pool_rows else 0.0,
+        "unique_uids": overall["kept_unique"],
+        "pool_size": overall["pool"],
+        "kept_fraction": overall["kept_share"],
+        "audit": dg.MetadataValue.md(audit_markdown(audit)),
         "seconds": round(seconds, 2),
     })
 
@@ -41,21 +112,35 @@ def _pool_rows(metadata_dir) -> int:
     return duckdb.sql(f"select count(*) from read_parquet('{metadata_dir}/*.parquet')").fetchall()[0][0]
 
 
-@dg.asset_check(asset=subset, blocking=True, description="A non-empty subset of the pool, of the rule's size")
+@dg.asset_check(asset=subset, blocking=True,
+                description="A non-empty subset of the pool (and its declared sources), of the rule's size, "
+                            "with no near-duplicate of an evaluation image")
 def subset_is_valid(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     import duckdb
 
     scale, strategy = scale_and_strategy(context)
-    uids = load_subset(storage.path(scale.name, "subset", strategy) / "subset.npy")
+    uids = np.unique(load_subset(storage.path(scale.name, "subset", strategy) / "subset.npy"))
     metadata_dir = storage.path(scale.name, "pool_metadata")
     pool = uids_to_array([u for (u,) in duckdb.sql(
         f"select uid from read_parquet('{metadata_dir}/*.parquet')").fetchall()])
-    outside = int((~np.isin(uids, pool)).sum())
-    fraction = len(uids) / len(pool) if len(pool) else 0.0
+    allowed = [pool]
+    for source, directory in _external_dirs(storage, scale.name).items():
+        if f"source:{source}" in {name for name, _ in STRATEGIES[strategy].mixture}:
+            allowed.append(uids_to_array([u for (u,) in duckdb.sql(
+                f"select uid from read_parquet('{directory}/*.parquet') where status = 'success'").fetchall()]))
+    outside = int((~np.isin(uids, np.concatenate(allowed))).sum())
+    removed_dir = metadata_dir / "removed"
+    eval_duplicates = uids_to_array([u for (u,) in duckdb.sql(
+        f"select uid from read_parquet('{removed_dir}/*.parquet') where reason = 'eval_duplicate'").fetchall()]
+    ) if any(removed_dir.glob("*.parquet")) else np.empty(0, uids.dtype)
+    held_eval = int(np.isin(uids, eval_duplicates).sum())
+    in_pool = int(np.isin(uids, pool).sum())
+    fraction = in_pool / len(pool) if len(pool) else 0.0
     expected = expected_fraction(strategy)
     size_ok = expected is None or abs(fraction - expected) <= 0.01 + 0.01 * expected
     return dg.AssetCheckResult(
-        passed=bool(len(uids) > 0 and outside == 0 and size_ok),
-        metadata={"rows": len(uids), "uids_outside_pool": outside, "kept_fraction": fraction,
+        passed=bool(len(uids) > 0 and outside == 0 and held_eval == 0 and size_ok),
+        metadata={"unique_uids": len(uids), "uids_outside_pool_and_sources": outside,
+                  "eval_near_duplicates": held_eval, "kept_fraction": fraction,
                   "expected_fraction": expected if expected is not None else "data-dependent"},
     )

@@ -1,81 +1,165 @@
-"""Baseline filtering strategies (reference section 4) as queries over the pool metadata.
+"""Filtering strategies as data: DuckDB rules over the pool metadata, and combinations of rules.
 
-Each rule is data: a SQL predicate over the view `pool` (every `<metadata_dir>/*.parquet`), so a
-future config file can declare new strategies the same way. DuckDB scans only the columns a rule
-reads, which keeps a 12.8M-row pool well under a gigabyte.
+A strategy is one of:
+- a rule: a SQL predicate `where` over the view `pool` (every `<metadata_dir>/*.parquet`, joined on uid
+  with any per-sample feature tables), optionally ranked by `order_by` keeping the top `fraction` of the
+  candidates, or sampled uniformly (`random`), optionally only among another strategy's uids (`within`);
+- a set operation over other strategies: `intersect` or `union` (each uid once);
+- a `mixture`: other strategies' uids and external sources' samples, each repeated `upsample` times
+  (bring your own data; a repeated uid is trained on that many times).
 
-Unscored samples (NaN scores, written when a scorer is absent) are read as NULL, so a score rule
-never keeps them (DuckDB orders NaN above every number) and quantiles ignore them.
+The registry is `strategies.toml` beside this file plus any files named in `$DATACOMP_STRATEGIES`
+(os.pathsep-separated); every registered strategy is a partition, is trained and evaluated, and has a
+leaderboard row. The paper's sweeps (`SWEEPS`) can be selected by name without being registered.
+
+Unscored samples (NaN scores, written when a scorer is absent) are read as NULL, so a score rule never
+keeps them (DuckDB orders NaN above every number) and quantiles ignore them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
-from datacomp_assets.filtering.uids import UID_DTYPE, sort_uids
+from datacomp_assets.filtering.uids import UID_DTYPE, array_to_uids, sort_uids
 
 SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
+REGISTRY_FILE = Path(__file__).with_name("strategies.toml")
+NAME_PATTERN = re.compile(r"[a-z0-9_]+")
+SOURCE_PREFIX = "source:"  # a mixture component naming an external source instead of a strategy
+
+# Where a column a rule reads comes from, for the error when it is missing.
+COLUMN_SOURCES = {
+    "language": "pool_metadata (fastText caption features)", "num_words": "pool_metadata",
+    "num_chars": "pool_metadata", "num_tokens": "pool_metadata", "cld3_language": "pool_metadata (CLD3)",
+    "text_concept": "pool_features", "in_target_cluster": "pool_features", "image_cluster": "pool_features",
+    "semdedup_max_similarity": "pool_features", "vas_score": "pool_features", "dfn_score": "pool_features",
+    "metaclip_keep_probability": "pool_features", "metaclip_draw": "pool_features",
+}
+
+# Reference score thresholds are on OpenAI CLIP's cosine scale. Where the scorers are other models (the
+# tiny scale's stand-ins), a threshold is carried over as the share of the pool it keeps on CommonPool.
+COMMONPOOL_SHARE_AT_THRESHOLD = {("b32", 0.25): 0.30, ("b32", 0.28): 0.20, ("b32", 0.30): 0.10}
+_THRESHOLD = re.compile(r"\{(b32|l14)>=([0-9.]+)\}")
 
 
 @dataclass(frozen=True)
 class Strategy:
-    description: str
-    where: str  # SQL predicate over `pool` selecting the kept rows ("true" keeps all)
-    columns: tuple[str, ...] = ()  # metadata columns the rule reads, besides uid
-    fraction: float | None = None  # kept fraction by construction; None when it depends on the data
-    random: bool = False  # keep a seeded uniform sample of `fraction` of the rows matching `where`
+    description: str = ""
+    where: str = "true"                 # SQL predicate over `pool`
+    order_by: str | None = None         # SQL expression; with `fraction`, keep the highest-ranked rows
+    fraction: float | None = None       # kept share of the candidates (ranked or random)
+    fraction_of: str = "candidates"     # or "pool": `fraction` counts rows of the whole pool
+    random: bool = False                # a seeded uniform sample of `fraction` of the candidates
+    within: str | None = None           # candidates are only this strategy's uids
+    intersect: tuple[str, ...] = ()
+    union: tuple[str, ...] = ()
+    mixture: tuple[tuple[str, int], ...] = ()  # (strategy name or "source:<name>", times each uid)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Strategies this one is built from."""
+        mixed = tuple(name for name, _ in self.mixture if not name.startswith(SOURCE_PREFIX))
+        return (*((self.within,) if self.within else ()), *self.intersect, *self.union, *mixed)
+
+    @property
+    def expected_fraction(self) -> float | None:
+        """The share of the pool it keeps by construction (None when that depends on the data)."""
+        if self.intersect or self.union or self.mixture or self.within or self.where.strip() != "true":
+            return None
+        if self.fraction is None:
+            return None if self.order_by else 1.0
+        return self.fraction
 
 
 def random_fraction(fraction: float) -> Strategy:
-    return Strategy(f"uniform random {fraction:.0%} of the pool", "true", fraction=fraction, random=True)
+    return Strategy(f"uniform random {fraction:.0%} of the pool", fraction=fraction, random=True)
 
 
 def top_fraction(model: str, fraction: float) -> Strategy:
     # quantile_disc is an exact order statistic (numpy's method="inverted_cdf"): the smallest score
     # with at least (1 - f) of the pool at or below it, so about f * n rows (plus ties) score >= it.
-    col = SCORE_COLUMNS[model]
-    q = round(1 - fraction, 6)
-    return Strategy(
-        f"top {fraction:.0%} of the pool by CLIP {model.upper()} image-text similarity",
-        f"{col} >= (SELECT quantile_disc({col}, {q}) FROM pool)",
-        columns=(col,), fraction=fraction,
-    )
+    return Strategy(f"top {fraction:.0%} of the pool by CLIP {model.upper()} image-text similarity",
+                    order_by=SCORE_COLUMNS[model], fraction=fraction)
 
 
 def score_threshold(model: str, threshold: float) -> Strategy:
-    col = SCORE_COLUMNS[model]
-    return Strategy(f"CLIP {model.upper()} image-text similarity >= {threshold}", f"{col} >= {threshold}",
-                    columns=(col,))
+    return Strategy(f"CLIP {model.upper()} image-text similarity >= {threshold}",
+                    where=f"{SCORE_COLUMNS[model]} >= {{{model}>={threshold}}}")
 
 
 # The paper's sweeps, by name: random fractions, top fractions by each scorer, and fixed thresholds.
-# (The thresholds are on OpenAI CLIP's cosine scale; the tiny scorers' scale differs.)
 SWEEPS: dict[str, Strategy] = {
     **{f"random_{round(f * 100)}pct": random_fraction(f) for f in (0.01, 0.10, 0.25, 0.50, 0.75)},
     **{f"clip_score_{m}_{round(f * 100)}pct": top_fraction(m, f)
-       for m in ("b32", "l14") for f in (0.10, 0.20, 0.30, 0.40)},
-    **{f"clip_score_b32_thr{t}": score_threshold("b32", t) for t in (0.25, 0.28)},
+       for m in ("b32", "l14") for f in (0.10, 0.20, 0.30, 0.40, 0.45)},
+    **{f"clip_score_b32_thr{t}": score_threshold("b32", t) for t in (0.25, 0.28, 0.30)},
 }
 
-# The registry: every strategy here is a partition, is trained and evaluated, and has a leaderboard row.
-# Adding a strategy is adding an entry (each costs one training run per scale).
-STRATEGIES: dict[str, Strategy] = {
-    "no_filter": Strategy("every sample of the pool", "true", fraction=1.0),
-    "random_10pct": SWEEPS["random_10pct"],
-    "basic": Strategy(
-        "English (fastText top-1), more than 2 words and 5 characters, min side >= 200 px, aspect <= 3",
-        "language = 'en' AND num_words > 2 AND num_chars > 5"
-        " AND least(original_width, original_height) >= 200"
-        " AND greatest(original_width, original_height) / least(original_width, original_height) <= 3",
-        columns=("language", "num_words", "num_chars", "original_width", "original_height"),
-    ),
-    "clip_score_b32_30pct": SWEEPS["clip_score_b32_30pct"],
-    "clip_score_l14_30pct": SWEEPS["clip_score_l14_30pct"],
-}
+
+def parse_strategies(table: Mapping, where: str) -> dict[str, Strategy]:
+    """Strategies from a TOML table (`[name]` sections); errors name the file and the strategy."""
+    known = {f.name for f in fields(Strategy)}
+    out = {}
+    for name, spec in table.items():
+        if not NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"{where}: strategy name {name!r} must be lowercase letters, digits and _")
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}: [{name}] must be a table of settings")
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f"{where}: [{name}] has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        spec = dict(spec)
+        for key in ("intersect", "union"):
+            spec[key] = tuple(spec.get(key, ()))
+        spec["mixture"] = tuple((str(m["from"]), int(m.get("upsample", 1))) for m in spec.get("mixture", ()))
+        strategy = Strategy(**spec)
+        if strategy.fraction is not None and not 0 < strategy.fraction <= 1:
+            raise ValueError(f"{where}: [{name}] fraction must be in (0, 1], got {strategy.fraction}")
+        if strategy.fraction_of not in ("candidates", "pool"):
+            raise ValueError(f"{where}: [{name}] fraction_of must be 'candidates' or 'pool'")
+        if (strategy.random or strategy.order_by) and strategy.fraction is None:
+            raise ValueError(f"{where}: [{name}] `random` and `order_by` need a `fraction`")
+        if sum(map(bool, (strategy.intersect, strategy.union, strategy.mixture))) > 1:
+            raise ValueError(f"{where}: [{name}] takes one of intersect, union or mixture")
+        out[name] = strategy
+    return out
+
+
+def load_registry(extra_files: Sequence[str | os.PathLike] = ()) -> dict[str, Strategy]:
+    """The shipped strategies plus those in `extra_files`; every referenced strategy must exist."""
+    registry: dict[str, Strategy] = {}
+    for path in (REGISTRY_FILE, *extra_files):
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"strategy file {path} does not exist (named in $DATACOMP_STRATEGIES?)") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML: {err}") from None
+        registry.update(parse_strategies(table, str(path)))
+    for name, strategy in registry.items():
+        missing = [p for p in strategy.parts if p not in registry and p not in SWEEPS]
+        if missing:
+            raise ValueError(f"strategy {name!r} is built from unknown strategies {missing}")
+    return registry
+
+
+def _extra_files() -> list[str]:
+    return [p for p in os.environ.get("DATACOMP_STRATEGIES", "").split(os.pathsep) if p]
+
+
+STRATEGIES: dict[str, Strategy] = load_registry(_extra_files())
 
 
 def get_strategy(name: str) -> Strategy:
@@ -88,50 +172,180 @@ def get_strategy(name: str) -> Strategy:
 
 def expected_fraction(strategy_name: str) -> float | None:
     """The fraction of the pool a strategy keeps by construction (None when it depends on the data)."""
-    return get_strategy(strategy_name).fraction
+    return get_strategy(strategy_name).expected_fraction
 
 
-def _connect(metadata_dir: str | os.PathLike) -> tuple[duckdb.DuckDBPyConnection, set[str]]:
-    """A connection with the view `pool` over the directory's parquet files (NaN scores as NULL),
-    and the pool's column names."""
-    pattern = os.path.join(os.fspath(metadata_dir), "*.parquet").replace("'", "''")
+def strategy_definition(name: str) -> dict:
+    """A strategy's settings as plain data (for metadata and hashing)."""
+    strategy = get_strategy(name)
+    return {f.name: getattr(strategy, f.name) for f in fields(Strategy)
+            if getattr(strategy, f.name) != f.default}
+
+
+def registry_version() -> str:
+    """A short hash of every registered strategy's definition: it changes when any rule changes."""
+    text = json.dumps({name: strategy_definition(name) for name in sorted(STRATEGIES)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def track(name: str) -> str:
+    """"byod" when the strategy mixes in samples from outside the pool, else "filtering"."""
+    strategy = get_strategy(name)
+    if any(part.startswith(SOURCE_PREFIX) for part, _ in strategy.mixture):
+        return "byod"
+    return "byod" if any(track(p) == "byod" for p in strategy.parts) else "filtering"
+
+
+def _parquet_glob(directory: str | os.PathLike) -> str:
+    return os.path.join(os.fspath(directory), "*.parquet").replace("'", "''")
+
+
+def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | os.PathLike] = ()):
+    """A DuckDB connection with the view `pool`: the metadata parquet files (NaN scores as NULL), left-joined
+    on uid with each feature directory's parquet files (columns the metadata already has are not repeated).
+    Returns (connection, column names)."""
     con = duckdb.connect()
-    try:
-        columns = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{pattern}')").fetchall()}
-    except duckdb.IOException as err:
-        raise FileNotFoundError(f"no metadata parquet files in {metadata_dir}: {err}") from None
-    # isfinite, not isnan: DuckDB 2.0 folds isnan() to false from parquet min/max statistics,
-    # which leave NaN out.
-    nan_to_null = [f"CASE WHEN isfinite({c}) THEN {c} END AS {c}" for c in SCORE_COLUMNS.values()
-                   if c in columns]
+
+    def columns_of(directory) -> list[str]:
+        try:
+            return [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{_parquet_glob(directory)}')")
+                    .fetchall()]
+        except duckdb.IOException as err:
+            raise FileNotFoundError(f"no parquet files in {directory}: {err}") from None
+
+    columns = columns_of(metadata_dir)
+    # isfinite, not isnan: DuckDB 2.0 folds isnan() to false from parquet min/max statistics, which leave NaN out.
+    nan_to_null = [f"CASE WHEN isfinite({c}) THEN {c} END AS {c}" for c in SCORE_COLUMNS.values() if c in columns]
     replace = f" REPLACE ({', '.join(nan_to_null)})" if nan_to_null else ""
-    con.execute(f"CREATE VIEW pool AS SELECT *{replace} FROM read_parquet('{pattern}')")
-    return con, columns
+    select, joins = [f"m.*{replace}"], []
+    for i, directory in enumerate(feature_dirs):
+        new = [c for c in columns_of(directory) if c not in columns]
+        columns += new
+        select += [f"f{i}.{c}" for c in new]
+        joins.append(f"LEFT JOIN read_parquet('{_parquet_glob(directory)}') f{i} USING (uid)")
+    con.execute(f"CREATE VIEW pool AS SELECT {', '.join(select)} "
+                f"FROM read_parquet('{_parquet_glob(metadata_dir)}') m {' '.join(joins)}")
+    return con, set(columns)
 
 
-def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int = 0) -> np.ndarray:
-    """The uids the strategy keeps from the pool in `metadata_dir`, as a sorted `u8,u8` array."""
-    strategy = get_strategy(strategy_name)
-    con, columns = _connect(metadata_dir)
-    try:
-        missing = [c for c in ("uid", *strategy.columns) if c not in columns]
-        if missing:
-            raise ValueError(f"{metadata_dir}: metadata lacks columns {', '.join(missing)} "
-                             f"needed by strategy {strategy_name!r}")
-        # Split each 32-hex uid into its two uint64 halves in SQL: no Python string per row.
-        result = con.execute(f"""
-            SELECT ('0x' || substr(uid, 1, 16))::UBIGINT AS hi, ('0x' || substr(uid, 17, 16))::UBIGINT AS lo
-            FROM (SELECT CASE WHEN length(uid) = 32 THEN uid
-                              ELSE error('uid is not 32 hex chars: ' || coalesce(uid, 'NULL')) END AS uid
-                  FROM pool WHERE {strategy.where})
-        """).fetchnumpy()
-    finally:
-        con.close()
+def resolve_thresholds(sql: str, reference_scorers: bool) -> str:
+    """`{b32>=0.28}` -> the literal at the paper's scales (OpenAI CLIP scorers); elsewhere the score the same
+    share of the pool reaches as reaches 0.28 on CommonPool."""
+    def replace(match: re.Match) -> str:
+        model, threshold = match.group(1), float(match.group(2))
+        if reference_scorers:
+            return repr(threshold)
+        share = COMMONPOOL_SHARE_AT_THRESHOLD.get((model, threshold))
+        if share is None:
+            raise ValueError(f"no CommonPool share known for CLIP {model} >= {threshold}; add it to "
+                             "COMMONPOOL_SHARE_AT_THRESHOLD or use a fraction")
+        col = SCORE_COLUMNS[model]
+        return f"(SELECT quantile_disc({col}, {round(1 - share, 6)}) FROM pool)"
+    return _THRESHOLD.sub(replace, sql)
+
+
+def _uid_halves(con, query: str) -> np.ndarray:
+    """Rows of `query` (a column `uid`) as an unsorted `u8,u8` array. The 32-hex uid is split into its two
+    uint64 halves in SQL: no Python string per row."""
+    result = con.execute(f"""
+        SELECT ('0x' || substr(uid, 1, 16))::UBIGINT AS hi, ('0x' || substr(uid, 17, 16))::UBIGINT AS lo
+        FROM (SELECT CASE WHEN length(uid) = 32 THEN uid
+                          ELSE error('uid is not 32 hex chars: ' || coalesce(uid, 'NULL')) END AS uid
+              FROM ({query}))
+    """).fetchnumpy()
     uids = np.empty(len(result["hi"]), dtype=UID_DTYPE)
     uids["f0"], uids["f1"] = result["hi"], result["lo"]
-    uids = sort_uids(uids)  # sorted first so that random sampling does not depend on file order
-    if strategy.random:
-        n_keep = round(len(uids) * strategy.fraction)
-        rng = np.random.default_rng(seed)
-        uids = uids[np.sort(rng.choice(len(uids), size=n_keep, replace=False))]
     return uids
+
+
+@dataclass
+class PoolQuery:
+    """Everything a strategy can be computed from: the pool view, external sources, the seed."""
+    con: duckdb.DuckDBPyConnection
+    source: str
+    seed: int = 0
+    reference_scorers: bool = False
+    external_dirs: Mapping[str, str | os.PathLike] | None = None
+
+    def run(self, name: str, strategy: Strategy) -> np.ndarray:
+        try:
+            if strategy.intersect or strategy.union:
+                return self._set_operation(strategy)
+            if strategy.mixture:
+                return sort_uids(np.concatenate([self._component(c, n) for c, n in strategy.mixture]))
+            return self._rule(strategy)
+        except duckdb.BinderException as err:
+            missing = re.search(r'column "(\w+)" not found', str(err))
+            column = missing.group(1) if missing else "?"
+            origin = f"; it comes from {COLUMN_SOURCES[column]}" if column in COLUMN_SOURCES else ""
+            raise ValueError(f"{self.source}: strategy {name!r} reads column {column!r}, which the pool lacks"
+                             f"{origin}. DuckDB: {str(err).splitlines()[0]}") from None
+
+    def uids_of(self, name: str) -> np.ndarray:
+        return self.run(name, get_strategy(name))
+
+    def _set_operation(self, strategy: Strategy) -> np.ndarray:
+        parts = [np.unique(self.uids_of(n)) for n in (strategy.intersect or strategy.union)]
+        combine = np.intersect1d if strategy.intersect else np.union1d
+        out = parts[0]
+        for part in parts[1:]:
+            out = combine(out, part)
+        return sort_uids(out)
+
+    def _component(self, name: str, times: int) -> np.ndarray:
+        if name.startswith(SOURCE_PREFIX):
+            source = name.removeprefix(SOURCE_PREFIX)
+            directory = (self.external_dirs or {}).get(source)
+            if directory is None:
+                raise ValueError(f"external source {source!r} is not available; known: {sorted(self.external_dirs or {})}")
+            uids = _uid_halves(self.con, f"SELECT uid FROM read_parquet('{_parquet_glob(directory)}') "
+                                         "WHERE status = 'success'")
+        else:
+            uids = np.unique(self.uids_of(name))
+        return np.repeat(uids, times)
+
+    def _rule(self, s: Strategy) -> np.ndarray:
+        where = resolve_thresholds(s.where, self.reference_scorers)
+        if s.within:
+            inside = np.unique(self.uids_of(s.within))
+            self.con.register("within_uids", pa.table({"uid": array_to_uids(inside)}))
+            where = f"({where}) AND uid IN (SELECT uid FROM within_uids)"
+        candidates = f"SELECT * FROM pool WHERE {where}"
+        if s.order_by:
+            candidates += f" AND ({s.order_by}) IS NOT NULL"
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE candidates AS {candidates}")
+            n_candidates = self.con.execute("SELECT count(*) FROM candidates").fetchall()[0][0]
+            n_keep = s.fraction * (self._pool_rows() if s.fraction_of == "pool" else n_candidates)
+            if n_keep < n_candidates:  # the (1 - q) order statistic; ties at the threshold are all kept
+                q = round(1 - n_keep / n_candidates, 6)
+                candidates = (f"SELECT * FROM candidates WHERE ({s.order_by}) >= "
+                              f"(SELECT quantile_disc({s.order_by}, {q}) FROM candidates)")
+            else:
+                candidates = "SELECT * FROM candidates"
+        uids = sort_uids(_uid_halves(self.con, f"SELECT uid FROM ({candidates})"))
+        if s.random:  # sorted first so that the sample does not depend on file order
+            n_keep = round(s.fraction * (self._pool_rows() if s.fraction_of == "pool" else len(uids)))
+            rng = np.random.default_rng(self.seed)
+            uids = uids[np.sort(rng.choice(len(uids), size=min(n_keep, len(uids)), replace=False))]
+        return uids
+
+    def _pool_rows(self) -> int:
+        return self.con.execute("SELECT count(*) FROM pool").fetchall()[0][0]
+
+
+def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int = 0,
+                feature_dirs: Sequence[str | os.PathLike] = (), reference_scorers: bool = False,
+                external_dirs: Mapping[str, str | os.PathLike] | None = None) -> np.ndarray:
+    """The uids the strategy keeps from the pool in `metadata_dir`, as a sorted `u8,u8` array.
+
+    `feature_dirs`: parquet directories of per-sample features (uid + columns) joined to the metadata.
+    `reference_scorers`: the scores come from OpenAI's CLIP models (the paper's scales), so reference
+    thresholds apply as they are. `external_dirs`: downloaded external sources a mixture may draw from.
+    """
+    strategy = get_strategy(strategy_name)
+    con, _ = connect_pool(metadata_dir, feature_dirs)
+    try:
+        return PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs).run(
+            strategy_name, strategy)
+    finally:
+        con.close()

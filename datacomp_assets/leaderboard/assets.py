@@ -4,7 +4,7 @@ import dagster as dg
 import numpy as np
 
 from datacomp_assets.evaluation.zeroshot import read_results
-from datacomp_assets.filtering.strategies import STRATEGIES
+from datacomp_assets.filtering.strategies import STRATEGIES, track
 from datacomp_assets.leaderboard.table import Entry, rank, to_markdown
 from partitions import by_scale, get_scale, scale_partitions
 from resources import StorageResource
@@ -21,7 +21,7 @@ def collect_entries(storage: StorageResource, scale_name: str) -> list[Entry]:
             continue
         rows = read_results(results)
         entries.append(Entry(strategy, len(np.load(subset, mmap_mode="r")), scale.samples_seen,
-                             {k: r["metrics"]["main_metric"] for k, r in rows.items()}))
+                             {k: r["metrics"]["main_metric"] for k, r in rows.items()}, track=track(strategy)))
     return entries
 
 

@@ -12,6 +12,7 @@ class Entry:
     samples_seen: int
     tasks: dict[str, float]            # task key -> main metric
     groups: dict[str, float] = field(default_factory=dict)
+    track: str = "filtering"           # or "byod": samples from outside the pool are mixed in
 
     @property
     def average(self) -> float:
@@ -26,10 +27,10 @@ def to_markdown(entries: list[Entry]) -> str:
     """A markdown table: rank, strategy, dataset size, samples seen, average, then each task."""
     ranked = rank(entries)
     tasks = sorted({t for e in ranked for t in e.tasks})
-    header = ["rank", "strategy", "dataset_size", "samples_seen", "average", *tasks]
+    header = ["rank", "strategy", "track", "dataset_size", "samples_seen", "average", *tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, e in enumerate(ranked, 1):
-        cells = [str(i), e.strategy, str(e.dataset_size), str(e.samples_seen), f"{e.average:.4f}",
+        cells = [str(i), e.strategy, e.track, str(e.dataset_size), str(e.samples_seen), f"{e.average:.4f}",
                  *(f"{e.tasks[t]:.4f}" if t in e.tasks else "" for t in tasks)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from datacomp_assets.metadata.scorers import SCORER_MODELS, scorer_recipe
+from datacomp_assets.metadata.scorers import DFN_MODEL, SCORER_MODELS, dfn_recipe, scorer_recipe
 from datacomp_assets.pool.shards import brace_pattern
 from datacomp_assets.training.assets import train_with_placement, training_metadata
 from partitions import get_scale, scale_partitions
@@ -28,6 +28,26 @@ def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource,
                                       accelerator, context.log.info)
         meta.update({f"{prefix}_{k}": v for k, v in training_metadata(result, recipe).items()})
     return dg.MaterializeResult(metadata=meta)
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=METADATA, deps=["curated_source"], code_version="1",
+          pool="gpu")
+def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource,
+              accelerator: AcceleratorResource) -> dg.MaterializeResult:
+    """A data filtering network: a CLIP trained on the curated source only, whose scores filter the pool."""
+    scale = get_scale(context.partition_key)
+    require_synthetic(scale, "dfn_model")
+    curated = storage.path(scale.name, "curated_source")
+    recipe = dfn_recipe(scale)
+    result = train_with_placement(recipe, brace_pattern(curated, len(list(curated.glob("*.tar")))),
+                                  storage.path(scale.name, "dfn_model"), "dfn", accelerator, context.log.info)
+    return dg.MaterializeResult(metadata={"model": DFN_MODEL, **training_metadata(result, recipe)})
+
+
+def dfn_checkpoint(storage: StorageResource, scale_name: str):
+    from datacomp_assets.training.trainer import TrainJob
+
+    return TrainJob(dfn_recipe(get_scale(scale_name)), "", storage.path(scale_name, "dfn_model"), "dfn").final_checkpoint
 
 
 def scorer_checkpoint(storage: StorageResource, scale_name: str, prefix: str):

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from datacomp_assets.metadata.language import caption_stats, identify_languages
+from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
 from datacomp_assets.metadata.safety import find_eval_duplicates, image_fingerprints, unsafe_text_mask
-from datacomp_assets.metadata.schema import write_metadata_shard
+from datacomp_assets.metadata.schema import FULL_SCHEMA, write_metadata_shard
 from datacomp_assets.pool.shards import iter_webdataset
 
 
@@ -107,6 +107,7 @@ def shard_metadata(records: list[dict], images: list[Image.Image], scorers: list
         "sha256": [r.get("sha256") for r in records],
         "language": languages,
         "language_score": pa.array(language_scores, pa.float32()),
+        "cld3_language": identify_languages_cld3(texts),
         "num_words": pa.array(stats["num_words"], pa.int32()),
         "num_chars": pa.array(stats["num_chars"], pa.int32()),
         "num_tokens": pa.array(stats["num_tokens"], pa.int32()),
@@ -143,6 +144,14 @@ def write_removed(records: list[dict], reasons: list, similarity: np.ndarray, pa
     return len(rows)
 
 
+def _is_current(stem: Path) -> bool:
+    """A shard written before, with every column of today's schema (an older build is redone)."""
+    parquet = stem.with_suffix(".parquet")
+    if not (parquet.exists() and stem.with_suffix(".npz").exists()):
+        return False
+    return set(FULL_SCHEMA.names) <= set(pq.read_schema(parquet).names)
+
+
 def build_pool_metadata(shards_dir: str | Path, out_dir: str | Path, scorers: list[Scorer],
                         log: Callable[[str], None] = print, eval_fingerprints: np.ndarray | None = None,
                         duplicate_threshold: float = 0.97) -> dict:
@@ -155,7 +164,7 @@ def build_pool_metadata(shards_dir: str | Path, out_dir: str | Path, scorers: li
     rows, skipped, t0 = 0, 0, time.perf_counter()
     for i, tar in enumerate(tars):
         stem = out_dir / tar.stem
-        if stem.with_suffix(".parquet").exists() and stem.with_suffix(".npz").exists():
+        if _is_current(stem):
             skipped += 1
             continue
         records, images = read_downloaded(tar)

@@ -29,6 +29,7 @@ POOL_METADATA_SCHEMA = pa.schema([
 EXTRA_COLUMNS = pa.schema([
     ("language", pa.string()),
     ("language_score", pa.float32()),
+    ("cld3_language", pa.string()),
     ("num_words", pa.int32()),
     ("num_chars", pa.int32()),
     ("num_tokens", pa.int32()),

@@ -19,3 +19,11 @@ def scorer_recipe(scale: ScaleConfig, prefix: str, samples_seen: int) -> ScaleCo
     """The scale's training recipe, with the scorer's architecture and budget."""
     return replace(scale, name=f"{scale.name}-scorer-{prefix}", model=SCORER_MODELS[prefix],
                    samples_seen=samples_seen)
+
+
+DFN_MODEL = "datacomp-tiny"  # the data filtering network: the benchmark's own architecture
+
+
+def dfn_recipe(scale: ScaleConfig) -> ScaleConfig:
+    """The scale's recipe for the tiny data filtering network (trained on the curated source)."""
+    return replace(scale, name=f"{scale.name}-dfn", model=DFN_MODEL, samples_seen=scale.samples_seen)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from datacomp_assets.filtering.strategies import track
 from datacomp_assets.filtering.uids import load_subset
 from datacomp_assets.training.reshard import reshard
 from datacomp_assets.training.trainer import TrainJob, TrainResult, train
@@ -17,7 +18,7 @@ def train_with_placement(scale: ScaleConfig, train_data: str, logs_dir: Path, na
                          accelerator: AcceleratorResource, log) -> TrainResult:
     placement = accelerator.placement(scale.precision)
     job = TrainJob(scale, train_data, logs_dir, name, device=placement.device, precision=placement.precision,
-                   nproc=placement.nproc, grad_checkpointing=placement.device == "cuda")
+                   nproc=placement.nproc, grad_checkpointing=placement.device == "cuda", threads=placement.threads)
     return train(job, log=log)
 
 
@@ -72,8 +73,11 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
     uids = load_subset(storage.path(scale.name, "subset", strategy) / "subset.npy")
     out = storage.path(scale.name, "checkpoint", strategy)
     faces = faces_in_pool(storage.path(scale.name, "pool_metadata"))
-    shards = reshard(storage.path(scale.name, "pool_shards"), uids, out / "train_shards", scale.shard_size,
-                     face_bboxes=faces)
+    shard_dirs = [storage.path(scale.name, "pool_shards")]
+    if track(strategy) == "byod":
+        root = storage.path(scale.name, "external_sources")
+        shard_dirs += sorted(d for d in root.iterdir() if d.is_dir()) if root.exists() else []
+    shards = reshard(shard_dirs, uids, out / "train_shards", scale.shard_size, face_bboxes=faces)
     if shards.missing_uids:
         context.log.warning(f"{shards.missing_uids} subset uids have no downloaded image and are skipped")
     result = train_with_placement(scale, shards.shard_pattern, out / "logs", "train", accelerator,

@@ -12,6 +12,7 @@ import os
 import shutil
 import tarfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,18 +33,22 @@ class ReshardSummary:
     faces_blurred: int = 0
 
 
-def reshard(pool_shards_dir: str | Path, subset: np.ndarray, out_dir: str | Path, shard_size: int,
+def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, out_dir: str | Path, shard_size: int,
             min_shards: int = 4, face_bboxes: dict[str, list] | None = None) -> ReshardSummary:
     """Write the subset's samples (with multiplicity) into `out_dir/{00000000..}.tar`.
+
+    `shard_dirs`: the pool's shard directory, and for a bring-your-own-data subset the external sources' too.
 
     Faces listed in `face_bboxes` (uid -> normalized boxes, from the pool metadata) are blurred on the way,
     so no unblurred face reaches training.
 
     Written to a temporary directory and renamed, so a crash never leaves partial shards behind.
     """
-    pool_tars = sorted(Path(pool_shards_dir).glob("*.tar"))
+    dirs = [shard_dirs] if isinstance(shard_dirs, (str, os.PathLike)) else list(shard_dirs)
+    pool_tars = [tar for d in dirs for tar in sorted(Path(d).glob("*.tar"))]
     if not pool_tars:
-        raise FileNotFoundError(f"no webdataset shards (*.tar) in {pool_shards_dir}; materialize pool_shards first")
+        raise FileNotFoundError(f"no webdataset shards (*.tar) in {', '.join(map(str, dirs))}; "
+                                "materialize pool_shards first")
     wanted = Counter(array_to_uids(subset))
     total = sum(wanted.values())
     if total == 0:

@@ -37,6 +37,7 @@ class TrainJob:
     workers: int = 1
     seed: int | None = None     # defaults to the scale's seed
     grad_checkpointing: bool = False
+    threads: int = 0            # CPU threads per process (OMP_NUM_THREADS); 0: torch's default
 
     def argv(self) -> list[str]:
         s = self.scale
@@ -114,7 +115,7 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
     t0 = time.perf_counter()
     tail: list[str] = []
     with subprocess.Popen(job.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=_child_env()) as proc:
+                          env=_child_env(job.threads)) as proc:
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-40:]
             m = LOG_LINE.search(line)
@@ -133,10 +134,12 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
     return result
 
 
-def _child_env() -> dict:
+def _child_env(threads: int = 0) -> dict:
     import os
 
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # The child imports this project; make sure it can, even when run from another directory.
