@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -28,8 +27,11 @@ def materialize(selection, partition_key, instance, resources) -> None:
         sys.exit(f"materializing {partition_key} failed; see the errors above. Re-run the same command to resume.")
 
 
-def run_scale(scale: str, strategies: list[str], resources=None, instance=None, parallel: int = 1) -> str:
-    """Materialize the scale's pool assets, then `parallel` strategies at a time, then the leaderboard."""
+def run_scale(scale: str, strategies: list[str], resources=None, instance=None) -> str:
+    """Materialize the scale's pool assets, then each strategy, then the leaderboard.
+
+    Strategies run one after another: in-process Dagster runs are not safe in parallel threads (two runs
+    configuring logging at once deadlock), and on a CPU two trainings only split the same cores."""
     get_scale(scale)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
@@ -39,14 +41,8 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     t0 = time.perf_counter()
     materialize(POOL_ASSETS, scale, instance, resources)
     keys = [dg.MultiPartitionKey({"scale": scale, "strategy": strategy}) for strategy in strategies]
-    if parallel > 1:
-        # Each run trains in its own child process; on a CPU they split the cores between them.
-        accelerator = resources["accelerator"]
-        if accelerator.cpu_threads == 0:
-            threads = max(1, (os.cpu_count() or 1) // parallel)
-            resources["accelerator"] = accelerator.with_cpu_threads(threads)
-    with ThreadPoolExecutor(max(1, parallel)) as runs:
-        list(runs.map(lambda key: materialize(STRATEGY_ASSETS, key, instance, resources), keys))
+    for key in keys:
+        materialize(STRATEGY_ASSETS, key, instance, resources)
     materialize([leaderboard], scale, instance, resources)
     table = (resources["storage"].path(scale, "leaderboard") / "leaderboard.md").read_text().strip()
     print(f"\nDataComp leaderboard, scale {scale} ({time.perf_counter() - t0:.0f} s)\n\n{table}\n")
@@ -57,12 +53,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="tiny")
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), help="default: every strategy")
-    parser.add_argument("--parallel", type=int, default=2, help="strategies trained at a time (default 2)")
     args = parser.parse_args(argv)
     # Record runs where `bin/ui` (dagster dev) will find them.
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
-    run_scale(args.scale, args.strategies, parallel=args.parallel)
+    run_scale(args.scale, args.strategies)
 
 
 if __name__ == "__main__":

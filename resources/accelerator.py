@@ -20,10 +20,6 @@ class AcceleratorResource(dg.ConfigurableResource):
     cpu_processes: int = 1      # >1 runs torchrun with the gloo backend on the CPU
     cpu_threads: int = 0        # torch threads per training process on the CPU; 0: torch's default (all cores)
 
-    def with_cpu_threads(self, threads: int) -> "AcceleratorResource":
-        return AcceleratorResource(device=self.device, gpus=self.gpus, cpu_processes=self.cpu_processes,
-                                   cpu_threads=threads)
-
     def placement(self, scale_precision: str) -> Placement:
         import torch
 

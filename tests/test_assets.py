@@ -58,7 +58,7 @@ def test_tiny_scale_end_to_end(miniature):
     root, resources = miniature
     strategies = ["no_filter", "basic", "clip_score_l14_30pct", "image_based_clip_score_l14_30pct", "metaclip"]
     with dg.instance_for_test() as instance:
-        table = run_scale("tiny", strategies, resources=resources, instance=instance, parallel=2)
+        table = run_scale("tiny", strategies, resources=resources, instance=instance)
         for s in strategies:
             assert f"| {s} |" in table
         assert "dataset_size" in table and "average" in table

@@ -7,10 +7,10 @@ the paper's scales: scorer models are trained on it, and bring-your-own-data str
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 from dataclasses import replace
-from multiprocessing import Pool
 from pathlib import Path
 
 from datacomp_assets.pool.shards import write_webdataset
@@ -52,7 +52,8 @@ def write_synthetic_source(config: WebConfig, n: int, out_dir: str | Path, image
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shards = -(-n // shard_size)
-    with Pool(processes) as pool:
+    # spawn, not fork: strategies run in threads, and a fork taken while another thread holds a lock hangs
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
         for k in range(shards):
             indices = range(k * shard_size, min(n, (k + 1) * shard_size))
             jobs = [(config, i, image_size, namespace, noise) for i in indices]
