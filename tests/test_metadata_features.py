@@ -47,7 +47,7 @@ def _table(n=3, drop=()):
         "clip_l14_similarity_score": pa.array([0.2] * n, pa.float32()),
         "face_bboxes": pa.array([[[0.1, 0.1, 0.2, 0.2]]] * n, pa.list_(pa.list_(pa.float64()))),
         "sha256": ["0" * 64] * n,
-        "language": ["en"] * n, "language_score": pa.array([0.9] * n, pa.float32()),
+        "language": ["en"] * n, "language_score": pa.array([0.9] * n, pa.float32()), "cld3_language": ["en"] * n,
         "num_words": [2] * n, "num_chars": [5] * n, "num_tokens": [2] * n,  # int64: cast on write
     }
     return pa.table({k: v for k, v in columns.items() if k not in drop})
