@@ -9,6 +9,8 @@ import pytest
 
 from datacomp_assets.filtering.strategies import STRATEGIES, SWEEPS, expected_fraction, select_uids
 from datacomp_assets.filtering.uids import (
+    arrow_uids_to_array,
+    sort_uids,
     UID_DTYPE,
     array_to_uids,
     load_subset,
@@ -314,3 +316,19 @@ def test_a_strategy_file_named_in_the_environment_becomes_a_partition(tmp_path):
     env = {**os.environ, "DATACOMP_STRATEGIES": str(tmp_path / "mine.toml")}
     keys = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert "tiny|big_english_cats" in keys and "small|byod_cats_twice_plus_curated" in keys and "tiny|basic" in keys
+
+
+def test_arrow_uids_convert_like_hex_strings_and_name_a_bad_uid():
+    rng = np.random.default_rng(0)
+    uids = [f"{int(a):016x}{int(b):016x}" for a, b in rng.integers(0, 2**63, (100, 2), dtype=np.uint64)]
+    arrow = pa.array(uids).slice(3)  # a sliced array reads its own rows
+    np.testing.assert_array_equal(np.sort(arrow_uids_to_array(arrow)), uids_to_array(uids[3:]))
+    with pytest.raises(ValueError, match="not a 32-char hex uid: zz"):
+        arrow_uids_to_array(pa.array([uids[0], "zz" + uids[1][2:]]))
+    with pytest.raises(ValueError, match="not a 32-char hex uid: abc"):
+        arrow_uids_to_array(pa.array([uids[0], "abc"]))
+
+
+def test_sort_uids_orders_by_low_half_when_high_halves_tie():
+    arr = np.array([(2, 1), (1, 9), (1, 3), (1, 9), (0, 5)], dtype="u8,u8")
+    np.testing.assert_array_equal(sort_uids(arr), np.sort(arr))

@@ -49,31 +49,27 @@ REFERENCE_T = {400_000_000: 20_000, 2_500_000_000: 170_000}
 """Upstream balancing thresholds by pool size."""
 
 
-def normalize_caption(text: str) -> str:
-    """Upstream ``spacing``: ``" " + text + " "`` with spaces put around punctuation.
-
-    ``"a dog."`` -> ``" a dog . "``, so ``" dog "`` is found with plain substring search.
-    """
-    spaced = f" {text} "
-    for p in PUNCTS_TO_WRAP:
-        if p in spaced:
-            spaced = spaced.replace(p, f" {p} ")
-    for c in CHARS_TO_SPACE:
-        if c in spaced:
-            spaced = spaced.replace(c, " ")
-    return spaced
-
-
-def _inner_parts(text: str) -> list[str]:
-    """The space-separated parts of ``normalize_caption(text)`` without the two outer empty parts."""
-    # Same as normalize_caption(text).split(" ")[1:-1], without building the wrapped string.
+def _space_punctuation(text: str) -> str:
     for p in PUNCTS_TO_WRAP:
         if p in text:
             text = text.replace(p, f" {p} ")
     for c in CHARS_TO_SPACE:
         if c in text:
             text = text.replace(c, " ")
-    return text.split(" ")
+    return text
+
+
+def normalize_caption(text: str) -> str:
+    """Upstream ``spacing``: ``" " + text + " "`` with spaces put around punctuation.
+
+    ``"a dog."`` -> ``" a dog . "``, so ``" dog "`` is found with plain substring search.
+    """
+    return f" {_space_punctuation(text)} "  # the outer spaces are neither punctuation nor \t \n \r
+
+
+def _inner_parts(text: str) -> list[str]:
+    """The space-separated parts of ``normalize_caption(text)`` without the two outer empty parts."""
+    return _space_punctuation(text).split(" ")
 
 
 class EntryMatcher:

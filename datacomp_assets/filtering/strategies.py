@@ -31,7 +31,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from datacomp_assets.filtering.uids import UID_DTYPE, array_to_uids, sort_uids
+from datacomp_assets.filtering.uids import UID_DTYPE, array_to_uids, arrow_uids_to_array, sort_uids
 
 SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
 REGISTRY_FILE = Path(__file__).with_name("strategies.toml")
@@ -200,10 +200,12 @@ def _parquet_glob(directory: str | os.PathLike) -> str:
     return os.path.join(os.fspath(directory), "*.parquet").replace("'", "''")
 
 
-def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | os.PathLike] = ()):
+def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | os.PathLike] = (),
+                 needed: set[str] | None = None):
     """A DuckDB connection with the view `pool`: the metadata parquet files (NaN scores as NULL), left-joined
     on uid with each feature directory's parquet files (columns the metadata already has are not repeated).
-    Returns (connection, column names)."""
+    `needed`: the identifiers the queries will use; a feature directory with none of them is not joined (a
+    join on 12.8M uids costs more than the rest of a simple rule). Returns (connection, column names)."""
     con = duckdb.connect()
 
     def columns_of(directory) -> list[str]:
@@ -220,6 +222,8 @@ def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | o
     select, joins = [f"m.*{replace}"], []
     for i, directory in enumerate(feature_dirs):
         new = [c for c in columns_of(directory) if c not in columns]
+        if needed is not None and not needed & set(new):
+            continue
         columns += new
         select += [f"f{i}.{c}" for c in new]
         joins.append(f"LEFT JOIN read_parquet('{_parquet_glob(directory)}') f{i} USING (uid)")
@@ -245,17 +249,15 @@ def resolve_thresholds(sql: str, reference_scorers: bool) -> str:
 
 
 def _uid_halves(con, query: str) -> np.ndarray:
-    """Rows of `query` (a column `uid`) as an unsorted `u8,u8` array. The 32-hex uid is split into its two
-    uint64 halves in SQL: no Python string per row."""
-    result = con.execute(f"""
-        SELECT ('0x' || substr(uid, 1, 16))::UBIGINT AS hi, ('0x' || substr(uid, 17, 16))::UBIGINT AS lo
-        FROM (SELECT CASE WHEN length(uid) = 32 THEN uid
-                          ELSE error('uid is not 32 hex chars: ' || coalesce(uid, 'NULL')) END AS uid
-              FROM ({query}))
-    """).fetchnumpy()
-    uids = np.empty(len(result["hi"]), dtype=UID_DTYPE)
-    uids["f0"], uids["f1"] = result["hi"], result["lo"]
-    return uids
+    """Rows of `query` (a column `uid`) as an unsorted `u8,u8` array, converted batch by batch from DuckDB's
+    Arrow output (no Python string per row)."""
+    parts = []
+    for batch in con.sql(f"SELECT uid FROM ({query})").to_arrow_reader(1 << 20):
+        column = batch.column(0)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            column = column.cast(pa.string())
+        parts.append(arrow_uids_to_array(column))
+    return np.concatenate(parts) if parts else np.empty(0, dtype=UID_DTYPE)
 
 
 @dataclass
@@ -310,18 +312,19 @@ class PoolQuery:
             inside = np.unique(self.uids_of(s.within))
             self.con.register("within_uids", pa.table({"uid": array_to_uids(inside)}))
             where = f"({where}) AND uid IN (SELECT uid FROM within_uids)"
-        candidates = f"SELECT * FROM pool WHERE {where}"
+        candidates = f"SELECT uid FROM pool WHERE {where}"
         if s.order_by:
-            candidates += f" AND ({s.order_by}) IS NOT NULL"
-            self.con.execute(f"CREATE OR REPLACE TEMP TABLE candidates AS {candidates}")
+            # Only the uid and the rank are kept, not the pool's columns: 12.8M rows stay a few hundred MB.
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE candidates AS SELECT uid, ({s.order_by}) AS rank_key "
+                             f"FROM pool WHERE ({where}) AND ({s.order_by}) IS NOT NULL")
             n_candidates = self.con.execute("SELECT count(*) FROM candidates").fetchall()[0][0]
             n_keep = s.fraction * (self._pool_rows() if s.fraction_of == "pool" else n_candidates)
             if n_keep < n_candidates:  # the (1 - q) order statistic; ties at the threshold are all kept
                 q = round(1 - n_keep / n_candidates, 6)
-                candidates = (f"SELECT * FROM candidates WHERE ({s.order_by}) >= "
-                              f"(SELECT quantile_disc({s.order_by}, {q}) FROM candidates)")
+                candidates = ("SELECT uid FROM candidates WHERE rank_key >= "
+                              f"(SELECT quantile_disc(rank_key, {q}) FROM candidates)")
             else:
-                candidates = "SELECT * FROM candidates"
+                candidates = "SELECT uid FROM candidates"
         uids = sort_uids(_uid_halves(self.con, f"SELECT uid FROM ({candidates})"))
         if s.random:  # sorted first so that the sample does not depend on file order
             n_keep = round(s.fraction * (self._pool_rows() if s.fraction_of == "pool" else len(uids)))
@@ -331,6 +334,17 @@ class PoolQuery:
 
     def _pool_rows(self) -> int:
         return self.con.execute("SELECT count(*) FROM pool").fetchall()[0][0]
+
+
+def _identifiers(name: str) -> set[str]:
+    """Every word that the strategy's rules (and those of the strategies it is built from) mention."""
+    if name.startswith(SOURCE_PREFIX):
+        return set()
+    strategy = get_strategy(name)
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", f"{strategy.where} {strategy.order_by or ''}"))
+    for part in strategy.parts:
+        words |= _identifiers(part)
+    return words
 
 
 def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int = 0,
@@ -343,7 +357,7 @@ def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int =
     thresholds apply as they are. `external_dirs`: downloaded external sources a mixture may draw from.
     """
     strategy = get_strategy(strategy_name)
-    con, _ = connect_pool(metadata_dir, feature_dirs)
+    con, _ = connect_pool(metadata_dir, feature_dirs, needed=_identifiers(strategy_name))
     try:
         return PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs).run(
             strategy_name, strategy)

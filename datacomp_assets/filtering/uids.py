@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 UID_DTYPE = np.dtype("u8,u8")
 
@@ -41,22 +42,49 @@ def uids_to_array(uids: Sequence[str] | np.ndarray) -> np.ndarray:
         return np.empty(0, dtype=UID_DTYPE)
     if raw.ndim != 1 or raw.dtype.itemsize != 32:
         raise ValueError(f"uids must be a flat list of 32-char hex strings (longest is {raw.dtype.itemsize})")
-    # A shorter uid is NUL-padded by NumPy, so the bad-digit check below catches it too.
-    nibbles = _HEX_VALUE[raw.view(np.uint8).reshape(-1, 32)]
+    # A shorter uid is NUL-padded by NumPy, so the bad-digit check catches it too.
+    return sort_uids(_pairs_from_hex(raw.view(np.uint8).reshape(-1, 32), lambda row: raw[row]))
+
+
+def arrow_uids_to_array(uids: pa.Array) -> np.ndarray:
+    """Arrow strings of 32 hex chars -> `u8,u8` array in the same order, read from the Arrow buffers."""
+    n = len(uids)
+    if n == 0:
+        return np.empty(0, dtype=UID_DTYPE)
+    if uids.null_count:
+        raise ValueError("a uid is NULL")
+    offsets = np.frombuffer(uids.buffers()[1], np.int32 if pa.types.is_string(uids.type) else np.int64)
+    offsets = offsets[uids.offset:uids.offset + n + 1]
+    lengths = np.diff(offsets)
+    if (lengths != 32).any():
+        raise ValueError(f"not a 32-char hex uid: {uids[int(np.flatnonzero(lengths != 32)[0])]}")
+    data = np.frombuffer(uids.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    return _pairs_from_hex(data.reshape(n, 32), lambda row: uids[row])
+
+
+def _pairs_from_hex(raw: np.ndarray, uid_at) -> np.ndarray:
+    """(n, 32) ASCII hex bytes -> `u8,u8` pairs; `uid_at(row)` names a bad uid in the error."""
+    nibbles = _HEX_VALUE[raw]
     if (nibbles == 255).any():
-        bad = int(np.flatnonzero((nibbles == 255).any(axis=1))[0])
-        raise ValueError(f"not a 32-char hex uid: {raw[bad]!r}")
+        raise ValueError(f"not a 32-char hex uid: {uid_at(int(np.flatnonzero((nibbles == 255).any(axis=1))[0]))}")
     # Two nibbles per byte, then each 8-byte half read as a big-endian integer.
     packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
     halves = packed.view(">u8")  # shape (n, 2): (high, low)
     out = np.empty(len(raw), dtype=UID_DTYPE)
     out["f0"], out["f1"] = halves[:, 0], halves[:, 1]
-    return sort_uids(out)
+    return out
 
 
 def sort_uids(arr: np.ndarray) -> np.ndarray:
-    """Sorted by (high, low). lexsort on the two columns equals np.sort on the structured array, faster."""
-    return arr[np.lexsort((arr["f1"], arr["f0"]))]
+    """Sorted by (high, low), as np.sort on the structured array.
+
+    Sorting on the high half alone is 2x faster than lexsort on both; uids are random, so two distinct uids
+    almost never share a high half (a repeat of one uid is fine either way). When some do, lexsort decides."""
+    out = arr[np.argsort(arr["f0"], kind="stable")]
+    hi, lo = out["f0"], out["f1"]
+    if ((hi[1:] == hi[:-1]) & (lo[1:] < lo[:-1])).any():
+        out = arr[np.lexsort((arr["f1"], arr["f0"]))]
+    return out
 
 
 def array_to_uids(arr: np.ndarray) -> list[str]:

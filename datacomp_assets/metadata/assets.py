@@ -19,14 +19,11 @@ def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource,
     """Two CLIPs of different sizes trained on the curated source; they stand in for OpenAI's B/32 and L/14."""
     scale = get_scale(context.partition_key)
     require_synthetic(scale, "scorer_models")
-    curated = storage.path(scale.name, "curated_source")
-    data = brace_pattern(curated, len(list(curated.glob("*.tar"))))
     meta = {}
     for prefix in SCORER_MODELS:
         recipe = scorer_recipe(scale, prefix, scale.scorer_samples_seen)
-        result = train_with_placement(recipe, data, storage.path(scale.name, "scorer_models"), prefix,
-                                      accelerator, context.log.info)
-        meta.update({f"{prefix}_{k}": v for k, v in training_metadata(result, recipe).items()})
+        trained = train_on_curated(context, storage, accelerator, recipe, "scorer_models", prefix)
+        meta.update({f"{prefix}_{k}": v for k, v in trained.items()})
     return dg.MaterializeResult(metadata=meta)
 
 
@@ -37,11 +34,19 @@ def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource,
     """A data filtering network: a CLIP trained on the curated source only, whose scores filter the pool."""
     scale = get_scale(context.partition_key)
     require_synthetic(scale, "dfn_model")
-    curated = storage.path(scale.name, "curated_source")
-    recipe = dfn_recipe(scale)
-    result = train_with_placement(recipe, brace_pattern(curated, len(list(curated.glob("*.tar")))),
-                                  storage.path(scale.name, "dfn_model"), "dfn", accelerator, context.log.info)
-    return dg.MaterializeResult(metadata={"model": DFN_MODEL, **training_metadata(result, recipe)})
+    trained = train_on_curated(context, storage, accelerator, dfn_recipe(scale), "dfn_model", "dfn")
+    return dg.MaterializeResult(metadata={"model": DFN_MODEL, **trained})
+
+
+def train_on_curated(context, storage: StorageResource, accelerator: AcceleratorResource, recipe, asset: str,
+                     name: str) -> dict:
+    """Train `recipe` on the curated source's shards into `<asset>/<name>`; returns its training metadata."""
+    scale_name = context.partition_key  # (recipe.name is the model's, e.g. "tiny-dfn")
+    curated = storage.path(scale_name, "curated_source")
+    data = brace_pattern(curated, len(list(curated.glob("*.tar"))))
+    result = train_with_placement(recipe, data, storage.path(scale_name, asset), name, accelerator,
+                                  context.log.info)
+    return training_metadata(result, recipe)
 
 
 def dfn_checkpoint(storage: StorageResource, scale_name: str):
