@@ -88,44 +88,46 @@ def _sample_rows(data, max_points: int | None, seed: int, chunk: int = DEFAULT_C
     if max_points is not None and max_points < 1:
         raise ValueError("max_points must be positive")
     rng = np.random.default_rng(seed)
-    kept_rows: np.ndarray | None = None
-    kept_keys = np.empty(0, dtype=np.float64)
-    kept_idx = np.empty(0, dtype=np.int64)
-    blocks: list[np.ndarray] = []
-    n = 0
-    d = None
-    for block in _chunks(data, chunk):
-        if d is None:
-            d = block.shape[1]
-        elif block.shape[1] != d:
-            raise ValueError(f"inconsistent embedding width: {block.shape[1]} != {d}")
-        m = block.shape[0]
-        if max_points is None:
-            blocks.append(np.asarray(block, dtype=np.float32))
-            n += m
-            continue
-        keys = rng.random(m)
-        idx = np.arange(n, n + m, dtype=np.int64)
-        n += m
-        if kept_keys.size >= max_points:  # only rows beating the current k-th smallest key can enter
-            sel = keys < kept_keys.max()
-            if not sel.any():
-                continue
-            block, keys, idx = block[sel], keys[sel], idx[sel]
-        block = np.asarray(block, dtype=np.float32)
-        rows = block if kept_rows is None else np.concatenate([kept_rows, block])
-        keys = np.concatenate([kept_keys, keys])
-        idx = np.concatenate([kept_idx, idx])
-        if keys.size > max_points:
-            top = np.argpartition(keys, max_points - 1)[:max_points]
-            rows, keys, idx = rows[top], keys[top], idx[top]
-        kept_rows, kept_keys, kept_idx = rows, keys, idx
-    if d is None:
-        raise ValueError("no embeddings to train on")
     if max_points is None:
-        return np.concatenate(blocks), n
-    order = np.argsort(kept_idx, kind="stable")
-    return kept_rows[order], n
+        blocks = [np.asarray(block, dtype=np.float32) for block in _chunks(data, chunk)]
+        if not blocks:
+            raise ValueError("no embeddings to train on")
+        _check_widths(blocks[0].shape[1], blocks)
+        return np.concatenate(blocks), sum(len(b) for b in blocks)
+    # One buffer, kept in row order: the sample so far, then the newest block's candidates. When it holds
+    # more than max_points rows it is compacted in place, so memory stays at about (max_points + chunk) rows.
+    rows: np.ndarray | None = None
+    keys = np.empty(0, dtype=np.float64)
+    n = m = 0
+    for block in _chunks(data, chunk):
+        if rows is None:
+            rows = np.empty((max_points + max(chunk, len(block)), block.shape[1]), dtype=np.float32)
+        _check_widths(rows.shape[1], [block])
+        block_keys = rng.random(len(block))
+        n += len(block)
+        if m >= max_points:  # only rows beating the current largest kept key can enter
+            beats = block_keys < keys.max()
+            block, block_keys = block[beats], block_keys[beats]
+        if m + len(block) > len(rows):
+            rows = np.concatenate([rows[:m], np.empty((len(block), rows.shape[1]), np.float32)])
+        rows[m:m + len(block)] = block
+        keys = np.concatenate([keys, block_keys])
+        m += len(block)
+        if m > max_points:
+            top = np.sort(np.argpartition(keys, max_points - 1)[:max_points])
+            for start in range(0, max_points, chunk):  # in place: top is increasing and top[i] >= i
+                part = top[start:start + chunk]
+                rows[start:start + len(part)] = rows[part]
+            keys, m = keys[top], max_points
+    if rows is None:
+        raise ValueError("no embeddings to train on")
+    return rows[:m], n
+
+
+def _check_widths(d: int, blocks) -> None:
+    for block in blocks:
+        if block.shape[1] != d:
+            raise ValueError(f"inconsistent embedding width: {block.shape[1]} != {d}")
 
 
 # ---------------------------------------------------------------- public API
