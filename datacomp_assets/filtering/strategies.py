@@ -205,7 +205,7 @@ def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | o
     """A DuckDB connection with the view `pool`: the metadata parquet files (NaN scores as NULL), left-joined
     on uid with each feature directory's parquet files (columns the metadata already has are not repeated).
     `needed`: the identifiers the queries will use; a feature directory with none of them is not joined (a
-    join on 12.8M uids costs more than the rest of a simple rule). Returns (connection, column names)."""
+    join on 12.8M uids costs more than the rest of a simple rule)."""
     con = duckdb.connect()
 
     def columns_of(directory) -> list[str]:
@@ -229,7 +229,7 @@ def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | o
         joins.append(f"LEFT JOIN read_parquet('{_parquet_glob(directory)}') f{i} USING (uid)")
     con.execute(f"CREATE VIEW pool AS SELECT {', '.join(select)} "
                 f"FROM read_parquet('{_parquet_glob(metadata_dir)}') m {' '.join(joins)}")
-    return con, set(columns)
+    return con
 
 
 def resolve_thresholds(sql: str, reference_scorers: bool) -> str:
@@ -357,7 +357,7 @@ def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int =
     thresholds apply as they are. `external_dirs`: downloaded external sources a mixture may draw from.
     """
     strategy = get_strategy(strategy_name)
-    con, _ = connect_pool(metadata_dir, feature_dirs, needed=_identifiers(strategy_name))
+    con = connect_pool(metadata_dir, feature_dirs, needed=_identifiers(strategy_name))
     try:
         return PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs).run(
             strategy_name, strategy)
