@@ -1,0 +1,5 @@
+import sys
+
+from datacomp_assets.evaluation.cli import main
+
+sys.exit(main())

@@ -1,0 +1,221 @@
+"""DataComp's 38 scored evaluation tasks, as data, and the local directory that holds their test sets.
+
+Copied from the reference harness (github.com/mlfoundations/datacomp): keys, names and main metrics from
+`tasklist.yml`, groups from `aggregate_scores.py` (ImageNet, ImageNet distribution shifts, VTAB, Retrieval; the
+rest count only in the average) and the tasks' tags (`wilds`, `fairness`), Hugging Face repos and local folder
+names from `eval_utils/wds_eval.py` and `download_evalsets.py`. FairFace and UTKFace are in `tasklist.yml` too,
+but have no main metric and so are not among the 38 that are averaged.
+
+Local layout, one folder per task under a data directory (the folder names DataComp's downloader uses):
+
+    <root>/wds_<key with / as ->_test/    classification (djghosh/wds_*_test, clip_benchmark's webdataset layout):
+        classnames.txt, zeroshot_classification_templates.txt, test/nshards.txt, test/{i}.tar
+        (samples <key>.webp|png|jpg|jpeg + <key>.cls, and <key>.npy metadata for WILDS and fairness tasks)
+    <root>/flickr_1k_test_image_text_retrieval/, mscoco_2014_5k_test_image_text_retrieval/, winogavil/
+        the nlphuji repos DataComp reads with `datasets.load_dataset` (see `hub_rows`)
+
+This module imports neither torch nor Dagster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from datacomp_assets.evaluation import hub_rows
+
+IMAGENET = "ImageNet"
+SHIFTS = "ImageNet distribution shifts"
+VTAB = "VTAB"
+RETRIEVAL = "Retrieval"
+WILDS = "WILDS"
+FAIRNESS = "fairness"
+OTHER = "other"
+# The groups the reference reports beside the average (aggregate_scores.py), in its order.
+REPORTED_GROUPS = (IMAGENET, SHIFTS, VTAB, RETRIEVAL)
+
+MPCR = "mean_per_class_recall"
+
+
+@dataclass(frozen=True)
+class ReferenceTask:
+    """One scored task. `kind` is "classification", "retrieval" or "winogavil"."""
+
+    key: str          # tasklist.yml key; also the "key" of a results line
+    name: str         # tasklist.yml name; the "dataset" of a results line
+    group: str
+    main_metric: str = "acc1"
+    kind: str = "classification"
+    size: int = 0     # test-set size in tasklist.yml (images; WinoGAViL: instances)
+
+    @property
+    def hf_repo(self) -> str:
+        """The Hugging Face dataset repo DataComp reads the test set from."""
+        if self.kind == "classification":
+            # wds_eval.create_webdataset and download_evalsets.py; fairness tasks drop their prefix.
+            return f"djghosh/wds_{self.key.removeprefix('fairness/').replace('/', '-')}_test"
+        return f"nlphuji/{self.key.split('/', 1)[1]}"
+
+    @property
+    def dir_name(self) -> str:
+        """The task's folder under the data directory: the repo's name, as DataComp's downloader names it."""
+        return self.hf_repo.split("/", 1)[1]
+
+
+def _task(key, name, group, main_metric="acc1", kind="classification", size=0) -> ReferenceTask:
+    return ReferenceTask(key, name, group, main_metric, kind, size)
+
+
+# In tasklist.yml's order, which is the order DataComp evaluates and writes them in.
+REFERENCE_TASKS: dict[str, ReferenceTask] = {t.key: t for t in [
+    _task("vtab/caltech101", "Caltech-101", VTAB, MPCR, size=6085),
+    _task("cifar10", "CIFAR-10", OTHER, size=10000),
+    _task("vtab/cifar100", "CIFAR-100", VTAB, size=10000),
+    _task("vtab/clevr_count_all", "CLEVR Counts", VTAB, size=15000),
+    _task("vtab/clevr_closest_object_distance", "CLEVR Distance", VTAB, size=15000),
+    _task("country211", "Country211", OTHER, size=21100),
+    _task("vtab/dtd", "Describable Textures", VTAB, size=1880),
+    _task("vtab/eurosat", "EuroSAT", VTAB, size=5400),
+    _task("fgvc_aircraft", "FGVC Aircraft", OTHER, MPCR, size=3333),
+    _task("food101", "Food-101", OTHER, size=25250),
+    _task("gtsrb", "GTSRB", OTHER, size=12630),
+    _task("imagenet1k", "ImageNet 1k", IMAGENET, size=50000),
+    _task("imagenet_sketch", "ImageNet Sketch", SHIFTS, size=50889),
+    _task("imagenetv2", "ImageNet v2", SHIFTS, size=10000),
+    _task("imagenet-a", "ImageNet-A", SHIFTS, size=7500),
+    _task("imagenet-o", "ImageNet-O", SHIFTS, size=2000),
+    _task("imagenet-r", "ImageNet-R", SHIFTS, size=30000),
+    _task("vtab/kitti_closest_vehicle_distance", "KITTI Vehicle Distance", VTAB, size=711),
+    _task("mnist", "MNIST", OTHER, size=10000),
+    _task("objectnet", "ObjectNet", SHIFTS, size=18574),
+    _task("vtab/flowers", "Oxford Flowers-102", VTAB, MPCR, size=6149),
+    _task("vtab/pets", "Oxford-IIIT Pet", VTAB, MPCR, size=3669),
+    _task("voc2007", "Pascal VOC 2007", OTHER, size=14976),
+    _task("vtab/pcam", "PatchCamelyon", VTAB, size=32768),
+    _task("renderedsst2", "Rendered SST2", OTHER, size=1821),
+    _task("vtab/resisc45", "RESISC45", VTAB, size=6300),
+    _task("cars", "Stanford Cars", OTHER, size=8041),
+    _task("stl10", "STL-10", OTHER, size=8000),
+    _task("sun397", "SUN397", VTAB, size=108754),
+    _task("vtab/svhn", "SVHN", VTAB, size=26032),
+    _task("retrieval/flickr_1k_test_image_text_retrieval", "Flickr", RETRIEVAL, "mean_recall@1", "retrieval",
+          size=1000),
+    _task("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", RETRIEVAL, "mean_recall@1", "retrieval",
+          size=5000),
+    _task("misc/winogavil", "WinoGAViL", RETRIEVAL, "jaccard_score_10-12", "winogavil", size=3563),
+    _task("wilds/iwildcam", "iWildCam", WILDS, "F1-macro_all", size=42791),
+    _task("wilds/camelyon17", "Camelyon17", WILDS, size=85054),
+    _task("wilds/fmow", "FMoW", WILDS, "acc_worst_region", size=22108),
+    _task("fairness/dollar_street", "Dollar Street", FAIRNESS, "acc_top5_wg", size=3503),
+    _task("fairness/geode", "GeoDE", FAIRNESS, "acc_wg", size=12488),
+]}
+
+
+# ---------------------------------------------------------------- what is on disk
+
+
+def task_directory(root: str | Path, task) -> Path:
+    """Where a task's test set lives under root: its `dir_name` if it has one (reference tasks), else its key."""
+    return Path(root) / getattr(task, "dir_name", task.key)
+
+
+def has_webdataset(task_dir: Path) -> bool:
+    """True when `test/nshards.txt` and every shard it announces are there."""
+    nshards_file = Path(task_dir) / "test" / "nshards.txt"
+    try:
+        nshards = int(nshards_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return False
+    return nshards > 0 and all((nshards_file.parent / f"{i}.tar").exists() for i in range(nshards))
+
+
+def is_present(task_dir: Path) -> bool:
+    """True when task_dir holds a complete test set in either accepted layout."""
+    return has_webdataset(task_dir) or hub_rows.has_rows(task_dir)
+
+
+def missing_tasks(root: str | Path, tasks: Iterable | None = None) -> list:
+    """The tasks (default: all 38 reference tasks) whose test set is not complete under root."""
+    tasks = list(REFERENCE_TASKS.values()) if tasks is None else list(tasks)
+    return [task for task in tasks if not is_present(task_directory(root, task))]
+
+
+class MissingEvalData(FileNotFoundError):
+    """Test sets are missing and cannot be fetched; the message names each one and the ways to provide it."""
+
+    def __init__(self, root: str | Path, missing: list, reason: str):
+        self.root, self.missing, self.reason = Path(root), list(missing), reason
+        super().__init__(missing_message(root, missing, reason))
+
+
+def missing_message(root: str | Path, missing: list, reason: str) -> str:
+    lines = [f"{len(missing)} evaluation test set(s) missing under {root} ({reason}):"]
+    for task in missing:
+        source = f"Hugging Face dataset {task.hf_repo}" if hasattr(task, "hf_repo") else "the tiny suite"
+        lines.append(f"  {task.key}: {source} -> {task_directory(root, task)}")
+    if any(hasattr(task, "hf_repo") for task in missing):
+        lines.append(
+            "Provide them in one of two ways. (1) Where huggingface.co is reachable, fetch them: run the CLI with "
+            "--download (or call ensure_reference_suite(root, download=True)) with HF_HUB_OFFLINE unset. "
+            "(2) Copy each repo into the folder named above, e.g. `hf download djghosh/wds_imagenet1k_test "
+            f"--repo-type dataset --local-dir {task_directory(root, REFERENCE_TASKS['imagenet1k'])}`; the djghosh "
+            "folders are exactly what DataComp's download_evalsets.py writes (classnames.txt, "
+            "zeroshot_classification_templates.txt, test/nshards.txt, test/{i}.tar). The nlphuji folders hold "
+            "the repo's files (test_*.csv and the images .zip) or parquet files of the rows "
+            "`datasets.load_dataset(repo, split='test')` yields.")
+    if not all(hasattr(task, "hf_repo") for task in missing):
+        lines.append("Build the tiny suite with datacomp_assets.evaluation.suite.build_suite(root) "
+                     "(or materialize the eval_suite asset).")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- fetching
+
+
+def download_task(task: ReferenceTask, root: str | Path, timeout_s: float) -> None:
+    """Fetch one test set into its folder (resumable: files already there are kept)."""
+    from huggingface_hub import snapshot_download
+
+    task_dir = task_directory(root, task)
+    snapshot_download(repo_id=task.hf_repo, repo_type="dataset", local_dir=task_dir, etag_timeout=timeout_s)
+    if task.kind != "classification" and not hub_rows.has_rows(task_dir):
+        # A repo that holds only a `datasets` loading script: its rows are in the Hub's parquet export.
+        snapshot_download(repo_id=task.hf_repo, repo_type="dataset", revision="refs/convert/parquet",
+                          local_dir=task_dir, allow_patterns=["*test*.parquet"],
+                          etag_timeout=timeout_s)
+
+
+def ensure_reference_suite(root: str | Path, download: bool, tasks: Iterable[str] | None = None,
+                           progress: Callable[[str], None] | None = None) -> list[ReferenceTask]:
+    """Make sure the reference tasks (all 38, or the given keys) are under root; return those fetched now.
+
+    With everything present this touches no network. Otherwise it fetches the missing ones with
+    `huggingface_hub.snapshot_download` when `download` is true and the Hub is on and reachable, and raises
+    MissingEvalData at once, naming every missing task, its repo and folder, when it cannot.
+    """
+    from datacomp_assets.pool.published import HUB_TIMEOUT_S, _hub_offline, _network_errors
+
+    log = progress or (lambda message: None)
+    selected = [REFERENCE_TASKS[key] for key in tasks] if tasks is not None else list(REFERENCE_TASKS.values())
+    missing = missing_tasks(root, selected)
+    if not missing:
+        return []
+    if not download:
+        raise MissingEvalData(root, missing, "downloading is off")
+    if _hub_offline():
+        raise MissingEvalData(root, missing, "HF_HUB_OFFLINE is set")
+    from huggingface_hub import HfApi
+
+    try:
+        # A cheap request first, with a short timeout: a missing network fails here in seconds.
+        HfApi().repo_info(missing[0].hf_repo, repo_type="dataset", timeout=HUB_TIMEOUT_S)
+        for task in missing:
+            log(f"downloading {task.key} from {task.hf_repo}")
+            download_task(task, root, HUB_TIMEOUT_S)
+    except _network_errors() as exc:
+        raise MissingEvalData(root, missing_tasks(root, missing), f"huggingface.co is unreachable ({exc})") from exc
+    still_missing = missing_tasks(root, missing)
+    if still_missing:
+        raise MissingEvalData(root, still_missing, "downloaded, but the expected files are not there")
+    return missing
