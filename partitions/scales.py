@@ -27,6 +27,7 @@ class ScaleConfig:
     beta1: float = 0.9
     eps: float = 1e-6
     seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # training seeds per subset; the leaderboard reports their mean and spread
     precision: str = "amp"    # on GPUs; the accelerator resource picks fp32 on a CPU
     synthetic: bool = False   # True: the pool comes from the loopback synthetic web
     curated_size: int = 0     # synthetic only: clean pairs the scorer CLIPs train on
@@ -51,7 +52,7 @@ SCALES: dict[str, ScaleConfig] = {
     "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=20_000, model="datacomp-tiny",
                         global_batch=256, lr=2e-3, warmup=20, beta2=0.98, checkpoints=2,
                         image_size=64, shard_size=2_000, download_timeout=2, synthetic=True, precision="fp32",
-                        curated_size=10_000, scorer_samples_seen=40_000, metaclip_t=500),
+                        curated_size=10_000, scorer_samples_seen=40_000, metaclip_t=500, seeds=(0, 1, 2)),
     "small": ScaleConfig("small", 12_800_000, 12_800_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 5, 512, 10_000),
     "medium": ScaleConfig("medium", 128_000_000, 128_000_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 8, 512, 10_000),
     "large": ScaleConfig("large", 1_280_000_000, 1_280_000_000, "ViT-B-16", 8192, 5e-4, 500, 0.98, 8, 512, 10_000),

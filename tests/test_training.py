@@ -1,7 +1,13 @@
 """Resharding writes exactly the subset's samples; open_clip's trainer really trains and resumes."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +16,11 @@ import torch
 from datacomp_assets.filtering.uids import uids_to_array
 from datacomp_assets.pool.shards import iter_webdataset, write_webdataset
 from datacomp_assets.pool.synthetic_web import encode_jpeg, render, sample
-from datacomp_assets.training.models import load_model
+from datacomp_assets.training.models import forward_check, load_model
 from datacomp_assets.training.reshard import reshard
-from datacomp_assets.training.trainer import TrainJob, completed_epochs, train
+from datacomp_assets.training.trainer import (
+    TrainJob, completed_epochs, discard_unreadable_checkpoints, read_curve, train,
+)
 from partitions.scales import SCALES
 
 
@@ -98,3 +106,129 @@ def test_reshard_blurs_faces_listed_in_the_metadata(tmp_path):
            for _, f in iter_webdataset(tar)}
     assert summary.faces_blurred == 1
     assert out[samples[1].uid] != pool[samples[1].uid] and out[samples[2].uid] == pool[samples[2].uid]
+
+
+def test_reshard_reuses_finished_shards_for_the_same_subset(tmp_path):
+    samples = write_pool(tmp_path / "pool", n=30)
+    chosen = uids_to_array([s.uid for s in samples[::2]])
+    first = reshard(tmp_path / "pool", chosen, tmp_path / "train", 10)
+    shard = tmp_path / "train" / "00000000.tar"
+    before = shard.stat().st_mtime_ns
+    assert reshard(tmp_path / "pool", chosen, tmp_path / "train", 10) == first
+    assert shard.stat().st_mtime_ns == before  # reused, not rewritten
+    other = reshard(tmp_path / "pool", chosen[:3], tmp_path / "train", 10)
+    assert other.samples_written == 3 and sorted(read_uids(tmp_path / "train")) == sorted(
+        json.loads(f["json"])["uid"] for tar in sorted((tmp_path / "train").glob("*.tar")) for _, f in iter_webdataset(tar))
+
+
+KILLABLE = replace(MINI, samples_seen=768, checkpoints=3)
+
+TRAIN_IN_CHILD = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+from partitions.scales import SCALES
+from datacomp_assets.training.trainer import TrainJob, train
+scale = replace(SCALES["tiny"], samples_seen=768, global_batch=32, checkpoints=3, warmup=2)
+train(TrainJob(scale, sys.argv[1], Path(sys.argv[2]), "run"), log=print)
+"""
+
+
+def readable(path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception:
+        return False
+
+
+def live_trainers(logs_dir) -> list[int]:
+    """pids of processes whose command line names this run's log directory."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(logs_dir).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_run_resumes_from_its_latest_checkpoint_to_the_same_samples_seen(tmp_path):
+    write_pool(tmp_path / "pool", n=64, per_shard=16)
+    data, logs = str(tmp_path / "pool" / "{00000000..00000003}.tar"), tmp_path / "logs"
+    job = TrainJob(KILLABLE, data, logs, "run")
+    # The orchestrator (here a child python running train()) is killed outright once the first checkpoint exists.
+    orchestrator = subprocess.Popen([sys.executable, "-c", TRAIN_IN_CHILD, data, str(logs)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    cwd=Path(__file__).parents[1])
+    first = job.checkpoint_dir / "epoch_1.pt"
+    deadline = time.time() + 180
+    while not readable(first) and time.time() < deadline and orchestrator.poll() is None:
+        time.sleep(0.2)
+    assert readable(first), "the first checkpoint never appeared"
+    orchestrator.send_signal(signal.SIGKILL)
+    orchestrator.wait()
+    assert completed_epochs(job) < KILLABLE.checkpoints, "the run finished before it could be killed"
+    # The trainer died with its orchestrator: nothing is left writing into the run's directory.
+    deadline = time.time() + 10
+    while live_trainers(logs) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not live_trainers(logs)
+
+    resumed = train(job, log=lambda m: None)
+    assert 1 <= resumed.resumed_from_epoch < KILLABLE.checkpoints  # not from scratch
+    assert completed_epochs(job) == KILLABLE.checkpoints
+    state = torch.load(resumed.checkpoint, map_location="cpu", weights_only=True)
+    assert state["epoch"] == KILLABLE.checkpoints
+    # The loss curve covers the whole budget, before and after the kill, and ends at the same samples seen.
+    seen = [s for s, _ in resumed.losses]
+    assert seen[0] < KILLABLE.samples_seen // KILLABLE.checkpoints <= seen[-1] <= job.samples_seen
+    assert max(seen) == max(s for s, _ in read_curve(job.log_file))
+
+
+def test_unreadable_latest_checkpoint_is_set_aside(tmp_path):
+    job = TrainJob(MINI, "unused", tmp_path / "logs", "run")
+    job.checkpoint_dir.mkdir(parents=True)
+    torch.save({"epoch": 1, "state_dict": {"w": torch.zeros(2)}}, job.checkpoint_dir / "epoch_1.pt")
+    (job.checkpoint_dir / "epoch_2.pt").write_bytes(b"PK\x03\x04 cut short by a kill")
+    os.utime(job.checkpoint_dir / "epoch_2.pt", (time.time() + 5, time.time() + 5))
+    discard_unreadable_checkpoints(job, log=lambda m: None)
+    assert completed_epochs(job) == 1
+    assert (job.checkpoint_dir / "epoch_2.pt.unreadable").exists()
+
+
+def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path, monkeypatch):
+    import fcntl
+
+    from datacomp_assets.training import trainer
+
+    monkeypatch.setattr(trainer, "LOCK_WAIT_SECONDS", 1.0)
+    job = TrainJob(MINI, "unused", tmp_path / "logs", "run")
+    job.logs_dir.mkdir(parents=True)
+    with open(job.logs_dir / "run.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another training process"):
+            train(job, log=lambda m: None)
+
+
+def test_two_cpu_processes_train_on_gloo(tmp_path):
+    write_pool(tmp_path / "pool", n=64, per_shard=16)
+    job = TrainJob(replace(MINI, checkpoints=1), str(tmp_path / "pool" / "{00000000..00000003}.tar"),
+                   tmp_path / "logs", "run", nproc=2, threads=1)
+    assert job.argv()[job.argv().index("--batch-size") + 1] == str(MINI.global_batch // 2)
+    lines = []
+    result = train(job, log=lines.append)
+    assert "torch.distributed.run" in lines[0] and "gloo" in lines[0]
+    assert result.checkpoint.exists() and result.losses
+    # Distributed checkpoints carry a `module.` prefix; they still load safely and run.
+    assert forward_check(MINI.model, result.checkpoint) is None
+
+
+def test_forward_check_reports_a_broken_checkpoint(tmp_path):
+    bad = tmp_path / "epoch_1.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "Error" in forward_check(MINI.model, bad)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"state_dict": {"visual.nothing": torch.zeros(1)}}, wrong)
+    assert forward_check(MINI.model, wrong)

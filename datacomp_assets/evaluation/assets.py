@@ -1,12 +1,12 @@
 """Evaluation stage: the scale's evaluation suite and each checkpoint's zero-shot scores."""
 
-import json
+import statistics
 
 import dagster as dg
 
 from datacomp_assets.evaluation.suite import TASKS, build_suite
 from datacomp_assets.evaluation.zeroshot import aggregate, evaluate_checkpoint
-from datacomp_assets.training.assets import checkpoint_file
+from datacomp_assets.training.assets import checkpoint_file, seed_name
 from partitions import by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions
 from partitions.scales import require_synthetic
 from resources import AcceleratorResource, StorageResource
@@ -28,23 +28,37 @@ def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource) -> d
     })
 
 
-@dg.asset(partitions_def=scale_strategy_partitions, group_name=EVALUATION, code_version="1",
+def results_file(storage: StorageResource, scale_name: str, strategy: str, seed: int):
+    """One seed's scores, in the reference's `eval_results.jsonl` format."""
+    return storage.path(scale_name, "eval_results", strategy) / seed_name(seed) / "eval_results.jsonl"
+
+
+@dg.asset(partitions_def=scale_strategy_partitions, group_name=EVALUATION, code_version="2",
           deps=["checkpoint", dg.AssetDep("eval_suite", partition_mapping=by_scale)], pool="gpu")
 def eval_results(context: dg.AssetExecutionContext, storage: StorageResource,
                  accelerator: AcceleratorResource) -> dg.MaterializeResult:
-    """Zero-shot classification and retrieval scores, one `eval_results.jsonl` line per task."""
+    """Zero-shot classification and retrieval scores of every seed's checkpoint, one line per task."""
     scale, strategy = scale_and_strategy(context)
-    ckpt = checkpoint_file(storage, scale, strategy)
-    out = storage.path(scale.name, "eval_results", strategy) / "eval_results.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
     device = accelerator.placement(scale.precision).device
-    rows = evaluate_checkpoint(scale.model, ckpt, storage.path(scale.name, "eval_suite"), out, device=device,
-                               progress=context.log.info)
-    summary = aggregate(rows)
+    per_seed = {}
+    for seed in scale.seeds:
+        out = results_file(storage, scale.name, strategy, seed)
+        context.log.info(f"seed {seed}: evaluating {checkpoint_file(storage, scale, strategy, seed)}")
+        per_seed[seed] = evaluate_checkpoint(scale.model, checkpoint_file(storage, scale, strategy, seed),
+                                             storage.path(scale.name, "eval_suite"), out, device=device,
+                                             progress=context.log.info)
+    summaries = {seed: aggregate(rows) for seed, rows in per_seed.items()}
+    averages = [s["average"] for s in summaries.values()]
+    tasks = [r["key"] for r in next(iter(per_seed.values()))]
+    task_means = {k: statistics.mean(next(r for r in rows if r["key"] == k)["metrics"]["main_metric"]
+                                     for rows in per_seed.values()) for k in tasks}
     return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(out)),
-        "average": summary["average"],
-        **{f"task/{r['key']}": r["metrics"]["main_metric"] for r in rows},
-        "groups": dg.MetadataValue.json({k: v for k, v in summary.items() if k != "average"}),
-        "results": dg.MetadataValue.md("```\n" + "\n".join(json.dumps(r) for r in rows) + "\n```"),
+        "path": dg.MetadataValue.path(str(results_file(storage, scale.name, strategy, scale.seeds[0]).parent.parent)),
+        "seeds": list(scale.seeds),
+        "average": statistics.mean(averages),
+        "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
+        "average_per_seed": dg.MetadataValue.json({seed_name(s): v["average"] for s, v in summaries.items()}),
+        **{f"task/{k}": v for k, v in task_means.items()},
+        "groups": dg.MetadataValue.json({seed_name(s): {k: v for k, v in summary.items() if k != "average"}
+                                         for s, summary in summaries.items()}),
     })

@@ -1,38 +1,49 @@
-"""Leaderboard stage: every evaluated strategy of a scale, ranked."""
+"""Leaderboard stage: every evaluated strategy of a scale, ranked by its mean over training seeds."""
+
+import statistics
 
 import dagster as dg
 import numpy as np
 
-from datacomp_assets.evaluation.zeroshot import read_results
+from datacomp_assets.evaluation.assets import results_file
+from datacomp_assets.evaluation.zeroshot import aggregate, read_results
 from datacomp_assets.filtering.strategies import STRATEGIES, track
-from datacomp_assets.leaderboard.table import Entry, rank, to_markdown
+from datacomp_assets.leaderboard.table import Entry, ordering_markdown, ordering_report, rank, to_markdown
 from partitions import by_scale, get_scale, scale_partitions
 from resources import StorageResource
 
 
 def collect_entries(storage: StorageResource, scale_name: str) -> list[Entry]:
-    """One entry per strategy whose scores exist at this scale."""
+    """One entry per strategy whose subset and scores (of at least one seed) exist at this scale."""
     scale = get_scale(scale_name)
     entries = []
     for strategy in STRATEGIES:
-        results = storage.path(scale_name, "eval_results", strategy) / "eval_results.jsonl"
         subset = storage.path(scale_name, "subset", strategy) / "subset.npy"
-        if not results.exists() or not subset.exists():
+        seeds = {seed: read_results(results_file(storage, scale_name, strategy, seed)) for seed in scale.seeds}
+        seeds = {seed: rows for seed, rows in seeds.items() if rows}
+        if not seeds or not subset.exists():
             continue
-        rows = read_results(results)
-        entries.append(Entry(strategy, len(np.load(subset, mmap_mode="r")), scale.samples_seen,
-                             {k: r["metrics"]["main_metric"] for k, r in rows.items()}, track=track(strategy)))
+        group_scores = [aggregate(list(rows.values())) for rows in seeds.values()]
+        groups = {g: statistics.mean(s[g] for s in group_scores) for g in group_scores[0] if g != "average"}
+        entries.append(Entry(
+            strategy, len(np.load(subset, mmap_mode="r")), scale.samples_seen,
+            {seed: {k: r["metrics"]["main_metric"] for k, r in rows.items()} for seed, rows in seeds.items()},
+            groups=groups, track=track(strategy)))
     return entries
 
 
-@dg.asset(partitions_def=scale_partitions, group_name="leaderboard", code_version="1",
+@dg.asset(partitions_def=scale_partitions, group_name="leaderboard", code_version="2",
           deps=[dg.AssetDep("eval_results", partition_mapping=by_scale)])
 def leaderboard(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """Strategies ranked by average zero-shot score, with dataset size, samples seen and each task."""
+    """Strategies ranked by average zero-shot score (mean over seeds, with its spread), with dataset size,
+    samples seen, each task group and each task; and whether the paper's ordering holds beyond the noise."""
     entries = collect_entries(storage, context.partition_key)
     if not entries:
         raise ValueError(f"no evaluated strategy at scale {context.partition_key!r}: materialize eval_results first")
+    report = ordering_report(entries)
     table = to_markdown(entries)
+    if report:
+        table += "\n\n" + ordering_markdown(report)
     out = storage.path(context.partition_key, "leaderboard")
     out.mkdir(parents=True, exist_ok=True)
     (out / "leaderboard.md").write_text(table + "\n")
@@ -41,4 +52,6 @@ def leaderboard(context: dg.AssetExecutionContext, storage: StorageResource) -> 
         "leaderboard": dg.MetadataValue.md(table),
         "path": dg.MetadataValue.path(str(out / "leaderboard.md")),
         "strategies": len(entries), "best_strategy": best.strategy, "best_average": best.average,
+        "best_average_std": best.std,
+        "paper_ordering": dg.MetadataValue.json(report),
     })

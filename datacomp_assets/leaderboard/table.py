@@ -1,8 +1,15 @@
-"""The leaderboard: strategies of one scale ranked by their average zero-shot score."""
+"""The leaderboard: strategies of one scale ranked by their mean zero-shot score over training seeds, with the
+seeds' spread and which gaps exceed it."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field
+
+# Orderings the paper reports (CLIP-score filtering > basic filtering > no filtering), checked on every board.
+PAPER_ORDERING = (("clip_score_l14_30pct", "basic"), ("clip_score_b32_30pct", "basic"), ("basic", "no_filter"))
+SIGNIFICANCE = 0.05  # one-sided Welch t-test over seeds
 
 
 @dataclass
@@ -10,27 +17,96 @@ class Entry:
     strategy: str
     dataset_size: int
     samples_seen: int
-    tasks: dict[str, float]            # task key -> main metric
-    groups: dict[str, float] = field(default_factory=dict)
-    track: str = "filtering"           # or "byod": samples from outside the pool are mixed in
+    seed_tasks: dict[int, dict[str, float]]  # seed -> task key -> main metric
+    groups: dict[str, float] = field(default_factory=dict)  # group -> mean over seeds
+    track: str = "filtering"                 # or "byod": samples from outside the pool are mixed in
+
+    @property
+    def seed_averages(self) -> list[float]:
+        return [statistics.mean(tasks.values()) for tasks in self.seed_tasks.values() if tasks]
 
     @property
     def average(self) -> float:
-        return sum(self.tasks.values()) / len(self.tasks) if self.tasks else float("nan")
+        return statistics.mean(self.seed_averages) if self.seed_averages else float("nan")
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation of the average over seeds (0 with one seed)."""
+        return statistics.stdev(self.seed_averages) if len(self.seed_averages) > 1 else 0.0
+
+    @property
+    def tasks(self) -> dict[str, float]:
+        """Each task's main metric, averaged over the seeds that have it."""
+        keys = sorted({k for tasks in self.seed_tasks.values() for k in tasks})
+        return {k: statistics.mean(t[k] for t in self.seed_tasks.values() if k in t) for k in keys}
 
 
 def rank(entries: list[Entry]) -> list[Entry]:
     return sorted(entries, key=lambda e: e.average, reverse=True)
 
 
+def p_greater(a: Entry, b: Entry) -> float | None:
+    """One-sided p-value that a's average over seeds exceeds b's (Welch's t-test); None without at least two
+    seeds on each side, where the noise is unknown."""
+    x, y = a.seed_averages, b.seed_averages
+    if len(x) < 2 or len(y) < 2:
+        return None
+    from scipy.stats import ttest_ind
+
+    p = float(ttest_ind(x, y, equal_var=False, alternative="greater").pvalue)
+    if math.isnan(p):  # no spread at all on either side: the sign of the gap decides
+        return 0.0 if a.average > b.average else 1.0
+    return p
+
+
+def beyond_noise(a: Entry, b: Entry) -> bool | None:
+    p = p_greater(a, b)
+    return None if p is None else p < SIGNIFICANCE
+
+
 def to_markdown(entries: list[Entry]) -> str:
-    """A markdown table: rank, strategy, dataset size, samples seen, average, then each task."""
+    """A markdown table: rank, strategy, sizes, seeds, mean average ± std, whether it beats the next row beyond
+    the noise, each task group, then each task."""
     ranked = rank(entries)
+    groups = sorted({g for e in ranked for g in e.groups}, key=_group_order)
     tasks = sorted({t for e in ranked for t in e.tasks})
-    header = ["rank", "strategy", "track", "dataset_size", "samples_seen", "average", *tasks]
+    header = ["rank", "strategy", "track", "dataset_size", "samples_seen", "seeds", "average", "std",
+              "beats_next", *groups, *tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, e in enumerate(ranked, 1):
-        cells = [str(i), e.strategy, e.track, str(e.dataset_size), str(e.samples_seen), f"{e.average:.4f}",
+        beats = beyond_noise(e, ranked[i]) if i < len(ranked) else None
+        cells = [str(i), e.strategy, e.track, str(e.dataset_size), str(e.samples_seen), str(len(e.seed_averages)),
+                 f"{e.average:.4f}", f"{e.std:.4f}", {True: "yes", False: "within noise", None: ""}[beats],
+                 *(f"{e.groups[g]:.4f}" if g in e.groups else "" for g in groups),
                  *(f"{e.tasks[t]:.4f}" if t in e.tasks else "" for t in tasks)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ordering_report(entries: list[Entry], pairs=PAPER_ORDERING) -> list[dict]:
+    """For each (better, worse) pair the paper reports that is on the board: the gap and whether it holds
+    beyond the seeds' noise."""
+    by_name = {e.strategy: e for e in entries}
+    report = []
+    for better, worse in pairs:
+        if better in by_name and worse in by_name:
+            a, b = by_name[better], by_name[worse]
+            p = p_greater(a, b)
+            report.append({"claim": f"{better} > {worse}", "gap": a.average - b.average, "p_value": p,
+                           "holds_beyond_noise": None if p is None else p < SIGNIFICANCE})
+    return report
+
+
+def ordering_markdown(report: list[dict]) -> str:
+    lines = ["| paper's ordering | gap in average | one-sided p (Welch, seeds) | holds beyond noise |",
+             "|---|---|---|---|"]
+    for r in report:
+        p = "n/a (one seed)" if r["p_value"] is None else f"{r['p_value']:.4f}"
+        holds = {True: "yes", False: "no", None: "unknown"}[r["holds_beyond_noise"]]
+        lines.append(f"| {r['claim']} | {r['gap']:+.4f} | {p} | {holds} |")
+    return "\n".join(lines)
+
+
+def _group_order(group: str) -> tuple[int, str]:
+    known = ["ImageNet", "ImageNet distribution shifts", "VTAB", "Retrieval"]
+    return (known.index(group), group) if group in known else (len(known), group)

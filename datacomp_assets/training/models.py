@@ -32,3 +32,22 @@ def load_model(model_name: str, checkpoint: str | Path | None = None, device: st
         model.load_state_dict(state)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def forward_check(model_name: str, checkpoint: str | Path) -> str | None:
+    """None when the checkpoint loads with weights_only=True and one forward pass gives finite embeddings;
+    otherwise what went wrong, in one line."""
+    import torch
+
+    try:
+        model, _, tokenizer = load_model(model_name, checkpoint)
+        size = model.visual.image_size
+        size = size if isinstance(size, tuple) else (size, size)
+        with torch.no_grad():
+            image = model.encode_image(torch.zeros(2, 3, *size))
+            text = model.encode_text(tokenizer(["a photo of a red circle", "two blue squares"]))
+    except Exception as error:  # unreadable file, wrong architecture, missing keys ...
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    if not (torch.isfinite(image).all() and torch.isfinite(text).all()):
+        return "the forward pass gave non-finite embeddings"
+    return None

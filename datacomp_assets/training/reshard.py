@@ -6,6 +6,7 @@ streamed one at a time, so memory holds one sample, not the pool.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -13,7 +14,7 @@ import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +43,22 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
     Faces listed in `face_bboxes` (uid -> normalized boxes, from the pool metadata) are blurred on the way,
     so no unblurred face reaches training.
 
-    Written to a temporary directory and renamed, so a crash never leaves partial shards behind.
+    Written to a temporary directory and renamed, so a crash never leaves partial shards behind. A finished
+    directory records what it was cut from (`manifest.json`); asked again for the same, it is reused as is,
+    so a resumed training run reads the very shards it started on.
     """
     dirs = [shard_dirs] if isinstance(shard_dirs, (str, os.PathLike)) else list(shard_dirs)
     pool_tars = [tar for d in dirs for tar in sorted(Path(d).glob("*.tar"))]
     if not pool_tars:
         raise FileNotFoundError(f"no webdataset shards (*.tar) in {', '.join(map(str, dirs))}; "
                                 "materialize pool_shards first")
+    out_dir = Path(out_dir)
+    source = _source_key(pool_tars, subset, shard_size, min_shards, face_bboxes)
+    manifest = out_dir / "manifest.json"
+    if manifest.exists():
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("source") == source:
+            return ReshardSummary(**recorded["summary"])
     wanted = Counter(array_to_uids(subset))
     total = sum(wanted.values())
     if total == 0:
@@ -56,7 +66,6 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
     # Enough shards for shard sampling with replacement to mix, never more than the shard size.
     per_shard = max(1, min(shard_size, -(-total // min_shards)))
 
-    out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
@@ -87,11 +96,24 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
                 written, in_shard = written + 1, in_shard + 1
     if tar is not None:
         tar.close()
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    return ReshardSummary(
+    summary = ReshardSummary(
         samples_written=written, unique_uids=len(found), shards=shard_index,
         missing_uids=len(wanted) - len(found),
         shard_pattern=brace_pattern(out_dir, shard_index), faces_blurred=blurred,
     )
+    (tmp_dir / "manifest.json").write_text(json.dumps({"source": source, "summary": asdict(summary)}, indent=1))
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+    return summary
+
+
+def _source_key(pool_tars: list[Path], subset: np.ndarray, shard_size: int, min_shards: int,
+                face_bboxes: dict | None) -> str:
+    """A digest of everything the training shards are cut from (pool shards by name, size and time)."""
+    h = hashlib.sha256(np.ascontiguousarray(subset).tobytes())
+    for tar in pool_tars:
+        stat = tar.stat()
+        h.update(f"{tar.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    h.update(json.dumps([shard_size, min_shards, sorted((face_bboxes or {}).items())]).encode())
+    return h.hexdigest()

@@ -2,15 +2,26 @@
 
 The trainer runs in a child process (`python -m datacomp_assets.training.open_clip_entry`, or torchrun
 for several processes) so that a crash, a kill or CUDA state never touches the orchestrator. Its log
-lines are streamed back and parsed for loss and throughput.
+lines are streamed back and parsed for loss and throughput; only rank 0's output is streamed.
+
+A run killed at any point resumes from its latest readable checkpoint ("epoch") to the same samples seen:
+a checkpoint cut short by the kill is set aside, the child dies with its parent, and a lock held by every
+process of the run stops a second run from writing into the same directory while an orphan lives on.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import math
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +32,9 @@ LOG_LINE = re.compile(
     r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<seen>\d+)/(?P<per_epoch>\d+).*?"
     r"(?P<sps>[\d.]+)/s, .*?LR: (?P<lr>[\d.e-]+).*?Contrastive_loss: (?P<loss>[\d.]+) \((?P<avg>[\d.]+)\)"
 )
+
+LOCK_WAIT_SECONDS = 30.0  # how long a new run waits for the processes of a killed one to go
+OTHER_RANK = re.compile(r"\[rank[1-9]\d*\]:")
 
 
 @dataclass(frozen=True)
@@ -63,9 +77,21 @@ class TrainJob:
     def command(self) -> list[str]:
         module = ["-m", "datacomp_assets.training.open_clip_entry"]
         if self.nproc > 1:
+            # open_clip's flags go through a file, out of torchrun's parser's reach.
             return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={self.nproc}", *module, *self.argv()]
+                    f"--nproc_per_node={self.nproc}", *module, "--argv-file", str(self.argv_file)]
         return [sys.executable, *module, *self.argv()]
+
+    @property
+    def argv_file(self) -> Path:
+        return self.logs_dir / f"{self.name}.argv.json"
+
+    @property
+    def samples_seen(self) -> int:
+        """What open_clip really trains on: each "epoch" is rounded up to whole global batches."""
+        s = self.scale
+        batches = math.ceil(math.ceil(s.samples_seen // s.checkpoints / s.global_batch) / self.workers) * self.workers
+        return s.checkpoints * batches * s.global_batch
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -75,13 +101,17 @@ class TrainJob:
     def final_checkpoint(self) -> Path:
         return self.checkpoint_dir / f"epoch_{self.scale.checkpoints}.pt"
 
+    @property
+    def log_file(self) -> Path:
+        return self.logs_dir / self.name / "out.log"
+
 
 @dataclass
 class TrainResult:
     checkpoint: Path
     seconds: float
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (global step-ish sample count, loss)
-    samples_per_second: list[float] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (samples seen, loss), the whole run
+    samples_per_second: list[float] = field(default_factory=list)  # this attempt's log lines
     resumed_from_epoch: int = 0
 
     @property
@@ -101,37 +131,119 @@ def completed_epochs(job: TrainJob) -> int:
     return max((int(p.stem.split("_")[1]) for p in job.checkpoint_dir.glob("epoch_[0-9]*.pt")), default=0)
 
 
+def discard_unreadable_checkpoints(job: TrainJob, log: Callable[[str], None] = print) -> list[Path]:
+    """Set aside (`*.pt.unreadable`) checkpoints that do not load, newest first, so open_clip's
+    `--resume latest` falls back to the last good one instead of crashing on a file a kill cut short."""
+    import torch
+
+    set_aside = []
+    for path in sorted(job.checkpoint_dir.glob("epoch_*.pt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            break  # the newest readable checkpoint: older ones are not needed to resume
+        except Exception as error:  # a truncated zip, a partial pickle ...
+            path.rename(path.with_name(path.name + ".unreadable"))
+            log(f"set aside unreadable checkpoint {path.name} ({type(error).__name__}); resuming before it")
+            set_aside.append(path)
+    return set_aside
+
+
 def train(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) the job to its fixed samples seen; return the final checkpoint and its curve."""
-    start_epoch = completed_epochs(job)
-    if start_epoch >= job.scale.checkpoints:
-        return TrainResult(job.final_checkpoint, 0.0, resumed_from_epoch=start_epoch)
     job.logs_dir.mkdir(parents=True, exist_ok=True)
-    log(f"training {job.name}: {' '.join(job.command())}")
-    if start_epoch:
-        log(f"resuming from checkpoint epoch_{start_epoch}.pt")
-    result = TrainResult(job.final_checkpoint, 0.0, resumed_from_epoch=start_epoch)
-    per_epoch = job.scale.samples_seen // job.scale.checkpoints
-    t0 = time.perf_counter()
-    tail: list[str] = []
-    with subprocess.Popen(job.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=_child_env(job.threads)) as proc:
-        for line in proc.stdout:
-            tail = (tail + [line.rstrip()])[-40:]
-            m = LOG_LINE.search(line)
-            if m:
-                seen = int(m["epoch"]) * per_epoch + int(m["seen"])
-                result.losses.append((seen, float(m["loss"])))
-                result.samples_per_second.append(float(m["sps"]))
-                log(f"samples {seen}/{job.scale.samples_seen} loss {float(m['loss']):.4f} "
-                    f"{float(m['sps']):.0f} samples/s")
-    result.seconds = time.perf_counter() - t0
+    with _exclusive(job.logs_dir / f"{job.name}.lock", LOCK_WAIT_SECONDS) as lock_fd:
+        discard_unreadable_checkpoints(job, log)
+        start_epoch = completed_epochs(job)
+        if start_epoch >= job.scale.checkpoints:
+            return TrainResult(job.final_checkpoint, 0.0, losses=read_curve(job.log_file),
+                               resumed_from_epoch=start_epoch)
+        if job.nproc > 1:
+            job.argv_file.write_text(json.dumps(job.argv()))
+        log(f"training {job.name}: {' '.join(job.command())} {' '.join(job.argv()) if job.nproc > 1 else ''}")
+        if start_epoch:
+            log(f"resuming from checkpoint epoch_{start_epoch}.pt")
+        result = TrainResult(job.final_checkpoint, 0.0, resumed_from_epoch=start_epoch)
+        t0 = time.perf_counter()
+        tail: list[str] = []
+        with subprocess.Popen(job.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=_child_env(job.threads), start_new_session=True, pass_fds=(lock_fd,),
+                              preexec_fn=_die_with_parent) as proc:
+            try:
+                for line in proc.stdout:
+                    tail = (tail + [line.rstrip()])[-40:]
+                    point = parse_log_line(line)
+                    if point:
+                        seen, loss, rate = point
+                        result.samples_per_second.append(rate)
+                        log(f"samples {seen}/{job.samples_seen} loss {loss:.4f} {rate:.0f} samples/s")
+            except BaseException:  # a cancelled or failed step must not leave a trainer running
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+        result.seconds = time.perf_counter() - t0
     if proc.returncode != 0 or not job.final_checkpoint.exists():
         raise RuntimeError(
             f"open_clip training of {job.name} failed (exit code {proc.returncode}); last output:\n"
             + "\n".join(tail) + "\nRe-materialize to resume from the latest checkpoint."
         )
+    result.losses = read_curve(job.log_file)
     return result
+
+
+def parse_log_line(line: str) -> tuple[int, float, float] | None:
+    """(samples seen, loss, samples/s) from one of open_clip's training log lines; only rank 0's count (open_clip
+    logs progress on rank 0 alone; torchrun prefixes other ranks' lines with `[rankN]:`)."""
+    m = LOG_LINE.search(line)
+    if not m or OTHER_RANK.match(line):
+        return None
+    return int(m["epoch"]) * int(m["per_epoch"]) + int(m["seen"]), float(m["loss"]), float(m["sps"])
+
+
+def read_curve(log_file: Path) -> list[tuple[int, float]]:
+    """The whole run's (samples seen, loss) from open_clip's out.log, across resumes: where a killed
+    attempt logged a point that the resumed one logged again, the later wins."""
+    if not log_file.exists():
+        return []
+    points = {}
+    for line in log_file.read_text(errors="replace").splitlines():
+        point = parse_log_line(line)
+        if point:
+            points[point[0]] = point[1]
+    return sorted(points.items())
+
+
+@contextmanager
+def _exclusive(lock_path: Path, wait_seconds: float) -> Iterator[int]:
+    """Hold an exclusive lock on lock_path; its descriptor is inherited by the trainer's processes, so
+    the lock lives as long as any of them does, even an orphan of a killed orchestrator. The processes
+    of a run just killed take a few seconds to go (data loader workers notice their parent's death
+    on a timer), so the lock is awaited that long before giving up."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                raise RuntimeError(
+                    f"another training process is still writing {lock_path.parent} (it holds {lock_path}); "
+                    "wait for it to finish or kill it (`fuser -k` on the lock file), then materialize again"
+                ) from None
+        os.set_inheritable(fd, True)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to kill it when the orchestrator dies (PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _child_env(threads: int = 0) -> dict:
