@@ -16,7 +16,7 @@ from resources import AcceleratorResource, DownloaderResource, StorageResource, 
 
 MINIATURE = replace(SCALES["tiny"], pool_size=400, samples_seen=256, global_batch=64, checkpoints=1, warmup=2,
                     shard_size=200, curated_size=256, scorer_samples_seen=128, eval_suite_scale=0.04,
-                    target_images_per_class=4, metaclip_t=20)
+                    target_images_per_class=4, metaclip_t=20, seeds=(0, 1))
 
 
 @pytest.fixture
@@ -86,10 +86,15 @@ def test_tiny_scale_end_to_end(miniature):
         assert 0 < len(basic) < len(pool) and set(basic.tolist()) <= set(pool.tolist())
 
         # Every eval task wrote one reference-format line per strategy.
-        results = root / "eval_results" / "basic" / "eval_results.jsonl"
-        lines = [json.loads(x) for x in results.read_text().splitlines()]
-        assert {"objects", "retrieval", "digits"} <= {x["key"] for x in lines}
-        assert all(0.0 <= x["metrics"]["main_metric"] <= 1.0 for x in lines)
+        # ... for each training seed, from that seed's own checkpoint.
+        for seed in MINIATURE.seeds:
+            results = root / "eval_results" / "basic" / f"seed_{seed}" / "eval_results.jsonl"
+            lines = [json.loads(x) for x in results.read_text().splitlines()]
+            assert {"objects", "retrieval", "digits"} <= {x["key"] for x in lines}
+            assert all(0.0 <= x["metrics"]["main_metric"] <= 1.0 for x in lines)
+            assert (root / "checkpoint" / "basic" / "logs" / f"seed_{seed}" / "checkpoints" / "epoch_1.pt").exists()
+        # The leaderboard shows the seeds' spread.
+        assert "| std |" in table and "| seeds |" in table
 
         # Materializations carry what a user looks at.
         # Every download failure is one the web injected, counted under its kind.
@@ -99,6 +104,9 @@ def test_tiny_scale_end_to_end(miniature):
         assert shards["successes"] == len(truth) - failing.sum()
         ckpt = latest_metadata(instance, "checkpoint", "tiny|basic")
         assert ckpt["final_loss"] > 0 and ckpt["samples_per_second"] > 0
+        assert ckpt["seeds"] == [0, 1] and "data:image/png;base64," in ckpt["loss_curve"]
+        scores = latest_metadata(instance, "eval_results", "tiny|basic")
+        assert scores["average_std"] >= 0 and set(scores["average_per_seed"]) == {"seed_0", "seed_1"}
         basic_subset = latest_metadata(instance, "subset", "tiny|basic")
         assert basic_subset["kept_fraction"] < 1.0
         assert "ground_truth_kind" in basic_subset["audit"] and "| non_english |" in basic_subset["audit"]
@@ -111,6 +119,10 @@ def test_tiny_scale_end_to_end(miniature):
         check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(dg.AssetKey("subset"), "subset_is_valid")])
         assert check, "the blocking subset check ran"
+        loads = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey("checkpoint"), "checkpoint_loads")])
+        assert loads and loads[dg.AssetCheckKey(dg.AssetKey("checkpoint"), "checkpoint_loads")].status.value == \
+            "SUCCEEDED", "every checkpoint loaded with weights_only=True and ran"
         faults = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(dg.AssetKey("pool_shards"), "pool_shards_match_injected_faults")])
         assert faults, "the fault accounting check ran"

@@ -1,0 +1,48 @@
+"""The leaderboard ranks by the mean over seeds, shows their spread, and says which gaps exceed it."""
+
+from datacomp_assets.leaderboard.table import Entry, beyond_noise, ordering_report, p_greater, rank, to_markdown
+
+
+def entry(name, seed_averages, size=100):
+    # Two tasks per seed whose mean is the seed's average.
+    return Entry(name, size, 1000, {seed: {"a": avg - 0.01, "b": avg + 0.01} for seed, avg in enumerate(seed_averages)},
+                 groups={"VTAB": sum(seed_averages) / len(seed_averages)})
+
+
+def test_average_and_spread_are_over_seeds():
+    e = entry("basic", [0.30, 0.32, 0.34])
+    assert abs(e.average - 0.32) < 1e-12 and abs(e.std - 0.02) < 1e-12
+    assert abs(e.tasks["a"] - 0.31) < 1e-12
+    assert entry("one_seed", [0.5]).std == 0.0
+
+
+def test_a_clear_gap_is_beyond_noise_and_an_overlap_is_not():
+    clip, basic, close = entry("clip", [0.44, 0.45, 0.445]), entry("basic", [0.39, 0.40, 0.395]), \
+        entry("close", [0.43, 0.46, 0.44])
+    assert beyond_noise(clip, basic) is True
+    assert beyond_noise(basic, clip) is False
+    assert beyond_noise(clip, close) is False
+    assert p_greater(clip, basic) < 0.01
+    # With one seed the noise is unknown, and the board says so instead of guessing.
+    assert beyond_noise(entry("x", [0.5]), basic) is None
+
+
+def test_markdown_ranks_by_mean_and_marks_significance():
+    entries = [entry("no_filter", [0.33, 0.335, 0.334]), entry("clip_score_l14_30pct", [0.44, 0.45, 0.445]),
+               entry("basic", [0.39, 0.40, 0.395])]
+    table = to_markdown(entries)
+    rows = [line for line in table.splitlines()[2:]]
+    assert [r.split(" | ")[1] for r in rows] == ["clip_score_l14_30pct", "basic", "no_filter"]
+    header = table.splitlines()[0]
+    assert "std" in header and "beats_next" in header and "VTAB" in header
+    assert "| yes |" in rows[0] and "| yes |" in rows[1]
+    assert [e.strategy for e in rank(entries)][0] == "clip_score_l14_30pct"
+
+
+def test_paper_ordering_report():
+    entries = [entry("no_filter", [0.33, 0.335, 0.334]), entry("clip_score_l14_30pct", [0.44, 0.45, 0.445]),
+               entry("basic", [0.33, 0.336, 0.333])]
+    report = {r["claim"]: r for r in ordering_report(entries)}
+    assert report["clip_score_l14_30pct > basic"]["holds_beyond_noise"] is True
+    assert report["basic > no_filter"]["holds_beyond_noise"] is False  # basic is no better here
+    assert "clip_score_b32_30pct > basic" not in report  # not on the board
