@@ -15,7 +15,7 @@ from datacomp_assets.pool.assets import (  # noqa: E402
     curated_source, external_sources, pool_index, pool_shards, pool_shards_match_injected_faults)
 from datacomp_assets.training.assets import checkpoint, checkpoint_loads  # noqa: E402
 from resources import (  # noqa: E402
-    AcceleratorResource, DownloaderResource, ExternalSourcesResource, PublishedMetadataResource, StorageResource,
+    AcceleratorResource, DownloaderResource, EvaluationDataResource, ExternalSourcesResource, PublishedMetadataResource, StorageResource,
     SyntheticWebResource)
 
 POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, dfn_model, pool_metadata,
@@ -31,6 +31,7 @@ RESOURCES = {
     "synthetic_web": SyntheticWebResource(),
     "published": PublishedMetadataResource(),
     "external": ExternalSourcesResource(),
+    "eval_data": EvaluationDataResource(),
 }
 
 defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=CHECKS, resources=RESOURCES)

@@ -2,10 +2,11 @@
 
 from resources.accelerator import AcceleratorResource
 from resources.downloader import DownloaderResource
+from resources.evaluation_data import EvaluationDataResource
 from resources.external import ExternalSourcesResource
 from resources.published import PublishedMetadataResource
 from resources.storage import StorageResource
 from resources.synthetic_web import SyntheticWebResource
 
-__all__ = ["AcceleratorResource", "DownloaderResource", "ExternalSourcesResource", "PublishedMetadataResource",
+__all__ = ["AcceleratorResource", "DownloaderResource", "EvaluationDataResource", "ExternalSourcesResource", "PublishedMetadataResource",
            "StorageResource", "SyntheticWebResource"]

@@ -130,3 +130,17 @@ def test_tiny_scale_end_to_end(miniature):
         # Materializing again reuses what exists: the pool is not downloaded twice.
         run_scale("tiny", ["basic"], resources=resources, instance=instance)
         assert latest_metadata(instance, "pool_shards", "tiny")["successes"] == shards["successes"]
+
+
+def test_paper_scale_eval_suite_fails_at_once_naming_missing_reference_tasks(tmp_path):
+    from resources import EvaluationDataResource
+
+    resources = {"storage": StorageResource(root=str(tmp_path / "data")),
+                 "eval_data": EvaluationDataResource(directory=str(tmp_path / "eval"), download=False)}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([defs.get_assets_def("eval_suite")], partition_key="small", instance=instance,
+                                resources=resources, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.step_failure_data.error.to_string()
+    assert "imagenet1k" in message and "djghosh/wds_imagenet1k_test" in message and str(tmp_path / "eval") in message

@@ -1,27 +1,46 @@
-"""Evaluation stage: the scale's evaluation suite and each checkpoint's zero-shot scores."""
+"""Evaluation stage: the scale's evaluation suite and each checkpoint's zero-shot scores.
+
+At `tiny` the suite is built here (synthetic tasks in clip_benchmark's layout); at the paper's scales it is
+DataComp's 38 reference tasks, read from a local directory or fetched from the Hugging Face Hub.
+"""
 
 import statistics
+from pathlib import Path
 
 import dagster as dg
 
+from datacomp_assets.evaluation.reference import REFERENCE_TASKS, ensure_reference_suite
 from datacomp_assets.evaluation.suite import TASKS, build_suite
 from datacomp_assets.evaluation.zeroshot import aggregate, evaluate_checkpoint
 from datacomp_assets.training.assets import checkpoint_file, seed_name
 from partitions import by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions
-from partitions.scales import require_synthetic
-from resources import AcceleratorResource, StorageResource
+from partitions.scales import ScaleConfig
+from resources import AcceleratorResource, EvaluationDataResource, StorageResource
 
 EVALUATION = "evaluation"
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=EVALUATION, code_version="1")
-def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """Zero-shot tasks in clip_benchmark's webdataset layout; no model ever trains on them."""
+def suite_for(scale: ScaleConfig, storage: StorageResource, eval_data: EvaluationDataResource) -> tuple[Path, dict]:
+    """(directory, task registry) of the scale's evaluation suite."""
+    if scale.synthetic:
+        return storage.path(scale.name, "eval_suite"), TASKS
+    return eval_data.root(storage.root), REFERENCE_TASKS
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=EVALUATION, code_version="2")
+def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource,
+               eval_data: EvaluationDataResource) -> dg.MaterializeResult:
+    """Zero-shot tasks in clip_benchmark's webdataset layout, never trained on: built at tiny, DataComp's 38
+    reference tasks at the paper's scales (fails at once, naming what is missing, when they cannot be had)."""
     scale = get_scale(context.partition_key)
-    require_synthetic(scale, "eval_suite")
-    root = storage.path(scale.name, "eval_suite")
-    counts = build_suite(root, size_scale=scale.eval_suite_scale)
-    rows = "\n".join(f"| {k} | {TASKS[k].group} | {TASKS[k].main_metric} | {n} |" for k, n in counts.items())
+    root, registry = suite_for(scale, storage, eval_data)
+    if scale.synthetic:
+        counts = build_suite(root, size_scale=scale.eval_suite_scale)
+    else:
+        fetched = ensure_reference_suite(root, eval_data.download, progress=context.log.info)
+        counts = {key: task.size for key, task in registry.items()}
+        context.log.info(f"{len(fetched)} reference tasks downloaded, {len(registry) - len(fetched)} already there")
+    rows = "\n".join(f"| {k} | {registry[k].group} | {registry[k].main_metric} | {n} |" for k, n in counts.items())
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(root)), "tasks": len(counts), "images": sum(counts.values()),
         "tasks_table": dg.MetadataValue.md("| task | group | main metric | samples |\n|---|---|---|---|\n" + rows),
@@ -35,25 +54,25 @@ def results_file(storage: StorageResource, scale_name: str, strategy: str, seed:
 
 @dg.asset(partitions_def=scale_strategy_partitions, group_name=EVALUATION, code_version="2",
           deps=["checkpoint", dg.AssetDep("eval_suite", partition_mapping=by_scale)], pool="gpu")
-def eval_results(context: dg.AssetExecutionContext, storage: StorageResource,
-                 accelerator: AcceleratorResource) -> dg.MaterializeResult:
-    """Zero-shot classification and retrieval scores of every seed's checkpoint, one line per task."""
+def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
+                 eval_data: EvaluationDataResource) -> dg.MaterializeResult:
+    """Zero-shot scores of every seed's checkpoint, one line per task; tasks already written are not redone."""
     scale, strategy = scale_and_strategy(context)
     device = accelerator.placement(scale.precision).device
+    suite_root, registry = suite_for(scale, storage, eval_data)
     per_seed = {}
     for seed in scale.seeds:
-        out = results_file(storage, scale.name, strategy, seed)
-        context.log.info(f"seed {seed}: evaluating {checkpoint_file(storage, scale, strategy, seed)}")
-        per_seed[seed] = evaluate_checkpoint(scale.model, checkpoint_file(storage, scale, strategy, seed),
-                                             storage.path(scale.name, "eval_suite"), out, device=device,
-                                             progress=context.log.info)
+        ckpt = checkpoint_file(storage, scale, strategy, seed)
+        context.log.info(f"seed {seed}: evaluating {ckpt}")
+        per_seed[seed] = evaluate_checkpoint(scale.model, ckpt, suite_root, results_file(storage, scale.name, strategy, seed),
+                                             device=device, progress=context.log.info, registry=registry)
     summaries = {seed: aggregate(rows) for seed, rows in per_seed.items()}
     averages = [s["average"] for s in summaries.values()]
-    tasks = [r["key"] for r in next(iter(per_seed.values()))]
-    task_means = {k: statistics.mean(next(r for r in rows if r["key"] == k)["metrics"]["main_metric"]
-                                     for rows in per_seed.values()) for k in tasks}
+    task_means = {row["key"]: statistics.mean(r["metrics"]["main_metric"] for rows in per_seed.values()
+                                              for r in rows if r["key"] == row["key"])
+                  for row in next(iter(per_seed.values()))}
     return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(results_file(storage, scale.name, strategy, scale.seeds[0]).parent.parent)),
+        "path": dg.MetadataValue.path(str(storage.path(scale.name, "eval_results", strategy))),
         "seeds": list(scale.seeds),
         "average": statistics.mean(averages),
         "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
