@@ -6,13 +6,14 @@ import io
 import json
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from datacomp_assets.evaluation import zeroshot
-from datacomp_assets.evaluation.suite import TASKS, build_suite
+from datacomp_assets.evaluation.suite import OBJECTS, POSITIONS, TASKS, build_suite
 from datacomp_assets.evaluation.zeroshot import (
     aggregate, class_embeddings, classification_metrics, classify, evaluate_checkpoint,
     iter_shard_samples, retrieval_metrics,
@@ -20,6 +21,10 @@ from datacomp_assets.evaluation.zeroshot import (
 
 SCALE = 0.05  # a miniature suite: a few images per class
 TINY_MODEL = "datacomp-tiny"  # the smallest registered architecture; randomly initialised here
+# DataComp's task groups (reference section 5), which the leaderboard averages by.
+REFERENCE_GROUPS = ("ImageNet", "ImageNet distribution shifts", "VTAB", "Retrieval", "other")
+SHIFTS = [k for k, t in TASKS.items() if t.group == "ImageNet distribution shifts"]
+CAPTIONS_PER_IMAGE = {"retrieval": (2, 3), "retrieval_coco": (5, 5)}  # Flickr30k-like, MSCOCO-like
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +59,70 @@ def test_suite_has_clip_benchmark_layout(suite):
             per_class = [labels.count(c) for c in range(len(classnames))]
             assert min(per_class) == max(per_class) >= 1
         else:
+            low, high = CAPTIONS_PER_IMAGE[key]
             for s in samples:
                 captions = s["txt"].decode().split("\n")
-                assert 2 <= len(captions) <= 3 and len(set(captions)) == len(captions)
+                assert low <= len(captions) <= high and len(set(captions)) == len(captions)
 
 
-def test_sketch_task_differs_from_objects(suite):
+def test_groups_mirror_the_reference():
+    groups: dict[str, list[str]] = {}
+    for key, task in TASKS.items():
+        groups.setdefault(task.group, []).append(key)
+    assert set(groups) == set(REFERENCE_GROUPS)
+    assert groups["ImageNet"] == ["objects"]
+    assert len(SHIFTS) >= 3 and "objects_sketch" in SHIFTS
+    # A shift asks the ImageNet analogue's question (same classes, same prompts) of other images.
+    assert all(TASKS[k].classnames == TASKS["objects"].classnames == OBJECTS for k in SHIFTS)
+    assert all(TASKS[k].templates == TASKS["objects"].templates for k in SHIFTS)
+    assert len(groups["VTAB"]) >= 5 and {"counting", "colors"} <= set(groups["VTAB"])
+    assert sorted(groups["Retrieval"]) == ["retrieval", "retrieval_coco"]
+    assert all(TASKS[k].kind == "retrieval" and TASKS[k].main_metric == "mean_recall@1" for k in groups["Retrieval"])
+    assert groups["other"] == ["digits"] and TASKS["digits"].main_metric == "mean_per_class_recall"
+    for key in set(TASKS) - set(groups["Retrieval"]):
+        assert TASKS[key].kind == "classification" and len(set(TASKS[key].classnames)) >= 2
+
+
+@pytest.mark.parametrize("key", [k for k, t in TASKS.items() if t.kind == "classification"])
+def test_classification_tasks_are_balanced_and_deterministic(key):
+    # Larger than SCALE, so that every class has several images and an imbalance would show.
+    first = list(TASKS[key].builder(0.12))
+    labels = [label for _, label in first]
+    per_class = np.bincount(labels, minlength=len(TASKS[key].classnames))
+    assert len(per_class) == len(TASKS[key].classnames) and per_class.min() == per_class.max() >= 2
+    again = list(TASKS[key].builder(0.12))
+    assert len(again) == len(first)
+    for (image, label), (image2, label2) in zip(first, again):
+        assert label == label2 and np.array_equal(np.asarray(image), np.asarray(image2))
+
+
+def _thumbnails(task_dir) -> np.ndarray:
+    """(n, 16, 16, 3) thumbnails in [0, 1]: about equal for the same picture whatever its JPEG bytes."""
+    return np.stack([np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB").resize((16, 16), Image.BOX),
+                                dtype=np.float32) / 255 for s in iter_shard_samples(task_dir)])
+
+
+@pytest.mark.parametrize("key", SHIFTS)
+def test_shifted_tasks_share_no_image_with_objects_or_each_other(suite, key):
+    """A shift is new images: none of `objects` (nor of another shift), not even re-encoded."""
     root, _ = suite
-    first = {s["jpg"] for s in iter_shard_samples(root / "objects")}
-    assert not first & {s["jpg"] for s in iter_shard_samples(root / "objects_sketch")}
+    shifted = _thumbnails(root / key)
+    for other in ["objects"] + [k for k in SHIFTS if k != key]:
+        assert not {s["jpg"] for s in iter_shard_samples(root / other)} & {
+            s["jpg"] for s in iter_shard_samples(root / key)}
+        # A re-encoded copy differs by about 0.005 per pixel; distinct pictures by far more.
+        distance = np.abs(shifted[:, None] - _thumbnails(root / other)[None]).mean(axis=(2, 3, 4))
+        assert distance.min() > 0.02, other
+
+
+def test_position_labels_say_where_the_object_is(suite):
+    root, _ = suite
+    for s in iter_shard_samples(root / "position"):
+        pixels = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), dtype=np.int16)
+        ys, xs = np.nonzero(np.abs(pixels - 250).max(axis=-1) > 60)  # ink on the plain paper
+        dx, dy = xs.mean() - pixels.shape[1] / 2, ys.mean() - pixels.shape[0] / 2
+        side = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("top" if dy < 0 else "bottom")
+        assert side == POSITIONS[int(s["cls"])]
 
 
 def test_build_suite_is_idempotent(suite):
@@ -149,9 +209,11 @@ def test_evaluate_checkpoint_writes_and_resumes(suite, tmp_path, monkeypatch):
         assert row["dataset"] == row["key"] and row["group"] == task.group
         assert 0.0 <= row["metrics"]["main_metric"] <= 1.0
         assert row["metrics"]["main_metric"] == row["metrics"][task.main_metric]
-    assert "mean_recall@1" in lines[-1]["metrics"] and messages
+    assert all("mean_recall@1" in r["metrics"] for r in lines if TASKS[r["key"]].kind == "retrieval")
+    assert messages
 
     summary = aggregate(rows)
+    assert set(summary) == set(REFERENCE_GROUPS) | {"average"}
     assert summary["average"] == pytest.approx(sum(r["metrics"]["main_metric"] for r in rows) / len(rows))
     vtab = [r["metrics"]["main_metric"] for r in rows if r["group"] == "VTAB"]
     assert summary["VTAB"] == pytest.approx(sum(vtab) / len(vtab))
@@ -172,16 +234,17 @@ def test_evaluate_checkpoint_resumes_after_crash(suite, tmp_path, monkeypatch):
     out = tmp_path / "eval_results.jsonl"
     done = [{"key": k, "dataset": k, "group": TASKS[k].group, "metrics": {"main_metric": 0.5}}
             for k in list(TASKS)[:-1]]
-    out.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"key": "retri')
+    last = list(TASKS)[-1]
+    out.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"key": "' + last[:3])
     evaluated = []
 
     def fake_evaluate_task(task, *args, **kwargs):
         evaluated.append(task.key)
-        return {"mean_recall@1": 0.25, "main_metric": 0.25}
+        return {task.main_metric: 0.25, "main_metric": 0.25}
 
     monkeypatch.setattr(zeroshot, "evaluate_task", fake_evaluate_task)
     monkeypatch.setattr("datacomp_assets.training.models.load_model", lambda *a, **k: (None, None, None))
     rows = evaluate_checkpoint(TINY_MODEL, None, root, out)
-    assert evaluated == ["retrieval"]
+    assert evaluated == [last]
     assert [r["key"] for r in rows] == list(TASKS)
     assert [r["key"] for r in zeroshot.read_results(out).values()] == list(TASKS)
