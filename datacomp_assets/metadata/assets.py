@@ -4,7 +4,8 @@ import dagster as dg
 
 from datacomp_assets.metadata.scorers import DFN_MODEL, SCORER_MODELS, dfn_recipe, scorer_recipe
 from datacomp_assets.pool.shards import brace_pattern
-from datacomp_assets.training.assets import train_with_placement, training_metadata
+from datacomp_assets.training.assets import placed_job, training_metadata
+from datacomp_assets.training.trainer import train
 from partitions import get_scale, scale_partitions
 from partitions.scales import require_synthetic
 from resources import AcceleratorResource, StorageResource
@@ -44,8 +45,7 @@ def train_on_curated(context, storage: StorageResource, accelerator: Accelerator
     scale_name = context.partition_key  # (recipe.name is the model's, e.g. "tiny-dfn")
     curated = storage.path(scale_name, "curated_source")
     data = brace_pattern(curated, len(list(curated.glob("*.tar"))))
-    result = train_with_placement(recipe, data, storage.path(scale_name, asset), name, accelerator,
-                                  context.log.info)
+    result = train(placed_job(recipe, data, storage.path(scale_name, asset), name, accelerator), log=context.log.info)
     return training_metadata(result, recipe)
 
 

@@ -26,18 +26,13 @@ def placed_job(scale: ScaleConfig, train_data: str, logs_dir: Path, name: str, a
                     seed=seed)
 
 
-def train_with_placement(scale: ScaleConfig, train_data: str, logs_dir: Path, name: str,
-                         accelerator: AcceleratorResource, log) -> TrainResult:
-    return train(placed_job(scale, train_data, logs_dir, name, accelerator), log=log)
-
-
 def faces_in_pool(metadata_dir: Path) -> dict[str, list]:
     """uid -> face boxes for the (few) pool samples with detected faces."""
     import duckdb
 
     rows = duckdb.sql(f"select uid, face_bboxes from read_parquet('{metadata_dir}/*.parquet') "
                       "where len(face_bboxes) > 0").fetchall()
-    return {uid: boxes for uid, boxes in rows}
+    return dict(rows)
 
 
 def seed_name(seed: int) -> str:
@@ -106,7 +101,7 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
     rates = [r.median_samples_per_second for r in runs.values() if r.median_samples_per_second]
     return dg.MaterializeResult(metadata={
         "model": scale.model, "seeds": list(scale.seeds), "samples_seen": job.samples_seen,
-        "checkpoints": dg.MetadataValue.json({seed_name(s): {**_json_safe(training_metadata(r, scale))}
+        "checkpoints": dg.MetadataValue.json({seed_name(s): _json_safe(training_metadata(r, scale))
                                               for s, r in runs.items()}),
         "final_loss": statistics.mean(final_losses) if final_losses else None,
         "samples_per_second": statistics.median(rates) if rates else None,
