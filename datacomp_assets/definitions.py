@@ -7,8 +7,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import dagster as dg  # noqa: E402
 
+from datacomp_assets.automation import SCHEDULES, evaluate_new_checkpoints, evaluation_job, strategy_job  # noqa: E402
 from datacomp_assets.evaluation.assets import eval_results, eval_suite  # noqa: E402
-from datacomp_assets.filtering.assets import pool_features, subset, subset_is_valid  # noqa: E402
+from datacomp_assets.filtering.assets import (  # noqa: E402
+    pool_features, strategy_definitions, subset, subset_is_valid)
 from datacomp_assets.leaderboard.assets import leaderboard  # noqa: E402
 from datacomp_assets.metadata.assets import dfn_model, pool_metadata, scorer_models  # noqa: E402
 from datacomp_assets.pool.assets import (  # noqa: E402
@@ -21,7 +23,7 @@ from resources import (  # noqa: E402
 POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, dfn_model, pool_metadata,
                eval_suite, pool_features]
 STRATEGY_ASSETS = [subset, checkpoint, eval_results]
-ALL_ASSETS = [*POOL_ASSETS, *STRATEGY_ASSETS, leaderboard]
+ALL_ASSETS = [strategy_definitions, *POOL_ASSETS, *STRATEGY_ASSETS, leaderboard]
 CHECKS = [subset_is_valid, checkpoint_loads, pool_shards_match_injected_faults]
 
 RESOURCES = {
@@ -34,4 +36,11 @@ RESOURCES = {
     "eval_data": EvaluationDataResource(),
 }
 
-defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=CHECKS, resources=RESOURCES)
+# Runs launched from the UI, a backfill or a schedule execute their steps in subprocesses, at most this many at
+# once (default 2, the 2-core machine); steps of the `gpu` pool are further held to that pool's slots (the
+# instance's, see instance/dagster.yaml). `python -m datacomp_assets.run` materializes in-process instead.
+MAX_CONCURRENT_STEPS = int(os.environ.get("DATACOMP_MAX_CONCURRENT_STEPS", "2"))
+EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": MAX_CONCURRENT_STEPS}, name="bounded_multiprocess")
+
+defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=CHECKS, resources=RESOURCES, executor=EXECUTOR,
+                      jobs=[strategy_job, evaluation_job], schedules=SCHEDULES, sensors=[evaluate_new_checkpoints])

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.definitions.observe import observe
 
 from datacomp_assets.definitions import ALL_ASSETS, CHECKS, POOL_ASSETS, RESOURCES, STRATEGY_ASSETS
+from datacomp_assets.filtering.assets import strategy_definitions
 from datacomp_assets.filtering.strategies import STRATEGIES
 from datacomp_assets.leaderboard.assets import leaderboard
 from partitions import get_scale
@@ -39,6 +41,8 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None) 
     instance = instance or dg.DagsterInstance.get()
     resources = {**RESOURCES, **(resources or {})}  # overrides on top of the defaults
     t0 = time.perf_counter()
+    # Record each strategy's definition version first, so the UI can tell later which rules changed.
+    observe([strategy_definitions], instance=instance)
     materialize(POOL_ASSETS, scale, instance, resources)
     keys = [dg.MultiPartitionKey({"scale": scale, "strategy": strategy}) for strategy in strategies]
     for key in keys:

@@ -10,6 +10,9 @@ strategy_partitions = dg.StaticPartitionsDefinition(list(STRATEGIES))
 scale_strategy_partitions = dg.MultiPartitionsDefinition({"scale": scale_partitions, "strategy": strategy_partitions})
 # A per-strategy asset reads its scale's pool assets; the leaderboard reads every strategy of its scale.
 by_scale = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="scale")
+# ... and its strategy's definition.
+by_strategy = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="strategy")
+STRATEGY_DEFINITION = dg.AssetDep("strategy_definitions", partition_mapping=by_strategy)
 
 
 def scale_and_strategy(context: dg.AssetExecutionContext) -> tuple[ScaleConfig, str]:
@@ -18,4 +21,4 @@ def scale_and_strategy(context: dg.AssetExecutionContext) -> tuple[ScaleConfig, 
 
 
 __all__ = ["SCALES", "ScaleConfig", "get_scale", "scale_partitions", "strategy_partitions",
-           "scale_strategy_partitions", "by_scale", "scale_and_strategy"]
+           "scale_strategy_partitions", "by_scale", "STRATEGY_DEFINITION", "scale_and_strategy"]

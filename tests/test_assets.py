@@ -7,8 +7,14 @@ import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from dagster._core.definitions.data_version import StaleStatus
+from dagster._core.definitions.observe import observe
+from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from datacomp_assets.definitions import defs
+from datacomp_assets.definitions import ALL_ASSETS, defs
+from datacomp_assets.filtering.assets import strategy_definitions
+from datacomp_assets.filtering.strategies import STRATEGIES
+from datacomp_assets.lineage import file_sha256, read_lineage
 from datacomp_assets.pool.web_server import free_port
 from datacomp_assets.run import run_scale
 from partitions.scales import SCALES
@@ -54,7 +60,7 @@ def test_definitions_load_with_partitions():
     assert "tiny|basic" in subset_parts.get_partition_keys()
 
 
-def test_tiny_scale_end_to_end(miniature):
+def test_tiny_scale_end_to_end(miniature, monkeypatch):
     root, resources = miniature
     strategies = ["no_filter", "basic", "clip_score_l14_30pct", "image_based_clip_score_l14_30pct", "metaclip"]
     with dg.instance_for_test() as instance:
@@ -130,6 +136,42 @@ def test_tiny_scale_end_to_end(miniature):
         # Materializing again reuses what exists: the pool is not downloaded twice.
         run_scale("tiny", ["basic"], resources=resources, instance=instance)
         assert latest_metadata(instance, "pool_shards", "tiny")["successes"] == shards["successes"]
+
+        # Each leaderboard row traces back to its subset, checkpoints and pool, and the chain holds.
+        row = next(r for r in json.loads((root / "leaderboard" / "leaderboard.json").read_text())["rows"]
+                   if r["strategy"] == "basic")
+        lineage = row["lineage"]
+        assert lineage["consistent"] is True and lineage["code_revision"]
+        assert lineage["subset_sha256"] == file_sha256(root / "subset" / "basic" / "subset.npy")
+        assert lineage["pool_version"] == read_lineage(root / "pool_metadata")["pool_version"]
+        assert {seed: c["sha256"] for seed, c in lineage["checkpoints"].items()} == {
+            f"seed_{s}": file_sha256(root / "checkpoint" / "basic" / "logs" / f"seed_{s}" / "checkpoints" /
+                                     "epoch_1.pt") for s in MINIATURE.seeds}
+        assert lineage["subset_sha256"][:12] in latest_metadata(instance, "leaderboard", "tiny")["leaderboard"]
+
+        # Editing one strategy's rule marks that strategy's subset, checkpoint and scores stale, and no other's.
+        def status(asset, strategy):
+            resolver = get_stale_status_resolver(instance, ALL_ASSETS)
+            key = dg.MultiPartitionKey({"scale": "tiny", "strategy": strategy})
+            return resolver.get_status(dg.AssetKey(asset), key)
+
+        per_strategy = ("subset", "checkpoint", "eval_results")
+        assert {status(a, s) for a in per_strategy for s in ("basic", "no_filter")} == {StaleStatus.FRESH}
+        basic = STRATEGIES["basic"]
+        monkeypatch.setitem(STRATEGIES, "basic", replace(basic, where=basic.where + " AND num_words > 3"))
+        observe([strategy_definitions], instance=instance)
+        assert {a: status(a, "basic") for a in per_strategy} == dict.fromkeys(per_strategy, StaleStatus.STALE)
+        assert {status(a, "no_filter") for a in per_strategy} == {StaleStatus.FRESH}
+
+        # Materializing it again trains from scratch on the new subset (no resume from the old one's checkpoint)
+        # and scores the new checkpoints; the row's lineage holds again.
+        old_subset = lineage["subset_sha256"]
+        run_scale("tiny", ["basic"], resources=resources, instance=instance)
+        assert latest_metadata(instance, "checkpoint", "tiny|basic")["resumed_from_epoch"] == 0
+        lineage = next(r for r in json.loads((root / "leaderboard" / "leaderboard.json").read_text())["rows"]
+                       if r["strategy"] == "basic")["lineage"]
+        assert lineage["subset_sha256"] != old_subset and lineage["consistent"] is True
+        assert {status(a, "basic") for a in per_strategy} == {StaleStatus.FRESH}
 
 
 def test_paper_scale_eval_suite_fails_at_once_naming_missing_reference_tasks(tmp_path):

@@ -12,8 +12,10 @@ import dagster as dg
 from datacomp_assets.evaluation.reference import REFERENCE_TASKS, ensure_reference_suite
 from datacomp_assets.evaluation.suite import TASKS, build_suite
 from datacomp_assets.evaluation.zeroshot import aggregate, evaluate_checkpoint
+from datacomp_assets.lineage import code_revision, file_sha256, files_sha256, read_lineage, write_lineage
 from datacomp_assets.training.assets import checkpoint_file, seed_name
-from partitions import by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions
+from partitions import (
+    STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions)
 from partitions.scales import ScaleConfig
 from resources import AcceleratorResource, EvaluationDataResource, StorageResource
 
@@ -53,26 +55,40 @@ def results_file(storage: StorageResource, scale_name: str, strategy: str, seed:
 
 
 @dg.asset(partitions_def=scale_strategy_partitions, group_name=EVALUATION, code_version="2",
-          deps=["checkpoint", dg.AssetDep("eval_suite", partition_mapping=by_scale)], pool="gpu")
+          deps=[STRATEGY_DEFINITION, "checkpoint", dg.AssetDep("eval_suite", partition_mapping=by_scale)],
+          pool="gpu")
 def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
                  eval_data: EvaluationDataResource) -> dg.MaterializeResult:
     """Zero-shot scores of every seed's checkpoint, one line per task; tasks already written are not redone."""
     scale, strategy = scale_and_strategy(context)
     device = accelerator.placement(scale.precision).device
     suite_root, registry = suite_for(scale, storage, eval_data)
+    out = storage.path(scale.name, "eval_results", strategy)
+    scored = read_lineage(out).get("checkpoints", {})
     per_seed = {}
     for seed in scale.seeds:
         ckpt = checkpoint_file(storage, scale, strategy, seed)
+        results = results_file(storage, scale.name, strategy, seed)
+        ckpt_sha256 = file_sha256(ckpt)
+        if scored.get(seed_name(seed), ckpt_sha256) != ckpt_sha256 and results.exists():
+            # Lines already written score an earlier checkpoint: skipping them as done would be wrong.
+            context.log.warning(f"seed {seed}: {ckpt} changed since it was scored; scoring it again")
+            results.unlink()
+        scored[seed_name(seed)] = ckpt_sha256
+        write_lineage(out, {"checkpoints": scored, "complete": False})
         context.log.info(f"seed {seed}: evaluating {ckpt}")
-        per_seed[seed] = evaluate_checkpoint(scale.model, ckpt, suite_root, results_file(storage, scale.name, strategy, seed),
-                                             device=device, progress=context.log.info, registry=registry)
+        per_seed[seed] = evaluate_checkpoint(scale.model, ckpt, suite_root, results, device=device,
+                                             progress=context.log.info, registry=registry)
     summaries = {seed: aggregate(rows) for seed, rows in per_seed.items()}
     averages = [s["average"] for s in summaries.values()]
     task_means = {row["key"]: statistics.mean(r["metrics"]["main_metric"] for rows in per_seed.values()
                                               for r in rows if r["key"] == row["key"])
                   for row in next(iter(per_seed.values()))}
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(storage.path(scale.name, "eval_results", strategy))),
+    results_sha256 = files_sha256(results_file(storage, scale.name, strategy, seed) for seed in scale.seeds)
+    write_lineage(out, {"checkpoints": scored, "results_sha256": results_sha256, "complete": True,
+                        "code_revision": code_revision()})
+    return dg.MaterializeResult(data_version=dg.DataVersion(results_sha256[:16]), metadata={
+        "path": dg.MetadataValue.path(str(out)),
         "seeds": list(scale.seeds),
         "average": statistics.mean(averages),
         "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,

@@ -6,9 +6,12 @@ import dagster as dg
 import numpy as np
 
 from datacomp_assets.filtering.strategies import (
-    STRATEGIES, expected_fraction, registry_version, select_uids, strategy_definition, track)
+    STRATEGIES, expected_fraction, select_uids, strategy_definition, strategy_version, track)
 from datacomp_assets.filtering.uids import load_subset, save_subset, uids_to_array
-from partitions import by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions
+from datacomp_assets.lineage import code_revision, file_sha256, read_lineage, write_lineage
+from partitions import (
+    STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions,
+    strategy_partitions)
 from partitions.scales import require_synthetic
 from resources import AcceleratorResource, StorageResource
 
@@ -70,11 +73,21 @@ def _external_dirs(storage: StorageResource, scale_name: str) -> dict:
     return {d.name: d for d in sorted(root.iterdir()) if d.is_dir()} if root.exists() else {}
 
 
+@dg.observable_source_asset(partitions_def=strategy_partitions, group_name=FILTERING)
+def strategy_definitions() -> dg.DataVersionsByPartition:
+    """Each registered strategy's rule (strategies.toml and $DATACOMP_STRATEGIES), versioned by its hash.
+
+    Edit a rule, reload the code location and observe this asset: that strategy's subsets, checkpoints and
+    scores show as stale, and no other strategy's do."""
+    return dg.DataVersionsByPartition({name: dg.DataVersion(strategy_version(name)) for name in STRATEGIES})
+
+
 @dg.asset(partitions_def=scale_strategy_partitions, group_name=FILTERING,
-          deps=[dg.AssetDep("pool_metadata", partition_mapping=by_scale),
+          deps=[STRATEGY_DEFINITION,
+                dg.AssetDep("pool_metadata", partition_mapping=by_scale),
                 dg.AssetDep("pool_features", partition_mapping=by_scale),
                 dg.AssetDep("external_sources", partition_mapping=by_scale)],
-          code_version=registry_version())
+          code_version="3")
 def subset(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """The strategy's rule applied to the pool metadata: the uids a CLIP will be trained on, and an audit of
     who is in and who is out."""
@@ -92,8 +105,14 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.Ma
     truth = storage.path(scale.name, "pool_index") / "ground_truth.parquet"
     audit = audit_subset(metadata_dir, uids, ground_truth_path=truth if scale.synthetic and truth.exists() else None)
     overall = audit["overall"][0]
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(path)),
+    subset_sha256 = file_sha256(path)
+    pool_version = read_lineage(metadata_dir).get("pool_version", "unknown")
+    write_lineage(path.parent, {"subset_sha256": subset_sha256, "strategy": strategy,
+                                "strategy_version": strategy_version(strategy), "pool_version": pool_version,
+                                "dataset_size": len(uids), "code_revision": code_revision()})
+    return dg.MaterializeResult(data_version=dg.DataVersion(subset_sha256[:16]), metadata={
+        "path": dg.MetadataValue.path(str(path)), "subset_sha256": subset_sha256, "pool_version": pool_version,
+        "strategy_version": strategy_version(strategy),
         "strategy": STRATEGIES[strategy].description,
         "rule": dg.MetadataValue.json(strategy_definition(strategy)),
         "track": track(strategy),

@@ -182,10 +182,11 @@ def strategy_definition(name: str) -> dict:
             if getattr(strategy, f.name) != f.default}
 
 
-def registry_version() -> str:
-    """A short hash of every registered strategy's definition: it changes when any rule changes."""
-    text = json.dumps({name: strategy_definition(name) for name in sorted(STRATEGIES)}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def strategy_version(name: str) -> str:
+    """A short hash of one strategy's definition: the data version of its `strategy_definitions` partition,
+    so editing one rule marks only that strategy's subsets, checkpoints and scores stale."""
+    text = json.dumps(strategy_definition(name), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def track(name: str) -> str:

@@ -20,6 +20,7 @@ class Entry:
     seed_tasks: dict[int, dict[str, float]]  # seed -> task key -> main metric
     groups: dict[str, float] = field(default_factory=dict)  # group -> mean over seeds
     track: str = "filtering"                 # or "byod": samples from outside the pool are mixed in
+    lineage: dict = field(default_factory=dict)  # hashes and paths back to the pool (see lineage_of)
 
     @property
     def seed_averages(self) -> list[float]:
@@ -81,6 +82,44 @@ def to_markdown(entries: list[Entry]) -> str:
                  *(f"{e.tasks[t]:.4f}" if t in e.tasks else "" for t in tasks)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+TRACK_TITLES = {"filtering": "Filtering track", "byod": "Bring-your-own-data track"}
+
+
+def board_markdown(entries: list[Entry]) -> str:
+    """One ranked table per track (the paper ranks the tracks apart), each followed by its rows' lineage."""
+    parts = []
+    for track in sorted({e.track for e in entries}, key=lambda t: list(TRACK_TITLES).index(t)):
+        rows = [e for e in entries if e.track == track]
+        parts += [f"### {TRACK_TITLES[track]}", to_markdown(rows), "Lineage:", lineage_markdown(rows)]
+    return "\n\n".join(parts)
+
+
+def lineage_markdown(entries: list[Entry]) -> str:
+    """Where each row came from: short hashes of its subset, checkpoints and pool, and the code revision."""
+    lines = ["| strategy | subset sha256 | checkpoint sha256 (per seed) | pool version | strategy version | "
+             "code revision | consistent |", "|---|---|---|---|---|---|---|"]
+    for e in rank(entries):
+        lin = e.lineage
+        ckpts = ", ".join(c["sha256"][:12] for c in lin.get("checkpoints", {}).values())
+        consistent = {True: "yes", False: "**no: re-materialize**", None: "unknown"}[lin.get("consistent")]
+        lines.append(f"| {e.strategy} | {lin.get('subset_sha256', '')[:12]} | {ckpts} | "
+                     f"{lin.get('pool_version', '')[:12]} | {lin.get('strategy_version', '')} | "
+                     f"{lin.get('code_revision', '')} | {consistent} |")
+    return "\n".join(lines)
+
+
+def board_rows(entries: list[Entry]) -> list[dict]:
+    """The board as plain data (leaderboard.json): each row's scores, spread, rank in its track, lineage."""
+    rows = []
+    for track in sorted({e.track for e in entries}):
+        for i, e in enumerate(rank([x for x in entries if x.track == track]), 1):
+            rows.append({"track": track, "rank": i, "strategy": e.strategy, "dataset_size": e.dataset_size,
+                         "samples_seen": e.samples_seen, "seeds": len(e.seed_averages), "average": e.average,
+                         "std": e.std, "seed_averages": e.seed_averages, "groups": e.groups, "tasks": e.tasks,
+                         "lineage": e.lineage})
+    return rows
 
 
 def ordering_report(entries: list[Entry], pairs=PAPER_ORDERING) -> list[dict]:

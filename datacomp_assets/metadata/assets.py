@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from datacomp_assets.lineage import code_revision, files_sha256, write_lineage
 from datacomp_assets.metadata.scorers import DFN_MODEL, SCORER_MODELS, dfn_recipe, scorer_recipe
 from datacomp_assets.pool.shards import brace_pattern
 from datacomp_assets.training.assets import placed_job, training_metadata
@@ -89,8 +90,11 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
     rows, en, b32, l14 = duckdb.sql(
         f"select count(*), avg((language = 'en')::int), avg(clip_b32_similarity_score), "
         f"avg(clip_l14_similarity_score) from read_parquet('{out}/*.parquet')").fetchall()[0]
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(out)),
+    # The pool's version: every subset, checkpoint and score downstream records it in its lineage.
+    pool_version = files_sha256(sorted(out.glob("*.parquet")))
+    write_lineage(out, {"pool_version": pool_version, "rows": rows, "code_revision": code_revision()})
+    return dg.MaterializeResult(data_version=dg.DataVersion(pool_version[:16]), metadata={
+        "path": dg.MetadataValue.path(str(out)), "pool_version": pool_version,
         "rows": rows, "shards": summary["shards"], "english_fraction": en,
         "mean_clip_b32_similarity_score": b32, "mean_clip_l14_similarity_score": l14,
         "removed_unsafe_text": summary["removed_unsafe_text"],

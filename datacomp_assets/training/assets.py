@@ -1,7 +1,7 @@
 """Training stage: open_clip checkpoints per (scale, strategy), one per training seed, on exactly the subset's
 samples; and a blocking check that every checkpoint loads safely and runs."""
 
-import hashlib
+import shutil
 import statistics
 from pathlib import Path
 
@@ -9,10 +9,12 @@ import dagster as dg
 
 from datacomp_assets.filtering.strategies import track
 from datacomp_assets.filtering.uids import load_subset
+from datacomp_assets.lineage import (
+    code_revision, file_sha256, made_from_other_input, read_lineage, text_sha256, write_lineage)
 from datacomp_assets.training.curves import loss_curve_png, png_markdown
 from datacomp_assets.training.reshard import reshard
 from datacomp_assets.training.trainer import TrainJob, TrainResult, train
-from partitions import by_scale, scale_and_strategy, scale_strategy_partitions
+from partitions import STRATEGY_DEFINITION, by_scale, scale_and_strategy, scale_strategy_partitions
 from partitions.scales import ScaleConfig
 from resources import AcceleratorResource, StorageResource
 
@@ -62,24 +64,23 @@ def training_metadata(result: TrainResult, scale: ScaleConfig) -> dict:
     return meta
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dg.asset(partitions_def=scale_strategy_partitions, group_name="training", code_version="2",
-          deps=["subset", dg.AssetDep("pool_shards", partition_mapping=by_scale)],
+          deps=[STRATEGY_DEFINITION, "subset", dg.AssetDep("pool_shards", partition_mapping=by_scale)],
           pool="gpu")
 def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
                accelerator: AcceleratorResource) -> dg.MaterializeResult:
     """open_clip's trainer on exactly the subset's samples, with the scale's fixed recipe and budget, once per
     training seed of the scale. Killed and materialized again, each seed resumes from its latest checkpoint."""
     scale, strategy = scale_and_strategy(context)
-    uids = load_subset(storage.path(scale.name, "subset", strategy) / "subset.npy")
+    subset_dir = storage.path(scale.name, "subset", strategy)
+    uids = load_subset(subset_dir / "subset.npy")
+    subset_sha256 = file_sha256(subset_dir / "subset.npy")
     out = storage.path(scale.name, "checkpoint", strategy)
+    if made_from_other_input(out, "subset_sha256", subset_sha256):
+        # Resuming would continue a model of the old subset: start over.
+        context.log.warning(f"the subset changed since {out} was trained; discarding its checkpoints")
+        shutil.rmtree(out / "logs", ignore_errors=True)
+    write_lineage(out, {"subset_sha256": subset_sha256, "complete": False})
     faces = faces_in_pool(storage.path(scale.name, "pool_metadata"))
     shard_dirs = [storage.path(scale.name, "pool_shards")]
     if track(strategy) == "byod":
@@ -99,10 +100,17 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
     (out / "loss_curve.png").write_bytes(png)
     final_losses = [r.final_loss for r in runs.values() if r.final_loss is not None]
     rates = [r.median_samples_per_second for r in runs.values() if r.median_samples_per_second]
-    return dg.MaterializeResult(metadata={
+    per_seed = {seed_name(s): _json_safe(training_metadata(r, scale)) for s, r in runs.items()}
+    hashes = {name: meta["checkpoint_sha256"] for name, meta in per_seed.items()}
+    write_lineage(out, {
+        "subset_sha256": subset_sha256, "pool_version": read_lineage(subset_dir).get("pool_version", "unknown"),
+        "checkpoints": {name: {"path": meta["checkpoint"], "sha256": meta["checkpoint_sha256"]}
+                        for name, meta in per_seed.items()},
+        "model": scale.model, "samples_seen": job.samples_seen, "complete": True, "code_revision": code_revision()})
+    return dg.MaterializeResult(data_version=dg.DataVersion(text_sha256(hashes)[:16]), metadata={
+        "subset_sha256": subset_sha256,
         "model": scale.model, "seeds": list(scale.seeds), "samples_seen": job.samples_seen,
-        "checkpoints": dg.MetadataValue.json({seed_name(s): _json_safe(training_metadata(r, scale))
-                                              for s, r in runs.items()}),
+        "checkpoints": dg.MetadataValue.json(per_seed),
         "final_loss": statistics.mean(final_losses) if final_losses else None,
         "samples_per_second": statistics.median(rates) if rates else None,
         "train_seconds": round(sum(r.seconds for r in runs.values()), 1),

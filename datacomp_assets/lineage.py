@@ -1,0 +1,77 @@
+"""Lineage records: what each artifact was made from, written beside it as `lineage.json`.
+
+Each stage hashes what it wrote and names the hashes of what it read (the subset of a checkpoint, the
+checkpoints of a score file), so a leaderboard row can be traced back to its pool, and an artifact made
+from an input that has since changed is recognised as stale and redone instead of resumed.
+The same hashes are the assets' Dagster data versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+LINEAGE_FILE = "lineage.json"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_sha256(paths) -> str:
+    """One hash of several files' contents, in the order given (names do not enter: moving a tree keeps it)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(file_sha256(path).encode())
+    return h.hexdigest()
+
+
+def text_sha256(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def write_lineage(directory: str | os.PathLike, record: dict) -> Path:
+    """Write `lineage.json` atomically (a reader never sees half a record)."""
+    path = Path(directory) / LINEAGE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_lineage(directory: str | os.PathLike) -> dict:
+    """The record, or {} where none was written (artifacts made before lineage was recorded)."""
+    path = Path(directory) / LINEAGE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it and materialize the asset again") from None
+
+
+def made_from_other_input(directory: str | os.PathLike, key: str, current: str) -> bool:
+    """True when the artifact in `directory` records an input hash under `key` that differs from `current`."""
+    recorded = read_lineage(directory).get(key)
+    return recorded is not None and recorded != current
+
+
+def code_revision() -> str:
+    """The project's git commit (with `+dirty` for uncommitted changes), or "unknown" outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
