@@ -50,3 +50,15 @@ def evaluate_new_checkpoints(context: dg.SensorEvaluationContext, asset_event: d
     if any(r.event_log_entry.dagster_event.asset_key == dg.AssetKey("eval_results") for r in planned):
         return dg.SkipReason(f"run {asset_event.run_id} scores checkpoint {partition} itself")
     return dg.RunRequest(run_key=f"eval|{partition}|{asset_event.run_id}", partition_key=partition)
+
+
+def strategy_partition_keys(scale: str) -> list[str]:
+    return [str(dg.MultiPartitionKey({"scale": scale, "strategy": strategy})) for strategy in STRATEGIES]
+
+
+if __name__ == "__main__":  # `python -m datacomp_assets.automation small`: the partitions a backfill of it needs
+    import sys
+
+    from partitions import get_scale
+
+    print(",".join(strategy_partition_keys(get_scale(sys.argv[1]).name)))

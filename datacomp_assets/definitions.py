@@ -11,7 +11,7 @@ from datacomp_assets.automation import SCHEDULES, evaluate_new_checkpoints, eval
 from datacomp_assets.evaluation.assets import eval_results, eval_suite  # noqa: E402
 from datacomp_assets.filtering.assets import (  # noqa: E402
     pool_features, strategy_definitions, subset, subset_is_valid)
-from datacomp_assets.leaderboard.assets import leaderboard  # noqa: E402
+from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis, submission  # noqa: E402
 from datacomp_assets.metadata.assets import dfn_model, pool_metadata, scorer_models  # noqa: E402
 from datacomp_assets.pool.assets import (  # noqa: E402
     curated_source, external_sources, pool_index, pool_shards, pool_shards_match_injected_faults)
@@ -23,7 +23,7 @@ from resources import (  # noqa: E402
 POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, dfn_model, pool_metadata,
                eval_suite, pool_features]
 STRATEGY_ASSETS = [subset, checkpoint, eval_results]
-ALL_ASSETS = [strategy_definitions, *POOL_ASSETS, *STRATEGY_ASSETS, leaderboard]
+ALL_ASSETS = [strategy_definitions, *POOL_ASSETS, *STRATEGY_ASSETS, leaderboard, scaling_analysis, submission]
 CHECKS = [subset_is_valid, checkpoint_loads, pool_shards_match_injected_faults]
 
 RESOURCES = {

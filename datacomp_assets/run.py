@@ -18,7 +18,8 @@ from dagster._core.definitions.observe import observe
 from datacomp_assets.definitions import ALL_ASSETS, CHECKS, POOL_ASSETS, RESOURCES, STRATEGY_ASSETS
 from datacomp_assets.filtering.assets import strategy_definitions
 from datacomp_assets.filtering.strategies import STRATEGIES
-from datacomp_assets.leaderboard.assets import leaderboard
+from datacomp_assets.instance import free_orphaned_slots
+from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis
 from partitions import get_scale
 
 
@@ -41,6 +42,9 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None) 
     instance = instance or dg.DagsterInstance.get()
     resources = {**RESOURCES, **(resources or {})}  # overrides on top of the defaults
     t0 = time.perf_counter()
+    # A run killed earlier (SIGKILL, out of memory) may still hold the `gpu` slot; this run would wait forever.
+    for run_id in free_orphaned_slots(instance):
+        print(f"freed the pool slots of run {run_id}, which had ended or been killed")
     # Record each strategy's definition version first, so the UI can tell later which rules changed.
     observe([strategy_definitions], instance=instance)
     materialize(POOL_ASSETS, scale, instance, resources)
@@ -48,8 +52,10 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None) 
     for key in keys:
         materialize(STRATEGY_ASSETS, key, instance, resources)
     materialize([leaderboard], scale, instance, resources)
+    materialize([scaling_analysis], None, instance, resources)
     table = (resources["storage"].path(scale, "leaderboard") / "leaderboard.md").read_text().strip()
     print(f"\nDataComp leaderboard, scale {scale} ({time.perf_counter() - t0:.0f} s)\n\n{table}\n")
+    print(f"Scaling analysis (the paper's Figures 2 and 3): {resources['storage'].root}/scaling_analysis/")
     return table
 
 

@@ -19,10 +19,7 @@ from datacomp_assets.pool.web_server import free_port
 from datacomp_assets.run import run_scale
 from partitions.scales import SCALES
 from resources import AcceleratorResource, DownloaderResource, StorageResource, SyntheticWebResource
-
-MINIATURE = replace(SCALES["tiny"], pool_size=400, samples_seen=256, global_batch=64, checkpoints=1, warmup=2,
-                    shard_size=200, curated_size=256, scorer_samples_seen=128, eval_suite_scale=0.04,
-                    target_images_per_class=4, metaclip_t=20, seeds=(0, 1))
+from tests.miniature import MINIATURE
 
 
 @pytest.fixture
@@ -45,9 +42,10 @@ def removed(root) -> int:
     return pq.read_table(root / "pool_metadata" / "removed").num_rows
 
 
-def latest_metadata(instance, asset: str, partition: str) -> dict:
+def latest_metadata(instance, asset: str, partition: str | None) -> dict:
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1).records
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
@@ -172,6 +170,23 @@ def test_tiny_scale_end_to_end(miniature, monkeypatch):
                        if r["strategy"] == "basic")["lineage"]
         assert lineage["subset_sha256"] != old_subset and lineage["consistent"] is True
         assert {status(a, "basic") for a in per_strategy} == {StaleStatus.FRESH}
+
+        # The scaling analysis ran over the measured board and the paper's numbers.
+        scaling = latest_metadata(instance, "scaling_analysis", None)
+        assert scaling["measured_scales"] == ["tiny"] and "data:image/png;base64," in scaling["size_vs_average"]
+        assert any(c["a"] == "tiny (measured)" for c in scaling["correlations"])
+
+        # The submission export reads back in the public leaderboard's layout.
+        result = dg.materialize(ALL_ASSETS, selection=["submission"], partition_key="tiny|basic", instance=instance,
+                                resources=resources)
+        assert result.success
+        export = root / "submission" / "basic"
+        record = json.loads((export / "submission.json").read_text())["record"]
+        assert record["dataset_size"] == len(np.load(root / "subset" / "basic" / "subset.npy"))
+        assert np.array_equal(np.load(export / "tiny_scale" / "samples" / "basic.npy"),
+                              np.load(root / "subset" / "basic" / "subset.npy"))
+        assert (export / "tiny_scale" / "results.jsonl").read_text() == \
+            (root / "eval_results" / "basic" / "seed_0" / "eval_results.jsonl").read_text()
 
 
 def test_paper_scale_eval_suite_fails_at_once_naming_missing_reference_tasks(tmp_path):

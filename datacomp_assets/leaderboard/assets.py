@@ -2,17 +2,24 @@
 
 import json
 import statistics
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 
 from datacomp_assets.evaluation.assets import results_file
+from datacomp_assets.filtering.strategies import get_strategy
+from datacomp_assets.leaderboard.scaling import (
+    PAPER_IMAGENET, correlation_png, correlations_markdown, imagenet_scores, rank_correlations, size_vs_average_png)
+from datacomp_assets.leaderboard.submission import PUBLIC_SCALES, export_submission
 from datacomp_assets.evaluation.zeroshot import aggregate, read_results
 from datacomp_assets.filtering.strategies import STRATEGIES, track
 from datacomp_assets.leaderboard.table import (
     Entry, board_markdown, board_rows, ordering_markdown, ordering_report, rank)
 from datacomp_assets.lineage import read_lineage
-from partitions import by_scale, get_scale, scale_partitions
+from datacomp_assets.training.assets import seed_name
+from datacomp_assets.training.curves import png_markdown
+from partitions import SCALES, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions
 from resources import StorageResource
 
 
@@ -82,4 +89,67 @@ def leaderboard(context: dg.AssetExecutionContext, storage: StorageResource) -> 
         "best_average_std": best.std, "inconsistent_rows": dg.MetadataValue.json(stale),
         "lineage": dg.MetadataValue.json({e.strategy: e.lineage for e in entries}),
         "paper_ordering": dg.MetadataValue.json(report),
+    })
+
+
+def read_board(storage: StorageResource, scale_name: str) -> list[dict]:
+    path = storage.path(scale_name, "leaderboard") / "leaderboard.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+@dg.asset(group_name="leaderboard", code_version="1", deps=["leaderboard"])
+def scaling_analysis(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    """The paper's scaling analysis over every scale with a leaderboard: subset size against average score per
+    strategy family (Figure 2), and Spearman's rank correlation of the strategies' ImageNet scores between
+    scales (Figure 3), this project's measured scales beside the paper's published numbers."""
+    boards = {scale: rows for scale in SCALES if (rows := read_board(storage, scale))}
+    if not boards:
+        raise ValueError("no scale has a leaderboard yet: materialize leaderboard for a scale first")
+    rankings = {f"{scale} (measured)": imagenet_scores(rows) for scale, rows in boards.items()}
+    rankings |= {f"{scale} (paper)": scores for scale, scores in PAPER_IMAGENET.items()}
+    correlations = rank_correlations(rankings)
+    out = Path(storage.root).resolve() / "scaling_analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    fig2, fig3 = size_vs_average_png(boards), correlation_png(rankings, correlations)
+    (out / "size_vs_average.png").write_bytes(fig2)
+    (out / "rank_correlation.png").write_bytes(fig3)
+    (out / "scaling.json").write_text(json.dumps({"rankings": rankings, "correlations": correlations}, indent=2))
+    measured = [c for c in correlations if "measured" in c["a"] or "measured" in c["b"]]
+    context.log.info(f"{len(boards)} measured scale(s), {len(correlations)} rank correlations")
+    return dg.MaterializeResult(metadata={
+        "size_vs_average": dg.MetadataValue.md(png_markdown(fig2, "subset size vs average score")),
+        "rank_correlation": dg.MetadataValue.md(png_markdown(fig3, "rank correlation between scales")
+                                                + "\n\n" + correlations_markdown(correlations)),
+        "measured_scales": list(boards), "path": dg.MetadataValue.path(str(out)),
+        "correlations": dg.MetadataValue.json(correlations),
+        "mean_rho_measured_vs_paper": (statistics.mean(c["spearman"] for c in measured) if measured else None),
+    })
+
+
+@dg.asset(partitions_def=scale_strategy_partitions, group_name="leaderboard", code_version="1",
+          deps=["eval_results", "subset", dg.AssetDep("leaderboard", partition_mapping=by_scale)])
+def submission(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    """The strategy's entry in the public leaderboard's layout: `<scale>_scale/results.jsonl`, the subset's uids
+    under `<scale>_scale/samples/`, `submission.json` (the record the leaderboard stores, submitter fields
+    blank) and a README with the upload steps. No credentials are read or written."""
+    scale, strategy = scale_and_strategy(context)
+    seed = scale.seeds[0]  # the leaderboard takes one model: the scale's first training seed
+    row = next((r for r in read_board(storage, scale.name) if r["strategy"] == strategy), None)
+    if row is None:
+        raise ValueError(f"{strategy} is not on the {scale.name} leaderboard: materialize leaderboard[{scale.name}]")
+    if row["lineage"].get("consistent") is False:
+        raise ValueError(f"the {scale.name} leaderboard row of {strategy} does not match its current subset or "
+                         f"checkpoints: materialize its subset, checkpoint, eval_results and leaderboard again")
+    out = storage.path(scale.name, "submission", strategy)
+    exported = export_submission(
+        out, scale, strategy, get_strategy(strategy).description, row["track"],
+        storage.path(scale.name, "subset", strategy) / "subset.npy", results_file(storage, scale.name, strategy, seed),
+        {f"seed_{i}": avg for i, avg in zip(scale.seeds, row["seed_averages"])}, row["lineage"])
+    if scale.name not in PUBLIC_SCALES:
+        context.log.warning(f"{scale.name} is not a public leaderboard scale; the export shows the layout only")
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(out)), "seed": seed_name(seed),
+        "average": exported["summary"]["average"], "dataset_size": exported["record"]["dataset_size"],
+        "record": dg.MetadataValue.json(exported["record"]),
+        "readme": dg.MetadataValue.md((out / "README.md").read_text()),
     })
