@@ -115,7 +115,8 @@ def correlation_png(rankings: dict[str, dict[str, float]], correlations: list[di
     image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu")
     for i, j in itertools.product(range(len(labels)), repeat=2):
         if not np.isnan(matrix[i, j]):
-            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(matrix[i, j]) > 0.6 else "black")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_title("Rank correlation of strategies between scales (ImageNet)", fontsize=10)
