@@ -46,3 +46,26 @@ def test_paper_ordering_report():
     assert report["clip_score_l14_30pct > basic"]["holds_beyond_noise"] is True
     assert report["basic > no_filter"]["holds_beyond_noise"] is False  # basic is no better here
     assert "clip_score_b32_30pct > basic" not in report  # not on the board
+
+
+def test_each_track_is_ranked_apart_and_every_row_shows_its_lineage():
+    from datacomp_assets.leaderboard.table import board_markdown, board_rows
+
+    mine = entry("my_web_crawl", [0.50, 0.51, 0.52])
+    mine.track = "byod"
+    basic = entry("basic", [0.39, 0.40, 0.395])
+    basic.lineage = {"subset_sha256": "a" * 64, "pool_version": "b" * 64, "strategy_version": "c" * 16,
+                     "checkpoints": {"seed_0": {"path": "/x/epoch_2.pt", "sha256": "d" * 64}},
+                     "code_revision": "0123abcd", "consistent": False}
+    entries = [entry("no_filter", [0.33, 0.335, 0.334]), basic, mine]
+    text = board_markdown(entries)
+    filtering, byod = text.split("### Bring-your-own-data track")
+    assert "| 1 | basic |" in filtering and "| 2 | no_filter |" in filtering and "my_web_crawl" not in filtering
+    assert "| 1 | my_web_crawl |" in byod  # first in its own track, not above the filtering rows
+    lineage_row = ("| basic | aaaaaaaaaaaa | dddddddddddd | bbbbbbbbbbbb | cccccccccccccccc | 0123abcd | "
+                   "**no: re-materialize** |")
+    assert lineage_row in filtering
+    rows = board_rows(entries)
+    assert [(r["track"], r["rank"], r["strategy"]) for r in rows] == [
+        ("byod", 1, "my_web_crawl"), ("filtering", 1, "basic"), ("filtering", 2, "no_filter")]
+    assert rows[1]["lineage"]["checkpoints"]["seed_0"]["path"] == "/x/epoch_2.pt"
