@@ -11,7 +11,7 @@ from dagster._core.definitions.data_version import StaleStatus
 from dagster._core.definitions.observe import observe
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from datacomp_assets.definitions import ALL_ASSETS, defs
+from datacomp_assets.definitions import ALL_ASSETS, RESOURCES, defs
 from datacomp_assets.filtering.assets import strategy_definitions
 from datacomp_assets.filtering.strategies import STRATEGIES
 from datacomp_assets.lineage import file_sha256, read_lineage
@@ -178,7 +178,7 @@ def test_tiny_scale_end_to_end(miniature, monkeypatch):
 
         # The submission export reads back in the public leaderboard's layout.
         result = dg.materialize(ALL_ASSETS, selection=["submission"], partition_key="tiny|basic", instance=instance,
-                                resources=resources)
+                                resources={**RESOURCES, **resources})
         assert result.success
         export = root / "submission" / "basic"
         record = json.loads((export / "submission.json").read_text())["record"]
