@@ -1,27 +1,23 @@
 """The instance configuration shipped in instance/: the run queue, run monitoring, the `gpu` pool, the bounded
 executor, and the PostgreSQL storage, the latter against a real PostgreSQL server.
 
-The server: the one `DATACOMP_TEST_POSTGRES_URL` names (postgresql://user:password@host:port/db; .ci/run starts
-one), in a fresh database when the role may create one; otherwise a throwaway cluster (`initdb`, `pg_ctl`) on
-127.0.0.1, run as the `postgres` user when the tests run as root, removed afterwards."""
+The server (tests/postgres_server.py): the one `DATACOMP_TEST_POSTGRES_URL` names
+(postgresql://user:password@host:port/db; .ci/run starts one), in a fresh database when the role may create one;
+otherwise a throwaway cluster (`initdb`, `pg_ctl`) on 127.0.0.1, run as the `postgres` user when the tests run as
+root, removed afterwards."""
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import dagster as dg
 import pytest
@@ -31,6 +27,7 @@ from dagster._core.instance.config import PoolGranularity
 from dagster._core.run_coordinator import QueuedRunCoordinator
 
 from datacomp_assets.instance import GPU_POOL, configure_instance, free_orphaned_slots
+from tests.postgres_server import PostgresUnavailable, connect, dagster_pg_env, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCE_YAML = ROOT / "instance" / "dagster.yaml"
@@ -40,108 +37,21 @@ POSTGRES_YAML = ROOT / "instance" / "dagster-postgres.yaml"
 # ---------------------------------------------------------------------------------------------- the server
 
 
-def _postgres_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _connect(server: dict, dbname: str | None = None):
-    import psycopg2
-
-    return psycopg2.connect(host=server["host"], port=server["port"], user=server["user"],
-                            password=server["password"], dbname=dbname or server["db"], connect_timeout=10)
-
-
-@contextlib.contextmanager
-def _throwaway_server(bindir: Path):
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    tmp = Path(tempfile.mkdtemp(prefix="datacomp-pg-"))  # under /tmp: reachable by the postgres user
-    password = secrets.token_hex(16)
-    (tmp / "pwfile").write_text(password + "\n")
-    if as_postgres:
-        shutil.chown(tmp, "postgres", "postgres")
-        shutil.chown(tmp / "pwfile", "postgres", "postgres")
-    data = tmp / "data"
-    server = {"host": "127.0.0.1", "user": "datacomp", "password": password, "db": "dagster_test"}
-    try:
-        subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", server["user"],
-                        f"--pwfile={tmp / 'pwfile'}", "--auth-host=scram-sha-256", "--auth-local=trust",
-                        "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-        for _ in range(3):  # a port taken between _free_port and the start: another one
-            server["port"] = _free_port()
-            options = (f"-c listen_addresses=127.0.0.1 -p {server['port']} -c unix_socket_directories={tmp} "
-                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-            started = subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l",
-                                      str(tmp / "server.log"), "-o", options, "-w", "-t", "60", "start"],
-                                     capture_output=True, text=True, timeout=90)
-            if started.returncode == 0:
-                break
-        else:
-            log = (tmp / "server.log").read_text() if (tmp / "server.log").exists() else ""
-            raise RuntimeError(f"pg_ctl start failed: {started.stderr}\n{log[-2000:]}")
-        try:
-            with contextlib.closing(_connect(server, "postgres")) as conn:
-                conn.autocommit = True
-                conn.cursor().execute(f"CREATE DATABASE {server['db']}")
-            yield server
-        finally:
-            subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, timeout=60)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _given_server(url: str):
-    parsed = urlparse(url)
-    server = {"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 5432,
-              "user": unquote(parsed.username or ""), "password": unquote(parsed.password or ""),
-              "db": parsed.path.lstrip("/") or "postgres"}
-    fresh = f"dagster_test_{secrets.token_hex(4)}"
-    try:  # a database of its own, so that runs of earlier sessions do not mix in
-        with contextlib.closing(_connect(server)) as conn:
-            conn.autocommit = True
-            conn.cursor().execute(f"CREATE DATABASE {fresh}")
-    except Exception:
-        yield server
-        return
-    try:
-        yield {**server, "db": fresh}
-    finally:
-        with contextlib.closing(_connect(server)) as conn:
-            conn.autocommit = True
-            conn.cursor().execute(f"DROP DATABASE IF EXISTS {fresh} WITH (FORCE)")
-
-
 @pytest.fixture(scope="module")
 def postgres_server():
-    url = os.environ.get("DATACOMP_TEST_POSTGRES_URL")
-    if url:
-        with _given_server(url) as server:
+    try:
+        with running_server() as server:
             yield server
-        return
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb); bin/setup installs Debian's postgresql package")
-    with _throwaway_server(bindir) as server:
-        yield server
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture
 def postgres_instance(postgres_server, tmp_path, monkeypatch):
     """A DagsterInstance loaded from the shipped instance/dagster-postgres.yaml, its DAGSTER_PG_* pointing at
     the test server."""
-    for name, key in [("HOST", "host"), ("PORT", "port"), ("USER", "user"), ("PASSWORD", "password"), ("DB", "db")]:
-        monkeypatch.setenv(f"DAGSTER_PG_{name}", str(postgres_server[key]))
+    for name, value in dagster_pg_env(postgres_server).items():
+        monkeypatch.setenv(name, value)
     shutil.copy(POSTGRES_YAML, tmp_path / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         yield instance
@@ -178,7 +88,7 @@ def test_postgres_instance_records_runs_and_materializations(postgres_instance, 
     assert instance.get_materialized_partitions(trained.key) == {"tiny"}
 
     # The rows themselves, read without Dagster.
-    with contextlib.closing(_connect(postgres_server)) as conn, conn.cursor() as cur:
+    with contextlib.closing(connect(postgres_server)) as conn, conn.cursor() as cur:
         cur.execute("SELECT status, pipeline_name FROM runs WHERE run_id = %s", (run_id,))
         assert cur.fetchall() == [("SUCCESS", "__ephemeral_asset_job__")]
         cur.execute("SELECT partition FROM event_logs WHERE run_id = %s AND dagster_event_type = "
