@@ -12,10 +12,8 @@ from partitions import SCALES
 
 def schedule_requests(name: str, when: dt.datetime) -> list[dg.RunRequest]:
     schedule = defs.get_repository_def().get_schedule_def(name)
-    with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
-                                            repository_def=defs.get_repository_def())
-        return list(schedule.evaluate_tick(context).run_requests)
+    context = dg.build_schedule_context(scheduled_execution_time=when, repository_def=defs.get_repository_def())
+    return list(schedule.evaluate_tick(context).run_requests)
 
 
 def test_each_scale_has_a_schedule_requesting_every_strategy_partition():
