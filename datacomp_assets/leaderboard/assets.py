@@ -8,12 +8,11 @@ import dagster as dg
 import numpy as np
 
 from datacomp_assets.evaluation.assets import results_file
-from datacomp_assets.filtering.strategies import get_strategy
+from datacomp_assets.evaluation.zeroshot import aggregate, read_results
+from datacomp_assets.filtering.strategies import STRATEGIES, get_strategy, track
 from datacomp_assets.leaderboard.scaling import (
     PAPER_IMAGENET, correlation_png, correlations_markdown, imagenet_scores, rank_correlations, size_vs_average_png)
 from datacomp_assets.leaderboard.submission import PUBLIC_SCALES, export_submission
-from datacomp_assets.evaluation.zeroshot import aggregate, read_results
-from datacomp_assets.filtering.strategies import STRATEGIES, track
 from datacomp_assets.leaderboard.table import (
     Entry, board_markdown, board_rows, ordering_markdown, ordering_report, rank)
 from datacomp_assets.lineage import read_lineage
@@ -144,7 +143,7 @@ def submission(context: dg.AssetExecutionContext, storage: StorageResource) -> d
     exported = export_submission(
         out, scale, strategy, get_strategy(strategy).description, row["track"],
         storage.path(scale.name, "subset", strategy) / "subset.npy", results_file(storage, scale.name, strategy, seed),
-        {f"seed_{i}": avg for i, avg in zip(scale.seeds, row["seed_averages"])}, row["lineage"])
+        row["seed_averages"], row["lineage"])
     if scale.name not in PUBLIC_SCALES:
         context.log.warning(f"{scale.name} is not a public leaderboard scale; the export shows the layout only")
     return dg.MaterializeResult(metadata={

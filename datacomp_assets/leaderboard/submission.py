@@ -12,6 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
+from datacomp_assets.evaluation.zeroshot import aggregate, read_results
 from partitions.scales import ScaleConfig
 
 PUBLIC_SCALES = ("small", "medium", "large", "xlarge")
@@ -22,7 +25,7 @@ def export_submission(out: Path, scale: ScaleConfig, strategy: str, description:
                       subset_path: Path, results_path: Path, seed_averages: dict[str, float],
                       lineage: dict) -> dict:
     """Write the submission under `out` (replacing an earlier export whole) and return its record."""
-    rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
+    rows = list(read_results(results_path).values())
     if not rows:
         raise ValueError(f"{results_path} holds no results: materialize eval_results for {strategy} first")
     tmp = out.with_name(out.name + ".tmp")
@@ -31,8 +34,6 @@ def export_submission(out: Path, scale: ScaleConfig, strategy: str, description:
     (repo_dir / "samples").mkdir(parents=True)
     shutil.copyfile(results_path, repo_dir / "results.jsonl")
     shutil.copyfile(subset_path, repo_dir / "samples" / f"{strategy}.npy")
-    import numpy as np
-
     record = {
         "scale": scale.name, "model": scale.model, "dataset_size": len(np.load(subset_path, mmap_mode="r")),
         "batch_size": scale.global_batch, "learning_rate": scale.lr, "samples_seen": scale.samples_seen,
@@ -40,8 +41,8 @@ def export_submission(out: Path, scale: ScaleConfig, strategy: str, description:
         **{row["dataset"]: row["metrics"]["main_metric"] for row in rows
            if row["metrics"].get("main_metric") is not None},
     }
-    scored = [v["metrics"]["main_metric"] for v in rows if v["metrics"].get("main_metric") is not None]
-    summary = {"average": sum(scored) / len(scored), "tasks": len(scored), "seed_averages": seed_averages,
+    tasks = sum(row["metrics"].get("main_metric") is not None for row in rows)
+    summary = {"average": aggregate(rows)["average"], "tasks": tasks, "seed_averages": seed_averages,
                "lineage": lineage}
     (tmp / "submission.json").write_text(json.dumps({"record": record, "summary": summary}, indent=2) + "\n")
     (tmp / "README.md").write_text(_readme(scale, strategy, description, track, record, summary))

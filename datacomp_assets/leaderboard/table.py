@@ -117,8 +117,9 @@ def board_rows(entries: list[Entry]) -> list[dict]:
         for i, e in enumerate(rank([x for x in entries if x.track == track]), 1):
             rows.append({"track": track, "rank": i, "strategy": e.strategy, "dataset_size": e.dataset_size,
                          "samples_seen": e.samples_seen, "seeds": len(e.seed_averages), "average": e.average,
-                         "std": e.std, "seed_averages": e.seed_averages, "groups": e.groups, "tasks": e.tasks,
-                         "lineage": e.lineage})
+                         "std": e.std, "seed_averages": {f"seed_{seed}": statistics.mean(tasks.values())
+                                                         for seed, tasks in e.seed_tasks.items() if tasks},
+                         "groups": e.groups, "tasks": e.tasks, "lineage": e.lineage})
     return rows
 
 
