@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from datacomp_assets.metadata.schema import POOL_METADATA_SCHEMA
+from datacomp_assets.core.schema import POOL_METADATA_SCHEMA
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -350,8 +350,8 @@ def bare_strategy(meta: str, features: str, name: str) -> int:
 
 
 def ours_strategy(meta: str, features: str, name: str, out: str) -> int:
-    from datacomp_assets.filtering.strategies import select_uids
-    from datacomp_assets.filtering.uids import save_subset
+    from datacomp_assets.filtering.selection import select_uids
+    from datacomp_assets.core.uids import save_subset
 
     uids = select_uids(meta, name, feature_dirs=[features], reference_scorers=True)
     save_subset(uids, out)

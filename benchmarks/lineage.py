@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from datacomp_assets.lineage import file_sha256
+from datacomp_assets.core.lineage import file_sha256
 
 
 def read_only(path: Path) -> int:

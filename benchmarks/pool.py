@@ -30,13 +30,13 @@ import pyarrow.parquet as pq  # noqa: E402
 from datacomp_assets.metadata.build import Scorer, detect_faces, read_downloaded  # noqa: E402
 from datacomp_assets.metadata.language import caption_stats, identify_languages  # noqa: E402
 from datacomp_assets.metadata.safety import image_fingerprints  # noqa: E402
-from datacomp_assets.metadata.scorers import SCORER_MODELS  # noqa: E402
+from datacomp_assets.core.scorers import SCORER_MODELS  # noqa: E402
 from datacomp_assets.pool.download import check_against_ground_truth, download_shards  # noqa: E402
-from datacomp_assets.pool.index import write_pool_index  # noqa: E402
-from datacomp_assets.pool.synthetic_web import WebConfig, image_bytes, sample  # noqa: E402
-from datacomp_assets.pool.web_server import SyntheticWebServer, free_port  # noqa: E402
-from datacomp_assets.training.models import load_model  # noqa: E402
-from partitions.scales import SCALES  # noqa: E402
+from datacomp_assets.world.index import write_pool_index  # noqa: E402
+from datacomp_assets.world.web import WebConfig, image_bytes, sample  # noqa: E402
+from datacomp_assets.world.web_server import SyntheticWebServer, free_port  # noqa: E402
+from datacomp_assets.core.models import load_model  # noqa: E402
+from datacomp_assets.core.scales import SCALES  # noqa: E402
 
 TINY = SCALES["tiny"]
 

@@ -8,7 +8,7 @@ Writes (once, cached under --out) `--pool` synthetic samples as webdataset train
 image size, txt, json), then, in the same run:
 
 1. training: `trainer.train(TrainJob(...))`, the `checkpoint` asset's path (open_clip's trainer in a child
-   process, `python -m datacomp_assets.training.open_clip_entry`, its output streamed back and parsed),
+   process, `python -m datacomp_assets.core.open_clip_entry`, its output streamed back and parsed),
    against a bare `open_clip_train.main.main(argv)` in a child process of its own, with the same argv
    (`TrainJob.argv()`), the same environment and our model configs registered the same way. The two
    alternate (ours, bare, then bare, ours, ...) `--repeats` times, each in a fresh log dir. The recipe is the
@@ -50,17 +50,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from datacomp_assets.pool.shards import brace_pattern, write_webdataset  # noqa: E402
-from datacomp_assets.pool.synthetic_web import WebConfig, encode_jpeg, render, sample  # noqa: E402
-from datacomp_assets.training.trainer import LOG_LINE, TrainJob, _child_env, train  # noqa: E402
-from partitions.scales import SCALES  # noqa: E402
+from datacomp_assets.core.shards import brace_pattern, write_webdataset  # noqa: E402
+from datacomp_assets.world.web import WebConfig, encode_jpeg, render, sample  # noqa: E402
+from datacomp_assets.core.trainer import LOG_LINE, TrainJob, _child_env, train  # noqa: E402
+from datacomp_assets.core.scales import SCALES  # noqa: E402
 
 TINY = SCALES["tiny"]
 BATCH_TIME = re.compile(r"Batch \(t\): (?P<avg>[\d.]+),")
 # The bare run: open_clip's own entry point, after registering our model configs (open_clip only knows its
 # own architectures). argv follows `-c CODE`, so sys.argv[1:] is open_clip's argv.
 BARE_ENTRY = ("import sys\n"
-              "from datacomp_assets.training.models import register_model_configs\n"
+              "from datacomp_assets.core.models import register_model_configs\n"
               "register_model_configs()\n"
               "from open_clip_train.main import main\n"
               "main(sys.argv[1:])\n")
@@ -230,7 +230,7 @@ def bench_training(shards: str, runs_dir: Path, samples_seen: int, repeats: int,
     report["target_ratio"] = 1.05
     report["meets_target"] = max(report["overhead_ratio_steady"], report["overhead_ratio_end_to_end"]) <= 1.05
     report["argv"] = TrainJob(scale, shards, runs_dir / "<repeat>_<ours|bare>", "train", threads=threads).argv()
-    report["checkpoint"] = str(runs_dir / "0_ours" / "train" / "checkpoints" / f"epoch_{scale.checkpoints}.pt")
+    report["checkpoint"] = str(runs_dir / "0_ours" / "train" / "checkpoints" / f"epoch_{scale.epochs}.pt")
     return report
 
 
@@ -250,7 +250,7 @@ def bare_encode(checkpoint: Path | None, suite_root: Path, tasks: list[str], bat
     import torch
 
     from datacomp_assets.evaluation.zeroshot import decode_image, iter_shard_samples, sample_image
-    from datacomp_assets.training.models import load_model
+    from datacomp_assets.core.models import load_model
 
     model, preprocess, _ = load_model(TINY.model, checkpoint)
     start = time.perf_counter()
@@ -267,7 +267,7 @@ def bare_encode(checkpoint: Path | None, suite_root: Path, tasks: list[str], bat
 
 
 def bench_evaluation(checkpoint: Path | None, out: Path, repeats: int, batch: int, size_scale: float) -> dict:
-    from datacomp_assets.evaluation.suite import build_suite
+    from datacomp_assets.world.eval_suite import build_suite
 
     suite_root = out / f"eval_suite_{size_scale}"
     start = time.perf_counter()
@@ -328,7 +328,7 @@ def main() -> None:
                     "torch": torch.__version__, "open_clip": open_clip.__version__,
                     "python": platform.python_version(), "processor": platform.machine()},
         "recipe": {"scale": TINY.name, "model": TINY.model, "global_batch": TINY.global_batch, "lr": TINY.lr,
-                   "warmup": TINY.warmup, "checkpoints": TINY.checkpoints, "samples_seen": args.samples_seen,
+                   "warmup": TINY.warmup, "epochs": TINY.epochs, "samples_seen": args.samples_seen,
                    "device": "cpu", "precision": "fp32", "workers": 1},
         "repeats": args.repeats,
     }

@@ -3,7 +3,7 @@ each new checkpoint. Schedules start stopped: a scale's backfill is hours of GPU
 
 import dagster as dg
 
-from datacomp_assets.filtering.strategies import STRATEGIES
+from datacomp_assets.core.strategies import STRATEGIES
 from partitions import SCALES
 
 # subset -> checkpoint -> eval_results of one (scale, strategy); the pool assets must exist already.

@@ -17,7 +17,7 @@ from dagster._core.definitions.observe import observe
 
 from datacomp_assets.definitions import ALL_ASSETS, CHECKS, POOL_ASSETS, RESOURCES, STRATEGY_ASSETS
 from datacomp_assets.filtering.assets import strategy_definitions
-from datacomp_assets.filtering.strategies import STRATEGIES
+from datacomp_assets.core.strategies import STRATEGIES
 from datacomp_assets.instance import free_orphaned_slots
 from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis
 from partitions import get_scale

@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from datacomp_assets.filtering.strategies import STRATEGIES
-from partitions.scales import SCALES, ScaleConfig, get_scale
+from datacomp_assets.core.strategies import STRATEGIES
+from datacomp_assets.core.scales import SCALES, ScaleConfig, get_scale
 
 scale_partitions = dg.StaticPartitionsDefinition(list(SCALES))
 strategy_partitions = dg.StaticPartitionsDefinition(list(STRATEGIES))

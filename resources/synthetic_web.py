@@ -2,7 +2,7 @@ from contextlib import contextmanager
 
 import dagster as dg
 
-from datacomp_assets.pool.synthetic_web import DEFAULT_FAULTS, DEFAULT_NOISE, WebConfig
+from datacomp_assets.world.web import DEFAULT_FAULTS, DEFAULT_NOISE, WebConfig
 
 
 class SyntheticWebResource(dg.ConfigurableResource):
@@ -31,7 +31,7 @@ class SyntheticWebResource(dg.ConfigurableResource):
     @contextmanager
     def serve(self):
         """Serve the web's images for the duration of a `with` block."""
-        from datacomp_assets.pool.web_server import SyntheticWebServer
+        from datacomp_assets.world.web_server import SyntheticWebServer
 
         with SyntheticWebServer(self.web_config(), host=self.host, port=self.port) as server:
             yield server

@@ -13,11 +13,11 @@ from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from datacomp_assets.definitions import ALL_ASSETS, RESOURCES, defs
 from datacomp_assets.filtering.assets import strategy_definitions
-from datacomp_assets.filtering.strategies import STRATEGIES
-from datacomp_assets.lineage import file_sha256, read_lineage
-from datacomp_assets.pool.web_server import free_port
+from datacomp_assets.core.strategies import STRATEGIES
+from datacomp_assets.core.lineage import file_sha256, read_lineage
+from datacomp_assets.world.web_server import free_port
 from datacomp_assets.run import run_scale
-from partitions.scales import SCALES
+from datacomp_assets.core.scales import SCALES
 from resources import AcceleratorResource, DownloaderResource, StorageResource, SyntheticWebResource
 from tests.miniature import MINIATURE
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datacomp_assets.filtering.audit import audit_markdown, audit_subset
-from datacomp_assets.filtering.uids import UID_DTYPE, uids_to_array
+from datacomp_assets.core.uids import UID_DTYPE, uids_to_array
 
 
 def _uid(i: int) -> str:

@@ -6,7 +6,7 @@ import dagster as dg
 
 from datacomp_assets.automation import evaluate_new_checkpoints
 from datacomp_assets.definitions import defs
-from datacomp_assets.filtering.strategies import STRATEGIES
+from datacomp_assets.core.strategies import STRATEGIES
 from partitions import SCALES
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datacomp_assets.filtering.strategies import select_uids
+from datacomp_assets.filtering.selection import select_uids
 from datacomp_assets.metadata.caption_features import compute_caption_features
 from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
 

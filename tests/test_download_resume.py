@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from datacomp_assets.pool.download import download_shards, list_tars
-from datacomp_assets.pool.index import write_pool_index
-from datacomp_assets.pool.synthetic_web import WebConfig
-from datacomp_assets.pool.web_server import SyntheticWebServer
+from datacomp_assets.world.index import write_pool_index
+from datacomp_assets.world.web import WebConfig
+from datacomp_assets.world.web_server import SyntheticWebServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = WebConfig(seed=11, faults={})  # no faults: every sample lands in a tar

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datacomp_assets.evaluation import zeroshot
-from datacomp_assets.evaluation.suite import OBJECTS, POSITIONS, TASKS, build_suite
+from datacomp_assets.world.eval_suite import OBJECTS, POSITIONS, TASKS, build_suite
 from datacomp_assets.evaluation.zeroshot import (
-    aggregate, class_embeddings, classification_metrics, classify, evaluate_checkpoint,
+    summarize, class_embeddings, classification_metrics, classify, evaluate_checkpoint,
     iter_shard_samples, retrieval_metrics,
 )
 
@@ -212,7 +212,7 @@ def test_evaluate_checkpoint_writes_and_resumes(suite, tmp_path, monkeypatch):
     assert all("mean_recall@1" in r["metrics"] for r in lines if TASKS[r["key"]].kind == "retrieval")
     assert messages
 
-    summary = aggregate(rows)
+    summary = summarize(rows)
     assert set(summary) == set(REFERENCE_GROUPS) | {"average"}
     assert summary["average"] == pytest.approx(sum(r["metrics"]["main_metric"] for r in rows) / len(rows))
     vtab = [r["metrics"]["main_metric"] for r in rows if r["group"] == "VTAB"]
@@ -223,7 +223,7 @@ def test_evaluate_checkpoint_writes_and_resumes(suite, tmp_path, monkeypatch):
         raise AssertionError("recomputed a finished task")
 
     monkeypatch.setattr(zeroshot, "evaluate_task", must_not_run)
-    monkeypatch.setattr("datacomp_assets.training.models.load_model", must_not_run)
+    monkeypatch.setattr("datacomp_assets.core.models.load_model", must_not_run)
     assert evaluate_checkpoint(TINY_MODEL, None, root, out) == rows
     assert len(out.read_text().splitlines()) == len(TASKS)
 
@@ -243,7 +243,7 @@ def test_evaluate_checkpoint_resumes_after_crash(suite, tmp_path, monkeypatch):
         return {task.main_metric: 0.25, "main_metric": 0.25}
 
     monkeypatch.setattr(zeroshot, "evaluate_task", fake_evaluate_task)
-    monkeypatch.setattr("datacomp_assets.training.models.load_model", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr("datacomp_assets.core.models.load_model", lambda *a, **k: (None, None, None))
     rows = evaluate_checkpoint(TINY_MODEL, None, root, out)
     assert evaluated == [last]
     assert [r["key"] for r in rows] == list(TASKS)

@@ -6,9 +6,9 @@ from dataclasses import replace
 import dagster as dg
 
 from datacomp_assets.pool.assets import external_sources
-from datacomp_assets.pool.synthetic_web import WebConfig, sample
-from datacomp_assets.pool.web_server import SyntheticWebServer, image_url
-from partitions.scales import SCALES
+from datacomp_assets.world.web import WebConfig, sample
+from datacomp_assets.world.web_server import SyntheticWebServer, image_url
+from datacomp_assets.core.scales import SCALES
 from resources import DownloaderResource, ExternalSourcesResource, StorageResource, SyntheticWebResource
 
 

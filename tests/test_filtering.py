@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datacomp_assets.filtering.strategies import STRATEGIES, SWEEPS, expected_fraction, select_uids
-from datacomp_assets.filtering.uids import (
+from datacomp_assets.core.strategies import STRATEGIES, SWEEPS, expected_fraction
+from datacomp_assets.filtering.selection import select_uids
+from datacomp_assets.core.uids import (
     arrow_uids_to_array,
     sort_uids,
     UID_DTYPE,
@@ -262,7 +263,7 @@ mixture = [{from = "big_english_cats", upsample = 2}, {from = "source:curated"}]
 
 
 def test_strategies_declared_in_a_file_are_computed(pool, tmp_path, monkeypatch):
-    from datacomp_assets.filtering import strategies
+    from datacomp_assets.core import strategies
 
     metadata_dir, feature_dir, cols = pool
     (tmp_path / "mine.toml").write_text(USER_STRATEGIES)
@@ -297,7 +298,7 @@ def test_strategies_declared_in_a_file_are_computed(pool, tmp_path, monkeypatch)
     ("[x\n", "not valid TOML"),
 ])
 def test_bad_strategy_files_are_named(tmp_path, text, message):
-    from datacomp_assets.filtering.strategies import load_registry
+    from datacomp_assets.core.strategies import load_registry
 
     (tmp_path / "bad.toml").write_text(text)
     with pytest.raises(ValueError, match=message):

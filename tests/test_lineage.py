@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from datacomp_assets.lineage import (
+from datacomp_assets.core.lineage import (
     code_revision, file_sha256, files_sha256, made_from_other_input, read_lineage, write_lineage)
 
 

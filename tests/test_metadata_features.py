@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datacomp_assets.metadata.language import caption_stats, identify_languages
-from datacomp_assets.metadata.schema import (
+from datacomp_assets.core.schema import (
     EXTRA_COLUMNS,
     NPZ_KEYS,
     POOL_METADATA_SCHEMA,

@@ -18,17 +18,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from datacomp_assets.evaluation.suite import build_objects
+from datacomp_assets.world.eval_suite import build_objects
 from datacomp_assets.pool.download import (
     EXPECTED_FAILURE, check_against_ground_truth, check_index, download_shards, list_tars, read_failures,
     summarize_shards,
 )
-from datacomp_assets.pool.index import build_index_rows, write_pool_index
-from datacomp_assets.pool.synthetic_web import (
+from datacomp_assets.world.index import build_index_rows, write_pool_index
+from datacomp_assets.world.web import (
     DEFAULT_FAULTS, DEFAULT_NOISE, FAULT_KINDS, OBJECTS, SPAM_PHRASES, UNSAFE_WORDS, WebConfig, crawled_sha256,
     eval_objects_sample, render, sample, served_bytes,
 )
-from datacomp_assets.pool.web_server import SyntheticWebServer, free_port
+from datacomp_assets.world.web_server import SyntheticWebServer, free_port
 
 CONFIG = WebConfig(seed=7, faults={})  # a web without faults: every download succeeds
 N_SAMPLES, SHARD_SIZE, IMAGE_SIZE = 300, 100, 64

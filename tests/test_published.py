@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datacomp_assets.metadata.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, write_metadata_shard
+from datacomp_assets.core.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, write_metadata_shard
 from datacomp_assets.pool.download import REFERENCE_SETTINGS
 from datacomp_assets.pool.external import (
     ExternalSource,
@@ -16,7 +16,7 @@ from datacomp_assets.pool.external import (
     prepare_external_index,
     url_uid,
 )
-from datacomp_assets.pool.published import (
+from datacomp_assets.core.published import (
     MIRROR_ENV,
     MIRROR_SETTING,
     PublishedSource,
@@ -24,7 +24,7 @@ from datacomp_assets.pool.published import (
     fetch_published_metadata,
     write_download_index,
 )
-from datacomp_assets.pool.synthetic_web import WebConfig, sample
+from datacomp_assets.world.web import WebConfig, sample
 
 
 def _shard(first: int, rows: int) -> pa.Table:

@@ -33,7 +33,7 @@ from datacomp_assets.evaluation.reference_metrics import (
     iwildcam_metrics, jaccard, metadata_metrics, winogavil_metrics,
 )
 from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, retrieval_metrics, winogavil_prompt
-from datacomp_assets.pool.shards import write_webdataset
+from datacomp_assets.core.shards import write_webdataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,7 +276,7 @@ def run_cli(data_dir: Path, out: Path, *extra: str) -> int:
 
 def test_standins_score_what_hand_computation_says(standins, tmp_path, monkeypatch, capsys):
     """Every metric of every layout, end to end through the CLI, with a model whose answers are known."""
-    monkeypatch.setattr("datacomp_assets.training.models.load_model", colour_coded_model)
+    monkeypatch.setattr("datacomp_assets.core.models.load_model", colour_coded_model)
     out = tmp_path / "eval_results.jsonl"
     assert run_cli(standins, out) == 0
     rows = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -318,7 +318,7 @@ def test_standins_score_what_hand_computation_says(standins, tmp_path, monkeypat
 def test_cli_evaluates_a_checkpoint_saved_outside_the_pipeline(standins, tmp_path, monkeypatch, capsys):
     import open_clip
 
-    from datacomp_assets.training.models import register_model_configs
+    from datacomp_assets.core.models import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)
@@ -341,7 +341,7 @@ def test_cli_evaluates_a_checkpoint_saved_outside_the_pipeline(standins, tmp_pat
         raise AssertionError("loaded the model although every task is done")
 
     before = out.read_text()
-    monkeypatch.setattr("datacomp_assets.training.models.load_model", must_not_run)
+    monkeypatch.setattr("datacomp_assets.core.models.load_model", must_not_run)
     assert run_cli(standins, out, "--checkpoint", str(checkpoint)) == 0
     assert out.read_text() == before
     monkeypatch.undo()
@@ -363,7 +363,7 @@ def test_offline_without_data_fails_at_once_naming_every_task(tmp_path, monkeypa
     def must_not_run(*args, **kwargs):
         raise AssertionError("loaded the model before checking the data")
 
-    monkeypatch.setattr("datacomp_assets.training.models.load_model", must_not_run)
+    monkeypatch.setattr("datacomp_assets.core.models.load_model", must_not_run)
     out = tmp_path / "eval_results.jsonl"
     argv = ["--model", "ViT-B-32", "--data-dir", str(tmp_path / "none"), "--out", str(out), "--download"]
     assert cli.main(argv) == 2

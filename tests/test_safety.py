@@ -10,8 +10,9 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from datacomp_assets.metadata import safety
+from datacomp_assets.training.faces import blur_faces
 from datacomp_assets.metadata.build import detect_faces
-from datacomp_assets.pool import synthetic_web as web
+from datacomp_assets.world import web
 
 
 def decode(jpeg: bytes) -> Image.Image:
@@ -37,7 +38,7 @@ def test_unsafe_words_match_whole_words_in_any_case():
 
 
 def test_unsafe_words_are_the_ones_the_web_plants():
-    assert set(safety.UNSAFE_WORDS) == set(getattr(web, "UNSAFE_WORDS", safety.UNSAFE_WORDS))
+    assert set(web.UNSAFE_WORDS) <= set(safety.UNSAFE_WORDS)
     planted = [s.text for s in (web.sample(i) for i in range(3000)) if s.kind == "unsafe"]
     clean = [s.text for s in (web.sample(i) for i in range(3000)) if s.kind == "clean"]
     assert planted and safety.unsafe_text_mask(planted).all()
@@ -128,7 +129,7 @@ def test_calibrate_threshold():
 
 
 def test_eval_fingerprints_read_the_suite(tmp_path):
-    from datacomp_assets.evaluation.suite import build_suite
+    from datacomp_assets.world.eval_suite import build_suite
     from datacomp_assets.evaluation.zeroshot import load_classification
 
     counts = build_suite(tmp_path, tasks=["counting"], size_scale=0.02)
@@ -181,7 +182,7 @@ def test_blur_faces_blurs_inside_boxes_only():
 
     # Compare with a plain re-encode at the same quality, so JPEG's own changes cancel out.
     reencoded = np.asarray(reencode(decode(jpeg), 95), dtype=np.int16)
-    blurred = np.asarray(decode(safety.blur_faces(jpeg, boxes, quality=95)), dtype=np.int16)
+    blurred = np.asarray(decode(blur_faces(jpeg, boxes, quality=95)), dtype=np.int16)
     x1, y1, x2, y2 = (int(v) for v in np.array(boxes[0]) * [400, 200, 400, 200])
     assert np.abs(blurred[y1:y2, x1:x2] - reencoded[y1:y2, x1:x2]).mean() > 3
     # Beyond the box, its 10% margin and the blur's reach (from x=304, a JPEG block boundary): untouched.
@@ -190,5 +191,5 @@ def test_blur_faces_blurs_inside_boxes_only():
 
 def test_blur_faces_without_boxes_returns_the_same_bytes():
     jpeg = web.encode_jpeg(synthetic_face(64))
-    assert safety.blur_faces(jpeg, []) is jpeg
-    assert safety.blur_faces(jpeg, None) is jpeg
+    assert blur_faces(jpeg, []) is jpeg
+    assert blur_faces(jpeg, None) is jpeg

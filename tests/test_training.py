@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from datacomp_assets.filtering.uids import uids_to_array
-from datacomp_assets.pool.shards import iter_webdataset, write_webdataset
-from datacomp_assets.pool.synthetic_web import encode_jpeg, render, sample
-from datacomp_assets.training.models import forward_check, load_model
+from datacomp_assets.core.uids import uids_to_array
+from datacomp_assets.core.shards import iter_webdataset, write_webdataset
+from datacomp_assets.world.web import encode_jpeg, render, sample
+from datacomp_assets.core.models import forward_check, load_model
 from datacomp_assets.training.reshard import reshard
-from datacomp_assets.training.trainer import (
+from datacomp_assets.core.trainer import (
     TrainJob, completed_epochs, discard_unreadable_checkpoints, read_curve, train,
 )
-from partitions.scales import SCALES
+from datacomp_assets.core.scales import SCALES
 
 
 def write_pool(directory, n=120, per_shard=50):
@@ -65,7 +65,7 @@ def test_reshard_rejects_empty_subset_and_missing_pool(tmp_path):
         reshard(tmp_path / "nowhere", uids_to_array(["0" * 32]), tmp_path / "train", 10)
 
 
-MINI = replace(SCALES["tiny"], samples_seen=256, global_batch=32, checkpoints=2, warmup=2)
+MINI = replace(SCALES["tiny"], samples_seen=256, global_batch=32, epochs=2, warmup=2)
 
 
 def test_argv_carries_the_fixed_recipe():
@@ -81,7 +81,7 @@ def test_argv_carries_the_fixed_recipe():
 def test_open_clip_trainer_trains_and_resumes(tmp_path):
     write_pool(tmp_path / "pool", n=64, per_shard=16)
     job = TrainJob(MINI, str(tmp_path / "pool" / "{00000000..00000003}.tar"), tmp_path / "logs", "run")
-    first = train(replace(job, scale=replace(MINI, checkpoints=2)), log=lambda m: None)
+    first = train(replace(job, scale=replace(MINI, epochs=2)), log=lambda m: None)
     assert first.checkpoint.exists() and completed_epochs(job) == 2
     assert first.losses and all(np.isfinite(loss) for _, loss in first.losses)
     # The checkpoint loads with weights_only=True and the model runs.
@@ -121,15 +121,15 @@ def test_reshard_reuses_finished_shards_for_the_same_subset(tmp_path):
         json.loads(f["json"])["uid"] for tar in sorted((tmp_path / "train").glob("*.tar")) for _, f in iter_webdataset(tar))
 
 
-KILLABLE = replace(MINI, samples_seen=768, checkpoints=3)
+KILLABLE = replace(MINI, samples_seen=768, epochs=3)
 
 TRAIN_IN_CHILD = """
 import sys
 from dataclasses import replace
 from pathlib import Path
-from partitions.scales import SCALES
-from datacomp_assets.training.trainer import TrainJob, train
-scale = replace(SCALES["tiny"], samples_seen=768, global_batch=32, checkpoints=3, warmup=2)
+from datacomp_assets.core.scales import SCALES
+from datacomp_assets.core.trainer import TrainJob, train
+scale = replace(SCALES["tiny"], samples_seen=768, global_batch=32, epochs=3, warmup=2)
 train(TrainJob(scale, sys.argv[1], Path(sys.argv[2]), "run"), log=print)
 """
 
@@ -169,7 +169,7 @@ def test_a_killed_run_resumes_from_its_latest_checkpoint_to_the_same_samples_see
     assert readable(first), "the first checkpoint never appeared"
     orchestrator.send_signal(signal.SIGKILL)
     orchestrator.wait()
-    assert completed_epochs(job) < KILLABLE.checkpoints, "the run finished before it could be killed"
+    assert completed_epochs(job) < KILLABLE.epochs, "the run finished before it could be killed"
     # The trainer died with its orchestrator: nothing is left writing into the run's directory.
     deadline = time.time() + 10
     while live_trainers(logs) and time.time() < deadline:
@@ -177,13 +177,13 @@ def test_a_killed_run_resumes_from_its_latest_checkpoint_to_the_same_samples_see
     assert not live_trainers(logs)
 
     resumed = train(job, log=lambda m: None)
-    assert 1 <= resumed.resumed_from_epoch < KILLABLE.checkpoints  # not from scratch
-    assert completed_epochs(job) == KILLABLE.checkpoints
+    assert 1 <= resumed.resumed_from_epoch < KILLABLE.epochs  # not from scratch
+    assert completed_epochs(job) == KILLABLE.epochs
     state = torch.load(resumed.checkpoint, map_location="cpu", weights_only=True)
-    assert state["epoch"] == KILLABLE.checkpoints
+    assert state["epoch"] == KILLABLE.epochs
     # The loss curve covers the whole budget, before and after the kill, and ends at the same samples seen.
     seen = [s for s, _ in resumed.losses]
-    assert seen[0] < KILLABLE.samples_seen // KILLABLE.checkpoints <= seen[-1] <= job.samples_seen
+    assert seen[0] < KILLABLE.samples_seen // KILLABLE.epochs <= seen[-1] <= job.samples_seen
     assert max(seen) == max(s for s, _ in read_curve(job.log_file))
 
 
@@ -201,7 +201,7 @@ def test_unreadable_latest_checkpoint_is_set_aside(tmp_path):
 def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path, monkeypatch):
     import fcntl
 
-    from datacomp_assets.training import trainer
+    from datacomp_assets.core import trainer
 
     monkeypatch.setattr(trainer, "LOCK_WAIT_SECONDS", 1.0)
     job = TrainJob(MINI, "unused", tmp_path / "logs", "run")
@@ -214,7 +214,7 @@ def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path, monkeypatch
 
 def test_two_cpu_processes_train_on_gloo(tmp_path):
     write_pool(tmp_path / "pool", n=64, per_shard=16)
-    job = TrainJob(replace(MINI, checkpoints=1), str(tmp_path / "pool" / "{00000000..00000003}.tar"),
+    job = TrainJob(replace(MINI, epochs=1), str(tmp_path / "pool" / "{00000000..00000003}.tar"),
                    tmp_path / "logs", "run", nproc=2, threads=1)
     assert job.argv()[job.argv().index("--batch-size") + 1] == str(MINI.global_batch // 2)
     lines = []

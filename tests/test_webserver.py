@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from datacomp_assets.pool.web_server import free_port
+from datacomp_assets.world.web_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "{ assetNodes { assetKey { path } partitionKeysByDimension { name partitionKeys } } }"

@@ -6,7 +6,7 @@ Every process Dagster starts for this location (the code server, each run and st
 so all of them see the miniature `tiny`. The storage root comes from `DATACOMP_HOME` (resources/storage.py).
 """
 
-from partitions.scales import SCALES
+from datacomp_assets.core.scales import SCALES
 from tests.miniature import MINIATURE
 
 SCALES["tiny"] = MINIATURE

@@ -10,13 +10,13 @@ from pathlib import Path
 import dagster as dg
 
 from datacomp_assets.evaluation.reference import REFERENCE_TASKS, ensure_reference_suite
-from datacomp_assets.evaluation.suite import TASKS, build_suite
-from datacomp_assets.evaluation.zeroshot import aggregate, evaluate_checkpoint
-from datacomp_assets.lineage import code_revision, file_sha256, files_sha256, read_lineage, write_lineage
+from datacomp_assets.world.eval_suite import TASKS, build_suite
+from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
+from datacomp_assets.core.lineage import code_revision, file_sha256, files_sha256, read_lineage, write_lineage
 from datacomp_assets.training.assets import checkpoint_file, seed_name
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions)
-from partitions.scales import ScaleConfig
+from datacomp_assets.core.scales import ScaleConfig
 from resources import AcceleratorResource, EvaluationDataResource, StorageResource
 
 EVALUATION = "evaluation"
@@ -79,7 +79,7 @@ def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, ac
         context.log.info(f"seed {seed}: evaluating {ckpt}")
         per_seed[seed] = evaluate_checkpoint(scale.model, ckpt, suite_root, results, device=device,
                                              progress=context.log.info, registry=registry)
-    summaries = {seed: aggregate(rows) for seed, rows in per_seed.items()}
+    summaries = {seed: summarize(rows) for seed, rows in per_seed.items()}
     averages = [s["average"] for s in summaries.values()]
     task_means = {row["key"]: statistics.mean(r["metrics"]["main_metric"] for rows in per_seed.values()
                                               for r in rows if r["key"] == row["key"])

@@ -50,8 +50,8 @@ def print_summary(summary: dict[str, float], n_tasks: int, reference: bool) -> N
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from datacomp_assets.evaluation.reference import REFERENCE_TASKS, MissingEvalData, ensure_reference_suite
-    from datacomp_assets.evaluation.suite import TASKS
-    from datacomp_assets.evaluation.zeroshot import aggregate, evaluate_checkpoint
+    from datacomp_assets.world.eval_suite import TASKS
+    from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
 
     registry = REFERENCE_TASKS if args.suite == "reference" else TASKS
     unknown = [key for key in args.tasks or [] if key not in registry]
@@ -74,5 +74,5 @@ def main(argv: list[str] | None = None) -> int:
     except MissingEvalData as error:
         print(error, file=sys.stderr)
         return 2
-    print_summary(aggregate(rows), len(rows), args.suite == "reference")
+    print_summary(summarize(rows), len(rows), args.suite == "reference")
     return 0

@@ -165,7 +165,7 @@ def missing_message(root: str | Path, missing: list, reason: str) -> str:
             "the repo's files (test_*.csv and the images .zip) or parquet files of the rows "
             "`datasets.load_dataset(repo, split='test')` yields.")
     if not all(hasattr(task, "hf_repo") for task in missing):
-        lines.append("Build the tiny suite with datacomp_assets.evaluation.suite.build_suite(root) "
+        lines.append("Build the tiny suite with datacomp_assets.world.eval_suite.build_suite(root) "
                      "(or materialize the eval_suite asset).")
     return "\n".join(lines)
 
@@ -194,7 +194,7 @@ def ensure_reference_suite(root: str | Path, download: bool, tasks: Iterable[str
     `huggingface_hub.snapshot_download` when `download` is true and the Hub is on and reachable, and raises
     MissingEvalData at once, naming every missing task, its repo and folder, when it cannot.
     """
-    from datacomp_assets.pool.published import HUB_TIMEOUT_S, _hub_offline, _network_errors
+    from datacomp_assets.core.published import HUB_TIMEOUT_S, hub_offline, network_errors
 
     log = progress or (lambda message: None)
     selected = [REFERENCE_TASKS[key] for key in tasks] if tasks is not None else list(REFERENCE_TASKS.values())
@@ -203,7 +203,7 @@ def ensure_reference_suite(root: str | Path, download: bool, tasks: Iterable[str
         return []
     if not download:
         raise MissingEvalData(root, missing, "downloading is off")
-    if _hub_offline():
+    if hub_offline():
         raise MissingEvalData(root, missing, "HF_HUB_OFFLINE is set")
     from huggingface_hub import HfApi
 
@@ -213,7 +213,7 @@ def ensure_reference_suite(root: str | Path, download: bool, tasks: Iterable[str
         for task in missing:
             log(f"downloading {task.key} from {task.hf_repo}")
             download_task(task, root, HUB_TIMEOUT_S)
-    except _network_errors() as exc:
+    except network_errors() as exc:
         raise MissingEvalData(root, missing_tasks(root, missing), f"huggingface.co is unreachable ({exc})") from exc
     still_missing = missing_tasks(root, missing)
     if still_missing:

@@ -27,22 +27,15 @@ from PIL import Image
 from datacomp_assets.evaluation import hub_rows
 from datacomp_assets.evaluation.reference import REFERENCE_TASKS, MissingEvalData, missing_tasks, task_directory
 from datacomp_assets.evaluation.reference_metrics import metadata_metrics, winogavil_metrics
-from datacomp_assets.evaluation.suite import TASKS
-from datacomp_assets.pool.shards import iter_webdataset
+from datacomp_assets.world.eval_suite import TASKS
+from datacomp_assets.core.models import encode_image_batches, encode_images
+from datacomp_assets.core.results import aggregate, read_results
+from datacomp_assets.core.shards import iter_shard_samples
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # the image keys clip_benchmark reads, in its order
 RECALL_AT = (1, 5, 10)  # the recall@k DataComp reports for retrieval
 
 # ---------------------------------------------------------------- reading the test sets
-
-
-def iter_shard_samples(task_dir: str | Path) -> Iterator[dict[str, bytes]]:
-    """Samples of `<task_dir>/test/{i}.tar` as {"__key__": key, ext: bytes}, in shard order."""
-    test_dir = Path(task_dir) / "test"
-    nshards = int((test_dir / "nshards.txt").read_text().strip())
-    for i in range(nshards):
-        for key, files in iter_webdataset(test_dir / f"{i}.tar"):
-            yield {"__key__": key, **files}
 
 
 def read_lines(path: Path) -> list[str]:
@@ -90,15 +83,6 @@ def retrieval_examples(task_dir: str | Path) -> Iterator[tuple[bytes, list[str]]
         yield sample_image(s), [c for c in s["txt"].decode().split("\n") if c.strip()]
 
 
-def load_retrieval(task_dir: str | Path) -> tuple[list[Image.Image], list[list[str]]]:
-    """(images, captions per image) of a retrieval task, all in memory (small suites only)."""
-    images, captions = [], []
-    for data, caps in retrieval_examples(task_dir):
-        images.append(decode_image(data))
-        captions.append(caps)
-    return images, captions
-
-
 # ---------------------------------------------------------------- metrics (pure functions of scores)
 
 
@@ -142,28 +126,6 @@ def retrieval_metrics(scores: torch.Tensor, text_to_image: torch.Tensor,
 
 
 # ---------------------------------------------------------------- model side
-
-
-@torch.no_grad()
-def encode_image_batches(model, batches: Iterable[torch.Tensor], device: str) -> torch.Tensor:
-    """Normalised features of preprocessed image batches, concatenated on the CPU."""
-    feats = [F.normalize(model.encode_image(batch.to(device)).float(), dim=-1).cpu() for batch in batches]
-    return torch.cat(feats) if feats else torch.zeros(0)
-
-
-def encode_images(model, preprocess, images: Iterable[Image.Image], batch_size: int, device: str) -> torch.Tensor:
-    """Normalised features of PIL images, preprocessed batch by batch (the images may be a stream)."""
-    def batches():
-        batch = []
-        for image in images:
-            batch.append(preprocess(image))
-            if len(batch) == batch_size:
-                yield torch.stack(batch)
-                batch = []
-        if batch:
-            yield torch.stack(batch)
-
-    return encode_image_batches(model, batches(), device)
 
 
 @torch.no_grad()
@@ -293,20 +255,6 @@ def evaluate_task(task, task_dir: Path, model, preprocess, tokenizer,
 # ---------------------------------------------------------------- the results file
 
 
-def read_results(out_jsonl: str | Path) -> dict[str, dict]:
-    """Finished task lines by key; a line cut short by a crash is ignored."""
-    results = {}
-    path = Path(out_jsonl)
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            results[row["key"]] = row
-    return results
-
-
 def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_root: str | Path,
                         out_jsonl: str | Path, device: str = "cpu", batch_size: int = 256,
                         progress: Callable[[str], None] | None = None,
@@ -319,7 +267,7 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_ro
     under suite_root: if any is not, MissingEvalData names them all. Returns the lines of all requested
     tasks, in the order asked (registry order by default).
     """
-    from datacomp_assets.training.models import load_model
+    from datacomp_assets.core.models import load_model
 
     log = progress or (lambda message: None)
     registry = TASKS if registry is None else registry
@@ -365,13 +313,6 @@ def task_group(row: dict) -> str:
     return task.group
 
 
-def aggregate(results: list[dict]) -> dict[str, float]:
-    """Mean main metric per group and the overall `average` (plain mean over tasks, as DataComp's
-    aggregate_scores.py does); lines without a main metric (DataComp's FairFace, UTKFace) are left out."""
-    scored = [row for row in results if row["metrics"].get("main_metric") is not None]
-    by_group: dict[str, list[float]] = {}
-    for row in scored:
-        by_group.setdefault(task_group(row), []).append(row["metrics"]["main_metric"])
-    summary = {group: float(np.mean(values)) for group, values in by_group.items()}
-    summary["average"] = float(np.mean([row["metrics"]["main_metric"] for row in scored])) if scored else float("nan")
-    return summary
+def summarize(results: list[dict]) -> dict[str, float]:
+    """`aggregate` with the groups of lines written without one (by DataComp's own harness) looked up."""
+    return aggregate(results, task_group)

@@ -5,14 +5,14 @@ import time
 import dagster as dg
 import numpy as np
 
-from datacomp_assets.filtering.strategies import (
-    STRATEGIES, expected_fraction, select_uids, strategy_definition, strategy_version, track)
-from datacomp_assets.filtering.uids import load_subset, save_subset, uids_to_array
-from datacomp_assets.lineage import code_revision, file_sha256, read_lineage, write_lineage
+from datacomp_assets.core.strategies import STRATEGIES, expected_fraction, strategy_definition, strategy_version, track
+from datacomp_assets.filtering.selection import select_uids
+from datacomp_assets.core.uids import load_subset, save_subset, uids_to_array
+from datacomp_assets.core.lineage import code_revision, file_sha256, read_lineage, write_lineage
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions,
     strategy_partitions)
-from partitions.scales import require_synthetic
+from datacomp_assets.core.scales import require_synthetic
 from resources import AcceleratorResource, StorageResource
 
 FILTERING = "filtering"
@@ -29,10 +29,10 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource,
     from datacomp_assets.filtering.image_based import proportional_k
     from datacomp_assets.metadata.assets import dfn_checkpoint, scorer_checkpoint
     from datacomp_assets.metadata.build import Scorer, read_downloaded
-    from datacomp_assets.metadata.scorers import DFN_MODEL, SCORER_MODELS
-    from datacomp_assets.evaluation.suite import objects_training_images
-    from datacomp_assets.pool.shards import iter_webdataset
-    from datacomp_assets.training.models import load_model
+    from datacomp_assets.core.scorers import DFN_MODEL, SCORER_MODELS
+    from datacomp_assets.world.eval_suite import objects_training_images
+    from datacomp_assets.core.shards import iter_webdataset
+    from datacomp_assets.core.models import load_model
 
     scale = get_scale(context.partition_key)
     require_synthetic(scale, "pool_features")  # paper scales: ImageNet's training images and MetaCLIP's list
@@ -60,7 +60,7 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource,
     settings = FeatureSettings(
         vocabulary=vocabulary_from_classnames(c for c in classnames if c),
         metaclip_entries=entries_from_captions(curated_texts, min_count=5, extra=[c for c in classnames if c]),
-        metaclip_t=scale.metaclip_threshold, clusters=proportional_k(n_pool), seed=scale.seed)
+        metaclip_t=scale.metaclip_t, clusters=proportional_k(n_pool), seed=scale.seed)
     out = storage.path(scale.name, "pool_features")
     summary = compute_pool_features(metadata_dir, out, settings, target_embeddings, dfn_scores, context.log.info)
     return dg.MaterializeResult(metadata={

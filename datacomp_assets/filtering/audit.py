@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datacomp_assets.filtering.uids import UID_DTYPE
+from datacomp_assets.core.uids import UID_DTYPE
 
 REQUIRED_COLUMNS = ("uid", "text", "original_width", "original_height", "language")
 TRUTH_COLUMNS = ("uid", "kind", "object")

@@ -8,16 +8,16 @@ import dagster as dg
 import numpy as np
 
 from datacomp_assets.evaluation.assets import results_file
-from datacomp_assets.evaluation.zeroshot import aggregate, read_results
-from datacomp_assets.filtering.strategies import STRATEGIES, get_strategy, track
+from datacomp_assets.core.results import aggregate, read_results
+from datacomp_assets.core.strategies import STRATEGIES, get_strategy, track
 from datacomp_assets.leaderboard.scaling import (
     PAPER_IMAGENET, correlation_png, correlations_markdown, imagenet_scores, rank_correlations, size_vs_average_png)
 from datacomp_assets.leaderboard.submission import PUBLIC_SCALES, export_submission
 from datacomp_assets.leaderboard.table import (
     Entry, board_markdown, board_rows, ordering_markdown, ordering_report, rank)
-from datacomp_assets.lineage import read_lineage
+from datacomp_assets.core.lineage import read_lineage
 from datacomp_assets.training.assets import seed_name
-from datacomp_assets.training.curves import png_markdown
+from datacomp_assets.core.figures import png_markdown
 from partitions import SCALES, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions
 from resources import StorageResource
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datacomp_assets.evaluation.zeroshot import aggregate, read_results
-from partitions.scales import ScaleConfig
+from datacomp_assets.core.results import aggregate, read_results
+from datacomp_assets.core.scales import ScaleConfig
 
 PUBLIC_SCALES = ("small", "medium", "large", "xlarge")
 USER_FIELDS = ("author", "email", "hf_username", "hf_repo_name")  # the submitter's to fill in

@@ -2,13 +2,13 @@
 
 import dagster as dg
 
-from datacomp_assets.lineage import code_revision, files_sha256, write_lineage
-from datacomp_assets.metadata.scorers import DFN_MODEL, SCORER_MODELS, dfn_recipe, scorer_recipe
-from datacomp_assets.pool.shards import brace_pattern
+from datacomp_assets.core.lineage import code_revision, files_sha256, write_lineage
+from datacomp_assets.core.scorers import DFN_MODEL, SCORER_MODELS, dfn_recipe, scorer_recipe
+from datacomp_assets.core.shards import brace_pattern
 from datacomp_assets.training.assets import placed_job, training_metadata
-from datacomp_assets.training.trainer import train
+from datacomp_assets.core.trainer import train
 from partitions import get_scale, scale_partitions
-from partitions.scales import require_synthetic
+from datacomp_assets.core.scales import require_synthetic
 from resources import AcceleratorResource, StorageResource
 
 METADATA = "metadata"
@@ -51,13 +51,13 @@ def train_on_curated(context, storage: StorageResource, accelerator: Accelerator
 
 
 def dfn_checkpoint(storage: StorageResource, scale_name: str):
-    from datacomp_assets.training.trainer import TrainJob
+    from datacomp_assets.core.trainer import TrainJob
 
     return TrainJob(dfn_recipe(get_scale(scale_name)), "", storage.path(scale_name, "dfn_model"), "dfn").final_checkpoint
 
 
 def scorer_checkpoint(storage: StorageResource, scale_name: str, prefix: str):
-    from datacomp_assets.training.trainer import TrainJob
+    from datacomp_assets.core.trainer import TrainJob
 
     scale = scorer_recipe(get_scale(scale_name), prefix, get_scale(scale_name).scorer_samples_seen)
     return TrainJob(scale, "", storage.path(scale_name, "scorer_models"), prefix).final_checkpoint
@@ -75,7 +75,7 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
 
     from datacomp_assets.metadata.build import Scorer, build_pool_metadata
     from datacomp_assets.metadata.safety import eval_fingerprints
-    from datacomp_assets.training.models import load_model
+    from datacomp_assets.core.models import load_model
 
     scale = get_scale(context.partition_key)
     device = accelerator.placement(scale.precision).device

@@ -12,44 +12,20 @@ with its reason in `removed/<shard>.parquet` for audits.
 
 from __future__ import annotations
 
-import io
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
 from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
 from datacomp_assets.metadata.safety import find_eval_duplicates, image_fingerprints, unsafe_text_mask
-from datacomp_assets.metadata.schema import FULL_SCHEMA, write_metadata_shard
-from datacomp_assets.pool.shards import iter_webdataset
-
-
-@dataclass
-class Scorer:
-    """A CLIP model that embeds images and captions (prefix `b32` or `l14`, as in the reference's keys)."""
-
-    prefix: str
-    model: torch.nn.Module
-    preprocess: Callable
-    tokenizer: Callable
-    device: str = "cpu"
-
-    @torch.no_grad()
-    def embed(self, images: list[Image.Image], texts: list[str], batch_size: int = 512):
-        img, txt = [], []
-        for i in range(0, len(images), batch_size):
-            x = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]).to(self.device)
-            img.append(torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1).cpu())
-            t = self.tokenizer(texts[i:i + batch_size]).to(self.device)
-            txt.append(torch.nn.functional.normalize(self.model.encode_text(t).float(), dim=-1).cpu())
-        return torch.cat(img).numpy(), torch.cat(txt).numpy()
+from datacomp_assets.core.schema import FULL_SCHEMA, write_metadata_shard
+from datacomp_assets.core.models import Scorer
+from datacomp_assets.core.shards import read_downloaded
 
 
 _face_detector = None
@@ -68,19 +44,6 @@ def detect_faces(img: Image.Image) -> list[list[float]]:
         return []
     boxes = _face_detector.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5)
     return [[x / w, y / h, (x + bw) / w, (y + bh) / h] for x, y, bw, bh in np.asarray(boxes).reshape(-1, 4)]
-
-
-def read_downloaded(tar_path: Path) -> tuple[list[dict], list[Image.Image]]:
-    """The successfully downloaded samples of one img2dataset shard: their json record and image."""
-    records, images = [], []
-    for _, files in iter_webdataset(tar_path):
-        if "jpg" not in files or "json" not in files:
-            continue
-        meta = json.loads(files["json"])
-        meta["text"] = files.get("txt", b"").decode("utf-8", errors="replace")
-        records.append(meta)
-        images.append(Image.open(io.BytesIO(files["jpg"])).convert("RGB"))
-    return records, images
 
 
 def shard_metadata(records: list[dict], images: list[Image.Image], scorers: list[Scorer]):

@@ -1,15 +1,15 @@
-"""Pool-construction safety steps: unsafe-text removal, near-duplicates of evaluation images, face blurring.
+"""Pool-construction safety steps: unsafe-text removal and near-duplicates of evaluation images (faces are
+blurred when training shards are cut: `training.faces`).
 
 The paper builds CommonPool by, in order: removing samples flagged by a toxicity classifier on the
 caption, removing explicit images, removing near-duplicates of every evaluation image (an image
 copy-detection model, cosine >= 0.604169), and blurring detected faces. The stand-ins here:
 
-- unsafe text: a whole-word list of placeholder tokens (`UNSAFE_WORDS`) that the synthetic web plants;
+- unsafe text: a whole-word list of placeholder tokens (`UNSAFE_WORDS`), which catches what the synthetic web plants;
 - eval near-duplicates: exact cosine search with faiss over a pixel fingerprint (`image_fingerprints`, the
   recommended default, see `FINGERPRINT_THRESHOLD`) or a scorer's image embeddings (`eval_embeddings`;
   measured unfit at tiny, see below);
-- faces: the Gaussian bounding-box blur img2dataset applies at download time, for boxes from
-  `metadata.build.detect_faces`.
+- faces: detected here (`metadata.build.detect_faces`), blurred by the training stage.
 
 This module imports no Dagster.
 """
@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datacomp_assets.pool import synthetic_web
+from datacomp_assets.core.models import encode_images
+from datacomp_assets.core.shards import iter_shard_samples
+from datacomp_assets.world.eval_suite import TASKS
 
 # ---------------------------------------------------------------- unsafe text
 
 # Placeholder tokens, not a real lexicon: at real scale the paper used a toxicity classifier on the
-# caption; here the synthetic web plants these words and the filter must catch them. The web's own
-# list (if it defines one) wins, so planting and filtering can never disagree.
-_DEFAULT_UNSAFE_WORDS = ("nsfw", "xxx", "porn", "gore", "nude")
-UNSAFE_WORDS: tuple[str, ...] = tuple(getattr(synthetic_web, "UNSAFE_WORDS", _DEFAULT_UNSAFE_WORDS))
+# caption. The detector keeps its own list; the synthetic web plants words of its own choosing, and a test
+# checks that every planted caption is caught (the filter does not learn its list from the generator).
+UNSAFE_WORDS: tuple[str, ...] = ("nsfw", "xxx", "porn", "gore", "gory", "nude", "explicit")
 
 # Whole words only, so "gorestore" or "Xxxl" are not flagged; compiled once for the whole pool.
 _UNSAFE_PATTERN = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in UNSAFE_WORDS) + r")\b", re.IGNORECASE)
@@ -47,9 +48,6 @@ def unsafe_text_mask(texts: Iterable[str | None]) -> np.ndarray:
 
 def iter_eval_images(suite_root: str | Path, tasks: Sequence[str] | None = None) -> Iterator[Image.Image]:
     """Every test image of every evaluation task (classification and retrieval), task by task."""
-    from datacomp_assets.evaluation.suite import TASKS
-    from datacomp_assets.evaluation.zeroshot import iter_shard_samples
-
     for key in tasks or list(TASKS):
         task_dir = Path(suite_root) / key
         if not (task_dir / "test" / "nshards.txt").exists():
@@ -74,8 +72,6 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 def eval_embeddings(suite_root: str | Path, scorer, tasks: Sequence[str] | None = None,
                     batch_size: int = 512) -> np.ndarray:
     """(n_eval_images, dim) L2-normalized float32 image embeddings of a scorer (`metadata.build.Scorer`)."""
-    from datacomp_assets.evaluation.zeroshot import encode_images
-
     # Only the image tower: Scorer.embed would also embed (unneeded) captions.
     chunks = [encode_images(scorer.model, scorer.preprocess, batch, batch_size, scorer.device).numpy()
               for batch in _batched(iter_eval_images(suite_root, tasks), batch_size)]
@@ -177,39 +173,3 @@ def calibrate_threshold(copy_similarities: np.ndarray, different_similarities: n
         raise ValueError(f"copies (min {lowest_copy:.3f}) and different images (max {highest_different:.3f}) "
                          "overlap: no threshold separates them")
     return (lowest_copy + highest_different) / 2
-
-
-# ---------------------------------------------------------------- face blurring
-
-def blur_faces(jpeg_bytes: bytes, face_bboxes: Sequence[Sequence[float]] | None, quality: int = 95) -> bytes:
-    """JPEG bytes with each normalized [x1, y1, x2, y2] box Gaussian-blurred, as img2dataset blurs them.
-
-    Like img2dataset's BoundingBoxBlurrer (after the ImageNet face-obfuscation code): each box grows by
-    10% of its longer side, sigma is 10% of the longest box side, and the blurred image is blended in
-    through a blurred mask so the edges do not show. No boxes: the same bytes, not re-encoded.
-    """
-    if face_bboxes is None or len(face_bboxes) == 0:
-        return jpeg_bytes
-    import cv2
-
-    img = np.asarray(Image.open(io.BytesIO(jpeg_bytes)).convert("RGB"), dtype=np.float32) / 255.0
-    height, width = img.shape[:2]
-    mask = np.zeros_like(img)
-    max_side = 0
-    for x1, y1, x2, y2 in face_bboxes:
-        box = [int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)]
-        side = max(box[2] - box[0], box[3] - box[1])
-        max_side = max(max_side, side)
-        grow = int(0.1 * side)
-        left, top = max(0, box[0] - grow), max(0, box[1] - grow)
-        right, bottom = min(width, box[2] + grow), min(height, box[3] + grow)
-        mask[top:bottom, left:right] = 1.0
-    sigma = max(0.1 * max_side, 1.0)
-    kernel = int(2 * np.ceil(3 * sigma) + 1)  # odd, covers +-3 sigma
-    blurred = cv2.GaussianBlur(img, (kernel, kernel), sigma)
-    soft_mask = cv2.GaussianBlur(mask, (kernel, kernel), sigma)
-    result = img * (1 - soft_mask) + blurred * soft_mask
-    buf = io.BytesIO()
-    Image.fromarray((result * 255.0 + 0.5).clip(0, 255).astype(np.uint8)).save(buf, format="JPEG",
-                                                                                quality=quality)
-    return buf.getvalue()

@@ -6,9 +6,9 @@ import time
 import dagster as dg
 import pyarrow.parquet as pq
 
-from datacomp_assets.pool.curated import write_curated_source
+from datacomp_assets.world.curated import write_curated_source
 from partitions import get_scale, scale_partitions
-from partitions.scales import require_synthetic
+from datacomp_assets.core.scales import require_synthetic
 from resources import (
     DownloaderResource, ExternalSourcesResource, PublishedMetadataResource, StorageResource, SyntheticWebResource)
 
@@ -22,8 +22,8 @@ def pool_index(context: dg.AssetExecutionContext, storage: StorageResource, synt
 
     At `tiny`, the synthetic web's pages, with each sample's ground truth in a separate file that no filter
     reads. At the paper's scales, the published metadata (Hugging Face Hub or a local mirror)."""
-    from datacomp_assets.pool.index import write_pool_index
-    from datacomp_assets.pool.published import PublishedSource, fetch_published_metadata, write_download_index
+    from datacomp_assets.world.index import write_pool_index
+    from datacomp_assets.core.published import PublishedSource, fetch_published_metadata, write_download_index
 
     scale = get_scale(context.partition_key)
     out = storage.path(scale.name, "pool_index")

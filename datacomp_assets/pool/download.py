@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -66,9 +66,6 @@ class DownloadSummary:
     failures_by_kind: dict[str, int] = field(default_factory=dict)  # FAILURE_KINDS -> samples
     elapsed_s: float = 0.0  # wall time of the download_shards call (0 when only summarised)
     images_per_second: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def failure_kind(error_message: str) -> str:

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from datacomp_assets.pool.curated import write_synthetic_source
-from datacomp_assets.pool.synthetic_web import WebConfig
+from datacomp_assets.world.curated import write_synthetic_source
+from datacomp_assets.world.web import WebConfig
 
 INPUT_FORMATS = ("parquet", "csv", "tsv")
 INDEX_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("text", pa.string())])

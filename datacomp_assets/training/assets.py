@@ -7,15 +7,15 @@ from pathlib import Path
 
 import dagster as dg
 
-from datacomp_assets.filtering.strategies import track
-from datacomp_assets.filtering.uids import load_subset
-from datacomp_assets.lineage import (
+from datacomp_assets.core.strategies import track
+from datacomp_assets.core.uids import load_subset
+from datacomp_assets.core.lineage import (
     code_revision, file_sha256, made_from_other_input, read_lineage, text_sha256, write_lineage)
-from datacomp_assets.training.curves import loss_curve_png, png_markdown
+from datacomp_assets.core.figures import loss_curve_png, png_markdown
 from datacomp_assets.training.reshard import reshard
-from datacomp_assets.training.trainer import TrainJob, TrainResult, train
+from datacomp_assets.core.trainer import TrainJob, TrainResult, train
 from partitions import STRATEGY_DEFINITION, by_scale, scale_and_strategy, scale_strategy_partitions
-from partitions.scales import ScaleConfig
+from datacomp_assets.core.scales import ScaleConfig
 from resources import AcceleratorResource, StorageResource
 
 
@@ -44,7 +44,7 @@ def seed_name(seed: int) -> str:
 def checkpoint_file(storage: StorageResource, scale: ScaleConfig, strategy: str, seed: int) -> Path:
     """The final checkpoint of one seed's training run (open_clip names it after the last "epoch")."""
     return storage.path(scale.name, "checkpoint", strategy) / "logs" / seed_name(seed) / "checkpoints" / \
-        f"epoch_{scale.checkpoints}.pt"
+        f"epoch_{scale.epochs}.pt"
 
 
 def training_metadata(result: TrainResult, scale: ScaleConfig) -> dict:
@@ -130,7 +130,7 @@ def _json_safe(meta: dict) -> dict:
                 description="Every checkpoint of every seed loads with weights_only=True and runs a forward pass "
                             "with finite outputs")
 def checkpoint_loads(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    from datacomp_assets.training.models import forward_check
+    from datacomp_assets.core.models import forward_check
 
     scale, strategy = scale_and_strategy(context)
     root = storage.path(scale.name, "checkpoint", strategy) / "logs"
@@ -140,7 +140,7 @@ def checkpoint_loads(context: dg.AssetCheckExecutionContext, storage: StorageRes
         error = forward_check(scale.model, path)
         if error:
             failures[str(path.relative_to(root))] = error
-    expected = len(scale.seeds) * scale.checkpoints
+    expected = len(scale.seeds) * scale.epochs
     return dg.AssetCheckResult(
         passed=not failures and len(files) == expected,
         metadata={"checkpoints_checked": len(files), "checkpoints_expected": expected,

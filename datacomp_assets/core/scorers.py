@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from partitions.scales import ScaleConfig
+from datacomp_assets.core.scales import ScaleConfig
 
 # reference npz/column prefix -> our architecture standing in for it
 SCORER_MODELS = {"b32": "datacomp-tiny-b32", "l14": "datacomp-tiny-l14"}

@@ -1,6 +1,6 @@
 """Run open_clip's own trainer (`open_clip_train.main`) with the benchmark's fixed recipe.
 
-The trainer runs in a child process (`python -m datacomp_assets.training.open_clip_entry`, or torchrun
+The trainer runs in a child process (`python -m datacomp_assets.core.open_clip_entry`, or torchrun
 for several processes) so that a crash, a kill or CUDA state never touches the orchestrator. Its log
 lines are streamed back and parsed for loss and throughput; only rank 0's output is streamed.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from partitions.scales import ScaleConfig
+from datacomp_assets.core.scales import ScaleConfig
 
 LOG_LINE = re.compile(
     r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<seen>\d+)/(?P<per_epoch>\d+).*?"
@@ -55,10 +55,10 @@ class TrainJob:
 
     def argv(self) -> list[str]:
         s = self.scale
-        per_checkpoint = s.samples_seen // s.checkpoints
+        per_checkpoint = s.samples_seen // s.epochs
         args = [
             "--train-data", self.train_data, "--dataset-type", "webdataset", "--dataset-resampled",
-            "--train-num-samples", str(per_checkpoint), "--epochs", str(s.checkpoints),
+            "--train-num-samples", str(per_checkpoint), "--epochs", str(s.epochs),
             "--batch-size", str(s.global_batch // self.nproc), "--model", s.model,
             "--lr", str(s.lr), "--wd", str(s.weight_decay), "--beta1", str(s.beta1), "--beta2", str(s.beta2),
             "--eps", str(s.eps), "--warmup", str(s.warmup), "--lr-scheduler", "cosine",
@@ -75,7 +75,7 @@ class TrainJob:
         return args
 
     def command(self) -> list[str]:
-        module = ["-m", "datacomp_assets.training.open_clip_entry"]
+        module = ["-m", "datacomp_assets.core.open_clip_entry"]
         if self.nproc > 1:
             # open_clip's flags go through a file, out of torchrun's parser's reach.
             return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -90,8 +90,8 @@ class TrainJob:
     def samples_seen(self) -> int:
         """What open_clip really trains on: each "epoch" is rounded up to whole global batches."""
         s = self.scale
-        batches = math.ceil(math.ceil(s.samples_seen // s.checkpoints / s.global_batch) / self.workers) * self.workers
-        return s.checkpoints * batches * s.global_batch
+        batches = math.ceil(math.ceil(s.samples_seen // s.epochs / s.global_batch) / self.workers) * self.workers
+        return s.epochs * batches * s.global_batch
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -99,7 +99,7 @@ class TrainJob:
 
     @property
     def final_checkpoint(self) -> Path:
-        return self.checkpoint_dir / f"epoch_{self.scale.checkpoints}.pt"
+        return self.checkpoint_dir / f"epoch_{self.scale.epochs}.pt"
 
     @property
     def log_file(self) -> Path:
@@ -154,7 +154,7 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
     with _exclusive(job.logs_dir / f"{job.name}.lock", LOCK_WAIT_SECONDS) as lock_fd:
         discard_unreadable_checkpoints(job, log)
         start_epoch = completed_epochs(job)
-        if start_epoch >= job.scale.checkpoints:
+        if start_epoch >= job.scale.epochs:
             return TrainResult(job.final_checkpoint, 0.0, losses=read_curve(job.log_file),
                                resumed_from_epoch=start_epoch)
         if job.nproc > 1:

@@ -39,10 +39,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from datacomp_assets.pool.shards import write_webdataset
-
-from datacomp_assets.pool.synthetic_web import (
-    COLORS, NUMBER_WORDS, OBJECTS, STYLES, english_caption, encode_jpeg, render, sample,
+from datacomp_assets.core.shards import write_webdataset
+from datacomp_assets.world.web import (
+    COLORS, NUMBER_WORDS, OBJECT_STYLES, OBJECTS, STYLES, clean_sample, encode_jpeg, english_caption, render, sample,
 )
 
 IMAGE_SIDE = 64  # stored resolution; the tiny models see 32x32 after preprocessing
@@ -69,13 +68,6 @@ class EvalTask:
 
 
 # ---------------------------------------------------------------- synthetic images
-
-def _clean_sample(task_key: str, index: int, **fixed):
-    """A clean synthetic sample of the task's namespace with some attributes forced, drawn square."""
-    s = sample(index, namespace=f"eval/{task_key}", noise={})
-    # A square canvas keeps the whole scene inside CLIP's centre crop.
-    return replace(s, height=s.width, **fixed)
-
 
 def _task_rng(task_key: str, index: int) -> np.random.Generator:
     """Randomness for what `sample` does not draw (placements, glyphs), from the task's own namespace."""
@@ -118,7 +110,6 @@ def _balanced_labels(n_classes: int, per_class: int) -> Iterator[tuple[int, int]
 
 # ---------------------------------------------------------------- ImageNet and its distribution shifts
 
-OBJECT_STYLES = ("photo", "drawing", "painting")  # the pool's common styles; "sketch" is the shift
 
 OBJECT_TEMPLATES = (
     "a photo of a {c}.", "a picture of a {c}.", "an image of a {c}.", "a drawing of a {c}.",
@@ -130,7 +121,7 @@ def _object_samples(task_key: str, size_scale: float, per_class_full: int) -> It
     """(label, sample) of the ImageNet analogue's distribution: one object, the pool's common styles."""
     for i, label in _balanced_labels(len(OBJECTS), _per_class(size_scale, per_class_full)):
         style = OBJECT_STYLES[(i // len(OBJECTS)) % len(OBJECT_STYLES)]
-        yield label, _clean_sample(task_key, i, object=OBJECTS[label], count=1, style=style)
+        yield label, clean_sample(task_key, i, object=OBJECTS[label], count=1, style=style)
 
 
 def build_objects(size_scale: float) -> Iterator[Example]:
@@ -152,7 +143,7 @@ def objects_training_images(per_class: int) -> Iterator[Example]:
 def build_objects_sketch(size_scale: float) -> Iterator[Example]:
     """ImageNet-Sketch analogue: the same classes, drawn only as sketches (rare in the pool)."""
     for i, label in _balanced_labels(len(OBJECTS), _per_class(size_scale, 20)):
-        s = _clean_sample("objects_sketch", i, object=OBJECTS[label], count=1, style="sketch")
+        s = clean_sample("objects_sketch", i, object=OBJECTS[label], count=1, style="sketch")
         yield _to_stored_image(s), label
 
 
@@ -191,7 +182,7 @@ def _rendition(s, kind: str, rng: np.random.Generator) -> Image.Image:
 def build_objects_rendition(size_scale: float) -> Iterator[Example]:
     """ImageNet-R analogue: the same classes as renditions the pool never shows (RENDITIONS), in turn."""
     for i, label in _balanced_labels(len(OBJECTS), _per_class(size_scale, 20)):
-        s = _clean_sample("objects_rendition", i, object=OBJECTS[label], count=1)
+        s = clean_sample("objects_rendition", i, object=OBJECTS[label], count=1)
         kind = RENDITIONS[(i // len(OBJECTS)) % len(RENDITIONS)]
         yield _stored(_rendition(s, kind, _task_rng("objects_rendition", i))), label
 
@@ -204,7 +195,7 @@ def build_objects_hard(size_scale: float) -> Iterator[Example]:
     are large, nearly upright, centred and on plain or smooth grounds, so each of these is a shift.
     """
     for i, label in _balanced_labels(len(OBJECTS), _per_class(size_scale, 20)):
-        s = _clean_sample("objects_hard", i, object=OBJECTS[label], count=1)
+        s = clean_sample("objects_hard", i, object=OBJECTS[label], count=1)
         rng = _task_rng("objects_hard", i)
         # The ground is one of the pool's off-topic textures, drawn from this sample's own seed.
         canvas = render(replace(s, object="")).convert("RGBA")
@@ -222,7 +213,7 @@ def build_objects_hard(size_scale: float) -> Iterator[Example]:
 def build_counting(size_scale: float) -> Iterator[Example]:
     """CLEVR Counts analogue: how many objects (1-4), whatever they are."""
     for i, label in _balanced_labels(4, _per_class(size_scale, 75)):
-        s = _clean_sample("counting", i, count=label + 1)
+        s = clean_sample("counting", i, count=label + 1)
         yield _to_stored_image(s), label
 
 
@@ -231,7 +222,7 @@ def build_colors(size_scale: float) -> Iterator[Example]:
     colors = list(COLORS)
     for i, label in _balanced_labels(len(colors), _per_class(size_scale, 40)):
         style = OBJECT_STYLES[(i // len(colors)) % len(OBJECT_STYLES)]
-        s = _clean_sample("colors", i, color=colors[label], style=style)
+        s = clean_sample("colors", i, color=colors[label], style=style)
         yield _to_stored_image(s), label
 
 
@@ -244,7 +235,7 @@ def build_styles(size_scale: float) -> Iterator[Example]:
     of", "in sketch style"), so this is the texture concept a pool-trained CLIP can pick up.
     """
     for i, label in _balanced_labels(len(STYLES), _per_class(size_scale, 75)):
-        s = _clean_sample("styles", i, style=STYLES[label])
+        s = clean_sample("styles", i, style=STYLES[label])
         yield _to_stored_image(s), label
 
 
@@ -282,7 +273,7 @@ def build_position(size_scale: float) -> Iterator[Example]:
     """CLEVR Distance / dSprites position analogue (VTAB's spatial tasks): on which side of the picture one
     small object lies. The pool's captions never say where things are, so near chance is expected."""
     for i, label in _balanced_labels(len(POSITIONS), _per_class(size_scale, 75)):
-        s = _clean_sample("position", i, count=1)
+        s = clean_sample("position", i, count=1)
         rng = _task_rng("position", i)
         side = s.width
         cutout = _fit(_object_cutout(s), side * rng.uniform(0.3, 0.36))
@@ -317,7 +308,7 @@ def retrieval_captions(s, index: int, wanted: int | None = None) -> list[str]:
 def build_retrieval(size_scale: float) -> Iterator[Example]:
     """Flickr30k analogue: clean images of the pool's distribution, each with several captions."""
     for i in range(max(2, round(300 * size_scale))):
-        s = _clean_sample("retrieval", i)
+        s = clean_sample("retrieval", i)
         yield _to_stored_image(s), retrieval_captions(s, i)
 
 
@@ -326,7 +317,7 @@ def build_retrieval_coco(size_scale: float) -> Iterator[Example]:
     more images than the Flickr analogue, as COCO's 5k test set is larger than Flickr's 1k: more
     look-alike distractors per query."""
     for i in range(max(2, round(400 * size_scale))):
-        s = _clean_sample("retrieval_coco", i)
+        s = clean_sample("retrieval_coco", i)
         yield _to_stored_image(s), [c[0].upper() + c[1:] + "." for c in retrieval_captions(s, i, wanted=5)]
 
 

@@ -1,4 +1,4 @@
-"""`python -m datacomp_assets.training.open_clip_entry ARGS`: open_clip's trainer, with our model configs.
+"""`python -m datacomp_assets.core.open_clip_entry ARGS`: open_clip's trainer, with our model configs.
 
 open_clip only knows the architectures in its own config folder; ours are registered first.
 `--argv-file FILE` reads the arguments from a JSON list instead: torchrun's own parser would otherwise
@@ -8,7 +8,7 @@ misread some of open_clip's flags (`--logs` is a prefix of its `--logs-specs`).
 import json
 import sys
 
-from datacomp_assets.training.models import register_model_configs
+from datacomp_assets.core.models import register_model_configs
 
 
 def main(argv: list[str]) -> None:

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datacomp_assets.pool.synthetic_web import WebConfig, crawled_sha256, ground_truth, sample
-from datacomp_assets.pool.web_server import image_url
+from datacomp_assets.world.web import WebConfig, crawled_sha256, ground_truth, sample
+from datacomp_assets.world.web_server import image_url
 
 INDEX_FILE = "index.parquet"
 GROUND_TRUTH_FILE = "ground_truth.parquet"

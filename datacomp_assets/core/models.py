@@ -1,10 +1,16 @@
-"""The project's miniature CLIP architectures, registered with open_clip by name."""
+"""Model loading and embedding: the miniature CLIP architectures registered with open_clip by name, checkpoints
+read with weights_only=True, and normalised image and caption embeddings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -51,3 +57,46 @@ def forward_check(model_name: str, checkpoint: str | Path) -> str | None:
     if not (torch.isfinite(image).all() and torch.isfinite(text).all()):
         return "the forward pass gave non-finite embeddings"
     return None
+
+
+@torch.no_grad()
+def encode_image_batches(model, batches: Iterable[torch.Tensor], device: str) -> torch.Tensor:
+    """Normalised features of preprocessed image batches, concatenated on the CPU."""
+    feats = [F.normalize(model.encode_image(batch.to(device)).float(), dim=-1).cpu() for batch in batches]
+    return torch.cat(feats) if feats else torch.zeros(0)
+
+
+def encode_images(model, preprocess, images: Iterable[Image.Image], batch_size: int, device: str) -> torch.Tensor:
+    """Normalised features of PIL images, preprocessed batch by batch (the images may be a stream)."""
+    def batches():
+        batch = []
+        for image in images:
+            batch.append(preprocess(image))
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+
+    return encode_image_batches(model, batches(), device)
+
+
+@dataclass
+class Scorer:
+    """A CLIP model that embeds images and captions (prefix `b32` or `l14`, as in the reference's keys)."""
+
+    prefix: str
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    device: str = "cpu"
+
+    @torch.no_grad()
+    def embed(self, images: list[Image.Image], texts: list[str], batch_size: int = 512):
+        img, txt = [], []
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]).to(self.device)
+            img.append(torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1).cpu())
+            t = self.tokenizer(texts[i:i + batch_size]).to(self.device)
+            txt.append(torch.nn.functional.normalize(self.model.encode_text(t).float(), dim=-1).cpu())
+        return torch.cat(img).numpy(), torch.cat(txt).numpy()

@@ -101,7 +101,7 @@ DEFAULT_FAULTS = {"dead_link": 0.02, "refused": 0.01, "slow": 0.005, "corrupt": 
                   "redirect": 0.01, "poisoned": 0.005}
 POOL_NAMESPACE = "pool"  # faults hit only the pool's URLs; eval and curated images are never downloaded
 
-# eval_copy samples copy images of this evaluation task (datacomp_assets.evaluation.suite), whose full
+# eval_copy samples copy images of this evaluation task (datacomp_assets.world.eval_suite), whose full
 # size is 16 classes x 50 samples.
 EVAL_COPY_TASK = "objects"
 EVAL_COPY_SAMPLES = 800
@@ -203,16 +203,24 @@ def _light_edit(rng: np.random.Generator) -> dict:
     return {"shift_x": dx, "shift_y": dy}
 
 
+OBJECT_STYLES = ("photo", "drawing", "painting")  # the pool's common styles; "sketch" is the eval's shift
+
+
+def clean_sample(task_key: str, index: int, **fixed) -> "Sample":
+    """A clean sample of an evaluation task's namespace with some attributes forced, drawn square."""
+    s = sample(index, namespace=f"eval/{task_key}", noise={})
+    # A square canvas keeps the whole scene inside CLIP's centre crop.
+    return replace(s, height=s.width, **fixed)
+
+
 def eval_objects_sample(eval_index: int) -> Sample:
     """The sample the evaluation suite's `objects` task draws at eval_index (before resizing to 64 px).
 
-    Same label and style cycle as ``suite.build_objects``; the sample itself comes from the suite's own
-    ``_clean_sample``, so a change there changes the copies too.
+    Same label and style cycle as ``eval_suite.build_objects``, and the same ``clean_sample``, so the copies
+    change with the suite.
     """
-    from datacomp_assets.evaluation.suite import OBJECT_STYLES, _clean_sample  # late: suite imports us
-
     style = OBJECT_STYLES[(eval_index // len(OBJECTS)) % len(OBJECT_STYLES)]
-    return _clean_sample(EVAL_COPY_TASK, eval_index, object=OBJECTS[eval_index % len(OBJECTS)], count=1,
+    return clean_sample(EVAL_COPY_TASK, eval_index, object=OBJECTS[eval_index % len(OBJECTS)], count=1,
                          style=style)
 
 

@@ -1,16 +1,4 @@
-"""Filtering strategies as data: DuckDB rules over the pool metadata, and combinations of rules.
-
-A strategy is one of:
-- a rule: a SQL predicate `where` over the view `pool` (every `<metadata_dir>/*.parquet`, joined on uid
-  with any per-sample feature tables), optionally ranked by `order_by` keeping the top `fraction` of the
-  candidates, or sampled uniformly (`random`), optionally only among another strategy's uids (`within`);
-- a set operation over other strategies: `intersect` or `union` (each uid once);
-- a `mixture`: other strategies' uids and external sources' samples, each repeated `upsample` times
-  (bring your own data; a repeated uid is trained on that many times).
-
-The registry is `strategies.toml` beside this file plus any files named in `$DATACOMP_STRATEGIES`
-(os.pathsep-separated); every registered strategy is a partition, is trained and evaluated, and has a
-leaderboard row. The paper's sweeps (`SWEEPS`) can be selected by name without being registered.
+"""Running a strategy's rule: DuckDB over the pool metadata (and feature tables), to a sorted uid array.
 
 Unscored samples (NaN scores, written when a scorer is absent) are read as NULL, so a score rule never
 keeps them (DuckDB orders NaN above every number) and quantiles ignore them.
@@ -18,25 +6,17 @@ keeps them (DuckDB orders NaN above every number) and quantiles ignore them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
-from datacomp_assets.filtering.uids import UID_DTYPE, array_to_uids, arrow_uids_to_array, sort_uids
-
-SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
-REGISTRY_FILE = Path(__file__).with_name("strategies.toml")
-NAME_PATTERN = re.compile(r"[a-z0-9_]+")
-SOURCE_PREFIX = "source:"  # a mixture component naming an external source instead of a strategy
+from datacomp_assets.core.strategies import SCORE_COLUMNS, SOURCE_PREFIX, Strategy, get_strategy
+from datacomp_assets.core.uids import UID_DTYPE, array_to_uids, arrow_uids_to_array, sort_uids
 
 # Where a column a rule reads comes from, for the error when it is missing.
 COLUMN_SOURCES = {
@@ -51,150 +31,6 @@ COLUMN_SOURCES = {
 # tiny scale's stand-ins), a threshold is carried over as the share of the pool it keeps on CommonPool.
 COMMONPOOL_SHARE_AT_THRESHOLD = {("b32", 0.25): 0.30, ("b32", 0.28): 0.20, ("b32", 0.30): 0.10}
 _THRESHOLD = re.compile(r"\{(b32|l14)>=([0-9.]+)\}")
-
-
-@dataclass(frozen=True)
-class Strategy:
-    description: str = ""
-    where: str = "true"                 # SQL predicate over `pool`
-    order_by: str | None = None         # SQL expression; with `fraction`, keep the highest-ranked rows
-    fraction: float | None = None       # kept share of the candidates (ranked or random)
-    fraction_of: str = "candidates"     # or "pool": `fraction` counts rows of the whole pool
-    random: bool = False                # a seeded uniform sample of `fraction` of the candidates
-    within: str | None = None           # candidates are only this strategy's uids
-    intersect: tuple[str, ...] = ()
-    union: tuple[str, ...] = ()
-    mixture: tuple[tuple[str, int], ...] = ()  # (strategy name or "source:<name>", times each uid)
-
-    @property
-    def parts(self) -> tuple[str, ...]:
-        """Strategies this one is built from."""
-        mixed = tuple(name for name, _ in self.mixture if not name.startswith(SOURCE_PREFIX))
-        return (*((self.within,) if self.within else ()), *self.intersect, *self.union, *mixed)
-
-    @property
-    def expected_fraction(self) -> float | None:
-        """The share of the pool it keeps by construction (None when that depends on the data)."""
-        if self.intersect or self.union or self.mixture or self.within or self.where.strip() != "true":
-            return None
-        if self.fraction is None:
-            return None if self.order_by else 1.0
-        return self.fraction
-
-
-def random_fraction(fraction: float) -> Strategy:
-    return Strategy(f"uniform random {fraction:.0%} of the pool", fraction=fraction, random=True)
-
-
-def top_fraction(model: str, fraction: float) -> Strategy:
-    # quantile_disc is an exact order statistic (numpy's method="inverted_cdf"): the smallest score
-    # with at least (1 - f) of the pool at or below it, so about f * n rows (plus ties) score >= it.
-    return Strategy(f"top {fraction:.0%} of the pool by CLIP {model.upper()} image-text similarity",
-                    order_by=SCORE_COLUMNS[model], fraction=fraction)
-
-
-def score_threshold(model: str, threshold: float) -> Strategy:
-    return Strategy(f"CLIP {model.upper()} image-text similarity >= {threshold}",
-                    where=f"{SCORE_COLUMNS[model]} >= {{{model}>={threshold}}}")
-
-
-# The paper's sweeps, by name: random fractions, top fractions by each scorer, and fixed thresholds.
-SWEEPS: dict[str, Strategy] = {
-    **{f"random_{round(f * 100)}pct": random_fraction(f) for f in (0.01, 0.10, 0.25, 0.50, 0.75)},
-    **{f"clip_score_{m}_{round(f * 100)}pct": top_fraction(m, f)
-       for m in ("b32", "l14") for f in (0.10, 0.20, 0.30, 0.40, 0.45)},
-    **{f"clip_score_b32_thr{t}": score_threshold("b32", t) for t in (0.25, 0.28, 0.30)},
-}
-
-
-def parse_strategies(table: Mapping, where: str) -> dict[str, Strategy]:
-    """Strategies from a TOML table (`[name]` sections); errors name the file and the strategy."""
-    known = {f.name for f in fields(Strategy)}
-    out = {}
-    for name, spec in table.items():
-        if not NAME_PATTERN.fullmatch(name):
-            raise ValueError(f"{where}: strategy name {name!r} must be lowercase letters, digits and _")
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}: [{name}] must be a table of settings")
-        unknown = set(spec) - known
-        if unknown:
-            raise ValueError(f"{where}: [{name}] has unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        spec = dict(spec)
-        for key in ("intersect", "union"):
-            spec[key] = tuple(spec.get(key, ()))
-        spec["mixture"] = tuple((str(m["from"]), int(m.get("upsample", 1))) for m in spec.get("mixture", ()))
-        strategy = Strategy(**spec)
-        if strategy.fraction is not None and not 0 < strategy.fraction <= 1:
-            raise ValueError(f"{where}: [{name}] fraction must be in (0, 1], got {strategy.fraction}")
-        if strategy.fraction_of not in ("candidates", "pool"):
-            raise ValueError(f"{where}: [{name}] fraction_of must be 'candidates' or 'pool'")
-        if (strategy.random or strategy.order_by) and strategy.fraction is None:
-            raise ValueError(f"{where}: [{name}] `random` and `order_by` need a `fraction`")
-        if sum(map(bool, (strategy.intersect, strategy.union, strategy.mixture))) > 1:
-            raise ValueError(f"{where}: [{name}] takes one of intersect, union or mixture")
-        out[name] = strategy
-    return out
-
-
-def load_registry(extra_files: Sequence[str | os.PathLike] = ()) -> dict[str, Strategy]:
-    """The shipped strategies plus those in `extra_files`; every referenced strategy must exist."""
-    registry: dict[str, Strategy] = {}
-    for path in (REGISTRY_FILE, *extra_files):
-        path = Path(path)
-        try:
-            table = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"strategy file {path} does not exist (named in $DATACOMP_STRATEGIES?)") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: not valid TOML: {err}") from None
-        registry.update(parse_strategies(table, str(path)))
-    for name, strategy in registry.items():
-        missing = [p for p in strategy.parts if p not in registry and p not in SWEEPS]
-        if missing:
-            raise ValueError(f"strategy {name!r} is built from unknown strategies {missing}")
-    return registry
-
-
-def _extra_files() -> list[str]:
-    return [p for p in os.environ.get("DATACOMP_STRATEGIES", "").split(os.pathsep) if p]
-
-
-STRATEGIES: dict[str, Strategy] = load_registry(_extra_files())
-
-
-def get_strategy(name: str) -> Strategy:
-    """A registered strategy, or one of the paper's sweeps, by name."""
-    try:
-        return STRATEGIES.get(name) or SWEEPS[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join({**STRATEGIES, **SWEEPS})}") from None
-
-
-def expected_fraction(strategy_name: str) -> float | None:
-    """The fraction of the pool a strategy keeps by construction (None when it depends on the data)."""
-    return get_strategy(strategy_name).expected_fraction
-
-
-def strategy_definition(name: str) -> dict:
-    """A strategy's settings as plain data (for metadata and hashing)."""
-    strategy = get_strategy(name)
-    return {f.name: getattr(strategy, f.name) for f in fields(Strategy)
-            if getattr(strategy, f.name) != f.default}
-
-
-def strategy_version(name: str) -> str:
-    """A short hash of one strategy's definition: the data version of its `strategy_definitions` partition,
-    so editing one rule marks only that strategy's subsets, checkpoints and scores stale."""
-    text = json.dumps(strategy_definition(name), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def track(name: str) -> str:
-    """"byod" when the strategy mixes in samples from outside the pool, else "filtering"."""
-    strategy = get_strategy(name)
-    if any(part.startswith(SOURCE_PREFIX) for part, _ in strategy.mixture):
-        return "byod"
-    return "byod" if any(track(p) == "byod" for p in strategy.parts) else "filtering"
 
 
 def _parquet_glob(directory: str | os.PathLike) -> str:

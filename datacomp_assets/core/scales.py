@@ -6,7 +6,7 @@ The paper's scales are exactly the reference's; only the data changes between su
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class ScaleConfig:
     lr: float
     warmup: int               # steps
     beta2: float
-    checkpoints: int          # "epochs": checkpoint intervals only
+    epochs: int               # open_clip's "epochs": checkpoint intervals of the fixed budget, not passes over data
     image_size: int           # img2dataset's download resize target
     shard_size: int           # samples per webdataset shard
     download_timeout: int = 10  # seconds img2dataset waits for a host
@@ -33,26 +33,23 @@ class ScaleConfig:
     curated_size: int = 0     # synthetic only: clean pairs the scorer CLIPs train on
     scorer_samples_seen: int = 0
     eval_suite_scale: float = 1.0  # synthetic only: size of the tiny evaluation suite (tests shrink it)
-    metaclip_t: float = 0.0   # MetaCLIP's balancing threshold; 0: MetaCLIP's 20,000 per 400M pairs, scaled
+    metaclip_t_override: float = 0.0  # MetaCLIP's t (pairs kept per entry); 0: its 20,000 per 400M pairs, scaled
     target_images_per_class: int = 50  # synthetic only: training images of the ImageNet analogue per class
 
     @property
-    def metaclip_threshold(self) -> float:
-        return self.metaclip_t or 20_000 * self.pool_size / 400_000_000
+    def metaclip_t(self) -> float:
+        """MetaCLIP's balancing threshold t: an entry matched by more pairs keeps about t of them."""
+        return self.metaclip_t_override or 20_000 * self.pool_size / 400_000_000
 
     @property
     def steps(self) -> int:
         return -(-self.samples_seen // self.global_batch)
 
-    def as_metadata(self) -> dict:
-        return {k: v for k, v in asdict(self).items()}
-
-
 SCALES: dict[str, ScaleConfig] = {
     "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=20_000, model="datacomp-tiny",
-                        global_batch=256, lr=2e-3, warmup=20, beta2=0.98, checkpoints=2,
+                        global_batch=256, lr=2e-3, warmup=20, beta2=0.98, epochs=2,
                         image_size=64, shard_size=2_000, download_timeout=2, synthetic=True, precision="fp32",
-                        curated_size=10_000, scorer_samples_seen=40_000, metaclip_t=500, seeds=(0, 1, 2)),
+                        curated_size=10_000, scorer_samples_seen=40_000, metaclip_t_override=500, seeds=(0, 1, 2)),
     "small": ScaleConfig("small", 12_800_000, 12_800_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 5, 512, 10_000),
     "medium": ScaleConfig("medium", 128_000_000, 128_000_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 8, 512, 10_000),
     "large": ScaleConfig("large", 1_280_000_000, 1_280_000_000, "ViT-B-16", 8192, 5e-4, 500, 0.98, 8, 512, 10_000),

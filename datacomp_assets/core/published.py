@@ -19,22 +19,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datacomp_assets.metadata.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, validate_metadata
+from datacomp_assets.core import settings
+from datacomp_assets.core.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, validate_metadata
 
 # The setting that points at a local mirror: a resource field, defaulting to this environment variable.
 MIRROR_SETTING = "published_mirror_dir"
-MIRROR_ENV = "DATACOMP_MIRROR"
+MIRROR_ENV = settings.DATACOMP_MIRROR.name
 # Seconds to wait for the Hub before declaring it unreachable: a dead network must fail fast, not hang.
 HUB_TIMEOUT_S = 10.0
 
 # The columns img2dataset needs from the metadata: url and caption to fetch, uid to keep, face boxes to blur,
 # sha256 to verify that the bytes are the ones the metadata (and its scores) describe.
 DOWNLOAD_INDEX_COLUMNS = ("uid", "url", "text", "face_bboxes", "sha256")
-
-def default_mirror_dir() -> str | None:
-    """The mirror named by $DATACOMP_MIRROR, if any (the resource field's default)."""
-    return os.environ.get(MIRROR_ENV) or None
-
 
 @dataclass(frozen=True)
 class PublishedSource:
@@ -61,15 +57,14 @@ def offline_message(source: PublishedSource, reason: str) -> str:
     )
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it again so a later setting counts too.
     import huggingface_hub.constants
 
-    value = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return value in ("1", "ON", "YES", "TRUE") or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+    return settings.hub_offline() or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
+def network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the Hub cannot be reached" (not "the repo is missing").
 
     huggingface_hub raises its HTTP client's transport errors as they are; which client it uses depends on
@@ -143,9 +138,9 @@ def _from_mirror(source: PublishedSource, dest_dir: Path) -> list[Path]:
 def _from_hub(source: PublishedSource, dest_dir: Path) -> list[Path]:
     from huggingface_hub import HfApi, snapshot_download
 
-    if _hub_offline():
+    if hub_offline():
         raise RuntimeError(offline_message(source, "HF_HUB_OFFLINE is set"))
-    network_errors = _network_errors()
+    unreachable = network_errors()
     try:
         # A cheap request first, with a short timeout: a missing network fails here in seconds.
         HfApi().repo_info(source.repo_id, repo_type="dataset", timeout=HUB_TIMEOUT_S)
@@ -156,7 +151,7 @@ def _from_hub(source: PublishedSource, dest_dir: Path) -> list[Path]:
             local_dir=dest_dir,
             etag_timeout=HUB_TIMEOUT_S,
         )
-    except network_errors as exc:
+    except unreachable as exc:
         raise RuntimeError(offline_message(source, f"huggingface.co is unreachable ({exc})")) from exc
     parquets = _metadata_files(dest_dir, ".parquet")
     for parquet in parquets:

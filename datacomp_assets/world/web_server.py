@@ -16,7 +16,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from datacomp_assets.pool.synthetic_web import WebConfig, sample, served_bytes
+from datacomp_assets.world.web import WebConfig, sample, served_bytes
 
 # /images/{namespace}/{index}.jpg; namespaces are simple names so URLs need no escaping.
 IMAGE_PATH = re.compile(r"^/images/([A-Za-z0-9_\-]+)/(\d+)\.jpg$")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from PIL import Image
 
 
 def iter_webdataset(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -42,3 +45,25 @@ def write_webdataset(tar_path: str | Path, samples: Iterable[tuple[str, dict[str
 def brace_pattern(directory: str | Path, count: int) -> str:
     """The webdataset brace pattern naming `count` shards 00000000.tar.. in a directory."""
     return str(Path(directory) / f"{{{0:08d}..{count - 1:08d}}}.tar")
+
+
+def iter_shard_samples(task_dir: str | Path) -> Iterator[dict[str, bytes]]:
+    """Samples of `<task_dir>/test/{i}.tar` as {"__key__": key, ext: bytes}, in shard order."""
+    test_dir = Path(task_dir) / "test"
+    nshards = int((test_dir / "nshards.txt").read_text().strip())
+    for i in range(nshards):
+        for key, files in iter_webdataset(test_dir / f"{i}.tar"):
+            yield {"__key__": key, **files}
+
+
+def read_downloaded(tar_path: Path) -> tuple[list[dict], list[Image.Image]]:
+    """The successfully downloaded samples of one img2dataset shard: their json record and image."""
+    records, images = [], []
+    for _, files in iter_webdataset(tar_path):
+        if "jpg" not in files or "json" not in files:
+            continue
+        meta = json.loads(files["json"])
+        meta["text"] = files.get("txt", b"").decode("utf-8", errors="replace")
+        records.append(meta)
+        images.append(Image.open(io.BytesIO(files["jpg"])).convert("RGB"))
+    return records, images

@@ -13,8 +13,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from datacomp_assets.pool.shards import write_webdataset
-from datacomp_assets.pool.synthetic_web import WebConfig, encode_jpeg, render, sample
+from datacomp_assets.core.shards import write_webdataset
+from datacomp_assets.world.web import WebConfig, encode_jpeg, render, sample
 
 NAMESPACE = "curated"
 

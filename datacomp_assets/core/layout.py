@@ -1,0 +1,170 @@
+"""Where every artifact lives: the one place that names the graph's assets and spells their paths.
+
+An asset writes under `<root>/<scale>/<asset>/[<strategy>/]...` (the scaling analysis, across scales, under
+`<root>/scaling_analysis/`). Asset bodies, checks, the command line and the tests ask a `Layout` (the storage
+resource's `layout`) for a path; no other module spells an asset's name or an artifact's file name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Asset:
+    """The graph's asset names: each asset's key, and the folder it writes under `<root>/<scale>/`."""
+
+    STRATEGY_DEFINITIONS = "strategy_definitions"
+    POOL_INDEX = "pool_index"
+    POOL_SHARDS = "pool_shards"
+    CURATED_SOURCE = "curated_source"
+    EXTERNAL_SOURCES = "external_sources"
+    SCORER_MODELS = "scorer_models"
+    DFN_MODEL = "dfn_model"
+    POOL_METADATA = "pool_metadata"
+    POOL_FEATURES = "pool_features"
+    EVAL_SUITE = "eval_suite"
+    SUBSET = "subset"
+    CHECKPOINT = "checkpoint"
+    EVAL_RESULTS = "eval_results"
+    LEADERBOARD = "leaderboard"
+    SCALING_ANALYSIS = "scaling_analysis"
+    SUBMISSION = "submission"
+
+
+class Group:
+    """The UI's asset groups, one per stage."""
+
+    POOL = "pool"
+    METADATA = "metadata"
+    FILTERING = "filtering"
+    TRAINING = "training"
+    EVALUATION = "evaluation"
+    LEADERBOARD = "leaderboard"
+
+
+def seed_name(seed: int) -> str:
+    """The folder of one training seed's run, and its key in records and metadata."""
+    return f"seed_{seed}"
+
+
+def run_checkpoint(logs_dir: Path, run_name: str, epoch: int) -> Path:
+    """open_clip's checkpoint of a run after `epoch` "epochs" (checkpoint intervals)."""
+    return Path(logs_dir) / run_name / "checkpoints" / f"epoch_{epoch}.pt"
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    def asset_dir(self, scale: str, asset: str, strategy: str | None = None) -> Path:
+        path = self.root / scale / asset
+        return path / strategy if strategy else path
+
+    # ---------------------------------------------------------------- the pool
+
+    def pool_index(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.POOL_INDEX)
+
+    def pool_index_file(self, scale: str) -> Path:
+        """img2dataset's input: uid, url, caption (and at the paper's scales face boxes and sha256)."""
+        return self.pool_index(scale) / "index.parquet"
+
+    def ground_truth_file(self, scale: str) -> Path:
+        """The synthetic pool's ground truth (no filter reads it)."""
+        return self.pool_index(scale) / "ground_truth.parquet"
+
+    def published_metadata(self, scale: str) -> Path:
+        """The published parquet (and npz) files of a paper scale, as fetched."""
+        return self.pool_index(scale) / "metadata"
+
+    def pool_shards(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.POOL_SHARDS)
+
+    def curated_source(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.CURATED_SOURCE)
+
+    def external_sources(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.EXTERNAL_SOURCES)
+
+    def external_source_dirs(self, scale: str) -> dict[str, Path]:
+        """Each bring-your-own-data source's folder, by name."""
+        root = self.external_sources(scale)
+        return {d.name: d for d in sorted(root.iterdir()) if d.is_dir()} if root.exists() else {}
+
+    # ---------------------------------------------------------------- metadata and features
+
+    def scorer_models(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.SCORER_MODELS)
+
+    def dfn_model(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.DFN_MODEL)
+
+    def pool_metadata(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.POOL_METADATA)
+
+    def removed_samples(self, scale: str) -> Path:
+        """Samples the safety steps took out of the pool, with the reason, one parquet per shard."""
+        return self.pool_metadata(scale) / "removed"
+
+    def pool_features(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.POOL_FEATURES)
+
+    def eval_suite(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.EVAL_SUITE)
+
+    def reference_eval_data(self) -> Path:
+        """The default home of DataComp's 38 reference test sets (shared by the paper's scales)."""
+        return self.root / "eval_data"
+
+    # ---------------------------------------------------------------- per strategy
+
+    def subset_dir(self, scale: str, strategy: str) -> Path:
+        return self.asset_dir(scale, Asset.SUBSET, strategy)
+
+    def subset_file(self, scale: str, strategy: str) -> Path:
+        """The subset: sorted `u8,u8` uids, DataComp's submission format."""
+        return self.subset_dir(scale, strategy) / "subset.npy"
+
+    def checkpoint_dir(self, scale: str, strategy: str) -> Path:
+        return self.asset_dir(scale, Asset.CHECKPOINT, strategy)
+
+    def train_shards(self, scale: str, strategy: str) -> Path:
+        return self.checkpoint_dir(scale, strategy) / "train_shards"
+
+    def training_logs(self, scale: str, strategy: str) -> Path:
+        """open_clip's `--logs`: one run per seed beneath, `<seed_name>/checkpoints/epoch_N.pt`."""
+        return self.checkpoint_dir(scale, strategy) / "logs"
+
+    def seed_checkpoint(self, scale: str, strategy: str, seed: int, epoch: int) -> Path:
+        return run_checkpoint(self.training_logs(scale, strategy), seed_name(seed), epoch)
+
+    def loss_curve(self, scale: str, strategy: str) -> Path:
+        return self.checkpoint_dir(scale, strategy) / "loss_curve.png"
+
+    def eval_results_dir(self, scale: str, strategy: str) -> Path:
+        return self.asset_dir(scale, Asset.EVAL_RESULTS, strategy)
+
+    def results_file(self, scale: str, strategy: str, seed: int) -> Path:
+        """One seed's scores, in the reference's `eval_results.jsonl` format."""
+        return self.eval_results_dir(scale, strategy) / seed_name(seed) / "eval_results.jsonl"
+
+    def submission_dir(self, scale: str, strategy: str) -> Path:
+        return self.asset_dir(scale, Asset.SUBMISSION, strategy)
+
+    # ---------------------------------------------------------------- per scale and across scales
+
+    def leaderboard_dir(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.LEADERBOARD)
+
+    def leaderboard_markdown(self, scale: str) -> Path:
+        return self.leaderboard_dir(scale) / "leaderboard.md"
+
+    def leaderboard_json(self, scale: str) -> Path:
+        return self.leaderboard_dir(scale) / "leaderboard.json"
+
+    def scaling_analysis(self) -> Path:
+        return self.root / Asset.SCALING_ANALYSIS

@@ -1,0 +1,90 @@
+"""Every environment variable the project reads, with its default and what it does; nothing else reads them.
+
+Resource configuration (the storage root, the published mirror, the evaluation data) is handed to Dagster as
+an `EnvVar` where the variable is set (`definitions.py`), so the UI shows where a value came from; everything
+else calls `Variable.get()`. `docs/configuration.md` lists the same table (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    description: str
+
+    def get(self) -> str:
+        return os.environ.get(self.name, self.default)
+
+    def is_set(self) -> bool:
+        return self.name in os.environ
+
+
+DATACOMP_HOME = Variable(
+    "DATACOMP_HOME", "data", "Storage root: every artifact is written under `<root>/<scale>/<asset>/`.")
+DATACOMP_MIRROR = Variable(
+    "DATACOMP_MIRROR", "", "A local copy of the paper scales' published metadata (one `<shard>.parquet` per "
+    "shard, optionally `<shard>.npz`); empty: the Hugging Face Hub.")
+DATACOMP_EVAL_DATA = Variable(
+    "DATACOMP_EVAL_DATA", "", "Where DataComp's 38 reference test sets live at the paper's scales; empty: "
+    "`<storage root>/eval_data`.")
+DATACOMP_STRATEGIES = Variable(
+    "DATACOMP_STRATEGIES", "", "Extra strategy files (TOML, `os.pathsep`-separated) added to the registry.")
+DATACOMP_MAX_CONCURRENT_STEPS = Variable(
+    "DATACOMP_MAX_CONCURRENT_STEPS", "2", "Steps a UI, backfill or schedule run executes at once.")
+DATACOMP_GPU_SLOTS = Variable(
+    "DATACOMP_GPU_SLOTS", "1", "Slots of the instance's `gpu` pool (`python -m datacomp_assets.instance`).")
+DAGSTER_HOME = Variable(
+    "DAGSTER_HOME", ".dagster_home", "Dagster's instance directory (runs, event logs, schedules); relative to "
+    "the working directory.")
+HF_HUB_OFFLINE = Variable(
+    "HF_HUB_OFFLINE", "1", "Keep huggingface_hub offline (the default here); `0` lets the paper scales fetch "
+    "published metadata and test sets from the Hub.")
+NO_ALBUMENTATIONS_UPDATE = Variable(
+    "NO_ALBUMENTATIONS_UPDATE", "1", "Stops albumentations (an img2dataset dependency) phoning home on import.")
+
+VARIABLES = (DATACOMP_HOME, DATACOMP_MIRROR, DATACOMP_EVAL_DATA, DATACOMP_STRATEGIES, DATACOMP_MAX_CONCURRENT_STEPS,
+             DATACOMP_GPU_SLOTS, DAGSTER_HOME, HF_HUB_OFFLINE, NO_ALBUMENTATIONS_UPDATE)
+
+
+def apply_offline_defaults() -> None:
+    """Offline unless told otherwise, for this process and the children it starts (img2dataset, the trainer)."""
+    for variable in (HF_HUB_OFFLINE, NO_ALBUMENTATIONS_UPDATE):
+        os.environ.setdefault(variable.name, variable.default)
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub must not be used. Read at call time: the library reads it once, at import."""
+    return os.environ.get(HF_HUB_OFFLINE.name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def strategy_files() -> list[str]:
+    return [p for p in DATACOMP_STRATEGIES.get().split(os.pathsep) if p]
+
+
+def max_concurrent_steps() -> int:
+    return int(DATACOMP_MAX_CONCURRENT_STEPS.get())
+
+
+def gpu_slots() -> int:
+    return int(DATACOMP_GPU_SLOTS.get())
+
+
+def dagster_home() -> Path:
+    """$DAGSTER_HOME, set to `.dagster_home` under the working directory when unset, and created."""
+    home = Path(os.environ.setdefault(DAGSTER_HOME.name, str(Path.cwd() / DAGSTER_HOME.default)))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """The environment for a child process: this one's, offline by default, with `overrides`."""
+    env = dict(os.environ)
+    for variable in (HF_HUB_OFFLINE, NO_ALBUMENTATIONS_UPDATE):
+        env.setdefault(variable.name, variable.default)
+    return {**env, **overrides}
