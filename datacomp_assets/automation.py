@@ -3,15 +3,16 @@ each new checkpoint. Schedules start stopped: a scale's backfill is hours of GPU
 
 import dagster as dg
 
+from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.strategies import STRATEGIES
 from partitions import SCALES
 
 # subset -> checkpoint -> eval_results of one (scale, strategy); the pool assets must exist already.
 strategy_job = dg.define_asset_job(
-    "strategy_job", selection=["subset", "checkpoint", "eval_results"],
+    "strategy_job", selection=[Asset.SUBSET, Asset.CHECKPOINT, Asset.EVAL_RESULTS],
     description="Filter, train and score one strategy at one scale")
 evaluation_job = dg.define_asset_job(
-    "evaluation_job", selection=["eval_results"],
+    "evaluation_job", selection=[Asset.EVAL_RESULTS],
     description="Score one checkpoint on its scale's evaluation suite")
 
 # Small scales often, large ones rarely: a week of xlarge training costs more than a weekly cadence.
@@ -40,14 +41,14 @@ def scale_schedule(scale: str) -> dg.ScheduleDefinition:
 SCHEDULES = [scale_schedule(scale) for scale in SCALES]
 
 
-@dg.asset_sensor(asset_key=dg.AssetKey("checkpoint"), job=evaluation_job, minimum_interval_seconds=60,
+@dg.asset_sensor(asset_key=dg.AssetKey(Asset.CHECKPOINT), job=evaluation_job, minimum_interval_seconds=60,
                  default_status=dg.DefaultSensorStatus.RUNNING)
 def evaluate_new_checkpoints(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry):
     """Each new checkpoint gets scored, unless the run that trained it also scores it."""
     partition = asset_event.dagster_event.partition
     planned = context.instance.get_records_for_run(
         asset_event.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED).records
-    if any(r.event_log_entry.dagster_event.asset_key == dg.AssetKey("eval_results") for r in planned):
+    if any(r.event_log_entry.dagster_event.asset_key == dg.AssetKey(Asset.EVAL_RESULTS) for r in planned):
         return dg.SkipReason(f"run {asset_event.run_id} scores checkpoint {partition} itself")
     return dg.RunRequest(run_key=f"eval|{partition}|{asset_event.run_id}", partition_key=partition)
 

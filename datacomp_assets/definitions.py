@@ -1,9 +1,8 @@
 """The one Definitions object of the code location (`dagster dev`, `dagster asset materialize`)."""
 
-import os
+from datacomp_assets.core import settings
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+settings.apply_offline_defaults()  # before img2dataset or huggingface_hub is imported
 
 import dagster as dg  # noqa: E402
 
@@ -17,8 +16,8 @@ from datacomp_assets.pool.assets import (  # noqa: E402
     curated_source, external_sources, pool_index, pool_shards, pool_shards_match_injected_faults)
 from datacomp_assets.training.assets import checkpoint, checkpoint_loads  # noqa: E402
 from resources import (  # noqa: E402
-    AcceleratorResource, DownloaderResource, EvaluationDataResource, ExternalSourcesResource, PublishedMetadataResource, StorageResource,
-    SyntheticWebResource)
+    AcceleratorResource, DownloaderResource, EvaluationDataResource, ExternalSourcesResource, PoolSourceResource,
+    PublishedMetadataResource, StorageResource, SyntheticWebResource)
 
 POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, dfn_model, pool_metadata,
                eval_suite, pool_features]
@@ -26,21 +25,29 @@ STRATEGY_ASSETS = [subset, checkpoint, eval_results]
 ALL_ASSETS = [strategy_definitions, *POOL_ASSETS, *STRATEGY_ASSETS, leaderboard, scaling_analysis, submission]
 CHECKS = [subset_is_valid, checkpoint_loads, pool_shards_match_injected_faults]
 
+
+def from_environment(variable: settings.Variable) -> str | dg.EnvVar:
+    """Resource configuration from an environment variable, as Dagster's EnvVar (so the UI shows where the value
+    came from), or the variable's default when it is unset."""
+    return dg.EnvVar(variable.name) if variable.is_set() else variable.default
+
+
 RESOURCES = {
-    "storage": StorageResource(),
+    "storage": StorageResource(root=from_environment(settings.DATACOMP_HOME)),
     "accelerator": AcceleratorResource(),
     "downloader": DownloaderResource(),
-    "synthetic_web": SyntheticWebResource(),
-    "published": PublishedMetadataResource(),
+    "pool_source": PoolSourceResource(
+        synthetic_web=SyntheticWebResource(),
+        published=PublishedMetadataResource(published_mirror_dir=from_environment(settings.DATACOMP_MIRROR))),
     "external": ExternalSourcesResource(),
-    "eval_data": EvaluationDataResource(),
+    "eval_data": EvaluationDataResource(directory=from_environment(settings.DATACOMP_EVAL_DATA)),
 }
 
 # Runs launched from the UI, a backfill or a schedule execute their steps in subprocesses, at most this many at
 # once (default 2, the 2-core machine); steps of the `gpu` pool are further held to that pool's slots (the
 # instance's, see instance/dagster.yaml). `python -m datacomp_assets.run` materializes in-process instead.
-MAX_CONCURRENT_STEPS = int(os.environ.get("DATACOMP_MAX_CONCURRENT_STEPS", "2"))
-EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": MAX_CONCURRENT_STEPS}, name="bounded_multiprocess")
+EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": settings.max_concurrent_steps()},
+                                               name="bounded_multiprocess")
 
 defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=CHECKS, resources=RESOURCES, executor=EXECUTOR,
                       jobs=[strategy_job, evaluation_job], schedules=SCHEDULES, sensors=[evaluate_new_checkpoints])

@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.dagster_run import FINISHED_STATUSES
-from dagster._core.storage.event_log import ConsolidatedSqliteEventLogStorage, SqliteEventLogStorage
+
+from datacomp_assets.dagster_private import is_sqlite_event_log_storage
 
 GPU_POOL = "gpu"  # the pool of every asset that uses the accelerator (`pool="gpu"`)
 
@@ -77,11 +77,11 @@ def free_orphaned_slots(instance: dg.DagsterInstance, check_pids: bool | None = 
     if not storage.supports_global_concurrency_limits:
         return []
     if check_pids is None:
-        check_pids = isinstance(storage, (SqliteEventLogStorage, ConsolidatedSqliteEventLogStorage))
+        check_pids = is_sqlite_event_log_storage(storage)
     freed = []
     for run_id in sorted(storage.get_concurrency_run_ids()):
         run = instance.get_run_by_id(run_id)
-        if run is None or run.status in FINISHED_STATUSES:
+        if run is None or run.is_finished:  # SUCCESS, FAILURE or CANCELED
             pass
         elif run.status == dg.DagsterRunStatus.STARTED and check_pids:
             pids = _run_pids(instance, run_id)

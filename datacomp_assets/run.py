@@ -7,14 +7,12 @@ assets first, then subset -> checkpoint -> eval_results for each strategy, then 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 import dagster as dg
-from dagster._core.definitions.observe import observe
 
+from datacomp_assets.core import settings
 from datacomp_assets.definitions import ALL_ASSETS, CHECKS, POOL_ASSETS, RESOURCES, STRATEGY_ASSETS
 from datacomp_assets.filtering.assets import strategy_definitions
 from datacomp_assets.core.strategies import STRATEGIES
@@ -46,16 +44,17 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None) 
     for run_id in free_orphaned_slots(instance):
         print(f"freed the pool slots of run {run_id}, which had ended or been killed")
     # Record each strategy's definition version first, so the UI can tell later which rules changed.
-    observe([strategy_definitions], instance=instance)
+    dg.materialize([strategy_definitions], selection=[strategy_definitions], instance=instance)  # observes it
     materialize(POOL_ASSETS, scale, instance, resources)
     keys = [dg.MultiPartitionKey({"scale": scale, "strategy": strategy}) for strategy in strategies]
     for key in keys:
         materialize(STRATEGY_ASSETS, key, instance, resources)
     materialize([leaderboard], scale, instance, resources)
     materialize([scaling_analysis], None, instance, resources)
-    table = (resources["storage"].path(scale, "leaderboard") / "leaderboard.md").read_text().strip()
+    layout = resources["storage"].layout
+    table = layout.leaderboard_markdown(scale).read_text().strip()
     print(f"\nDataComp leaderboard, scale {scale} ({time.perf_counter() - t0:.0f} s)\n\n{table}\n")
-    print(f"Scaling analysis (the paper's Figures 2 and 3): {resources['storage'].root}/scaling_analysis/")
+    print(f"Scaling analysis (the paper's Figures 2 and 3): {layout.scaling_analysis()}/")
     return table
 
 
@@ -64,9 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--scale", default="tiny")
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), help="default: every strategy")
     args = parser.parse_args(argv)
-    # Record runs where `bin/ui` (dagster dev) will find them.
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster_home")))
-    home.mkdir(parents=True, exist_ok=True)
+    settings.dagster_home()  # record runs where `bin/ui` (dagster dev) will find them
     run_scale(args.scale, args.strategies)
 
 

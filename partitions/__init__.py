@@ -2,8 +2,9 @@
 
 import dagster as dg
 
-from datacomp_assets.core.strategies import STRATEGIES
+from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.scales import SCALES, ScaleConfig, get_scale
+from datacomp_assets.core.strategies import STRATEGIES
 
 scale_partitions = dg.StaticPartitionsDefinition(list(SCALES))
 strategy_partitions = dg.StaticPartitionsDefinition(list(STRATEGIES))
@@ -12,7 +13,7 @@ scale_strategy_partitions = dg.MultiPartitionsDefinition({"scale": scale_partiti
 by_scale = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="scale")
 # ... and its strategy's definition.
 by_strategy = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="strategy")
-STRATEGY_DEFINITION = dg.AssetDep("strategy_definitions", partition_mapping=by_strategy)
+STRATEGY_DEFINITION = dg.AssetDep(Asset.STRATEGY_DEFINITIONS, partition_mapping=by_strategy)
 
 
 def scale_and_strategy(context: dg.AssetExecutionContext) -> tuple[ScaleConfig, str]:

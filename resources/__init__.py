@@ -1,12 +1,13 @@
-"""Dagster resources: where files live, which accelerator trains, how the pool is fetched, the tiny web."""
+"""Dagster resources: where files live, which accelerator trains, where the pool comes from, how it is fetched."""
 
 from resources.accelerator import AcceleratorResource
 from resources.downloader import DownloaderResource
 from resources.evaluation_data import EvaluationDataResource
 from resources.external import ExternalSourcesResource
+from resources.pool_source import PoolSourceResource
 from resources.published import PublishedMetadataResource
 from resources.storage import StorageResource
 from resources.synthetic_web import SyntheticWebResource
 
-__all__ = ["AcceleratorResource", "DownloaderResource", "EvaluationDataResource", "ExternalSourcesResource", "PublishedMetadataResource",
-           "StorageResource", "SyntheticWebResource"]
+__all__ = ["AcceleratorResource", "DownloaderResource", "EvaluationDataResource", "ExternalSourcesResource",
+           "PoolSourceResource", "PublishedMetadataResource", "StorageResource", "SyntheticWebResource"]

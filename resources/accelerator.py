@@ -1,6 +1,10 @@
 from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
+
+from datacomp_assets.core.scales import ScaleConfig
+from datacomp_assets.core.trainer import TrainJob
 
 
 @dataclass(frozen=True)
@@ -34,3 +38,11 @@ class AcceleratorResource(dg.ConfigurableResource):
         if device != "cpu":
             raise ValueError(f"accelerator.device must be auto, cuda or cpu, not {device!r}")
         return Placement("cpu", self.cpu_processes, "fp32", self.cpu_threads)
+
+    def train_job(self, recipe: ScaleConfig, train_data: str, logs_dir: Path, name: str,
+                  seed: int | None = None) -> TrainJob:
+        """A training run of `recipe` (a scale's fixed recipe) on the devices this resource chooses."""
+        placement = self.placement(recipe.precision)
+        return TrainJob(recipe, train_data, logs_dir, name, device=placement.device, precision=placement.precision,
+                        nproc=placement.nproc, grad_checkpointing=placement.device == "cuda",
+                        threads=placement.threads, seed=seed)

@@ -1,14 +1,16 @@
-import os
 from pathlib import Path
 
 import dagster as dg
 
+from datacomp_assets.core import settings
+from datacomp_assets.core.layout import Layout
+
 
 class StorageResource(dg.ConfigurableResource):
-    """The storage root; assets write `<root>/<scale>/<asset>/[<strategy>/]...` themselves."""
+    """The storage root; every artifact's path under it comes from its `layout`."""
 
-    root: str = os.environ.get("DATACOMP_HOME", "data")
+    root: str = settings.DATACOMP_HOME.default
 
-    def path(self, scale: str, asset: str, strategy: str | None = None) -> Path:
-        p = Path(self.root).resolve() / scale / asset
-        return p / strategy if strategy else p
+    @property
+    def layout(self) -> Layout:
+        return Layout(Path(self.root))

@@ -7,10 +7,8 @@ import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from dagster._core.definitions.data_version import StaleStatus
-from dagster._core.definitions.observe import observe
-from dagster._utils.test.data_versions import get_stale_status_resolver
 
+from datacomp_assets.dagster_private import stale_status
 from datacomp_assets.definitions import ALL_ASSETS, RESOURCES, defs
 from datacomp_assets.filtering.assets import strategy_definitions
 from datacomp_assets.core.strategies import STRATEGIES
@@ -18,7 +16,9 @@ from datacomp_assets.core.lineage import file_sha256, read_lineage
 from datacomp_assets.world.web_server import free_port
 from datacomp_assets.run import run_scale
 from datacomp_assets.core.scales import SCALES
-from resources import AcceleratorResource, DownloaderResource, StorageResource, SyntheticWebResource
+from resources import (
+    AcceleratorResource, DownloaderResource, PoolSourceResource, PublishedMetadataResource, StorageResource,
+    SyntheticWebResource)
 from tests.miniature import MINIATURE
 
 
@@ -29,7 +29,8 @@ def miniature(tmp_path, monkeypatch):
         "storage": StorageResource(root=str(tmp_path / "data")),
         "accelerator": AcceleratorResource(device="cpu"),
         "downloader": DownloaderResource(processes=1, threads=8),
-        "synthetic_web": SyntheticWebResource(port=free_port()),
+        "pool_source": PoolSourceResource(synthetic_web=SyntheticWebResource(port=free_port()),
+                                          published=PublishedMetadataResource()),
     }
     return tmp_path / "data" / "tiny", resources
 
@@ -149,17 +150,16 @@ def test_tiny_scale_end_to_end(miniature, monkeypatch):
 
         # Editing one strategy's rule marks that strategy's subset, checkpoint and scores stale, and no other's.
         def status(asset, strategy):
-            resolver = get_stale_status_resolver(instance, ALL_ASSETS)
             key = dg.MultiPartitionKey({"scale": "tiny", "strategy": strategy})
-            return resolver.get_status(dg.AssetKey(asset), key)
+            return stale_status(instance, ALL_ASSETS, dg.AssetKey(asset), key)
 
         per_strategy = ("subset", "checkpoint", "eval_results")
-        assert {status(a, s) for a in per_strategy for s in ("basic", "no_filter")} == {StaleStatus.FRESH}
+        assert {status(a, s) for a in per_strategy for s in ("basic", "no_filter")} == {"FRESH"}
         basic = STRATEGIES["basic"]
         monkeypatch.setitem(STRATEGIES, "basic", replace(basic, where=basic.where + " AND num_words > 3"))
-        observe([strategy_definitions], instance=instance)
-        assert {a: status(a, "basic") for a in per_strategy} == dict.fromkeys(per_strategy, StaleStatus.STALE)
-        assert {status(a, "no_filter") for a in per_strategy} == {StaleStatus.FRESH}
+        dg.materialize([strategy_definitions], selection=[strategy_definitions], instance=instance)  # observes it
+        assert {a: status(a, "basic") for a in per_strategy} == dict.fromkeys(per_strategy, "STALE")
+        assert {status(a, "no_filter") for a in per_strategy} == {"FRESH"}
 
         # Materializing it again trains from scratch on the new subset (no resume from the old one's checkpoint)
         # and scores the new checkpoints; the row's lineage holds again.
@@ -169,7 +169,7 @@ def test_tiny_scale_end_to_end(miniature, monkeypatch):
         lineage = next(r for r in json.loads((root / "leaderboard" / "leaderboard.json").read_text())["rows"]
                        if r["strategy"] == "basic")["lineage"]
         assert lineage["subset_sha256"] != old_subset and lineage["consistent"] is True
-        assert {status(a, "basic") for a in per_strategy} == {StaleStatus.FRESH}
+        assert {status(a, "basic") for a in per_strategy} == {"FRESH"}
 
         # The scaling analysis ran over the measured board and the paper's numbers.
         scaling = latest_metadata(instance, "scaling_analysis", None)

@@ -9,7 +9,9 @@ from datacomp_assets.pool.assets import external_sources
 from datacomp_assets.world.web import WebConfig, sample
 from datacomp_assets.world.web_server import SyntheticWebServer, image_url
 from datacomp_assets.core.scales import SCALES
-from resources import DownloaderResource, ExternalSourcesResource, StorageResource, SyntheticWebResource
+from resources import (
+    DownloaderResource, ExternalSourcesResource, PoolSourceResource, PublishedMetadataResource, StorageResource,
+    SyntheticWebResource)
 
 
 def test_external_sources_at_tiny(tmp_path, monkeypatch):
@@ -22,7 +24,8 @@ def test_external_sources_at_tiny(tmp_path, monkeypatch):
         result = dg.materialize([external_sources], partition_key="tiny", resources={
             "storage": StorageResource(root=str(tmp_path / "data")),
             "downloader": DownloaderResource(processes=1, threads=4),
-            "synthetic_web": SyntheticWebResource(),
+            "pool_source": PoolSourceResource(synthetic_web=SyntheticWebResource(),
+                                              published=PublishedMetadataResource()),
             "external": ExternalSourcesResource(url_lists={"mine": str(url_list)})})
     assert result.success
     root = tmp_path / "data" / "tiny" / "external_sources"

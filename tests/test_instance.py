@@ -22,10 +22,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
-from dagster._core.events import EngineEventData
-from dagster._core.instance.config import PoolGranularity
-from dagster._core.run_coordinator import QueuedRunCoordinator
 
+from datacomp_assets.dagster_private import engine_event_data
 from datacomp_assets.instance import GPU_POOL, configure_instance, free_orphaned_slots
 from tests.postgres_server import PostgresUnavailable, connect, dagster_pg_env, running_server
 
@@ -142,10 +140,10 @@ def test_shipped_instance_yaml_queues_runs_monitors_them_and_limits_pools(tmp_pa
     shutil.copy(INSTANCE_YAML, tmp_path / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert instance.is_persistent  # SQLite under DAGSTER_HOME
-        assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
+        assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
         concurrency = instance.get_concurrency_config()
         assert concurrency.run_queue_config.max_concurrent_runs == 4
-        assert concurrency.pool_config.pool_granularity == PoolGranularity.OP
+        assert concurrency.pool_config.pool_granularity.value == "op"
         assert concurrency.pool_config.default_pool_limit == 1
         assert instance.run_monitoring_enabled
         assert 0 < instance.run_monitoring_settings["free_slots_after_run_end_seconds"] <= 300
@@ -211,7 +209,7 @@ def test_started_runs_keep_their_slots_unless_their_process_is_gone(tmp_path, pi
         job = dg.Definitions(assets=[trained], jobs=[dg.define_asset_job("j", [trained])]).resolve_job_def("j")
         run = instance.create_run_for_job(job, status=dg.DagsterRunStatus.STARTED)
         instance.report_engine_event(f"Executing steps in process (pid: {pid})", run,
-                                     EngineEventData({"pid": dg.MetadataValue.text(str(pid))}))
+                                     engine_event_data({"pid": dg.MetadataValue.text(str(pid))}))
         assert instance.event_log_storage.claim_concurrency_slot(GPU_POOL, run.run_id, "trained").is_claimed
         assert free_orphaned_slots(instance, check_pids=False) == []  # a shared (PostgreSQL) instance
         assert free_orphaned_slots(instance) == ([] if pid_alive else [run.run_id])

@@ -10,12 +10,8 @@ import pytest
 
 from datacomp_assets.core.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, write_metadata_shard
 from datacomp_assets.pool.download import REFERENCE_SETTINGS
-from datacomp_assets.pool.external import (
-    ExternalSource,
-    noisy_source_config,
-    prepare_external_index,
-    url_uid,
-)
+from datacomp_assets.pool.external import ExternalSource, prepare_external_index, url_uid
+from datacomp_assets.world.curated import noisy_source_config
 from datacomp_assets.core.published import (
     MIRROR_ENV,
     MIRROR_SETTING,
@@ -186,11 +182,12 @@ def _materialize_small_pool_index(tmp_path, mirror_dir: str):
     import dagster as dg
 
     from datacomp_assets.pool.assets import pool_index
-    from resources import PublishedMetadataResource, StorageResource, SyntheticWebResource
+    from resources import PoolSourceResource, PublishedMetadataResource, StorageResource, SyntheticWebResource
 
     return dg.materialize([pool_index], partition_key="small", raise_on_error=False, resources={
-        "storage": StorageResource(root=str(tmp_path / "data")), "synthetic_web": SyntheticWebResource(),
-        "published": PublishedMetadataResource(published_mirror_dir=mirror_dir)})
+        "storage": StorageResource(root=str(tmp_path / "data")),
+        "pool_source": PoolSourceResource(synthetic_web=SyntheticWebResource(),
+                                          published=PublishedMetadataResource(published_mirror_dir=mirror_dir))})
 
 
 def test_pool_index_for_small_materializes_from_a_local_mirror(mirror, tmp_path, monkeypatch):

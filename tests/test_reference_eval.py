@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datacomp_assets.evaluation import cli, reference
-from datacomp_assets.evaluation.reference import (
-    REFERENCE_TASKS, MissingEvalData, ensure_reference_suite, missing_tasks,
-)
+from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+from datacomp_assets.evaluation.reference import MissingEvalData, ensure_reference_suite, missing_tasks
 from datacomp_assets.evaluation.reference_metrics import (
     camelyon17_metrics, chosen_candidates, dollar_street_metrics, fmow_metrics, geode_metrics, group_eval,
     iwildcam_metrics, jaccard, metadata_metrics, winogavil_metrics,

@@ -3,7 +3,7 @@ checks, resources, jobs, schedules, sensors) with the `tiny` scale swapped for t
 the end-to-end tests (tests/miniature.py).
 
 Every process Dagster starts for this location (the code server, each run and step worker) imports this module,
-so all of them see the miniature `tiny`. The storage root comes from `DATACOMP_HOME` (resources/storage.py).
+so all of them see the miniature `tiny`. The storage root comes from `DATACOMP_HOME` (datacomp_assets/core/settings.py).
 """
 
 from datacomp_assets.core.scales import SCALES

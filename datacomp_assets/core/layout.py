@@ -43,14 +43,25 @@ class Group:
     LEADERBOARD = "leaderboard"
 
 
+# File names that writers below the stages (the synthetic world's index writer) share with the layout.
+INDEX_FILE = "index.parquet"
+GROUND_TRUTH_FILE = "ground_truth.parquet"
+REMOVED_DIR = "removed"  # beside the pool metadata: what the safety steps removed, and why
+
+
 def seed_name(seed: int) -> str:
     """The folder of one training seed's run, and its key in records and metadata."""
     return f"seed_{seed}"
 
 
+def run_checkpoint_dir(logs_dir: Path, run_name: str) -> Path:
+    """Where open_clip's trainer (`--logs logs_dir --name run_name`) saves a run's checkpoints."""
+    return Path(logs_dir) / run_name / "checkpoints"
+
+
 def run_checkpoint(logs_dir: Path, run_name: str, epoch: int) -> Path:
     """open_clip's checkpoint of a run after `epoch` "epochs" (checkpoint intervals)."""
-    return Path(logs_dir) / run_name / "checkpoints" / f"epoch_{epoch}.pt"
+    return run_checkpoint_dir(logs_dir, run_name) / f"epoch_{epoch}.pt"
 
 
 @dataclass(frozen=True)
@@ -71,11 +82,11 @@ class Layout:
 
     def pool_index_file(self, scale: str) -> Path:
         """img2dataset's input: uid, url, caption (and at the paper's scales face boxes and sha256)."""
-        return self.pool_index(scale) / "index.parquet"
+        return self.pool_index(scale) / INDEX_FILE
 
     def ground_truth_file(self, scale: str) -> Path:
         """The synthetic pool's ground truth (no filter reads it)."""
-        return self.pool_index(scale) / "ground_truth.parquet"
+        return self.pool_index(scale) / GROUND_TRUTH_FILE
 
     def published_metadata(self, scale: str) -> Path:
         """The published parquet (and npz) files of a paper scale, as fetched."""
@@ -89,6 +100,16 @@ class Layout:
 
     def external_sources(self, scale: str) -> Path:
         return self.asset_dir(scale, Asset.EXTERNAL_SOURCES)
+
+    def external_source(self, scale: str, name: str) -> Path:
+        return self.external_sources(scale) / name
+
+    def external_index_file(self, scale: str, name: str) -> Path:
+        """A url list's rows with their uids, as img2dataset reads them."""
+        return self.external_source(scale, name) / INDEX_FILE
+
+    def external_shards(self, scale: str, name: str) -> Path:
+        return self.external_source(scale, name) / "shards"
 
     def external_source_dirs(self, scale: str) -> dict[str, Path]:
         """Each bring-your-own-data source's folder, by name."""
@@ -108,7 +129,7 @@ class Layout:
 
     def removed_samples(self, scale: str) -> Path:
         """Samples the safety steps took out of the pool, with the reason, one parquet per shard."""
-        return self.pool_metadata(scale) / "removed"
+        return self.pool_metadata(scale) / REMOVED_DIR
 
     def pool_features(self, scale: str) -> Path:
         return self.asset_dir(scale, Asset.POOL_FEATURES)
@@ -138,6 +159,9 @@ class Layout:
     def training_logs(self, scale: str, strategy: str) -> Path:
         """open_clip's `--logs`: one run per seed beneath, `<seed_name>/checkpoints/epoch_N.pt`."""
         return self.checkpoint_dir(scale, strategy) / "logs"
+
+    def seed_checkpoint_dir(self, scale: str, strategy: str, seed: int) -> Path:
+        return run_checkpoint_dir(self.training_logs(scale, strategy), seed_name(seed))
 
     def seed_checkpoint(self, scale: str, strategy: str, seed: int, epoch: int) -> Path:
         return run_checkpoint(self.training_logs(scale, strategy), seed_name(seed), epoch)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+
 
 def read_results(out_jsonl: str | Path) -> dict[str, dict]:
     """Finished task lines by key; a line cut short by a crash is ignored."""
@@ -23,10 +25,14 @@ def read_results(out_jsonl: str | Path) -> dict[str, dict]:
     return results
 
 
-def aggregate(results: list[dict], group_of: Callable[[dict], str] = lambda row: row["group"]) -> dict[str, float]:
+def reference_group(row: dict) -> str:
+    """A results line's group: the one it carries (this project writes it), else the reference task's."""
+    return row.get("group") or REFERENCE_TASKS[row["key"]].group
+
+
+def aggregate(results: list[dict], group_of: Callable[[dict], str] = reference_group) -> dict[str, float]:
     """Mean main metric per group and the overall `average` (plain mean over tasks, as DataComp's
-    aggregate_scores.py does); lines without a main metric (DataComp's FairFace, UTKFace) are left out.
-    `group_of`: a line's group (lines this project writes carry it; the evaluation stage looks up others)."""
+    aggregate_scores.py does); lines without a main metric (DataComp's FairFace, UTKFace) are left out."""
     scored = [row for row in results if row["metrics"].get("main_metric") is not None]
     by_group: dict[str, list[float]] = {}
     for row in scored:

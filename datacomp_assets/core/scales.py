@@ -29,7 +29,8 @@ class ScaleConfig:
     seed: int = 0
     seeds: tuple[int, ...] = (0,)  # training seeds per subset; the leaderboard reports their mean and spread
     precision: str = "amp"    # on GPUs; the accelerator resource picks fp32 on a CPU
-    synthetic: bool = False   # True: the pool comes from the loopback synthetic web
+    pool_source: str = "published"  # where the pool comes from: "published" metadata or the "synthetic_web"
+    eval_suite: str = "reference"   # "reference": DataComp's 38 tasks; "synthetic": the miniature's own suite
     curated_size: int = 0     # synthetic only: clean pairs the scorer CLIPs train on
     scorer_samples_seen: int = 0
     eval_suite_scale: float = 1.0  # synthetic only: size of the tiny evaluation suite (tests shrink it)
@@ -48,7 +49,8 @@ class ScaleConfig:
 SCALES: dict[str, ScaleConfig] = {
     "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=20_000, model="datacomp-tiny",
                         global_batch=256, lr=2e-3, warmup=20, beta2=0.98, epochs=2,
-                        image_size=64, shard_size=2_000, download_timeout=2, synthetic=True, precision="fp32",
+                        image_size=64, shard_size=2_000, download_timeout=2, precision="fp32",
+                        pool_source="synthetic_web", eval_suite="synthetic",
                         curated_size=10_000, scorer_samples_seen=40_000, metaclip_t_override=500, seeds=(0, 1, 2)),
     "small": ScaleConfig("small", 12_800_000, 12_800_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 5, 512, 10_000),
     "medium": ScaleConfig("medium", 128_000_000, 128_000_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 8, 512, 10_000),
@@ -56,15 +58,6 @@ SCALES: dict[str, ScaleConfig] = {
     "xlarge": ScaleConfig("xlarge", 12_800_000_000, 12_800_000_000, "ViT-L-14", 90_112, 1e-3, 10_000, 0.95, 8,
                           512, 10_000, precision="amp_bf16"),
 }
-
-
-def require_synthetic(scale: ScaleConfig, what: str) -> None:
-    """Fail early, and say why, where a tiny-only asset is asked for at a paper scale."""
-    if not scale.synthetic:
-        raise ValueError(
-            f"{what} is built only at the synthetic `tiny` scale; at {scale.name!r} it comes from the published "
-            f"DataComp metadata (mlfoundations/datacomp_{scale.name}), which this release does not fetch yet."
-        )
 
 
 def get_scale(name: str) -> ScaleConfig:

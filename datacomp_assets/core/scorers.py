@@ -8,7 +8,9 @@ pairs) and uses them where the paper uses OpenAI's ViT-B/32 and ViT-L/14.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+from datacomp_assets.core.layout import Layout, run_checkpoint
 from datacomp_assets.core.scales import ScaleConfig
 
 # reference npz/column prefix -> our architecture standing in for it
@@ -27,3 +29,16 @@ DFN_MODEL = "datacomp-tiny"  # the data filtering network: the benchmark's own a
 def dfn_recipe(scale: ScaleConfig) -> ScaleConfig:
     """The scale's recipe for the tiny data filtering network (trained on the curated source)."""
     return replace(scale, name=f"{scale.name}-dfn", model=DFN_MODEL, samples_seen=scale.samples_seen)
+
+
+DFN_RUN = "dfn"  # the DFN's training run, under the dfn_model folder
+
+
+def scorer_checkpoint(layout: Layout, scale: ScaleConfig, prefix: str) -> Path:
+    """The trained scorer standing in for OpenAI's CLIP `prefix` (b32 or l14)."""
+    recipe = scorer_recipe(scale, prefix, scale.scorer_samples_seen)
+    return run_checkpoint(layout.scorer_models(scale.name), prefix, recipe.epochs)
+
+
+def dfn_checkpoint(layout: Layout, scale: ScaleConfig) -> Path:
+    return run_checkpoint(layout.dfn_model(scale.name), DFN_RUN, dfn_recipe(scale).epochs)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from datacomp_assets.core import settings
+from datacomp_assets.core.layout import run_checkpoint, run_checkpoint_dir
 from datacomp_assets.core.scales import ScaleConfig
 
 LOG_LINE = re.compile(
@@ -94,12 +96,12 @@ class TrainJob:
         return s.epochs * batches * s.global_batch
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return self.logs_dir / self.name / "checkpoints"
+    def final_checkpoint(self) -> Path:
+        return run_checkpoint(self.logs_dir, self.name, self.scale.epochs)
 
     @property
-    def final_checkpoint(self) -> Path:
-        return self.checkpoint_dir / f"epoch_{self.scale.epochs}.pt"
+    def checkpoint_dir(self) -> Path:
+        return run_checkpoint_dir(self.logs_dir, self.name)
 
     @property
     def log_file(self) -> Path:
@@ -125,6 +127,19 @@ class TrainResult:
             return None
         values = sorted(self.samples_per_second)
         return values[len(values) // 2]
+
+    def summary(self, scale: ScaleConfig) -> dict:
+        """What a user looks at after one training run: where, how fast, and how the loss went."""
+        from datacomp_assets.core.lineage import file_sha256
+
+        summary = {"checkpoint_path": str(self.checkpoint), "checkpoint_sha256": file_sha256(self.checkpoint),
+                   "samples_seen": scale.samples_seen, "train_seconds": round(self.seconds, 1),
+                   "resumed_from_epoch": self.resumed_from_epoch, "model": scale.model}
+        if self.final_loss is not None:
+            summary["final_loss"] = self.final_loss
+        if self.median_samples_per_second is not None:
+            summary["samples_per_second"] = self.median_samples_per_second
+        return summary
 
 
 def completed_epochs(job: TrainJob) -> int:
@@ -247,13 +262,7 @@ def _die_with_parent() -> None:
 
 
 def _child_env(threads: int = 0) -> dict:
-    import os
-
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    env = settings.child_environment(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     # The child imports this project; make sure it can, even when run from another directory.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -9,34 +9,37 @@ from pathlib import Path
 
 import dagster as dg
 
-from datacomp_assets.evaluation.reference import REFERENCE_TASKS, ensure_reference_suite
+from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+from datacomp_assets.evaluation.reference import ensure_reference_suite
 from datacomp_assets.world.eval_suite import TASKS, build_suite
 from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
+from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
 from datacomp_assets.core.lineage import code_revision, file_sha256, files_sha256, read_lineage, write_lineage
-from datacomp_assets.training.assets import checkpoint_file, seed_name
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions)
 from datacomp_assets.core.scales import ScaleConfig
 from resources import AcceleratorResource, EvaluationDataResource, StorageResource
 
-EVALUATION = "evaluation"
+SUITES = ("synthetic", "reference")  # a scale's `eval_suite`: the miniature's own, or DataComp's 38 tasks
 
 
-def suite_for(scale: ScaleConfig, storage: StorageResource, eval_data: EvaluationDataResource) -> tuple[Path, dict]:
+def suite_for(scale: ScaleConfig, layout: Layout, eval_data: EvaluationDataResource) -> tuple[Path, dict]:
     """(directory, task registry) of the scale's evaluation suite."""
-    if scale.synthetic:
-        return storage.path(scale.name, "eval_suite"), TASKS
-    return eval_data.root(storage.root), REFERENCE_TASKS
+    if scale.eval_suite == "synthetic":
+        return layout.eval_suite(scale.name), TASKS
+    if scale.eval_suite == "reference":
+        return eval_data.root(layout), REFERENCE_TASKS
+    raise ValueError(f"scale {scale.name!r}: unknown eval_suite {scale.eval_suite!r}; choose one of {SUITES}")
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=EVALUATION, code_version="2")
+@dg.asset(partitions_def=scale_partitions, group_name=Group.EVALUATION, code_version="2")
 def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource,
                eval_data: EvaluationDataResource) -> dg.MaterializeResult:
     """Zero-shot tasks in clip_benchmark's webdataset layout, never trained on: built at tiny, DataComp's 38
     reference tasks at the paper's scales (fails at once, naming what is missing, when they cannot be had)."""
     scale = get_scale(context.partition_key)
-    root, registry = suite_for(scale, storage, eval_data)
-    if scale.synthetic:
+    root, registry = suite_for(scale, storage.layout, eval_data)
+    if scale.eval_suite == "synthetic":
         counts = build_suite(root, size_scale=scale.eval_suite_scale)
     else:
         fetched = ensure_reference_suite(root, eval_data.download, progress=context.log.info)
@@ -49,26 +52,22 @@ def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource,
     })
 
 
-def results_file(storage: StorageResource, scale_name: str, strategy: str, seed: int):
-    """One seed's scores, in the reference's `eval_results.jsonl` format."""
-    return storage.path(scale_name, "eval_results", strategy) / seed_name(seed) / "eval_results.jsonl"
-
-
-@dg.asset(partitions_def=scale_strategy_partitions, group_name=EVALUATION, code_version="2",
-          deps=[STRATEGY_DEFINITION, "checkpoint", dg.AssetDep("eval_suite", partition_mapping=by_scale)],
+@dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.EVALUATION, code_version="2",
+          deps=[STRATEGY_DEFINITION, Asset.CHECKPOINT, dg.AssetDep(Asset.EVAL_SUITE, partition_mapping=by_scale)],
           pool="gpu")
 def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
                  eval_data: EvaluationDataResource) -> dg.MaterializeResult:
     """Zero-shot scores of every seed's checkpoint, one line per task; tasks already written are not redone."""
     scale, strategy = scale_and_strategy(context)
     device = accelerator.placement(scale.precision).device
-    suite_root, registry = suite_for(scale, storage, eval_data)
-    out = storage.path(scale.name, "eval_results", strategy)
+    layout = storage.layout
+    suite_root, registry = suite_for(scale, layout, eval_data)
+    out = layout.eval_results_dir(scale.name, strategy)
     scored = read_lineage(out).get("checkpoints", {})
     per_seed = {}
     for seed in scale.seeds:
-        ckpt = checkpoint_file(storage, scale, strategy, seed)
-        results = results_file(storage, scale.name, strategy, seed)
+        ckpt = layout.seed_checkpoint(scale.name, strategy, seed, scale.epochs)
+        results = layout.results_file(scale.name, strategy, seed)
         ckpt_sha256 = file_sha256(ckpt)
         if scored.get(seed_name(seed), ckpt_sha256) != ckpt_sha256 and results.exists():
             # Lines already written score an earlier checkpoint: skipping them as done would be wrong.
@@ -84,7 +83,7 @@ def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, ac
     task_means = {row["key"]: statistics.mean(r["metrics"]["main_metric"] for rows in per_seed.values()
                                               for r in rows if r["key"] == row["key"])
                   for row in next(iter(per_seed.values()))}
-    results_sha256 = files_sha256(results_file(storage, scale.name, strategy, seed) for seed in scale.seeds)
+    results_sha256 = files_sha256(layout.results_file(scale.name, strategy, seed) for seed in scale.seeds)
     write_lineage(out, {"checkpoints": scored, "results_sha256": results_sha256, "complete": True,
                         "code_revision": code_revision()})
     return dg.MaterializeResult(data_version=dg.DataVersion(results_sha256[:16]), metadata={

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_summary(summary: dict[str, float], n_tasks: int, reference: bool) -> None:
-    from datacomp_assets.evaluation.reference import REFERENCE_TASKS, REPORTED_GROUPS
+    from datacomp_assets.core.reference_tasks import REFERENCE_TASKS, REPORTED_GROUPS
 
     groups = [g for g in REPORTED_GROUPS if g in summary] + sorted(
         g for g in summary if g not in REPORTED_GROUPS and g != "average")
@@ -49,7 +49,8 @@ def print_summary(summary: dict[str, float], n_tasks: int, reference: bool) -> N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from datacomp_assets.evaluation.reference import REFERENCE_TASKS, MissingEvalData, ensure_reference_suite
+    from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+    from datacomp_assets.evaluation.reference import MissingEvalData, ensure_reference_suite
     from datacomp_assets.world.eval_suite import TASKS
     from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
 

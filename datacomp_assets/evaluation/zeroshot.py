@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datacomp_assets.evaluation import hub_rows
-from datacomp_assets.evaluation.reference import REFERENCE_TASKS, MissingEvalData, missing_tasks, task_directory
+from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+from datacomp_assets.evaluation.reference import MissingEvalData, missing_tasks, task_directory
 from datacomp_assets.evaluation.reference_metrics import metadata_metrics, winogavil_metrics
 from datacomp_assets.world.eval_suite import TASKS
 from datacomp_assets.core.models import encode_image_batches, encode_images

@@ -8,72 +8,63 @@ import numpy as np
 from datacomp_assets.core.strategies import STRATEGIES, expected_fraction, strategy_definition, strategy_version, track
 from datacomp_assets.filtering.selection import select_uids
 from datacomp_assets.core.uids import load_subset, save_subset, uids_to_array
+from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.lineage import code_revision, file_sha256, read_lineage, write_lineage
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions,
     strategy_partitions)
-from datacomp_assets.core.scales import require_synthetic
-from resources import AcceleratorResource, StorageResource
-
-FILTERING = "filtering"
+from resources import AcceleratorResource, PoolSourceResource, StorageResource
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=FILTERING, code_version="1", pool="gpu",
-          deps=["pool_metadata", "scorer_models", "dfn_model", "eval_suite", "curated_source"])
-def pool_features(context: dg.AssetExecutionContext, storage: StorageResource,
-                  accelerator: AcceleratorResource) -> dg.MaterializeResult:
+@dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="1", pool="gpu",
+          deps=[Asset.POOL_METADATA, Asset.SCORER_MODELS, Asset.DFN_MODEL, Asset.EVAL_SUITE, Asset.CURATED_SOURCE])
+def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
+                  pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """Per-sample columns the filters beyond the metadata read: caption concepts, k-means clusters and the
     target clusters, SemDeDup similarities, VAS scores, MetaCLIP keep probabilities, DFN scores."""
     from datacomp_assets.filtering.features import (
         FeatureSettings, compute_pool_features, entries_from_captions, vocabulary_from_classnames)
     from datacomp_assets.filtering.image_based import proportional_k
-    from datacomp_assets.metadata.assets import dfn_checkpoint, scorer_checkpoint
-    from datacomp_assets.metadata.build import Scorer, read_downloaded
-    from datacomp_assets.core.scorers import DFN_MODEL, SCORER_MODELS
-    from datacomp_assets.world.eval_suite import objects_training_images
-    from datacomp_assets.core.shards import iter_webdataset
-    from datacomp_assets.core.models import load_model
+    from datacomp_assets.core.models import Scorer, load_model
+    from datacomp_assets.core.scorers import DFN_MODEL, SCORER_MODELS, dfn_checkpoint, scorer_checkpoint
+    from datacomp_assets.core.shards import iter_webdataset, read_downloaded
+    from datacomp_assets.world.eval_suite import OBJECTS_TASK, objects_training_images
 
-    scale = get_scale(context.partition_key)
-    require_synthetic(scale, "pool_features")  # paper scales: ImageNet's training images and MetaCLIP's list
+    scale, layout = get_scale(context.partition_key), storage.layout
+    # At the paper's scales: ImageNet's training images and MetaCLIP's entry list, which the user supplies.
+    pool_source.for_scale(scale, layout).require_miniature(Asset.POOL_FEATURES)
     t0 = time.perf_counter()
     device = accelerator.placement(scale.precision).device
-    classnames = (storage.path(scale.name, "eval_suite", "objects") / "classnames.txt").read_text().split("\n")
-    curated_texts = [files["txt"].decode() for tar in sorted(storage.path(scale.name, "curated_source").glob("*.tar"))
+    classnames = (layout.eval_suite(scale.name) / OBJECTS_TASK / "classnames.txt").read_text().split("\n")
+    curated_texts = [files["txt"].decode() for tar in sorted(layout.curated_source(scale.name).glob("*.tar"))
                      for _, files in iter_webdataset(tar) if "txt" in files]
 
-    l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(storage, scale.name, "l14"), device),
-                 device)
+    l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"), device), device)
     images, _ = zip(*objects_training_images(scale.target_images_per_class))
     target_embeddings, _ = l14.embed(list(images), [""] * len(images))
 
-    dfn = Scorer("dfn", *load_model(DFN_MODEL, dfn_checkpoint(storage, scale.name), device), device)
+    dfn = Scorer("dfn", *load_model(DFN_MODEL, dfn_checkpoint(layout, scale), device), device)
     dfn_scores = {}
-    for tar in sorted(storage.path(scale.name, "pool_shards").glob("*.tar")):
+    for tar in sorted(layout.pool_shards(scale.name).glob("*.tar")):
         records, pool_images = read_downloaded(tar)
         img, txt = dfn.embed(pool_images, [r["text"] for r in records])
         dfn_scores.update(zip([r["uid"] for r in records], (img * txt).sum(axis=1).tolist()))
     context.log.info(f"DFN scored {len(dfn_scores)} pool samples")
 
-    metadata_dir = storage.path(scale.name, "pool_metadata")
+    metadata_dir = layout.pool_metadata(scale.name)
     n_pool = _pool_rows(metadata_dir)
     settings = FeatureSettings(
         vocabulary=vocabulary_from_classnames(c for c in classnames if c),
         metaclip_entries=entries_from_captions(curated_texts, min_count=5, extra=[c for c in classnames if c]),
         metaclip_t=scale.metaclip_t, clusters=proportional_k(n_pool), seed=scale.seed)
-    out = storage.path(scale.name, "pool_features")
+    out = layout.pool_features(scale.name)
     summary = compute_pool_features(metadata_dir, out, settings, target_embeddings, dfn_scores, context.log.info)
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(out)), **summary, "target_images": len(images),
         "text_vocabulary": len(settings.vocabulary), "seconds": round(time.perf_counter() - t0, 1)})
 
 
-def _external_dirs(storage: StorageResource, scale_name: str) -> dict:
-    root = storage.path(scale_name, "external_sources")
-    return {d.name: d for d in sorted(root.iterdir()) if d.is_dir()} if root.exists() else {}
-
-
-@dg.observable_source_asset(partitions_def=strategy_partitions, group_name=FILTERING)
+@dg.observable_source_asset(partitions_def=strategy_partitions, group_name=Group.FILTERING)
 def strategy_definitions() -> dg.DataVersionsByPartition:
     """Each registered strategy's rule (strategies.toml and $DATACOMP_STRATEGIES), versioned by its hash.
 
@@ -82,28 +73,31 @@ def strategy_definitions() -> dg.DataVersionsByPartition:
     return dg.DataVersionsByPartition({name: dg.DataVersion(strategy_version(name)) for name in STRATEGIES})
 
 
-@dg.asset(partitions_def=scale_strategy_partitions, group_name=FILTERING,
+@dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.FILTERING,
           deps=[STRATEGY_DEFINITION,
-                dg.AssetDep("pool_metadata", partition_mapping=by_scale),
-                dg.AssetDep("pool_features", partition_mapping=by_scale),
-                dg.AssetDep("external_sources", partition_mapping=by_scale)],
+                dg.AssetDep(Asset.POOL_METADATA, partition_mapping=by_scale),
+                dg.AssetDep(Asset.POOL_FEATURES, partition_mapping=by_scale),
+                dg.AssetDep(Asset.EXTERNAL_SOURCES, partition_mapping=by_scale)],
           code_version="3")
-def subset(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+def subset(context: dg.AssetExecutionContext, storage: StorageResource,
+           pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """The strategy's rule applied to the pool metadata: the uids a CLIP will be trained on, and an audit of
     who is in and who is out."""
     from datacomp_assets.filtering.audit import audit_markdown, audit_subset
 
     scale, strategy = scale_and_strategy(context)
-    metadata_dir = storage.path(scale.name, "pool_metadata")
+    layout = storage.layout
+    source = pool_source.for_scale(scale, layout)
+    metadata_dir = layout.pool_metadata(scale.name)
     t0 = time.perf_counter()
-    uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=[storage.path(scale.name, "pool_features")],
-                       reference_scorers=not scale.synthetic, external_dirs=_external_dirs(storage, scale.name))
+    uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=[layout.pool_features(scale.name)],
+                       reference_scorers=source.reference_scorers,
+                       external_dirs=layout.external_source_dirs(scale.name))
     seconds = time.perf_counter() - t0
-    path = storage.path(scale.name, "subset", strategy) / "subset.npy"
+    path = layout.subset_file(scale.name, strategy)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_subset(uids, path)
-    truth = storage.path(scale.name, "pool_index") / "ground_truth.parquet"
-    audit = audit_subset(metadata_dir, uids, ground_truth_path=truth if scale.synthetic and truth.exists() else None)
+    audit = audit_subset(metadata_dir, uids, ground_truth_path=source.ground_truth())
     overall = audit["overall"][0]
     subset_sha256 = file_sha256(path)
     pool_version = read_lineage(metadata_dir).get("pool_version", "unknown")
@@ -138,17 +132,18 @@ def subset_is_valid(context: dg.AssetCheckExecutionContext, storage: StorageReso
     import duckdb
 
     scale, strategy = scale_and_strategy(context)
-    uids = np.unique(load_subset(storage.path(scale.name, "subset", strategy) / "subset.npy"))
-    metadata_dir = storage.path(scale.name, "pool_metadata")
+    layout = storage.layout
+    uids = np.unique(load_subset(layout.subset_file(scale.name, strategy)))
+    metadata_dir = layout.pool_metadata(scale.name)
     pool = uids_to_array([u for (u,) in duckdb.sql(
         f"select uid from read_parquet('{metadata_dir}/*.parquet')").fetchall()])
     allowed = [pool]
-    for source, directory in _external_dirs(storage, scale.name).items():
+    for source, directory in layout.external_source_dirs(scale.name).items():
         if f"source:{source}" in {name for name, _ in STRATEGIES[strategy].mixture}:
             allowed.append(uids_to_array([u for (u,) in duckdb.sql(
                 f"select uid from read_parquet('{directory}/*.parquet') where status = 'success'").fetchall()]))
     outside = int((~np.isin(uids, np.concatenate(allowed))).sum())
-    removed_dir = metadata_dir / "removed"
+    removed_dir = layout.removed_samples(scale.name)
     eval_duplicates = uids_to_array([u for (u,) in duckdb.sql(
         f"select uid from read_parquet('{removed_dir}/*.parquet') where reason = 'eval_duplicate'").fetchall()]
     ) if any(removed_dir.glob("*.parquet")) else np.empty(0, uids.dtype)

@@ -15,16 +15,17 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.strategies import SCORE_COLUMNS, SOURCE_PREFIX, Strategy, get_strategy
 from datacomp_assets.core.uids import UID_DTYPE, array_to_uids, arrow_uids_to_array, sort_uids
 
 # Where a column a rule reads comes from, for the error when it is missing.
 COLUMN_SOURCES = {
-    "language": "pool_metadata (fastText caption features)", "num_words": "pool_metadata",
-    "num_chars": "pool_metadata", "num_tokens": "pool_metadata", "cld3_language": "pool_metadata (CLD3)",
-    "text_concept": "pool_features", "in_target_cluster": "pool_features", "image_cluster": "pool_features",
-    "semdedup_max_similarity": "pool_features", "vas_score": "pool_features", "dfn_score": "pool_features",
-    "metaclip_keep_probability": "pool_features", "metaclip_draw": "pool_features",
+    "language": f"{Asset.POOL_METADATA} (fastText caption features)", "num_words": Asset.POOL_METADATA,
+    "num_chars": Asset.POOL_METADATA, "num_tokens": Asset.POOL_METADATA,
+    "cld3_language": f"{Asset.POOL_METADATA} (CLD3)",
+    **dict.fromkeys(("text_concept", "in_target_cluster", "image_cluster", "semdedup_max_similarity", "vas_score",
+                     "dfn_score", "metaclip_keep_probability", "metaclip_draw"), Asset.POOL_FEATURES),
 }
 
 # Reference score thresholds are on OpenAI CLIP's cosine scale. Where the scorers are other models (the

@@ -2,12 +2,10 @@
 
 import json
 import statistics
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
 
-from datacomp_assets.evaluation.assets import results_file
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.strategies import STRATEGIES, get_strategy, track
 from datacomp_assets.leaderboard.scaling import (
@@ -15,38 +13,38 @@ from datacomp_assets.leaderboard.scaling import (
 from datacomp_assets.leaderboard.submission import PUBLIC_SCALES, export_submission
 from datacomp_assets.leaderboard.table import (
     Entry, board_markdown, board_rows, ordering_markdown, ordering_report, rank)
-from datacomp_assets.core.lineage import read_lineage
-from datacomp_assets.training.assets import seed_name
 from datacomp_assets.core.figures import png_markdown
+from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
+from datacomp_assets.core.lineage import read_lineage
 from partitions import SCALES, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions
 from resources import StorageResource
 
 
-def lineage_of(storage: StorageResource, scale_name: str, strategy: str) -> dict:
+def lineage_of(layout: Layout, scale_name: str, strategy: str) -> dict:
     """A row's lineage from the records each stage wrote, and whether the chain holds: the checkpoints were
     trained on the current subset, and the scores are of the current checkpoints."""
-    subset = read_lineage(storage.path(scale_name, "subset", strategy))
-    ckpt = read_lineage(storage.path(scale_name, "checkpoint", strategy))
-    scores = read_lineage(storage.path(scale_name, "eval_results", strategy))
+    subset = read_lineage(layout.subset_dir(scale_name, strategy))
+    ckpt = read_lineage(layout.checkpoint_dir(scale_name, strategy))
+    scores = read_lineage(layout.eval_results_dir(scale_name, strategy))
     checkpoints = ckpt.get("checkpoints", {})
     consistent = None
     if subset and ckpt and scores:
         consistent = (ckpt.get("subset_sha256") == subset.get("subset_sha256")
                       and scores.get("checkpoints") == {seed: c["sha256"] for seed, c in checkpoints.items()})
-    return {"subset_path": str(storage.path(scale_name, "subset", strategy) / "subset.npy"),
+    return {"subset_path": str(layout.subset_file(scale_name, strategy)),
             "subset_sha256": subset.get("subset_sha256", ""), "pool_version": subset.get("pool_version", ""),
             "strategy_version": subset.get("strategy_version", ""), "checkpoints": checkpoints,
             "results_sha256": scores.get("results_sha256", ""),
             "code_revision": scores.get("code_revision", ckpt.get("code_revision", "")), "consistent": consistent}
 
 
-def collect_entries(storage: StorageResource, scale_name: str) -> list[Entry]:
+def collect_entries(layout: Layout, scale_name: str) -> list[Entry]:
     """One entry per strategy whose subset and scores (of at least one seed) exist at this scale."""
     scale = get_scale(scale_name)
     entries = []
     for strategy in STRATEGIES:
-        subset = storage.path(scale_name, "subset", strategy) / "subset.npy"
-        seeds = {seed: read_results(results_file(storage, scale_name, strategy, seed)) for seed in scale.seeds}
+        subset = layout.subset_file(scale_name, strategy)
+        seeds = {seed: read_results(layout.results_file(scale_name, strategy, seed)) for seed in scale.seeds}
         seeds = {seed: rows for seed, rows in seeds.items() if rows}
         if not seeds or not subset.exists():
             continue
@@ -55,35 +53,37 @@ def collect_entries(storage: StorageResource, scale_name: str) -> list[Entry]:
         entries.append(Entry(
             strategy, len(np.load(subset, mmap_mode="r")), scale.samples_seen,
             {seed: {k: r["metrics"]["main_metric"] for k, r in rows.items()} for seed, rows in seeds.items()},
-            groups=groups, track=track(strategy), lineage=lineage_of(storage, scale_name, strategy)))
+            groups=groups, track=track(strategy), lineage=lineage_of(layout, scale_name, strategy)))
     return entries
 
 
-@dg.asset(partitions_def=scale_partitions, group_name="leaderboard", code_version="2",
-          deps=[dg.AssetDep("eval_results", partition_mapping=by_scale)])
+@dg.asset(partitions_def=scale_partitions, group_name=Group.LEADERBOARD, code_version="2",
+          deps=[dg.AssetDep(Asset.EVAL_RESULTS, partition_mapping=by_scale)])
 def leaderboard(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """Strategies ranked by average zero-shot score (mean over seeds, with its spread), with dataset size,
     samples seen, each task group and each task; and whether the paper's ordering holds beyond the noise."""
-    entries = collect_entries(storage, context.partition_key)
+    layout = storage.layout
+    entries = collect_entries(layout, context.partition_key)
     if not entries:
         raise ValueError(f"no evaluated strategy at scale {context.partition_key!r}: materialize eval_results first")
     report = ordering_report([e for e in entries if e.track == "filtering"])
     table = board_markdown(entries)
     if report:
         table += "\n\n### The paper's ordering\n\n" + ordering_markdown(report)
-    out = storage.path(context.partition_key, "leaderboard")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.md").write_text(table + "\n")
+    scale_name = context.partition_key
+    markdown, rows_json = layout.leaderboard_markdown(scale_name), layout.leaderboard_json(scale_name)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(table + "\n")
     rows = board_rows(entries)
-    (out / "leaderboard.json").write_text(json.dumps({"scale": context.partition_key, "rows": rows}, indent=2) + "\n")
+    rows_json.write_text(json.dumps({"scale": context.partition_key, "rows": rows}, indent=2) + "\n")
     best = rank(entries)[0]
     stale = [e.strategy for e in entries if e.lineage["consistent"] is False]
     if stale:
         context.log.warning(f"rows whose lineage does not hold (re-materialize them): {', '.join(stale)}")
     return dg.MaterializeResult(metadata={
-        "leaderboard": dg.MetadataValue.md(table),
-        "path": dg.MetadataValue.path(str(out / "leaderboard.md")),
-        "rows_json": dg.MetadataValue.path(str(out / "leaderboard.json")),
+        Asset.LEADERBOARD: dg.MetadataValue.md(table),
+        "path": dg.MetadataValue.path(str(markdown)),
+        "rows_json": dg.MetadataValue.path(str(rows_json)),
         "strategies": len(entries), "best_strategy": best.strategy, "best_average": best.average,
         "best_average_std": best.std, "inconsistent_rows": dg.MetadataValue.json(stale),
         "lineage": dg.MetadataValue.json({e.strategy: e.lineage for e in entries}),
@@ -91,23 +91,23 @@ def leaderboard(context: dg.AssetExecutionContext, storage: StorageResource) -> 
     })
 
 
-def read_board(storage: StorageResource, scale_name: str) -> list[dict]:
-    path = storage.path(scale_name, "leaderboard") / "leaderboard.json"
+def read_board(layout: Layout, scale_name: str) -> list[dict]:
+    path = layout.leaderboard_json(scale_name)
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-@dg.asset(group_name="leaderboard", code_version="1", deps=["leaderboard"])
+@dg.asset(group_name=Group.LEADERBOARD, code_version="1", deps=[Asset.LEADERBOARD])
 def scaling_analysis(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """The paper's scaling analysis over every scale with a leaderboard: subset size against average score per
     strategy family (Figure 2), and Spearman's rank correlation of the strategies' ImageNet scores between
     scales (Figure 3), this project's measured scales beside the paper's published numbers."""
-    boards = {scale: rows for scale in SCALES if (rows := read_board(storage, scale))}
+    boards = {scale: rows for scale in SCALES if (rows := read_board(storage.layout, scale))}
     if not boards:
         raise ValueError("no scale has a leaderboard yet: materialize leaderboard for a scale first")
     rankings = {f"{scale} (measured)": imagenet_scores(rows) for scale, rows in boards.items()}
     rankings |= {f"{scale} (paper)": scores for scale, scores in PAPER_IMAGENET.items()}
     correlations = rank_correlations(rankings)
-    out = Path(storage.root).resolve() / "scaling_analysis"
+    out = storage.layout.scaling_analysis()
     out.mkdir(parents=True, exist_ok=True)
     fig2, fig3 = size_vs_average_png(boards), correlation_png(rankings, correlations)
     (out / "size_vs_average.png").write_bytes(fig2)
@@ -125,24 +125,25 @@ def scaling_analysis(context: dg.AssetExecutionContext, storage: StorageResource
     })
 
 
-@dg.asset(partitions_def=scale_strategy_partitions, group_name="leaderboard", code_version="1",
-          deps=["eval_results", "subset", dg.AssetDep("leaderboard", partition_mapping=by_scale)])
+@dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.LEADERBOARD, code_version="1",
+          deps=[Asset.EVAL_RESULTS, Asset.SUBSET, dg.AssetDep(Asset.LEADERBOARD, partition_mapping=by_scale)])
 def submission(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """The strategy's entry in the public leaderboard's layout: `<scale>_scale/results.jsonl`, the subset's uids
     under `<scale>_scale/samples/`, `submission.json` (the record the leaderboard stores, submitter fields
     blank) and a README with the upload steps. No credentials are read or written."""
     scale, strategy = scale_and_strategy(context)
     seed = scale.seeds[0]  # the leaderboard takes one model: the scale's first training seed
-    row = next((r for r in read_board(storage, scale.name) if r["strategy"] == strategy), None)
+    layout = storage.layout
+    row = next((r for r in read_board(layout, scale.name) if r["strategy"] == strategy), None)
     if row is None:
         raise ValueError(f"{strategy} is not on the {scale.name} leaderboard: materialize leaderboard[{scale.name}]")
     if row["lineage"].get("consistent") is False:
         raise ValueError(f"the {scale.name} leaderboard row of {strategy} does not match its current subset or "
                          f"checkpoints: materialize its subset, checkpoint, eval_results and leaderboard again")
-    out = storage.path(scale.name, "submission", strategy)
+    out = layout.submission_dir(scale.name, strategy)
     exported = export_submission(
         out, scale, strategy, get_strategy(strategy).description, row["track"],
-        storage.path(scale.name, "subset", strategy) / "subset.npy", results_file(storage, scale.name, strategy, seed),
+        layout.subset_file(scale.name, strategy), layout.results_file(scale.name, strategy, seed),
         row["seed_averages"], row["lineage"])
     if scale.name not in PUBLIC_SCALES:
         context.log.warning(f"{scale.name} is not a public leaderboard scale; the export shows the layout only")

@@ -1,69 +1,54 @@
-"""Metadata stage: the scorer CLIPs (tiny) and the pool's metadata (parquet + npz, reference schema)."""
+"""Metadata stage: the scorer CLIPs (the miniature's) and the pool's metadata (parquet + npz, reference schema)."""
 
 import dagster as dg
 
+from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.lineage import code_revision, files_sha256, write_lineage
-from datacomp_assets.core.scorers import DFN_MODEL, SCORER_MODELS, dfn_recipe, scorer_recipe
+from datacomp_assets.core.scales import ScaleConfig
+from datacomp_assets.core.scorers import DFN_MODEL, DFN_RUN, SCORER_MODELS, dfn_recipe, scorer_checkpoint, scorer_recipe
 from datacomp_assets.core.shards import brace_pattern
-from datacomp_assets.training.assets import placed_job, training_metadata
 from datacomp_assets.core.trainer import train
 from partitions import get_scale, scale_partitions
-from datacomp_assets.core.scales import require_synthetic
-from resources import AcceleratorResource, StorageResource
-
-METADATA = "metadata"
+from resources import AcceleratorResource, PoolSourceResource, StorageResource
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=METADATA, deps=["curated_source"], code_version="1",
+@dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, deps=[Asset.CURATED_SOURCE], code_version="1",
           pool="gpu")
-def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource,
-                  accelerator: AcceleratorResource) -> dg.MaterializeResult:
+def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
+                  pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """Two CLIPs of different sizes trained on the curated source; they stand in for OpenAI's B/32 and L/14."""
-    scale = get_scale(context.partition_key)
-    require_synthetic(scale, "scorer_models")
+    scale, layout = get_scale(context.partition_key), storage.layout
+    pool_source.for_scale(scale, layout).require_miniature(Asset.SCORER_MODELS)
     meta = {}
     for prefix in SCORER_MODELS:
         recipe = scorer_recipe(scale, prefix, scale.scorer_samples_seen)
-        trained = train_on_curated(context, storage, accelerator, recipe, "scorer_models", prefix)
+        trained = train_on_curated(context, storage, accelerator, recipe, layout.scorer_models(scale.name), prefix)
         meta.update({f"{prefix}_{k}": v for k, v in trained.items()})
     return dg.MaterializeResult(metadata=meta)
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=METADATA, deps=["curated_source"], code_version="1",
+@dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, deps=[Asset.CURATED_SOURCE], code_version="1",
           pool="gpu")
-def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource,
-              accelerator: AcceleratorResource) -> dg.MaterializeResult:
+def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
+              pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """A data filtering network: a CLIP trained on the curated source only, whose scores filter the pool."""
-    scale = get_scale(context.partition_key)
-    require_synthetic(scale, "dfn_model")
-    trained = train_on_curated(context, storage, accelerator, dfn_recipe(scale), "dfn_model", "dfn")
+    scale, layout = get_scale(context.partition_key), storage.layout
+    pool_source.for_scale(scale, layout).require_miniature(Asset.DFN_MODEL)
+    trained = train_on_curated(context, storage, accelerator, dfn_recipe(scale), layout.dfn_model(scale.name), DFN_RUN)
     return dg.MaterializeResult(metadata={"model": DFN_MODEL, **trained})
 
 
-def train_on_curated(context, storage: StorageResource, accelerator: AcceleratorResource, recipe, asset: str,
-                     name: str) -> dict:
-    """Train `recipe` on the curated source's shards into `<asset>/<name>`; returns its training metadata."""
-    scale_name = context.partition_key  # (recipe.name is the model's, e.g. "tiny-dfn")
-    curated = storage.path(scale_name, "curated_source")
+def train_on_curated(context, storage: StorageResource, accelerator: AcceleratorResource, recipe: ScaleConfig,
+                     logs_dir, name: str) -> dict:
+    """Train `recipe` on the curated source's shards into `<logs_dir>/<name>`; returns its training summary."""
+    curated = storage.layout.curated_source(context.partition_key)  # (recipe.name is the model's: "tiny-dfn")
     data = brace_pattern(curated, len(list(curated.glob("*.tar"))))
-    result = train(placed_job(recipe, data, storage.path(scale_name, asset), name, accelerator), log=context.log.info)
-    return training_metadata(result, recipe)
+    result = train(accelerator.train_job(recipe, data, logs_dir, name), log=context.log.info)
+    return result.summary(recipe)
 
 
-def dfn_checkpoint(storage: StorageResource, scale_name: str):
-    from datacomp_assets.core.trainer import TrainJob
-
-    return TrainJob(dfn_recipe(get_scale(scale_name)), "", storage.path(scale_name, "dfn_model"), "dfn").final_checkpoint
-
-
-def scorer_checkpoint(storage: StorageResource, scale_name: str, prefix: str):
-    from datacomp_assets.core.trainer import TrainJob
-
-    scale = scorer_recipe(get_scale(scale_name), prefix, get_scale(scale_name).scorer_samples_seen)
-    return TrainJob(scale, "", storage.path(scale_name, "scorer_models"), prefix).final_checkpoint
-
-
-@dg.asset(partitions_def=scale_partitions, group_name=METADATA, deps=["pool_shards", "scorer_models", "eval_suite"],
+@dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA,
+          deps=[Asset.POOL_SHARDS, Asset.SCORER_MODELS, Asset.EVAL_SUITE],
           code_version="2", pool="gpu")
 def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
                   accelerator: AcceleratorResource) -> dg.MaterializeResult:
@@ -73,19 +58,19 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
     over image fingerprints) leave the pool, each recorded with its reason under `removed/`."""
     import duckdb
 
-    from datacomp_assets.metadata.build import Scorer, build_pool_metadata
+    from datacomp_assets.core.models import Scorer, load_model
+    from datacomp_assets.metadata.build import build_pool_metadata
     from datacomp_assets.metadata.safety import eval_fingerprints
-    from datacomp_assets.core.models import load_model
 
-    scale = get_scale(context.partition_key)
+    scale, layout = get_scale(context.partition_key), storage.layout
     device = accelerator.placement(scale.precision).device
     scorers = []
     for prefix, model_name in SCORER_MODELS.items():
-        model, preprocess, tokenizer = load_model(model_name, scorer_checkpoint(storage, scale.name, prefix), device)
+        model, preprocess, tokenizer = load_model(model_name, scorer_checkpoint(layout, scale, prefix), device)
         scorers.append(Scorer(prefix, model, preprocess, tokenizer, device))
-    out = storage.path(scale.name, "pool_metadata")
-    eval_fp = eval_fingerprints(storage.path(scale.name, "eval_suite"), max_shift=0)
-    summary = build_pool_metadata(storage.path(scale.name, "pool_shards"), out, scorers, context.log.info,
+    out = layout.pool_metadata(scale.name)
+    eval_fp = eval_fingerprints(layout.eval_suite(scale.name), max_shift=0)
+    summary = build_pool_metadata(layout.pool_shards(scale.name), out, scorers, context.log.info,
                                   eval_fingerprints=eval_fp)
     rows, en, b32, l14 = duckdb.sql(
         f"select count(*), avg((language = 'en')::int), avg(clip_b32_similarity_score), "

@@ -24,6 +24,7 @@ from PIL import Image
 from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
 from datacomp_assets.metadata.safety import find_eval_duplicates, image_fingerprints, unsafe_text_mask
 from datacomp_assets.core.schema import FULL_SCHEMA, write_metadata_shard
+from datacomp_assets.core.layout import REMOVED_DIR
 from datacomp_assets.core.models import Scorer
 from datacomp_assets.core.shards import read_downloaded
 
@@ -132,7 +133,7 @@ def build_pool_metadata(shards_dir: str | Path, out_dir: str | Path, scorers: li
             continue
         records, images = read_downloaded(tar)
         reasons, similarity = removal_reasons(records, images, eval_fingerprints, duplicate_threshold)
-        write_removed(records, reasons, similarity, out_dir / "removed" / f"{tar.stem}.parquet")
+        write_removed(records, reasons, similarity, out_dir / REMOVED_DIR / f"{tar.stem}.parquet")
         kept = [i for i, r in enumerate(reasons) if r is None]
         table, embeddings = shard_metadata([records[i] for i in kept], [images[i] for i in kept], scorers)
         write_metadata_shard(table, embeddings, stem)

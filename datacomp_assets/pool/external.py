@@ -4,30 +4,23 @@ An external list (e.g. CC12M's tsv) has urls and captions but no DataComp uids, 
 from its url: stable across runs and machines, and the same image listed twice gets the same uid. The list
 is rewritten as a parquet of uid, url, text that img2dataset downloads like the pool's index.
 
-At `tiny`, the noisy source is a second synthetic source from the same world (its own namespace, so no uid
-collides with the pool or the curated source) with more mismatched captions than the pool: data a
-bring-your-own-data strategy must filter before mixing it in.
+At `tiny` the pool's source adds a noisy synthetic source beside these (`world.curated.write_noisy_source`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from datacomp_assets.world.curated import write_synthetic_source
-from datacomp_assets.world.web import WebConfig
 
 INPUT_FORMATS = ("parquet", "csv", "tsv")
 INDEX_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("text", pa.string())])
-
-NOISY_NAMESPACE = "noisy"
-NOISY_MISMATCHED_SHARE = 0.5  # half the captions belong to another image (the pool: 15-25%)
 
 
 @dataclass(frozen=True)
@@ -125,19 +118,3 @@ def prepare_external_index(source: ExternalSource, out_path: str | os.PathLike) 
         tmp.unlink(missing_ok=True)
     return {"name": source.name, "rows": rows, "dropped_empty_url": empty, "dropped_duplicate_url": duplicates,
             "path": str(out)}
-
-
-def noisy_source_config(web_config: WebConfig) -> WebConfig:
-    """The tiny scale's noisy source: the pool's world and noise, but half its captions mismatched."""
-    noise = dict(web_config.noise)
-    noise["mismatched"] = max(noise.get("mismatched", 0.0), NOISY_MISMATCHED_SHARE)
-    if sum(noise.values()) > 1.0:
-        raise ValueError(f"noisy source: noise shares {noise} add up to more than 1")
-    return replace(web_config, noise=noise)
-
-
-def write_noisy_source(web_config: WebConfig, n: int, out_dir: str | Path, image_size: int, shard_size: int,
-                       processes: int = 2) -> dict:
-    """Write the noisy source's n samples as webdataset shards (the curated source's format)."""
-    return write_synthetic_source(noisy_source_config(web_config), n, out_dir, image_size, shard_size, processes,
-                                  namespace=NOISY_NAMESPACE)

@@ -62,3 +62,26 @@ def write_synthetic_source(config: WebConfig, n: int, out_dir: str | Path, image
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return {"samples": n, "shards": shards, "path": str(out_dir)}
+
+
+# The tiny scale's bring-your-own-data stand-in: a second synthetic source from the same world (its own
+# namespace, so no uid collides with the pool or the curated source) with more mismatched captions than the
+# pool: data a bring-your-own-data strategy must filter before mixing it in.
+NOISY_NAMESPACE = "noisy"
+NOISY_MISMATCHED_SHARE = 0.5  # half the captions belong to another image (the pool: 15-25%)
+
+
+def noisy_source_config(web_config: WebConfig) -> WebConfig:
+    """The tiny scale's noisy source: the pool's world and noise, but half its captions mismatched."""
+    noise = dict(web_config.noise)
+    noise["mismatched"] = max(noise.get("mismatched", 0.0), NOISY_MISMATCHED_SHARE)
+    if sum(noise.values()) > 1.0:
+        raise ValueError(f"noisy source: noise shares {noise} add up to more than 1")
+    return replace(web_config, noise=noise)
+
+
+def write_noisy_source(web_config: WebConfig, n: int, out_dir: str | Path, image_size: int, shard_size: int,
+                       processes: int = 2) -> dict:
+    """Write the noisy source's n samples as webdataset shards (the curated source's format)."""
+    return write_synthetic_source(noisy_source_config(web_config), n, out_dir, image_size, shard_size, processes,
+                                  namespace=NOISY_NAMESPACE)

@@ -44,6 +44,7 @@ from datacomp_assets.world.web import (
     COLORS, NUMBER_WORDS, OBJECT_STYLES, OBJECTS, STYLES, clean_sample, encode_jpeg, english_caption, render, sample,
 )
 
+OBJECTS_TASK = "objects"  # the ImageNet analogue: its class names are the text-based filter's vocabulary
 IMAGE_SIDE = 64  # stored resolution; the tiny models see 32x32 after preprocessing
 SAMPLES_PER_SHARD = 1000
 PAPER = (250, 250, 250)  # the plain ground `render` draws drawings and sketches on

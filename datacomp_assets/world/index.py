@@ -18,11 +18,9 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datacomp_assets.core.layout import GROUND_TRUTH_FILE, INDEX_FILE
 from datacomp_assets.world.web import WebConfig, crawled_sha256, ground_truth, sample
 from datacomp_assets.world.web_server import image_url
-
-INDEX_FILE = "index.parquet"
-GROUND_TRUTH_FILE = "ground_truth.parquet"
 
 # Explicit types: columns that are null for most samples must not depend on which rows a pool has.
 TRUTH_SCHEMA = pa.schema([
