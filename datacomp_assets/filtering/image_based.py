@@ -57,7 +57,7 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _chunks(data, chunk: int) -> Iterator[np.ndarray]:
+def row_blocks(data, chunk: int) -> Iterator[np.ndarray]:
     """Yield 2-d row blocks of an array (sliced ``chunk`` rows at a time) or of an iterable of blocks."""
     if hasattr(data, "shape") and hasattr(data, "__getitem__"):
         if data.ndim != 2:
@@ -89,7 +89,7 @@ def _sample_rows(data, max_points: int | None, seed: int, chunk: int = DEFAULT_C
         raise ValueError("max_points must be positive")
     rng = np.random.default_rng(seed)
     if max_points is None:
-        blocks = [np.asarray(block, dtype=np.float32) for block in _chunks(data, chunk)]
+        blocks = [np.asarray(block, dtype=np.float32) for block in row_blocks(data, chunk)]
         if not blocks:
             raise ValueError("no embeddings to train on")
         _check_widths(blocks[0].shape[1], blocks)
@@ -99,7 +99,7 @@ def _sample_rows(data, max_points: int | None, seed: int, chunk: int = DEFAULT_C
     rows: np.ndarray | None = None
     keys = np.empty(0, dtype=np.float64)
     n = m = 0
-    for block in _chunks(data, chunk):
+    for block in row_blocks(data, chunk):
         if rows is None:
             rows = np.empty((max_points + max(chunk, len(block)), block.shape[1]), dtype=np.float32)
         _check_widths(rows.shape[1], [block])
@@ -202,7 +202,7 @@ def assign(embeddings, centroids: np.ndarray, chunk: int = DEFAULT_CHUNK) -> np.
     index = _ip_index(centroids)
     d = index.d
     out: list[np.ndarray] = []
-    for block in _chunks(embeddings, chunk):
+    for block in row_blocks(embeddings, chunk):
         # an iterable may hand over blocks bigger than `chunk`: split them too
         for start in range(0, block.shape[0], chunk):
             part = np.ascontiguousarray(block[start : start + chunk], dtype=np.float32)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from datacomp_assets.filtering.image_based import _chunks
+from datacomp_assets.filtering.image_based import row_blocks
 
 DEFAULT_CHUNK = 16_384
 """Rows per block: 16,384 x 768 float64 is ~100 MB."""
@@ -32,7 +32,7 @@ def _unit_blocks(data, chunk: int, width: int | None = None) -> Iterator[np.ndar
     """float64 blocks of at most ``chunk`` unit-norm rows, all of one width (``width`` when given)."""
     if chunk < 1:
         raise ValueError("chunk must be positive")
-    for block in _chunks(data, chunk):
+    for block in row_blocks(data, chunk):
         # an iterable may hand over blocks bigger than `chunk`: split them too
         for start in range(0, block.shape[0], chunk):
             x = np.array(block[start : start + chunk], dtype=np.float64)

@@ -10,7 +10,6 @@ starting over; shards an interrupted run left half-written are deleted first.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -24,8 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from datacomp_assets.core import settings
+
 # albumentations (pulled in by img2dataset) checks for updates over the network on import.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+settings.apply_offline_defaults()
 
 REQUIRED_COLUMNS = ("uid", "url", "text")
 # Shards are named NNNNNNNN.tar like the reference pool (img2dataset's default is 5 digits).
