@@ -55,10 +55,12 @@ def _ms(seconds: float | None) -> float | None:
 
 def writer(home: str, index: int, events: int, barrier, results) -> None:
     """One run of the backfill: its run record, RUN_START, `events` materializations, RUN_SUCCESS."""
+    import uuid
+
     import dagster as dg
-    from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
-    from dagster._core.storage.dagster_run import DagsterRun
-    from dagster._core.utils import make_new_run_id
+    from dagster import DagsterEvent, DagsterEventType, DagsterRun
+
+    from datacomp_assets.dagster_private import step_materialization_data
 
     out = {"writer": index, "latencies": [], "errors": 0, "error_samples": [], "start": None, "end": None,
            "fatal": None}
@@ -78,7 +80,7 @@ def writer(home: str, index: int, events: int, barrier, results) -> None:
 
     try:
         with dg.DagsterInstance.from_config(home) as instance:
-            run = instance.add_run(DagsterRun(job_name=JOB, run_id=make_new_run_id(),
+            run = instance.add_run(DagsterRun(job_name=JOB, run_id=str(uuid.uuid4()),
                                               status=dg.DagsterRunStatus.NOT_STARTED,
                                               tags={"dagster/backfill": "bench", "writer": str(index)}))
             barrier.wait(timeout=600)
@@ -88,7 +90,7 @@ def writer(home: str, index: int, events: int, barrier, results) -> None:
                 materialization = dg.AssetMaterialization(asset_key=ASSET, partition=f"p{index * events + i}",
                                                           metadata={"writer": index, "i": i})
                 write(DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, job_name=JOB,
-                                   event_specific_data=StepMaterializationData(materialization),
+                                   event_specific_data=step_materialization_data(materialization),
                                    message="Materialized value."), run.run_id, timed=True)
             write(DagsterEvent(DagsterEventType.RUN_SUCCESS.value, job_name=JOB), run.run_id, timed=False)
             out["end"] = time.time()

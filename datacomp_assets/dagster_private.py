@@ -54,3 +54,14 @@ def engine_event_data(metadata: Mapping[str, Any]) -> Any:
     from dagster._core.events import EngineEventData
 
     return EngineEventData(dict(metadata))
+
+
+def step_materialization_data(materialization: dg.AssetMaterialization) -> Any:
+    """The `event_specific_data` of an ASSET_MATERIALIZATION `DagsterEvent`, for a benchmark that writes a
+    backfill's events straight to an instance's storage (benchmarks/instance_storage.py).
+
+    Wraps `dagster._core.events.StepMaterializationData(materialization)`: the event's payload class, which
+    Dagster does not export."""
+    from dagster._core.events import StepMaterializationData
+
+    return StepMaterializationData(materialization)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-from pathlib import Path
 
 import dagster as dg
 
+from datacomp_assets.core import settings
 from datacomp_assets.dagster_private import is_sqlite_event_log_storage
 
 GPU_POOL = "gpu"  # the pool of every asset that uses the accelerator (`pool="gpu"`)
@@ -98,15 +98,15 @@ def free_orphaned_slots(instance: dg.DagsterInstance, check_pids: bool | None = 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu-slots", type=int, default=int(os.environ.get("DATACOMP_GPU_SLOTS", "1")),
+    parser.add_argument("--gpu-slots", type=int, default=settings.gpu_slots(),
                         help="slots of the gpu pool (default: $DATACOMP_GPU_SLOTS or 1)")
     args = parser.parse_args(argv)
-    Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster_home"))).mkdir(parents=True, exist_ok=True)
+    home = settings.dagster_home()
     with dg.DagsterInstance.get() as instance:
         changed = configure_instance(instance, args.gpu_slots)
         for run_id in free_orphaned_slots(instance):
             print(f"freed the pool slots of run {run_id}, which had ended or whose process was gone")
-        print(f"{os.environ['DAGSTER_HOME']}: pool {GPU_POOL} has {args.gpu_slots} slot(s)"
+        print(f"{home}: pool {GPU_POOL} has {args.gpu_slots} slot(s)"
               f"{'' if changed else ' (unchanged)'}")
 
 

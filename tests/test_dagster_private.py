@@ -10,6 +10,7 @@ import ast
 import contextlib
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -107,13 +108,24 @@ def test_engine_event_data():
            f"the engine event reads back with metadata {metadata!r}, not pid 4242")
 
 
+def test_step_materialization_data():
+    with dg.DagsterInstance.ephemeral() as instance:
+        run = instance.add_run(dg.DagsterRun(job_name="bench", run_id=str(uuid.uuid4())))
+        materialization = dg.AssetMaterialization(asset_key="a", partition="p0", metadata={"i": 1})
+        with wrapper("step_materialization_data") as step_materialization_data:
+            instance.report_dagster_event(dg.DagsterEvent(
+                dg.DagsterEventType.ASSET_MATERIALIZATION.value, job_name="bench",
+                event_specific_data=step_materialization_data(materialization)), run_id=run.run_id)
+        records = instance.fetch_materializations(dg.AssetKey("a"), limit=1).records
+    expect("step_materialization_data", len(records) == 1 and records[0].partition_key == "p0",
+           f"the materialization reads back as {records!r}")
+
+
 # -------------------------------------------------------------------------------------------------- the rule
 
 PRIVATE = re.compile(r"^dagster\.(_\w*)")  # a module under dagster whose name starts with an underscore
 ALLOWED = {
     "datacomp_assets/dagster_private.py",
-    # Not yet moved here: a benchmark's synthetic run events (StepMaterializationData, DagsterRun, make_new_run_id).
-    "benchmarks/instance_storage.py",
 }
 
 
