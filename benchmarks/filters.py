@@ -350,8 +350,8 @@ def bare_strategy(meta: str, features: str, name: str) -> int:
 
 
 def ours_strategy(meta: str, features: str, name: str, out: str) -> int:
-    from datacomp_assets.filtering.selection import select_uids
     from datacomp_assets.core.uids import save_subset
+    from datacomp_assets.filtering.selection import select_uids
 
     uids = select_uids(meta, name, feature_dirs=[features], reference_scorers=True)
     save_subset(uids, out)

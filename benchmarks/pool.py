@@ -27,16 +27,18 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from datacomp_assets.metadata.build import Scorer, detect_faces, read_downloaded  # noqa: E402
+from datacomp_assets.core.models import Scorer  # noqa: E402
+from datacomp_assets.core.models import load_model  # noqa: E402
+from datacomp_assets.core.scales import SCALES  # noqa: E402
+from datacomp_assets.core.scorers import SCORER_MODELS  # noqa: E402
+from datacomp_assets.core.shards import read_downloaded  # noqa: E402
+from datacomp_assets.metadata.build import detect_faces  # noqa: E402
 from datacomp_assets.metadata.language import caption_stats, identify_languages  # noqa: E402
 from datacomp_assets.metadata.safety import image_fingerprints  # noqa: E402
-from datacomp_assets.core.scorers import SCORER_MODELS  # noqa: E402
 from datacomp_assets.pool.download import check_against_ground_truth, download_shards  # noqa: E402
 from datacomp_assets.world.index import write_pool_index  # noqa: E402
 from datacomp_assets.world.web import WebConfig, image_bytes, sample  # noqa: E402
 from datacomp_assets.world.web_server import SyntheticWebServer, free_port  # noqa: E402
-from datacomp_assets.core.models import load_model  # noqa: E402
-from datacomp_assets.core.scales import SCALES  # noqa: E402
 
 TINY = SCALES["tiny"]
 

@@ -50,10 +50,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from datacomp_assets.core.shards import brace_pattern, write_webdataset  # noqa: E402
-from datacomp_assets.world.web import WebConfig, encode_jpeg, render, sample  # noqa: E402
-from datacomp_assets.core.trainer import LOG_LINE, TrainJob, _child_env, train  # noqa: E402
 from datacomp_assets.core.scales import SCALES  # noqa: E402
+from datacomp_assets.core.shards import brace_pattern, write_webdataset  # noqa: E402
+from datacomp_assets.core.trainer import LOG_LINE, TrainJob, _child_env, train  # noqa: E402
+from datacomp_assets.world.web import WebConfig, encode_jpeg, render, sample  # noqa: E402
 
 TINY = SCALES["tiny"]
 BATCH_TIME = re.compile(r"Batch \(t\): (?P<avg>[\d.]+),")
@@ -249,8 +249,8 @@ def bare_encode(checkpoint: Path | None, suite_root: Path, tasks: list[str], bat
     """model.encode_image alone over every task's test images, decoded and preprocessed beforehand."""
     import torch
 
-    from datacomp_assets.evaluation.zeroshot import decode_image, iter_shard_samples, sample_image
     from datacomp_assets.core.models import load_model
+    from datacomp_assets.evaluation.zeroshot import decode_image, iter_shard_samples, sample_image
 
     model, preprocess, _ = load_model(TINY.model, checkpoint)
     start = time.perf_counter()

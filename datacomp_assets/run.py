@@ -13,9 +13,9 @@ import time
 import dagster as dg
 
 from datacomp_assets.core import settings
+from datacomp_assets.core.strategies import STRATEGIES
 from datacomp_assets.definitions import ALL_ASSETS, CHECKS, POOL_ASSETS, RESOURCES, STRATEGY_ASSETS
 from datacomp_assets.filtering.assets import strategy_definitions
-from datacomp_assets.core.strategies import STRATEGIES
 from datacomp_assets.instance import free_orphaned_slots
 from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis
 from partitions import get_scale

@@ -8,14 +8,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from datacomp_assets.core.lineage import file_sha256, read_lineage
+from datacomp_assets.core.scales import SCALES
+from datacomp_assets.core.strategies import STRATEGIES
 from datacomp_assets.dagster_private import stale_status
 from datacomp_assets.definitions import ALL_ASSETS, RESOURCES, defs
 from datacomp_assets.filtering.assets import strategy_definitions
-from datacomp_assets.core.strategies import STRATEGIES
-from datacomp_assets.core.lineage import file_sha256, read_lineage
-from datacomp_assets.world.web_server import free_port
 from datacomp_assets.run import run_scale
-from datacomp_assets.core.scales import SCALES
+from datacomp_assets.world.web_server import free_port
 from resources import (
     AcceleratorResource, DownloaderResource, PoolSourceResource, PublishedMetadataResource, StorageResource,
     SyntheticWebResource)

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datacomp_assets.filtering.audit import audit_markdown, audit_subset
 from datacomp_assets.core.uids import UID_DTYPE, uids_to_array
+from datacomp_assets.filtering.audit import audit_markdown, audit_subset
 
 
 def _uid(i: int) -> str:

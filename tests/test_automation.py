@@ -5,8 +5,8 @@ import datetime as dt
 import dagster as dg
 
 from datacomp_assets.automation import evaluate_new_checkpoints
-from datacomp_assets.definitions import defs
 from datacomp_assets.core.strategies import STRATEGIES
+from datacomp_assets.definitions import defs
 from partitions import SCALES
 
 

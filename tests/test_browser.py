@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from datacomp_assets.world.eval_suite import TASKS
 from datacomp_assets.core.uids import uids_to_array
+from datacomp_assets.world.eval_suite import TASKS
 from datacomp_assets.world.web_server import free_port
 from tests.miniature import MINIATURE
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datacomp_assets.evaluation import zeroshot
-from datacomp_assets.world.eval_suite import OBJECTS, POSITIONS, TASKS, build_suite
 from datacomp_assets.evaluation.zeroshot import (
     summarize, class_embeddings, classification_metrics, classify, evaluate_checkpoint,
     iter_shard_samples, retrieval_metrics,
 )
+from datacomp_assets.world.eval_suite import OBJECTS, POSITIONS, TASKS, build_suite
 
 SCALE = 0.05  # a miniature suite: a few images per class
 TINY_MODEL = "datacomp-tiny"  # the smallest registered architecture; randomly initialised here

@@ -5,10 +5,10 @@ from dataclasses import replace
 
 import dagster as dg
 
+from datacomp_assets.core.scales import SCALES
 from datacomp_assets.pool.assets import external_sources
 from datacomp_assets.world.web import WebConfig, sample
 from datacomp_assets.world.web_server import SyntheticWebServer, image_url
-from datacomp_assets.core.scales import SCALES
 from resources import (
     DownloaderResource, ExternalSourcesResource, PoolSourceResource, PublishedMetadataResource, StorageResource,
     SyntheticWebResource)

@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from datacomp_assets.core.strategies import STRATEGIES, SWEEPS, expected_fraction
-from datacomp_assets.filtering.selection import select_uids
 from datacomp_assets.core.uids import (
     arrow_uids_to_array,
     sort_uids,
@@ -19,6 +18,7 @@ from datacomp_assets.core.uids import (
     uid_to_pair,
     uids_to_array,
 )
+from datacomp_assets.filtering.selection import select_uids
 
 N_ROWS = 2000
 

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from datacomp_assets.world.eval_suite import build_objects
 from datacomp_assets.pool.download import (
     EXPECTED_FAILURE, check_against_ground_truth, check_index, download_shards, list_tars, read_failures,
     summarize_shards,
 )
+from datacomp_assets.world.eval_suite import build_objects
 from datacomp_assets.world.index import build_index_rows, write_pool_index
 from datacomp_assets.world.web import (
     DEFAULT_FAULTS, DEFAULT_NOISE, FAULT_KINDS, OBJECTS, SPAM_PHRASES, UNSAFE_WORDS, WebConfig, crawled_sha256,

@@ -8,10 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datacomp_assets.core.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, write_metadata_shard
-from datacomp_assets.pool.download import REFERENCE_SETTINGS
-from datacomp_assets.pool.external import ExternalSource, prepare_external_index, url_uid
-from datacomp_assets.world.curated import noisy_source_config
 from datacomp_assets.core.published import (
     MIRROR_ENV,
     MIRROR_SETTING,
@@ -20,6 +16,10 @@ from datacomp_assets.core.published import (
     fetch_published_metadata,
     write_download_index,
 )
+from datacomp_assets.core.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, write_metadata_shard
+from datacomp_assets.pool.download import REFERENCE_SETTINGS
+from datacomp_assets.pool.external import ExternalSource, prepare_external_index, url_uid
+from datacomp_assets.world.curated import noisy_source_config
 from datacomp_assets.world.web import WebConfig, sample
 
 

@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datacomp_assets.evaluation import cli, reference
 from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+from datacomp_assets.core.shards import write_webdataset
+from datacomp_assets.evaluation import cli, reference
 from datacomp_assets.evaluation.reference import MissingEvalData, ensure_reference_suite, missing_tasks
 from datacomp_assets.evaluation.reference_metrics import (
     camelyon17_metrics, chosen_candidates, dollar_street_metrics, fmow_metrics, geode_metrics, group_eval,
     iwildcam_metrics, jaccard, metadata_metrics, winogavil_metrics,
 )
 from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, retrieval_metrics, winogavil_prompt
-from datacomp_assets.core.shards import write_webdataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from datacomp_assets.metadata import safety
-from datacomp_assets.training.faces import blur_faces
 from datacomp_assets.metadata.build import detect_faces
+from datacomp_assets.training.faces import blur_faces
 from datacomp_assets.world import web
 
 
@@ -129,8 +129,8 @@ def test_calibrate_threshold():
 
 
 def test_eval_fingerprints_read_the_suite(tmp_path):
-    from datacomp_assets.world.eval_suite import build_suite
     from datacomp_assets.evaluation.zeroshot import load_classification
+    from datacomp_assets.world.eval_suite import build_suite
 
     counts = build_suite(tmp_path, tasks=["counting"], size_scale=0.02)
     fingerprints = safety.eval_fingerprints(tmp_path, tasks=["counting"], max_shift=1)

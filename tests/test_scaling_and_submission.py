@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from datacomp_assets.core.scales import SCALES
 from datacomp_assets.leaderboard.scaling import (
     PAPER_IMAGENET, correlation_png, family, imagenet_scores, rank_correlations, size_vs_average_png)
 from datacomp_assets.leaderboard.submission import USER_FIELDS, export_submission
-from datacomp_assets.core.scales import SCALES
 
 
 def row(strategy, size, average, imagenet, track="filtering"):

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from datacomp_assets.core.uids import uids_to_array
-from datacomp_assets.core.shards import iter_webdataset, write_webdataset
-from datacomp_assets.world.web import encode_jpeg, render, sample
 from datacomp_assets.core.models import forward_check, load_model
-from datacomp_assets.training.reshard import reshard
+from datacomp_assets.core.scales import SCALES
+from datacomp_assets.core.shards import iter_webdataset, write_webdataset
 from datacomp_assets.core.trainer import (
     TrainJob, completed_epochs, discard_unreadable_checkpoints, read_curve, train,
 )
-from datacomp_assets.core.scales import SCALES
+from datacomp_assets.core.uids import uids_to_array
+from datacomp_assets.training.reshard import reshard
+from datacomp_assets.world.web import encode_jpeg, render, sample
 
 
 def write_pool(directory, n=120, per_shard=50):

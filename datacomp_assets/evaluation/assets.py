@@ -9,15 +9,15 @@ from pathlib import Path
 
 import dagster as dg
 
-from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
-from datacomp_assets.evaluation.reference import ensure_reference_suite
-from datacomp_assets.world.eval_suite import TASKS, build_suite
-from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
 from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
 from datacomp_assets.core.lineage import code_revision, file_sha256, files_sha256, read_lineage, write_lineage
+from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+from datacomp_assets.core.scales import ScaleConfig
+from datacomp_assets.evaluation.reference import ensure_reference_suite
+from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
+from datacomp_assets.world.eval_suite import TASKS, build_suite
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions)
-from datacomp_assets.core.scales import ScaleConfig
 from resources import AcceleratorResource, EvaluationDataResource, StorageResource
 
 SUITES = ("synthetic", "reference")  # a scale's `eval_suite`: the miniature's own, or DataComp's 38 tasks

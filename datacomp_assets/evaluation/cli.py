@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
     from datacomp_assets.evaluation.reference import MissingEvalData, ensure_reference_suite
-    from datacomp_assets.world.eval_suite import TASKS
     from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
+    from datacomp_assets.world.eval_suite import TASKS
 
     registry = REFERENCE_TASKS if args.suite == "reference" else TASKS
     unknown = [key for key in args.tasks or [] if key not in registry]

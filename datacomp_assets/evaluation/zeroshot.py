@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datacomp_assets.evaluation import hub_rows
+from datacomp_assets.core.models import encode_image_batches, encode_images
 from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+from datacomp_assets.core.results import aggregate, read_results
+from datacomp_assets.core.shards import iter_shard_samples
+from datacomp_assets.evaluation import hub_rows
 from datacomp_assets.evaluation.reference import MissingEvalData, missing_tasks, task_directory
 from datacomp_assets.evaluation.reference_metrics import metadata_metrics, winogavil_metrics
 from datacomp_assets.world.eval_suite import TASKS
-from datacomp_assets.core.models import encode_image_batches, encode_images
-from datacomp_assets.core.results import aggregate, read_results
-from datacomp_assets.core.shards import iter_shard_samples
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # the image keys clip_benchmark reads, in its order
 RECALL_AT = (1, 5, 10)  # the recall@k DataComp reports for retrieval

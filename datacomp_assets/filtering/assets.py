@@ -5,11 +5,11 @@ import time
 import dagster as dg
 import numpy as np
 
-from datacomp_assets.core.strategies import STRATEGIES, expected_fraction, strategy_definition, strategy_version, track
-from datacomp_assets.filtering.selection import select_uids
-from datacomp_assets.core.uids import load_subset, save_subset, uids_to_array
 from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.lineage import code_revision, file_sha256, read_lineage, write_lineage
+from datacomp_assets.core.strategies import STRATEGIES, expected_fraction, strategy_definition, strategy_version, track
+from datacomp_assets.core.uids import load_subset, save_subset, uids_to_array
+from datacomp_assets.filtering.selection import select_uids
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions,
     strategy_partitions)
@@ -22,12 +22,12 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
                   pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """Per-sample columns the filters beyond the metadata read: caption concepts, k-means clusters and the
     target clusters, SemDeDup similarities, VAS scores, MetaCLIP keep probabilities, DFN scores."""
-    from datacomp_assets.filtering.features import (
-        FeatureSettings, compute_pool_features, entries_from_captions, vocabulary_from_classnames)
-    from datacomp_assets.filtering.image_based import proportional_k
     from datacomp_assets.core.models import Scorer, load_model
     from datacomp_assets.core.scorers import DFN_MODEL, SCORER_MODELS, dfn_checkpoint, scorer_checkpoint
     from datacomp_assets.core.shards import iter_webdataset, read_downloaded
+    from datacomp_assets.filtering.features import (
+        FeatureSettings, compute_pool_features, entries_from_captions, vocabulary_from_classnames)
+    from datacomp_assets.filtering.image_based import proportional_k
     from datacomp_assets.world.eval_suite import OBJECTS_TASK, objects_training_images
 
     scale, layout = get_scale(context.partition_key), storage.layout

@@ -6,6 +6,9 @@ import statistics
 import dagster as dg
 import numpy as np
 
+from datacomp_assets.core.figures import png_markdown
+from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
+from datacomp_assets.core.lineage import read_lineage
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.strategies import STRATEGIES, get_strategy, track
 from datacomp_assets.leaderboard.scaling import (
@@ -13,9 +16,6 @@ from datacomp_assets.leaderboard.scaling import (
 from datacomp_assets.leaderboard.submission import PUBLIC_SCALES, export_submission
 from datacomp_assets.leaderboard.table import (
     Entry, board_markdown, board_rows, ordering_markdown, ordering_report, rank)
-from datacomp_assets.core.figures import png_markdown
-from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
-from datacomp_assets.core.lineage import read_lineage
 from partitions import SCALES, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions
 from resources import StorageResource
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
 from datacomp_assets.core.schema import EXTRA_COLUMNS
+from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
 
 CAPTION_COLUMNS = ("language", "language_score", "cld3_language", "num_words", "num_chars", "num_tokens")
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import dagster as dg
 
+from datacomp_assets.core.figures import loss_curve_png, png_markdown
 from datacomp_assets.core.layout import Asset, Group, seed_name
-from datacomp_assets.core.strategies import track
-from datacomp_assets.core.uids import load_subset
 from datacomp_assets.core.lineage import (
     code_revision, file_sha256, made_from_other_input, read_lineage, text_sha256, write_lineage)
-from datacomp_assets.core.figures import loss_curve_png, png_markdown
-from datacomp_assets.training.reshard import reshard
+from datacomp_assets.core.strategies import track
 from datacomp_assets.core.trainer import TrainResult, train
+from datacomp_assets.core.uids import load_subset
+from datacomp_assets.training.reshard import reshard
 from partitions import STRATEGY_DEFINITION, by_scale, scale_and_strategy, scale_strategy_partitions
 from resources import AcceleratorResource, StorageResource
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from datacomp_assets.core.shards import brace_pattern, iter_webdataset
 from datacomp_assets.core.uids import array_to_uids
 from datacomp_assets.training.faces import blur_faces
-from datacomp_assets.core.shards import brace_pattern, iter_webdataset
 
 
 @dataclass
