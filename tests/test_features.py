@@ -31,8 +31,10 @@ def _pool(tmp_path, rng, n_per_shard=60, shards=2):
         emb = directions[labels] + rng.normal(0, 0.05, (n_per_shard, 8)).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         emb[1] = emb[0]  # an exact duplicate in every shard
-        table = pa.table({"uid": [f"{s:016x}{i:016x}" for i in range(n_per_shard)],
-                          "text": [f"a photo of {ANIMALS[label]}" for label in labels]})
+        texts = [f"a photo of {ANIMALS[label]}" for label in labels]
+        table = pa.table({"uid": [f"{s:016x}{i:016x}" for i in range(n_per_shard)], "text": texts,
+                          "language": ["en"] * n_per_shard, "num_tokens": [len(t.split()) for t in texts],
+                          "num_chars": [len(t) for t in texts]})
         (tmp_path / "meta").mkdir(exist_ok=True)
         pq.write_table(table, tmp_path / "meta" / f"{s:08d}.parquet")
         np.savez(tmp_path / "meta" / f"{s:08d}.npz", l14_img=emb.astype(np.float16))
@@ -68,7 +70,61 @@ def test_compute_pool_features_writes_one_row_per_sample(tmp_path):
 
 def test_missing_embeddings_are_named(tmp_path):
     (tmp_path / "meta").mkdir()
-    pq.write_table(pa.table({"uid": ["0" * 32], "text": ["x"]}), tmp_path / "meta" / "00000000.parquet")
+    pq.write_table(pa.table({"uid": ["0" * 32], "text": ["x"], "language": ["en"], "num_tokens": [1],
+                             "num_chars": [1]}), tmp_path / "meta" / "00000000.parquet")
     settings = FeatureSettings(vocabulary={}, metaclip_entries=["x"], metaclip_t=1, clusters=1)
     with pytest.raises(FileNotFoundError, match="00000000.npz"):
         compute_pool_features(tmp_path / "meta", tmp_path / "f", settings, np.eye(8, dtype=np.float32))
+
+
+def test_missing_caption_features_are_named(tmp_path):
+    (tmp_path / "meta").mkdir()
+    pq.write_table(pa.table({"uid": ["0" * 32], "text": ["x"]}), tmp_path / "meta" / "00000000.parquet")
+    settings = FeatureSettings(vocabulary={}, metaclip_entries=["x"], metaclip_t=1, clusters=1)
+    with pytest.raises(ValueError, match=r"00000000.parquet lacks the caption features \['language', 'num_tokens'"):
+        compute_pool_features(tmp_path / "meta", tmp_path / "f", settings, np.eye(8, dtype=np.float32))
+
+
+def test_image_based_keeps_what_the_reference_rule_keeps(tmp_path):
+    """image_based's kept set equals an independent computation of upstream's rule
+    (baselines/image_based_clustering.py and apply_filter.py): the caption filter (English, more than 1 fastText
+    token, more than 5 characters), faiss L2 k-means of the filtered rows' L/14 image embeddings (20 iterations,
+    seed 0, faiss' sub-sampling off), inner-product assignment, and the filtered rows whose centroid is the
+    nearest centroid of some target image."""
+    import faiss
+
+    from datacomp_assets.core.uids import array_to_uids
+    from datacomp_assets.filtering.selection import select_uids
+
+    rng = np.random.default_rng(7)
+    n, d, k = 600, 16, 12
+    directions = rng.normal(size=(24, d)).astype(np.float32)
+    emb = directions[rng.integers(0, 24, n)] + rng.normal(0, 0.3, (n, d)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    language = rng.choice(["en", "en", "en", "de"], n)
+    texts = [rng.choice(["a photo of a dog on grass", "dog", "a cat", "two red circles here"]) for _ in range(n)]
+    num_tokens = np.array([len(t.split()) for t in texts])
+    num_chars = np.array([len(t) for t in texts])
+    uids = np.array([f"{i:032x}" for i in range(n)])
+    (tmp_path / "meta").mkdir()
+    for shard, rows in enumerate(np.array_split(np.arange(n), 3)):
+        pq.write_table(pa.table({"uid": uids[rows], "text": [texts[i] for i in rows], "language": language[rows],
+                                 "num_tokens": num_tokens[rows].astype(np.int32),
+                                 "num_chars": num_chars[rows].astype(np.int32)}),
+                       tmp_path / "meta" / f"{shard:08d}.parquet")
+        np.savez(tmp_path / "meta" / f"{shard:08d}.npz", l14_img=emb[rows].astype(np.float16))
+    targets = directions[:3] / np.linalg.norm(directions[:3], axis=1, keepdims=True)
+    settings = FeatureSettings(vocabulary={}, metaclip_entries=["dog"], metaclip_t=10, clusters=k)
+    compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, targets, log=lambda _: None)
+    kept = set(array_to_uids(select_uids(tmp_path / "meta", "image_based", feature_dirs=[tmp_path / "features"])))
+
+    stored = emb.astype(np.float16).astype(np.float32)  # what the npz holds
+    passes = (language == "en") & (num_tokens > 1) & (num_chars > 5)
+    assert 0 < (~passes).sum() < n  # some rows fail the caption filter, and they must not shape the clusters
+    x = stored[passes] / np.linalg.norm(stored[passes], axis=1, keepdims=True)
+    kmeans = faiss.Kmeans(d, k, niter=20, seed=0, spherical=False, max_points_per_centroid=10_000_000)
+    kmeans.train(np.ascontiguousarray(x))
+    nearest = np.argmax(np.einsum("nd,kd->nk", stored[passes], kmeans.centroids), axis=1)
+    target_ids = np.unique(np.argmax(targets @ kmeans.centroids.T, axis=1))
+    expected = set(uids[passes][np.isin(nearest, target_ids)])
+    assert kept == expected and 0 < len(kept) < passes.sum()

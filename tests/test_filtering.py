@@ -1,5 +1,6 @@
 """Subset files and baseline strategies, each checked against an independent numpy computation."""
 
+import json
 import math
 
 import numpy as np
@@ -333,3 +334,40 @@ def test_arrow_uids_convert_like_hex_strings_and_name_a_bad_uid():
 def test_sort_uids_orders_by_low_half_when_high_halves_tie():
     arr = np.array([(2, 1), (1, 9), (1, 3), (1, 9), (0, 5)], dtype="u8,u8")
     np.testing.assert_array_equal(sort_uids(arr), np.sort(arr))
+
+
+# ---------------------------------------------------------------- the rule sandbox
+
+
+@pytest.mark.parametrize("field, text", [
+    ("where", "true); COPY (SELECT 42) TO '{out}'; SELECT (1"),
+    ("where", "true) -- the rest of the query is a comment"),
+    ("where", "true); ATTACH '{out}' AS other; SELECT (1"),
+    ("order_by", "dfn_score); COPY (SELECT 42) TO '{out}'; SELECT (1"),
+])
+def test_a_rule_that_is_more_than_one_expression_is_refused_naming_file_strategy_and_text(tmp_path, field, text):
+    from datacomp_assets.core.strategies import load_registry
+
+    out = tmp_path / "outside" / "evil.csv"
+    out.parent.mkdir()
+    extra = "fraction = 0.5\n" if field == "order_by" else ""
+    (tmp_path / "shared.toml").write_text(f"[sneaky]\n{field} = {json.dumps(text.format(out=out))}\n{extra}")
+    with pytest.raises(ValueError, match=rf"shared.toml: \[sneaky\] `{field}`") as err:
+        load_registry([tmp_path / "shared.toml"])
+    assert "COPY" in str(err.value) or "comment" in str(err.value) or "ATTACH" in str(err.value)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("rule", [
+    "uid IN (SELECT content FROM read_text('/etc/passwd'))",
+    "uid IN (SELECT column0 FROM read_csv('/etc/hostname'))",
+    "uid IN (SELECT file FROM glob('/etc/*'))",
+])
+def test_a_rule_cannot_read_outside_the_pools_directories(pool, tmp_path, monkeypatch, rule):
+    from datacomp_assets.core import strategies
+
+    metadata_dir, feature_dir, _ = pool
+    (tmp_path / "shared.toml").write_text(f"[reader]\nwhere = \"{rule}\"\n")
+    monkeypatch.setattr(strategies, "STRATEGIES", strategies.load_registry([tmp_path / "shared.toml"]))
+    with pytest.raises(ValueError, match="strategy 'reader' may read only the pool's own files"):
+        select_uids(metadata_dir, "reader", feature_dirs=[feature_dir])

@@ -31,6 +31,8 @@ SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity
 REGISTRY_FILE = Path(__file__).with_name("strategies.toml")
 NAME_PATTERN = re.compile(r"[a-z0-9_]+")
 SOURCE_PREFIX = "source:"  # a mixture component naming an external source instead of a strategy
+# `{b32>=0.28}` in a rule: a reference score threshold, resolved per scale when the rule runs.
+THRESHOLD_PLACEHOLDER = re.compile(r"\{(b32|l14)>=([0-9.]+)\}")
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,29 @@ def parse_strategies(table: Mapping, where: str) -> dict[str, Strategy]:
             raise ValueError(f"{where}: [{name}] `random` and `order_by` need a `fraction`")
         if sum(map(bool, (strategy.intersect, strategy.union, strategy.mixture))) > 1:
             raise ValueError(f"{where}: [{name}] takes one of intersect, union or mixture")
+        check_expression(strategy.where, "SELECT uid FROM pool WHERE ({})", f"{where}: [{name}] `where`")
+        if strategy.order_by:
+            check_expression(strategy.order_by, "SELECT ({}) FROM pool", f"{where}: [{name}] `order_by`")
         out[name] = strategy
     return out
+
+
+def check_expression(text: str, template: str, what: str) -> None:
+    """A rule's `where` and `order_by` are each one SQL expression over the view `pool`: a strategy file is data
+    shared between people, not a script, so a second statement (or a comment hiding the rest of the query) is
+    refused here, naming the file, the strategy and the text. Reading files is refused when the rule runs:
+    the filtering stage's DuckDB can read only the pool's own directories."""
+    import duckdb
+
+    probe = template.format(THRESHOLD_PLACEHOLDER.sub("0.0", text))
+    if any(kind == duckdb.token_type.comment for _, kind in duckdb.tokenize(text)):
+        raise ValueError(f"{what} holds a SQL comment, which would hide the rest of the query: {text!r}")
+    try:
+        statements = duckdb.extract_statements(probe)
+    except duckdb.Error as err:
+        raise ValueError(f"{what} is not a SQL expression: {text!r} (DuckDB: {str(err).splitlines()[0]})") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise ValueError(f"{what} must be one SQL expression over `pool`, not statements of its own: {text!r}")
 
 
 def load_registry(extra_files: Sequence[str | os.PathLike] = ()) -> dict[str, Strategy]:

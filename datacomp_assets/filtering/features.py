@@ -5,8 +5,8 @@ One parquet per metadata shard (same stem), keyed by uid, joined to the metadata
 | column | for | how |
 |---|---|---|
 | text_concept | text_based | first caption word naming a class of the vocabulary (ImageNet's, or the tiny analogue's) |
-| image_cluster, in_target_cluster | image_based | faiss k-means of the L/14 image embeddings; is the cluster nearest to some target image |
-| semdedup_max_similarity | SemDeDup | highest cosine to a sample ranked before it in its cluster |
+| image_cluster, in_target_cluster | image_based | faiss k-means of the caption-filtered pool's L/14 image embeddings; is the cluster nearest to some target image |
+| semdedup_max_similarity | SemDeDup | highest cosine to a sample ranked before it in its cluster (k-means of the whole pool) |
 | vas_score | VAS | x^T Sigma_target x for the L/14 image embedding x |
 | metaclip_keep_probability, metaclip_draw | MetaCLIP | 1 - prod(1 - t / max(count_e, t)) over matched entries; a seeded uniform draw |
 | dfn_score | DFN | cosine of image and caption embeddings by the data filtering network |
@@ -73,19 +73,36 @@ def entries_from_captions(texts: Iterable[str], min_count: int, extra: Iterable[
 # ---------------------------------------------------------------- the pool
 
 
+# The image-based baseline clusters only the pool whose captions pass this (upstream's
+# image_based_clustering.py); its rule in strategies.toml repeats the same caption conditions.
+CAPTION_COLUMNS = ("language", "num_tokens", "num_chars")
+
+
+def passes_image_based_captions(table: pa.Table) -> np.ndarray:
+    """English (fastText), more than 1 fastText token and more than 5 characters."""
+    language = np.asarray(table["language"].to_pylist(), dtype=object)
+    return ((language == "en") & (table["num_tokens"].to_numpy(zero_copy_only=False) > 1)
+            & (table["num_chars"].to_numpy(zero_copy_only=False) > 5))
+
+
 @dataclass
 class PoolShard:
     stem: str
     uids: list[str]
     texts: list[str]
     image_embeddings: np.ndarray  # L/14, unit norm, float32
+    image_based_captions: np.ndarray  # bool: the caption passes the image-based baseline's caption filter
 
 
 def read_pool(metadata_dir: str | os.PathLike, embedding_key: str = "l14_img") -> list[PoolShard]:
-    """Every metadata shard's uids, captions and image embeddings (from the .npz beside the parquet)."""
+    """Every metadata shard's uids, captions, caption filter and image embeddings (the .npz beside the parquet)."""
     shards = []
     for path in sorted(Path(metadata_dir).glob("*.parquet")):
-        table = pq.read_table(path, columns=["uid", "text"])
+        missing = [c for c in CAPTION_COLUMNS if c not in pq.read_schema(path).names]
+        if missing:
+            raise ValueError(f"{path} lacks the caption features {missing}: pool_features needs them "
+                             "(materialize pool_metadata again)")
+        table = pq.read_table(path, columns=["uid", "text", *CAPTION_COLUMNS])
         npz = path.with_suffix(".npz")
         if not npz.exists():
             raise FileNotFoundError(f"{npz} is missing: pool_features needs the metadata's embeddings")
@@ -95,7 +112,8 @@ def read_pool(metadata_dir: str | os.PathLike, embedding_key: str = "l14_img") -
             emb = arrays[embedding_key].astype(np.float32)
         if len(emb) != table.num_rows:
             raise ValueError(f"{npz}: {len(emb)} embeddings for {table.num_rows} metadata rows")
-        shards.append(PoolShard(path.stem, table["uid"].to_pylist(), table["text"].to_pylist(), emb))
+        shards.append(PoolShard(path.stem, table["uid"].to_pylist(), table["text"].to_pylist(), emb,
+                                passes_image_based_captions(table)))
     if not shards:
         raise FileNotFoundError(f"no metadata parquet in {metadata_dir}; materialize pool_metadata first")
     return shards
@@ -121,12 +139,20 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
     """
     shards = read_pool(metadata_dir)
     all_emb = np.concatenate([s.image_embeddings for s in shards])
-    log(f"pool_features: {len(all_emb)} samples in {len(shards)} shards; k-means into {settings.clusters} clusters")
-    centroids = image_based.train_centroids(all_emb, settings.clusters, seed=settings.seed,
-                                            max_points=settings.kmeans_max_points)
-    clusters = image_based.assign(all_emb, centroids)
-    targets = image_based.target_clusters(target_embeddings, centroids)
-    max_similarity = semdedup.semdedup_max_similarity(all_emb, clusters)
+    captioned = np.concatenate([s.image_based_captions for s in shards])
+    log(f"pool_features: {len(all_emb)} samples in {len(shards)} shards ({int(captioned.sum())} pass the "
+        f"image-based caption filter); k-means into {settings.clusters} clusters")
+
+    def kmeans(embeddings: np.ndarray) -> np.ndarray:
+        return image_based.train_centroids(embeddings, settings.clusters, seed=settings.seed,
+                                           max_points=settings.kmeans_max_points)
+
+    # image_based: centroids of the caption-filtered pool, as upstream; every sample gets its nearest one.
+    image_centroids = kmeans(all_emb[captioned])
+    clusters = image_based.assign(all_emb, image_centroids)
+    targets = image_based.target_clusters(target_embeddings, image_centroids)
+    # SemDeDup: its own clustering of the whole pool (it deduplicates within clusters, captions aside).
+    max_similarity = semdedup.semdedup_max_similarity(all_emb, image_based.assign(all_emb, kmeans(all_emb)))
     vas_scores = vas.vas_scores(all_emb, vas.target_covariance(target_embeddings))
 
     matcher = metaclip.build_matcher(settings.metaclip_entries)

@@ -12,7 +12,8 @@ Upstream baseline (``baselines/image_based_clustering.py`` and ``baselines/apply
 3. The target set (ImageNet-1k training images at the real scales; ImageNet-21k in the variant) is
    assigned the same way; a pool sample is kept when its centroid is one of the targets' centroids.
 
-The caption pre-filter (English, > 1 fastText token, > 5 characters) is not part of this module.
+The caption pre-filter (English, > 1 fastText token, > 5 characters) is applied by the caller
+(``features.compute_pool_features`` trains the centroids on the rows that pass it).
 
 Functions:
 
@@ -239,7 +240,8 @@ def proportional_k(
     upstream's fixed ``reference_k`` = 100,000. Below that (the miniature ``tiny`` scale) the count is
     scaled to keep small's density of ~128 pool samples per cluster,
     ``round(pool_size * reference_k / reference_pool)``, with a floor of ``floor`` clusters and never more
-    than ``pool_size``. For tiny's 20,000 samples that is 156 clusters.
+    than ``pool_size``. For tiny's pool metadata (18,148 samples after the download and the safety steps,
+    at the default web) that is 142 clusters.
 
     Why small and not xlarge as the reference: small is where 100,000 clusters is densest (128 samples a
     cluster; xlarge has 128,000), the scale nearest to tiny, and the density that keeps each cluster a

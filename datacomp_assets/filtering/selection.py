@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from datacomp_assets.core.layout import Asset
-from datacomp_assets.core.strategies import SCORE_COLUMNS, SOURCE_PREFIX, Strategy, get_strategy
+from datacomp_assets.core.strategies import (
+    SCORE_COLUMNS, SOURCE_PREFIX, THRESHOLD_PLACEHOLDER, Strategy, get_strategy)
 from datacomp_assets.core.uids import UID_DTYPE, array_to_uids, arrow_uids_to_array, sort_uids
 
 # Where a column a rule reads comes from, for the error when it is missing.
@@ -31,20 +32,37 @@ COLUMN_SOURCES = {
 # Reference score thresholds are on OpenAI CLIP's cosine scale. Where the scorers are other models (the
 # tiny scale's stand-ins), a threshold is carried over as the share of the pool it keeps on CommonPool.
 COMMONPOOL_SHARE_AT_THRESHOLD = {("b32", 0.25): 0.30, ("b32", 0.28): 0.20, ("b32", 0.30): 0.10}
-_THRESHOLD = re.compile(r"\{(b32|l14)>=([0-9.]+)\}")
 
 
 def _parquet_glob(directory: str | os.PathLike) -> str:
-    return os.path.join(os.fspath(directory), "*.parquet").replace("'", "''")
+    return os.path.join(os.path.abspath(directory), "*.parquet").replace("'", "''")
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def sandboxed_connection(readable: Sequence[str | os.PathLike]) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that can read and write files only under `readable` (and its own temporary
+    directory), with its configuration locked: strategy rules run here, and a rule is data that may come from
+    someone else's file, so it must not reach the rest of the machine."""
+    con = duckdb.connect()
+    temp = con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0]
+    directories = [os.path.join(os.path.abspath(d), "") for d in (*readable, *([temp] if temp else []))]
+    con.execute(f"SET allowed_directories = [{', '.join(map(_sql_string, directories))}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
 
 
 def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | os.PathLike] = (),
-                 needed: set[str] | None = None):
-    """A DuckDB connection with the view `pool`: the metadata parquet files (NaN scores as NULL), left-joined
-    on uid with each feature directory's parquet files (columns the metadata already has are not repeated).
-    `needed`: the identifiers the queries will use; a feature directory with none of them is not joined (a
-    join on 12.8M uids costs more than the rest of a simple rule)."""
-    con = duckdb.connect()
+                 needed: set[str] | None = None, readable: Sequence[str | os.PathLike] = ()):
+    """A sandboxed DuckDB connection with the view `pool`: the metadata parquet files (NaN scores as NULL),
+    left-joined on uid with each feature directory's parquet files (columns the metadata already has are not
+    repeated). `needed`: the identifiers the queries will use; a feature directory with none of them is not
+    joined (a join on 12.8M uids costs more than the rest of a simple rule). `readable`: further directories
+    the queries may read (external sources)."""
+    con = sandboxed_connection([metadata_dir, *feature_dirs, *readable])
 
     def columns_of(directory) -> list[str]:
         try:
@@ -83,7 +101,7 @@ def resolve_thresholds(sql: str, reference_scorers: bool) -> str:
                              "COMMONPOOL_SHARE_AT_THRESHOLD or use a fraction")
         col = SCORE_COLUMNS[model]
         return f"(SELECT quantile_disc({col}, {round(1 - share, 6)}) FROM pool)"
-    return _THRESHOLD.sub(replace, sql)
+    return THRESHOLD_PLACEHOLDER.sub(replace, sql)
 
 
 def _uid_halves(con, query: str) -> np.ndarray:
@@ -116,10 +134,17 @@ class PoolQuery:
             return self._rule(strategy)
         except duckdb.BinderException as err:
             missing = re.search(r'column "(\w+)" not found', str(err))
-            column = missing.group(1) if missing else "?"
+            if missing is None:
+                raise ValueError(f"{self.source}: strategy {name!r}: {str(err).splitlines()[0]}") from None
+            column = missing.group(1)
             origin = f"; it comes from {COLUMN_SOURCES[column]}" if column in COLUMN_SOURCES else ""
             raise ValueError(f"{self.source}: strategy {name!r} reads column {column!r}, which the pool lacks"
                              f"{origin}. DuckDB: {str(err).splitlines()[0]}") from None
+        except duckdb.PermissionException as err:
+            raise ValueError(f"{self.source}: strategy {name!r} may read only the pool's own files; refused: "
+                             f"{str(err).splitlines()[0]}") from None
+        except duckdb.Error as err:
+            raise ValueError(f"{self.source}: strategy {name!r}: {str(err).splitlines()[0]}") from None
 
     def uids_of(self, name: str) -> np.ndarray:
         return self.run(name, get_strategy(name))
@@ -195,7 +220,8 @@ def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int =
     thresholds apply as they are. `external_dirs`: downloaded external sources a mixture may draw from.
     """
     strategy = get_strategy(strategy_name)
-    con = connect_pool(metadata_dir, feature_dirs, needed=_identifiers(strategy_name))
+    con = connect_pool(metadata_dir, feature_dirs, needed=_identifiers(strategy_name),
+                       readable=list((external_dirs or {}).values()))
     try:
         return PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs).run(
             strategy_name, strategy)
