@@ -13,7 +13,7 @@ from datacomp_assets.filtering.assets import (  # noqa: E402
 from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis, submission  # noqa: E402
 from datacomp_assets.metadata.assets import dfn_model, pool_metadata, scorer_models  # noqa: E402
 from datacomp_assets.pool.assets import (  # noqa: E402
-    curated_source, external_sources, pool_index, pool_shards, pool_shards_match_injected_faults)
+    curated_source, external_sources, pool_index, pool_shards, pool_shards_complete, pool_shards_match_injected_faults)
 from datacomp_assets.training.assets import checkpoint, checkpoint_loads  # noqa: E402
 from resources import (  # noqa: E402
     AcceleratorResource, DownloaderResource, EvaluationDataResource, ExternalSourcesResource, PoolSourceResource,
@@ -23,7 +23,7 @@ POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer
                eval_suite, pool_features]
 STRATEGY_ASSETS = [subset, checkpoint, eval_results]
 ALL_ASSETS = [strategy_definitions, *POOL_ASSETS, *STRATEGY_ASSETS, leaderboard, scaling_analysis, submission]
-CHECKS = [subset_is_valid, checkpoint_loads, pool_shards_match_injected_faults]
+CHECKS = [subset_is_valid, checkpoint_loads, pool_shards_complete, pool_shards_match_injected_faults]
 
 
 def from_environment(variable: settings.Variable) -> str | dg.EnvVar:

@@ -13,15 +13,14 @@ import time
 import dagster as dg
 
 from datacomp_assets.core import settings
-from datacomp_assets.core.strategies import STRATEGIES
-from datacomp_assets.definitions import ALL_ASSETS, CHECKS, POOL_ASSETS, RESOURCES, STRATEGY_ASSETS
-from datacomp_assets.filtering.assets import strategy_definitions
-from datacomp_assets.instance import free_orphaned_slots
-from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis
-from partitions import get_scale
+
+# The errors a user can fix (a scale or strategy name, a strategy file, a missing input): one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def materialize(selection, partition_key, instance, resources) -> None:
+    from datacomp_assets.definitions import ALL_ASSETS, CHECKS
+
     result = dg.materialize([*ALL_ASSETS, *CHECKS], selection=selection, partition_key=partition_key,
                             instance=instance, resources=resources, raise_on_error=False)
     if not result.success:
@@ -33,6 +32,14 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None) 
 
     Strategies run one after another: in-process Dagster runs are not safe in parallel threads (two runs
     configuring logging at once deadlock), and on a CPU two trainings only split the same cores."""
+    # Late imports: loading the code location reads the strategy files, whose errors main() reports.
+    from datacomp_assets.core.strategies import STRATEGIES
+    from datacomp_assets.definitions import POOL_ASSETS, RESOURCES, STRATEGY_ASSETS
+    from datacomp_assets.filtering.assets import strategy_definitions
+    from datacomp_assets.instance import free_orphaned_slots
+    from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis
+    from partitions import get_scale
+
     get_scale(scale)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
@@ -61,10 +68,18 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None) 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="tiny")
-    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), help="default: every strategy")
+    parser.add_argument("--strategies", nargs="*", help="default: every registered strategy")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     settings.dagster_home()  # record runs where `bin/ui` (dagster dev) will find them
-    run_scale(args.scale, args.strategies)
+    try:
+        from datacomp_assets.core.strategies import STRATEGIES
+
+        run_scale(args.scale, args.strategies or list(STRATEGIES))
+    except USER_ERRORS as err:
+        if args.traceback:
+            raise
+        sys.exit(f"error: {err}\n(run again with --traceback for the full traceback)")
 
 
 if __name__ == "__main__":

@@ -82,3 +82,42 @@ def test_killed_download_resumes_without_duplicates_or_redownloads(tmp_path):
     assert len(resumed) == len(set(resumed)) == N_SAMPLES
     assert sorted(resumed) == sorted(expected)
     assert {t: t.stat().st_mtime_ns for t in done_tars} == mtimes  # finished shards were kept
+
+
+def _mount_tmpfs(path: Path, size_kb: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_download_that_fills_the_disk_fails_naming_the_folder_and_its_rerun_completes(tmp_path):
+    import pytest
+
+    from datacomp_assets.pool.download import IncompleteDownload
+
+    disk = tmp_path / "small_disk"
+    if not _mount_tmpfs(disk, 400):  # about two of the six shards fit
+        pytest.skip("needs root to mount a small tmpfs as a full disk")
+    try:
+        with SyntheticWebServer(CONFIG) as server:
+            write_pool_index(CONFIG, N_SAMPLES, server.base_url, tmp_path / "index")
+            index = tmp_path / "index" / "index.parquet"
+            out = disk / "shards"
+            with pytest.raises(IncompleteDownload) as err:
+                download_shards(index, out, IMAGE_SIZE, SHARD_SIZE, processes=1, threads=2)
+            message = str(err.value)
+            assert str(out) in message and "MB free" in message and "materialize again" in message
+            kept = stats_files(out)
+            assert len(kept) < N_SHARDS
+            # Every shard that looks finished is whole: a full disk leaves no half-written shard behind.
+            assert all((out / f"{p.name.split('_')[0]}.tar").exists() for p in kept)
+            assert not [p for p in out.glob("*.tar") if not (out / f"{p.stem}_stats.json").exists()]
+
+            subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+            download_shards(index, out, IMAGE_SIZE, SHARD_SIZE, processes=1, threads=2)
+        uids = tar_uids(out)
+        assert len(stats_files(out)) == N_SHARDS and len(uids) == len(set(uids)) == N_SAMPLES
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -371,3 +371,15 @@ def test_a_rule_cannot_read_outside_the_pools_directories(pool, tmp_path, monkey
     monkeypatch.setattr(strategies, "STRATEGIES", strategies.load_registry([tmp_path / "shared.toml"]))
     with pytest.raises(ValueError, match="strategy 'reader' may read only the pool's own files"):
         select_uids(metadata_dir, "reader", feature_dirs=[feature_dir])
+
+
+def test_a_column_missing_from_one_metadata_file_names_that_file(pool, tmp_path):
+    metadata_dir, feature_dir, _ = pool
+    copy = tmp_path / "metadata"
+    copy.mkdir()
+    files = sorted(metadata_dir.glob("*.parquet"))
+    for path in files:
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["language"]) if path == files[0] else table, copy / path.name)
+    with pytest.raises(ValueError, match=rf"{files[0].name} lacks \['language'\]"):
+        select_uids(copy, "basic", feature_dirs=[feature_dir])

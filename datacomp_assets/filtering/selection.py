@@ -10,10 +10,12 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.strategies import (
@@ -42,6 +44,23 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def parquet_columns(directory: str | os.PathLike) -> list[str]:
+    """The columns every parquet file of `directory` has; files that disagree are named, with what each lacks
+    (DuckDB would read the first file's columns and report a later one's lack as the pool's)."""
+    files = sorted(Path(directory).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no parquet files in {directory}")
+    names = {path: pq.read_schema(path).names for path in files}
+    every = list(dict.fromkeys(c for columns in names.values() for c in columns))
+    lacking = {path.name: [c for c in every if c not in columns] for path, columns in names.items()}
+    lacking = {name: missing for name, missing in lacking.items() if missing}
+    if lacking:
+        shown = "; ".join(f"{name} lacks {missing}" for name, missing in list(lacking.items())[:5])
+        raise ValueError(f"{directory}: the parquet files do not all have the same columns: {shown}"
+                         f"{' ...' if len(lacking) > 5 else ''}. Materialize the asset that wrote them again.")
+    return every
+
+
 def sandboxed_connection(readable: Sequence[str | os.PathLike]) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection that can read and write files only under `readable` (and its own temporary
     directory), with its configuration locked: strategy rules run here, and a rule is data that may come from
@@ -64,20 +83,13 @@ def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | o
     the queries may read (external sources)."""
     con = sandboxed_connection([metadata_dir, *feature_dirs, *readable])
 
-    def columns_of(directory) -> list[str]:
-        try:
-            return [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{_parquet_glob(directory)}')")
-                    .fetchall()]
-        except duckdb.IOException as err:
-            raise FileNotFoundError(f"no parquet files in {directory}: {err}") from None
-
-    columns = columns_of(metadata_dir)
+    columns = parquet_columns(metadata_dir)
     # isfinite, not isnan: DuckDB 2.0 folds isnan() to false from parquet min/max statistics, which leave NaN out.
     nan_to_null = [f"CASE WHEN isfinite({c}) THEN {c} END AS {c}" for c in SCORE_COLUMNS.values() if c in columns]
     replace = f" REPLACE ({', '.join(nan_to_null)})" if nan_to_null else ""
     select, joins = [f"m.*{replace}"], []
     for i, directory in enumerate(feature_dirs):
-        new = [c for c in columns_of(directory) if c not in columns]
+        new = [c for c in parquet_columns(directory) if c not in columns]
         if needed is not None and not needed & set(new):
             continue
         columns += new

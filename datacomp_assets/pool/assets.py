@@ -114,6 +114,21 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
     })
 
 
+@dg.asset_check(asset=pool_shards, blocking=True,
+                description="Every expected shard finished and every url of the index is accounted for")
+def pool_shards_complete(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    from datacomp_assets.pool.download import summarize_shards
+
+    scale, layout = get_scale(context.partition_key), storage.layout
+    urls = pq.read_metadata(layout.pool_index_file(scale.name)).num_rows
+    summary = summarize_shards(layout.pool_shards(scale.name))
+    expected_shards = -(-urls // scale.shard_size)
+    return dg.AssetCheckResult(
+        passed=summary.shards >= expected_shards and summary.count >= urls,
+        metadata={"shards": summary.shards, "expected_shards": expected_shards, "urls_accounted_for": summary.count,
+                  "urls": urls})
+
+
 @dg.asset_check(asset=pool_shards, description="Where the pool has ground truth (tiny): every download failure "
                                                "is a fault the web injected")
 def pool_shards_match_injected_faults(context: dg.AssetCheckExecutionContext, storage: StorageResource,

@@ -9,6 +9,7 @@ starting over; shards an interrupted run left half-written are deleted first.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -209,16 +210,37 @@ def _run_img2dataset(**kwargs) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+class IncompleteDownload(RuntimeError):
+    """Some shards did not finish (a full disk, a killed worker): the download is not the whole pool."""
+
+
+def free_space(path: Path) -> str:
+    return f"{shutil.disk_usage(path).free / 2**20:,.0f} MB free on {path}'s file system"
+
+
+def check_complete(summary: DownloadSummary, out_dir: Path, expected_shards: int, urls: int) -> None:
+    """Raise IncompleteDownload, naming the folder and its free space, unless every shard finished and every
+    url of the index is accounted for (downloaded or a counted failure)."""
+    if summary.shards >= expected_shards and summary.count >= urls:
+        return
+    raise IncompleteDownload(
+        f"{out_dir}: {summary.shards} of {expected_shards} shards finished, {summary.count} of {urls} urls "
+        f"accounted for; {free_space(out_dir)}. Free space (or fix what stopped the workers above), then "
+        "materialize again: finished shards are kept and only the rest is fetched.")
+
+
 def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: int, shard_size: int,
                     processes: int = 2, threads: int = 16, timeout: int = 10,
                     retries: int = 2) -> DownloadSummary:
-    """Fetch every URL of the index into out_dir as NNNNNNNN.tar/.parquet/_stats.json shards."""
+    """Fetch every URL of the index into out_dir as NNNNNNNN.tar/.parquet/_stats.json shards; raise
+    IncompleteDownload when any shard did not finish (the finished ones are kept for the next call)."""
     check_index(index_parquet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_unfinished_shards(out_dir)
     done = summarize_shards(out_dir)  # shards a previous call finished
-    expected_shards = -(-pq.read_metadata(index_parquet).num_rows // shard_size)
+    urls = pq.read_metadata(index_parquet).num_rows
+    expected_shards = -(-urls // shard_size)
     if done.shards >= expected_shards:
         # Nothing left to fetch. Not calling img2dataset at all also avoids a hang seen when its worker
         # pool is terminated while its workers are still starting (zero tasks to map).
@@ -226,26 +248,34 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
     already_done = done.successes
     start = time.perf_counter()
     columns = pq.read_schema(index_parquet).names
-    _run_img2dataset(
-        url_list=str(Path(index_parquet).resolve()),
-        output_folder=str(out_dir.resolve()),
-        **REFERENCE_SETTINGS,
-        # Blur faces at download time where the index lists them (the published metadata does).
-        bbox_col="face_bboxes" if "face_bboxes" in columns else None,
-        verify_hash=["sha256", "sha256"] if "sha256" in columns else None,
-        image_size=image_size,
-        number_sample_per_shard=shard_size,
-        processes_count=processes,
-        thread_count=threads,
-        timeout=timeout,
-        retries=retries,
-        enable_wandb=False,
-        distributor="multiprocessing",
-        incremental_mode="incremental",
-    )
+    try:
+        _run_img2dataset(
+            url_list=str(Path(index_parquet).resolve()),
+            output_folder=str(out_dir.resolve()),
+            **REFERENCE_SETTINGS,
+            # Blur faces at download time where the index lists them (the published metadata does).
+            bbox_col="face_bboxes" if "face_bboxes" in columns else None,
+            verify_hash=["sha256", "sha256"] if "sha256" in columns else None,
+            image_size=image_size,
+            number_sample_per_shard=shard_size,
+            processes_count=processes,
+            thread_count=threads,
+            timeout=timeout,
+            retries=retries,
+            enable_wandb=False,
+            distributor="multiprocessing",
+            incremental_mode="incremental",
+        )
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise IncompleteDownload(f"{out_dir}: the disk is full ({free_space(out_dir)}): {err}. Free space, then "
+                                 "materialize again: finished shards are kept.") from err
     elapsed = time.perf_counter() - start
     summary = summarize_shards(out_dir)
     summary.elapsed_s = elapsed
     # Throughput of this call only: a resumed run does not get credit for earlier shards.
     summary.images_per_second = (summary.successes - already_done) / elapsed if elapsed > 0 else 0.0
+    remove_unfinished_shards(out_dir)  # what a failed worker left behind must not look finished later
+    check_complete(summary, out_dir, expected_shards, urls)
     return summary
