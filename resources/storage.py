@@ -1,9 +1,12 @@
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
 
 from datacomp_assets.core import settings
 from datacomp_assets.core.layout import Layout
+from datacomp_assets.core.locks import exclusive
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -14,3 +17,17 @@ class StorageResource(dg.ConfigurableResource):
     @property
     def layout(self) -> Layout:
         return Layout(Path(self.root))
+
+    @contextmanager
+    def writing(self, context: dg.AssetExecutionContext) -> Iterator[None]:
+        """Hold the one-writer lock of the asset partition `context` materializes; a second writer fails at once,
+        naming this run."""
+        asset = context.asset_key.path[-1]
+        scale = strategy = None
+        if context.has_partition_key:
+            key = context.partition_key
+            dims = key.keys_by_dimension if isinstance(key, dg.MultiPartitionKey) else {"scale": key}
+            scale, strategy = dims.get("scale"), dims.get("strategy")
+        artifact = f"{asset}[{'|'.join(p for p in (scale, strategy) if p)}]" if scale else asset
+        with exclusive(self.layout.lock_file(asset, scale, strategy), artifact, f"run {context.run_id}"):
+            yield

@@ -75,6 +75,11 @@ class Layout:
         path = self.root / scale / asset
         return path / strategy if strategy else path
 
+    def lock_file(self, asset: str, scale: str | None = None, strategy: str | None = None) -> Path:
+        """The one-writer lock of an asset partition (`core.locks`)."""
+        name = "__".join(part for part in (asset, strategy) if part)
+        return (self.root / scale if scale else self.root) / ".locks" / f"{name}.lock"
+
     # ---------------------------------------------------------------- the pool
 
     def pool_index(self, scale: str) -> Path:

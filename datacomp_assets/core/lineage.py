@@ -14,6 +14,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from datacomp_assets.core.files import temporary_sibling
+
 LINEAGE_FILE = "lineage.json"
 
 
@@ -47,7 +49,7 @@ def write_lineage(directory: str | os.PathLike, record: dict) -> Path:
     """Write `lineage.json` atomically (a reader never sees half a record)."""
     path = Path(directory) / LINEAGE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = temporary_sibling(path)
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datacomp_assets.core import settings
+from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, validate_metadata
 
 # The setting that points at a local mirror: a resource field, defaulting to this environment variable.
@@ -183,7 +184,7 @@ def write_download_index(parquet_files: list[str | os.PathLike], out_path: str |
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema([POOL_METADATA_SCHEMA.field(name) for name in DOWNLOAD_INDEX_COLUMNS])
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(out)
     rows = 0
     try:
         with pq.ParquetWriter(tmp, schema) as writer:

@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datacomp_assets.core.files import temporary_sibling
+
 POOL_METADATA_SCHEMA = pa.schema([
     ("uid", pa.string()),
     ("url", pa.string()),
@@ -65,7 +67,7 @@ def conform_types(table: pa.Table) -> pa.Table:
 
 def _replace_atomically(write, final: Path) -> None:
     """Write to a temporary name beside `final`, then rename: readers never see a partial file."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(final)
     try:
         write(tmp)
         os.replace(tmp, final)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from datacomp_assets.core.files import temporary_sibling
+
 UID_DTYPE = np.dtype("u8,u8")
 
 # ASCII byte -> nibble value; 255 marks a byte that is not a hex digit.
@@ -112,7 +114,7 @@ def save_subset(arr: np.ndarray, path: str | os.PathLike) -> None:
     """np.save a valid subset atomically (temp name, then rename), so readers never see half a file."""
     path = Path(path)
     _check_subset(arr, path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(path)
     try:
         with open(tmp, "wb") as f:  # a file object stops np.save from appending ".npy"
             np.save(f, arr)

@@ -37,19 +37,20 @@ def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource,
                eval_data: EvaluationDataResource) -> dg.MaterializeResult:
     """Zero-shot tasks in clip_benchmark's webdataset layout, never trained on: built at tiny, DataComp's 38
     reference tasks at the paper's scales (fails at once, naming what is missing, when they cannot be had)."""
-    scale = get_scale(context.partition_key)
-    root, registry = suite_for(scale, storage.layout, eval_data)
-    if scale.eval_suite == "synthetic":
-        counts = build_suite(root, size_scale=scale.eval_suite_scale)
-    else:
-        fetched = ensure_reference_suite(root, eval_data.download, progress=context.log.info)
-        counts = {key: task.size for key, task in registry.items()}
-        context.log.info(f"{len(fetched)} reference tasks downloaded, {len(registry) - len(fetched)} already there")
-    rows = "\n".join(f"| {k} | {registry[k].group} | {registry[k].main_metric} | {n} |" for k, n in counts.items())
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(root)), "tasks": len(counts), "images": sum(counts.values()),
-        "tasks_table": dg.MetadataValue.md("| task | group | main metric | samples |\n|---|---|---|---|\n" + rows),
-    })
+    with storage.writing(context):
+        scale = get_scale(context.partition_key)
+        root, registry = suite_for(scale, storage.layout, eval_data)
+        if scale.eval_suite == "synthetic":
+            counts = build_suite(root, size_scale=scale.eval_suite_scale)
+        else:
+            fetched = ensure_reference_suite(root, eval_data.download, progress=context.log.info)
+            counts = {key: task.size for key, task in registry.items()}
+            context.log.info(f"{len(fetched)} reference tasks downloaded, {len(registry) - len(fetched)} already there")
+        rows = "\n".join(f"| {k} | {registry[k].group} | {registry[k].main_metric} | {n} |" for k, n in counts.items())
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(root)), "tasks": len(counts), "images": sum(counts.values()),
+            "tasks_table": dg.MetadataValue.md("| task | group | main metric | samples |\n|---|---|---|---|\n" + rows),
+        })
 
 
 @dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.EVALUATION, code_version="2",
@@ -58,41 +59,42 @@ def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource,
 def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
                  eval_data: EvaluationDataResource) -> dg.MaterializeResult:
     """Zero-shot scores of every seed's checkpoint, one line per task; tasks already written are not redone."""
-    scale, strategy = scale_and_strategy(context)
-    device = accelerator.placement(scale.precision).device
-    layout = storage.layout
-    suite_root, registry = suite_for(scale, layout, eval_data)
-    out = layout.eval_results_dir(scale.name, strategy)
-    scored = read_lineage(out).get("checkpoints", {})
-    per_seed = {}
-    for seed in scale.seeds:
-        ckpt = layout.seed_checkpoint(scale.name, strategy, seed, scale.epochs)
-        results = layout.results_file(scale.name, strategy, seed)
-        ckpt_sha256 = file_sha256(ckpt)
-        if scored.get(seed_name(seed), ckpt_sha256) != ckpt_sha256 and results.exists():
-            # Lines already written score an earlier checkpoint: skipping them as done would be wrong.
-            context.log.warning(f"seed {seed}: {ckpt} changed since it was scored; scoring it again")
-            results.unlink()
-        scored[seed_name(seed)] = ckpt_sha256
-        write_lineage(out, {"checkpoints": scored, "complete": False})
-        context.log.info(f"seed {seed}: evaluating {ckpt}")
-        per_seed[seed] = evaluate_checkpoint(scale.model, ckpt, suite_root, results, device=device,
-                                             progress=context.log.info, registry=registry)
-    summaries = {seed: summarize(rows) for seed, rows in per_seed.items()}
-    averages = [s["average"] for s in summaries.values()]
-    task_means = {row["key"]: statistics.mean(r["metrics"]["main_metric"] for rows in per_seed.values()
-                                              for r in rows if r["key"] == row["key"])
-                  for row in next(iter(per_seed.values()))}
-    results_sha256 = files_sha256(layout.results_file(scale.name, strategy, seed) for seed in scale.seeds)
-    write_lineage(out, {"checkpoints": scored, "results_sha256": results_sha256, "complete": True,
-                        "code_revision": code_revision()})
-    return dg.MaterializeResult(data_version=dg.DataVersion(results_sha256[:16]), metadata={
-        "path": dg.MetadataValue.path(str(out)),
-        "seeds": list(scale.seeds),
-        "average": statistics.mean(averages),
-        "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
-        "average_per_seed": dg.MetadataValue.json({seed_name(s): v["average"] for s, v in summaries.items()}),
-        **{f"task/{k}": v for k, v in task_means.items()},
-        "groups": dg.MetadataValue.json({seed_name(s): {k: v for k, v in summary.items() if k != "average"}
-                                         for s, summary in summaries.items()}),
-    })
+    with storage.writing(context):
+        scale, strategy = scale_and_strategy(context)
+        device = accelerator.placement(scale.precision).device
+        layout = storage.layout
+        suite_root, registry = suite_for(scale, layout, eval_data)
+        out = layout.eval_results_dir(scale.name, strategy)
+        scored = read_lineage(out).get("checkpoints", {})
+        per_seed = {}
+        for seed in scale.seeds:
+            ckpt = layout.seed_checkpoint(scale.name, strategy, seed, scale.epochs)
+            results = layout.results_file(scale.name, strategy, seed)
+            ckpt_sha256 = file_sha256(ckpt)
+            if scored.get(seed_name(seed), ckpt_sha256) != ckpt_sha256 and results.exists():
+                # Lines already written score an earlier checkpoint: skipping them as done would be wrong.
+                context.log.warning(f"seed {seed}: {ckpt} changed since it was scored; scoring it again")
+                results.unlink()
+            scored[seed_name(seed)] = ckpt_sha256
+            write_lineage(out, {"checkpoints": scored, "complete": False})
+            context.log.info(f"seed {seed}: evaluating {ckpt}")
+            per_seed[seed] = evaluate_checkpoint(scale.model, ckpt, suite_root, results, device=device,
+                                                 progress=context.log.info, registry=registry)
+        summaries = {seed: summarize(rows) for seed, rows in per_seed.items()}
+        averages = [s["average"] for s in summaries.values()]
+        task_means = {row["key"]: statistics.mean(r["metrics"]["main_metric"] for rows in per_seed.values()
+                                                  for r in rows if r["key"] == row["key"])
+                      for row in next(iter(per_seed.values()))}
+        results_sha256 = files_sha256(layout.results_file(scale.name, strategy, seed) for seed in scale.seeds)
+        write_lineage(out, {"checkpoints": scored, "results_sha256": results_sha256, "complete": True,
+                            "code_revision": code_revision()})
+        return dg.MaterializeResult(data_version=dg.DataVersion(results_sha256[:16]), metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "seeds": list(scale.seeds),
+            "average": statistics.mean(averages),
+            "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
+            "average_per_seed": dg.MetadataValue.json({seed_name(s): v["average"] for s, v in summaries.items()}),
+            **{f"task/{k}": v for k, v in task_means.items()},
+            "groups": dg.MetadataValue.json({seed_name(s): {k: v for k, v in summary.items() if k != "average"}
+                                             for s, summary in summaries.items()}),
+        })

@@ -30,38 +30,39 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
     from datacomp_assets.filtering.image_based import proportional_k
     from datacomp_assets.world.eval_suite import OBJECTS_TASK, objects_training_images
 
-    scale, layout = get_scale(context.partition_key), storage.layout
-    # At the paper's scales: ImageNet's training images and MetaCLIP's entry list, which the user supplies.
-    pool_source.for_scale(scale, layout).require_miniature(Asset.POOL_FEATURES)
-    t0 = time.perf_counter()
-    device = accelerator.placement(scale.precision).device
-    classnames = (layout.eval_suite(scale.name) / OBJECTS_TASK / "classnames.txt").read_text().split("\n")
-    curated_texts = [files["txt"].decode() for tar in sorted(layout.curated_source(scale.name).glob("*.tar"))
-                     for _, files in iter_webdataset(tar) if "txt" in files]
+    with storage.writing(context):
+        scale, layout = get_scale(context.partition_key), storage.layout
+        # At the paper's scales: ImageNet's training images and MetaCLIP's entry list, which the user supplies.
+        pool_source.for_scale(scale, layout).require_miniature(Asset.POOL_FEATURES)
+        t0 = time.perf_counter()
+        device = accelerator.placement(scale.precision).device
+        classnames = (layout.eval_suite(scale.name) / OBJECTS_TASK / "classnames.txt").read_text().split("\n")
+        curated_texts = [files["txt"].decode() for tar in sorted(layout.curated_source(scale.name).glob("*.tar"))
+                         for _, files in iter_webdataset(tar) if "txt" in files]
 
-    l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"), device), device)
-    images, _ = zip(*objects_training_images(scale.target_images_per_class))
-    target_embeddings, _ = l14.embed(list(images), [""] * len(images))
+        l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"), device), device)
+        images, _ = zip(*objects_training_images(scale.target_images_per_class))
+        target_embeddings, _ = l14.embed(list(images), [""] * len(images))
 
-    dfn = Scorer("dfn", *load_model(DFN_MODEL, dfn_checkpoint(layout, scale), device), device)
-    dfn_scores = {}
-    for tar in sorted(layout.pool_shards(scale.name).glob("*.tar")):
-        records, pool_images = read_downloaded(tar)
-        img, txt = dfn.embed(pool_images, [r["text"] for r in records])
-        dfn_scores.update(zip([r["uid"] for r in records], (img * txt).sum(axis=1).tolist()))
-    context.log.info(f"DFN scored {len(dfn_scores)} pool samples")
+        dfn = Scorer("dfn", *load_model(DFN_MODEL, dfn_checkpoint(layout, scale), device), device)
+        dfn_scores = {}
+        for tar in sorted(layout.pool_shards(scale.name).glob("*.tar")):
+            records, pool_images = read_downloaded(tar)
+            img, txt = dfn.embed(pool_images, [r["text"] for r in records])
+            dfn_scores.update(zip([r["uid"] for r in records], (img * txt).sum(axis=1).tolist()))
+        context.log.info(f"DFN scored {len(dfn_scores)} pool samples")
 
-    metadata_dir = layout.pool_metadata(scale.name)
-    n_pool = _pool_rows(metadata_dir)
-    settings = FeatureSettings(
-        vocabulary=vocabulary_from_classnames(c for c in classnames if c),
-        metaclip_entries=entries_from_captions(curated_texts, min_count=5, extra=[c for c in classnames if c]),
-        metaclip_t=scale.metaclip_t, clusters=proportional_k(n_pool), seed=scale.seed)
-    out = layout.pool_features(scale.name)
-    summary = compute_pool_features(metadata_dir, out, settings, target_embeddings, dfn_scores, context.log.info)
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(out)), **summary, "target_images": len(images),
-        "text_vocabulary": len(settings.vocabulary), "seconds": round(time.perf_counter() - t0, 1)})
+        metadata_dir = layout.pool_metadata(scale.name)
+        n_pool = _pool_rows(metadata_dir)
+        settings = FeatureSettings(
+            vocabulary=vocabulary_from_classnames(c for c in classnames if c),
+            metaclip_entries=entries_from_captions(curated_texts, min_count=5, extra=[c for c in classnames if c]),
+            metaclip_t=scale.metaclip_t, clusters=proportional_k(n_pool), seed=scale.seed)
+        out = layout.pool_features(scale.name)
+        summary = compute_pool_features(metadata_dir, out, settings, target_embeddings, dfn_scores, context.log.info)
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(out)), **summary, "target_images": len(images),
+            "text_vocabulary": len(settings.vocabulary), "seconds": round(time.perf_counter() - t0, 1)})
 
 
 @dg.observable_source_asset(partitions_def=strategy_partitions, group_name=Group.FILTERING)
@@ -85,38 +86,39 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
     who is in and who is out."""
     from datacomp_assets.filtering.audit import audit_markdown, audit_subset
 
-    scale, strategy = scale_and_strategy(context)
-    layout = storage.layout
-    source = pool_source.for_scale(scale, layout)
-    metadata_dir = layout.pool_metadata(scale.name)
-    t0 = time.perf_counter()
-    uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=[layout.pool_features(scale.name)],
-                       reference_scorers=source.reference_scorers,
-                       external_dirs=layout.external_source_dirs(scale.name))
-    seconds = time.perf_counter() - t0
-    path = layout.subset_file(scale.name, strategy)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_subset(uids, path)
-    audit = audit_subset(metadata_dir, uids, ground_truth_path=source.ground_truth())
-    overall = audit["overall"][0]
-    subset_sha256 = file_sha256(path)
-    pool_version = read_lineage(metadata_dir).get("pool_version", "unknown")
-    write_lineage(path.parent, {"subset_sha256": subset_sha256, "strategy": strategy,
-                                "strategy_version": strategy_version(strategy), "pool_version": pool_version,
-                                "dataset_size": len(uids), "code_revision": code_revision()})
-    return dg.MaterializeResult(data_version=dg.DataVersion(subset_sha256[:16]), metadata={
-        "path": dg.MetadataValue.path(str(path)), "subset_sha256": subset_sha256, "pool_version": pool_version,
-        "strategy_version": strategy_version(strategy),
-        "strategy": STRATEGIES[strategy].description,
-        "rule": dg.MetadataValue.json(strategy_definition(strategy)),
-        "track": track(strategy),
-        "dataset_size": len(uids),
-        "unique_uids": overall["kept_unique"],
-        "pool_size": overall["pool"],
-        "kept_fraction": overall["kept_share"],
-        "audit": dg.MetadataValue.md(audit_markdown(audit)),
-        "seconds": round(seconds, 2),
-    })
+    with storage.writing(context):
+        scale, strategy = scale_and_strategy(context)
+        layout = storage.layout
+        source = pool_source.for_scale(scale, layout)
+        metadata_dir = layout.pool_metadata(scale.name)
+        t0 = time.perf_counter()
+        uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=[layout.pool_features(scale.name)],
+                           reference_scorers=source.reference_scorers,
+                           external_dirs=layout.external_source_dirs(scale.name))
+        seconds = time.perf_counter() - t0
+        path = layout.subset_file(scale.name, strategy)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_subset(uids, path)
+        audit = audit_subset(metadata_dir, uids, ground_truth_path=source.ground_truth())
+        overall = audit["overall"][0]
+        subset_sha256 = file_sha256(path)
+        pool_version = read_lineage(metadata_dir).get("pool_version", "unknown")
+        write_lineage(path.parent, {"subset_sha256": subset_sha256, "strategy": strategy,
+                                    "strategy_version": strategy_version(strategy), "pool_version": pool_version,
+                                    "dataset_size": len(uids), "code_revision": code_revision()})
+        return dg.MaterializeResult(data_version=dg.DataVersion(subset_sha256[:16]), metadata={
+            "path": dg.MetadataValue.path(str(path)), "subset_sha256": subset_sha256, "pool_version": pool_version,
+            "strategy_version": strategy_version(strategy),
+            "strategy": STRATEGIES[strategy].description,
+            "rule": dg.MetadataValue.json(strategy_definition(strategy)),
+            "track": track(strategy),
+            "dataset_size": len(uids),
+            "unique_uids": overall["kept_unique"],
+            "pool_size": overall["pool"],
+            "kept_fraction": overall["kept_share"],
+            "audit": dg.MetadataValue.md(audit_markdown(audit)),
+            "seconds": round(seconds, 2),
+        })
 
 
 def _pool_rows(metadata_dir) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.filtering import image_based, metaclip, semdedup, vas
 
 _WORD = re.compile(r"[a-z]+")
@@ -179,7 +180,7 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
             "metaclip_draw": pa.array(draw, pa.float32()),
             "dfn_score": pa.array(dfn, pa.float32()),
         })
-        tmp = out_dir / f".{shard.stem}.parquet.{os.getpid()}.tmp"
+        tmp = temporary_sibling(out_dir / f"{shard.stem}.parquet")
         pq.write_table(table, tmp)
         os.replace(tmp, out_dir / f"{shard.stem}.parquet")
     matched_entries = int((counts > 0).sum())

@@ -62,33 +62,35 @@ def collect_entries(layout: Layout, scale_name: str) -> list[Entry]:
 def leaderboard(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """Strategies ranked by average zero-shot score (mean over seeds, with its spread), with dataset size,
     samples seen, each task group and each task; and whether the paper's ordering holds beyond the noise."""
-    layout = storage.layout
-    entries = collect_entries(layout, context.partition_key)
-    if not entries:
-        raise ValueError(f"no evaluated strategy at scale {context.partition_key!r}: materialize eval_results first")
-    report = ordering_report([e for e in entries if e.track == "filtering"])
-    table = board_markdown(entries)
-    if report:
-        table += "\n\n### The paper's ordering\n\n" + ordering_markdown(report)
-    scale_name = context.partition_key
-    markdown, rows_json = layout.leaderboard_markdown(scale_name), layout.leaderboard_json(scale_name)
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(table + "\n")
-    rows = board_rows(entries)
-    rows_json.write_text(json.dumps({"scale": context.partition_key, "rows": rows}, indent=2) + "\n")
-    best = rank(entries)[0]
-    stale = [e.strategy for e in entries if e.lineage["consistent"] is False]
-    if stale:
-        context.log.warning(f"rows whose lineage does not hold (re-materialize them): {', '.join(stale)}")
-    return dg.MaterializeResult(metadata={
-        Asset.LEADERBOARD: dg.MetadataValue.md(table),
-        "path": dg.MetadataValue.path(str(markdown)),
-        "rows_json": dg.MetadataValue.path(str(rows_json)),
-        "strategies": len(entries), "best_strategy": best.strategy, "best_average": best.average,
-        "best_average_std": best.std, "inconsistent_rows": dg.MetadataValue.json(stale),
-        "lineage": dg.MetadataValue.json({e.strategy: e.lineage for e in entries}),
-        "paper_ordering": dg.MetadataValue.json(report),
-    })
+    with storage.writing(context):
+        layout = storage.layout
+        entries = collect_entries(layout, context.partition_key)
+        if not entries:
+            raise ValueError(f"no evaluated strategy at scale {context.partition_key!r}: "
+                             "materialize eval_results first")
+        report = ordering_report([e for e in entries if e.track == "filtering"])
+        table = board_markdown(entries)
+        if report:
+            table += "\n\n### The paper's ordering\n\n" + ordering_markdown(report)
+        scale_name = context.partition_key
+        markdown, rows_json = layout.leaderboard_markdown(scale_name), layout.leaderboard_json(scale_name)
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(table + "\n")
+        rows = board_rows(entries)
+        rows_json.write_text(json.dumps({"scale": context.partition_key, "rows": rows}, indent=2) + "\n")
+        best = rank(entries)[0]
+        stale = [e.strategy for e in entries if e.lineage["consistent"] is False]
+        if stale:
+            context.log.warning(f"rows whose lineage does not hold (re-materialize them): {', '.join(stale)}")
+        return dg.MaterializeResult(metadata={
+            Asset.LEADERBOARD: dg.MetadataValue.md(table),
+            "path": dg.MetadataValue.path(str(markdown)),
+            "rows_json": dg.MetadataValue.path(str(rows_json)),
+            "strategies": len(entries), "best_strategy": best.strategy, "best_average": best.average,
+            "best_average_std": best.std, "inconsistent_rows": dg.MetadataValue.json(stale),
+            "lineage": dg.MetadataValue.json({e.strategy: e.lineage for e in entries}),
+            "paper_ordering": dg.MetadataValue.json(report),
+        })
 
 
 def read_board(layout: Layout, scale_name: str) -> list[dict]:
@@ -101,28 +103,29 @@ def scaling_analysis(context: dg.AssetExecutionContext, storage: StorageResource
     """The paper's scaling analysis over every scale with a leaderboard: subset size against average score per
     strategy family (Figure 2), and Spearman's rank correlation of the strategies' ImageNet scores between
     scales (Figure 3), this project's measured scales beside the paper's published numbers."""
-    boards = {scale: rows for scale in SCALES if (rows := read_board(storage.layout, scale))}
-    if not boards:
-        raise ValueError("no scale has a leaderboard yet: materialize leaderboard for a scale first")
-    rankings = {f"{scale} (measured)": imagenet_scores(rows) for scale, rows in boards.items()}
-    rankings |= {f"{scale} (paper)": scores for scale, scores in PAPER_IMAGENET.items()}
-    correlations = rank_correlations(rankings)
-    out = storage.layout.scaling_analysis()
-    out.mkdir(parents=True, exist_ok=True)
-    fig2, fig3 = size_vs_average_png(boards), correlation_png(rankings, correlations)
-    (out / "size_vs_average.png").write_bytes(fig2)
-    (out / "rank_correlation.png").write_bytes(fig3)
-    (out / "scaling.json").write_text(json.dumps({"rankings": rankings, "correlations": correlations}, indent=2))
-    measured = [c for c in correlations if "measured" in c["a"] or "measured" in c["b"]]
-    context.log.info(f"{len(boards)} measured scale(s), {len(correlations)} rank correlations")
-    return dg.MaterializeResult(metadata={
-        "size_vs_average": dg.MetadataValue.md(png_markdown(fig2, "subset size vs average score")),
-        "rank_correlation": dg.MetadataValue.md(png_markdown(fig3, "rank correlation between scales")
-                                                + "\n\n" + correlations_markdown(correlations)),
-        "measured_scales": list(boards), "path": dg.MetadataValue.path(str(out)),
-        "correlations": dg.MetadataValue.json(correlations),
-        "mean_rho_measured_vs_paper": (statistics.mean(c["spearman"] for c in measured) if measured else None),
-    })
+    with storage.writing(context):
+        boards = {scale: rows for scale in SCALES if (rows := read_board(storage.layout, scale))}
+        if not boards:
+            raise ValueError("no scale has a leaderboard yet: materialize leaderboard for a scale first")
+        rankings = {f"{scale} (measured)": imagenet_scores(rows) for scale, rows in boards.items()}
+        rankings |= {f"{scale} (paper)": scores for scale, scores in PAPER_IMAGENET.items()}
+        correlations = rank_correlations(rankings)
+        out = storage.layout.scaling_analysis()
+        out.mkdir(parents=True, exist_ok=True)
+        fig2, fig3 = size_vs_average_png(boards), correlation_png(rankings, correlations)
+        (out / "size_vs_average.png").write_bytes(fig2)
+        (out / "rank_correlation.png").write_bytes(fig3)
+        (out / "scaling.json").write_text(json.dumps({"rankings": rankings, "correlations": correlations}, indent=2))
+        measured = [c for c in correlations if "measured" in c["a"] or "measured" in c["b"]]
+        context.log.info(f"{len(boards)} measured scale(s), {len(correlations)} rank correlations")
+        return dg.MaterializeResult(metadata={
+            "size_vs_average": dg.MetadataValue.md(png_markdown(fig2, "subset size vs average score")),
+            "rank_correlation": dg.MetadataValue.md(png_markdown(fig3, "rank correlation between scales")
+                                                    + "\n\n" + correlations_markdown(correlations)),
+            "measured_scales": list(boards), "path": dg.MetadataValue.path(str(out)),
+            "correlations": dg.MetadataValue.json(correlations),
+            "mean_rho_measured_vs_paper": (statistics.mean(c["spearman"] for c in measured) if measured else None),
+        })
 
 
 @dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.LEADERBOARD, code_version="1",
@@ -131,25 +134,27 @@ def submission(context: dg.AssetExecutionContext, storage: StorageResource) -> d
     """The strategy's entry in the public leaderboard's layout: `<scale>_scale/results.jsonl`, the subset's uids
     under `<scale>_scale/samples/`, `submission.json` (the record the leaderboard stores, submitter fields
     blank) and a README with the upload steps. No credentials are read or written."""
-    scale, strategy = scale_and_strategy(context)
-    seed = scale.seeds[0]  # the leaderboard takes one model: the scale's first training seed
-    layout = storage.layout
-    row = next((r for r in read_board(layout, scale.name) if r["strategy"] == strategy), None)
-    if row is None:
-        raise ValueError(f"{strategy} is not on the {scale.name} leaderboard: materialize leaderboard[{scale.name}]")
-    if row["lineage"].get("consistent") is False:
-        raise ValueError(f"the {scale.name} leaderboard row of {strategy} does not match its current subset or "
-                         f"checkpoints: materialize its subset, checkpoint, eval_results and leaderboard again")
-    out = layout.submission_dir(scale.name, strategy)
-    exported = export_submission(
-        out, scale, strategy, get_strategy(strategy).description, row["track"],
-        layout.subset_file(scale.name, strategy), layout.results_file(scale.name, strategy, seed),
-        row["seed_averages"], row["lineage"])
-    if scale.name not in PUBLIC_SCALES:
-        context.log.warning(f"{scale.name} is not a public leaderboard scale; the export shows the layout only")
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(out)), "seed": seed_name(seed),
-        "average": exported["summary"]["average"], "dataset_size": exported["record"]["dataset_size"],
-        "record": dg.MetadataValue.json(exported["record"]),
-        "readme": dg.MetadataValue.md((out / "README.md").read_text()),
-    })
+    with storage.writing(context):
+        scale, strategy = scale_and_strategy(context)
+        seed = scale.seeds[0]  # the leaderboard takes one model: the scale's first training seed
+        layout = storage.layout
+        row = next((r for r in read_board(layout, scale.name) if r["strategy"] == strategy), None)
+        if row is None:
+            raise ValueError(f"{strategy} is not on the {scale.name} leaderboard: "
+                             f"materialize leaderboard[{scale.name}]")
+        if row["lineage"].get("consistent") is False:
+            raise ValueError(f"the {scale.name} leaderboard row of {strategy} does not match its current subset or "
+                             f"checkpoints: materialize its subset, checkpoint, eval_results and leaderboard again")
+        out = layout.submission_dir(scale.name, strategy)
+        exported = export_submission(
+            out, scale, strategy, get_strategy(strategy).description, row["track"],
+            layout.subset_file(scale.name, strategy), layout.results_file(scale.name, strategy, seed),
+            row["seed_averages"], row["lineage"])
+        if scale.name not in PUBLIC_SCALES:
+            context.log.warning(f"{scale.name} is not a public leaderboard scale; the export shows the layout only")
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(out)), "seed": seed_name(seed),
+            "average": exported["summary"]["average"], "dataset_size": exported["record"]["dataset_size"],
+            "record": dg.MetadataValue.json(exported["record"]),
+            "readme": dg.MetadataValue.md((out / "README.md").read_text()),
+        })

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.scales import ScaleConfig
 
@@ -28,8 +29,7 @@ def export_submission(out: Path, scale: ScaleConfig, strategy: str, description:
     rows = list(read_results(results_path).values())
     if not rows:
         raise ValueError(f"{results_path} holds no results: materialize eval_results for {strategy} first")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_sibling(out)
     repo_dir = tmp / f"{scale.name}_scale"
     (repo_dir / "samples").mkdir(parents=True)
     shutil.copyfile(results_path, repo_dir / "results.jsonl")

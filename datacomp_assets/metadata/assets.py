@@ -17,14 +17,15 @@ from resources import AcceleratorResource, PoolSourceResource, StorageResource
 def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
                   pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """Two CLIPs of different sizes trained on the curated source; they stand in for OpenAI's B/32 and L/14."""
-    scale, layout = get_scale(context.partition_key), storage.layout
-    pool_source.for_scale(scale, layout).require_miniature(Asset.SCORER_MODELS)
-    meta = {}
-    for prefix in SCORER_MODELS:
-        recipe = scorer_recipe(scale, prefix, scale.scorer_samples_seen)
-        trained = train_on_curated(context, storage, accelerator, recipe, layout.scorer_models(scale.name), prefix)
-        meta.update({f"{prefix}_{k}": v for k, v in trained.items()})
-    return dg.MaterializeResult(metadata=meta)
+    with storage.writing(context):
+        scale, layout = get_scale(context.partition_key), storage.layout
+        pool_source.for_scale(scale, layout).require_miniature(Asset.SCORER_MODELS)
+        meta = {}
+        for prefix in SCORER_MODELS:
+            recipe = scorer_recipe(scale, prefix, scale.scorer_samples_seen)
+            trained = train_on_curated(context, storage, accelerator, recipe, layout.scorer_models(scale.name), prefix)
+            meta.update({f"{prefix}_{k}": v for k, v in trained.items()})
+        return dg.MaterializeResult(metadata=meta)
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, deps=[Asset.CURATED_SOURCE], code_version="1",
@@ -32,10 +33,12 @@ def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource, a
 def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
               pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """A data filtering network: a CLIP trained on the curated source only, whose scores filter the pool."""
-    scale, layout = get_scale(context.partition_key), storage.layout
-    pool_source.for_scale(scale, layout).require_miniature(Asset.DFN_MODEL)
-    trained = train_on_curated(context, storage, accelerator, dfn_recipe(scale), layout.dfn_model(scale.name), DFN_RUN)
-    return dg.MaterializeResult(metadata={"model": DFN_MODEL, **trained})
+    with storage.writing(context):
+        scale, layout = get_scale(context.partition_key), storage.layout
+        pool_source.for_scale(scale, layout).require_miniature(Asset.DFN_MODEL)
+        trained = train_on_curated(context, storage, accelerator, dfn_recipe(scale), layout.dfn_model(scale.name),
+                                   DFN_RUN)
+        return dg.MaterializeResult(metadata={"model": DFN_MODEL, **trained})
 
 
 def train_on_curated(context, storage: StorageResource, accelerator: AcceleratorResource, recipe: ScaleConfig,
@@ -62,29 +65,30 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
     from datacomp_assets.metadata.build import build_pool_metadata
     from datacomp_assets.metadata.safety import eval_fingerprints
 
-    scale, layout = get_scale(context.partition_key), storage.layout
-    device = accelerator.placement(scale.precision).device
-    scorers = []
-    for prefix, model_name in SCORER_MODELS.items():
-        model, preprocess, tokenizer = load_model(model_name, scorer_checkpoint(layout, scale, prefix), device)
-        scorers.append(Scorer(prefix, model, preprocess, tokenizer, device))
-    out = layout.pool_metadata(scale.name)
-    eval_fp = eval_fingerprints(layout.eval_suite(scale.name), max_shift=0)
-    summary = build_pool_metadata(layout.pool_shards(scale.name), out, scorers, context.log.info,
-                                  eval_fingerprints=eval_fp)
-    rows, en, b32, l14 = duckdb.sql(
-        f"select count(*), avg((language = 'en')::int), avg(clip_b32_similarity_score), "
-        f"avg(clip_l14_similarity_score) from read_parquet('{out}/*.parquet')").fetchall()[0]
-    # The pool's version: every subset, checkpoint and score downstream records it in its lineage.
-    pool_version = files_sha256(sorted(out.glob("*.parquet")))
-    write_lineage(out, {"pool_version": pool_version, "rows": rows, "code_revision": code_revision()})
-    return dg.MaterializeResult(data_version=dg.DataVersion(pool_version[:16]), metadata={
-        "path": dg.MetadataValue.path(str(out)), "pool_version": pool_version,
-        "rows": rows, "shards": summary["shards"], "english_fraction": en,
-        "mean_clip_b32_similarity_score": b32, "mean_clip_l14_similarity_score": l14,
-        "removed_unsafe_text": summary["removed_unsafe_text"],
-        "removed_eval_duplicate": summary["removed_eval_duplicate"],
-        "eval_images_checked": len(eval_fp),
-        "seconds": round(summary["seconds"], 1),
-        "rows_per_second": summary["rows_per_second"] or 0.0,
-    })
+    with storage.writing(context):
+        scale, layout = get_scale(context.partition_key), storage.layout
+        device = accelerator.placement(scale.precision).device
+        scorers = []
+        for prefix, model_name in SCORER_MODELS.items():
+            model, preprocess, tokenizer = load_model(model_name, scorer_checkpoint(layout, scale, prefix), device)
+            scorers.append(Scorer(prefix, model, preprocess, tokenizer, device))
+        out = layout.pool_metadata(scale.name)
+        eval_fp = eval_fingerprints(layout.eval_suite(scale.name), max_shift=0)
+        summary = build_pool_metadata(layout.pool_shards(scale.name), out, scorers, context.log.info,
+                                      eval_fingerprints=eval_fp)
+        rows, en, b32, l14 = duckdb.sql(
+            f"select count(*), avg((language = 'en')::int), avg(clip_b32_similarity_score), "
+            f"avg(clip_l14_similarity_score) from read_parquet('{out}/*.parquet')").fetchall()[0]
+        # The pool's version: every subset, checkpoint and score downstream records it in its lineage.
+        pool_version = files_sha256(sorted(out.glob("*.parquet")))
+        write_lineage(out, {"pool_version": pool_version, "rows": rows, "code_revision": code_revision()})
+        return dg.MaterializeResult(data_version=dg.DataVersion(pool_version[:16]), metadata={
+            "path": dg.MetadataValue.path(str(out)), "pool_version": pool_version,
+            "rows": rows, "shards": summary["shards"], "english_fraction": en,
+            "mean_clip_b32_similarity_score": b32, "mean_clip_l14_similarity_score": l14,
+            "removed_unsafe_text": summary["removed_unsafe_text"],
+            "removed_eval_duplicate": summary["removed_eval_duplicate"],
+            "eval_images_checked": len(eval_fp),
+            "seconds": round(summary["seconds"], 1),
+            "rows_per_second": summary["rows_per_second"] or 0.0,
+        })

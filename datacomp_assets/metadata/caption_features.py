@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.schema import EXTRA_COLUMNS
 from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
 
@@ -56,7 +57,7 @@ def _is_done(path: Path, schema: pa.Schema) -> bool:
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(path)
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)

@@ -18,8 +18,9 @@ def pool_index(context: dg.AssetExecutionContext, storage: StorageResource,
 
     At `tiny`, the synthetic web's pages, with each sample's ground truth in a separate file that no filter
     reads. At the paper's scales, the published metadata (Hugging Face Hub or a local mirror)."""
-    scale = get_scale(context.partition_key)
-    return dg.MaterializeResult(metadata=pool_source.for_scale(scale, storage.layout).write_index())
+    with storage.writing(context):
+        scale = get_scale(context.partition_key)
+        return dg.MaterializeResult(metadata=pool_source.for_scale(scale, storage.layout).write_index())
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.POOL, deps=[Asset.POOL_INDEX], code_version="2")
@@ -32,49 +33,51 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
     web injected."""
     from datacomp_assets.pool.download import check_against_ground_truth, download_shards
 
-    scale, layout = get_scale(context.partition_key), storage.layout
-    source = pool_source.for_scale(scale, layout)
-    index, out = layout.pool_index_file(scale.name), layout.pool_shards(scale.name)
-    context.log.info(f"downloading {pq.read_metadata(index).num_rows} urls into {out}")
-    with source.serving():
-        summary = download_shards(index, out, image_size=scale.image_size, shard_size=scale.shard_size,
-                                  processes=downloader.processes, threads=downloader.threads,
-                                  timeout=downloader.timeout or scale.download_timeout, retries=downloader.retries)
-    context.log.info(f"downloaded {summary.successes}/{summary.count} images")
-    metadata = {
-        "path": dg.MetadataValue.path(str(out)),
-        "shards": summary.shards,
-        "urls": summary.count,
-        "successes": summary.successes,
-        "success_rate": float(summary.success_rate),
-        "failed_to_download": summary.failed_to_download,
-        "failed_to_resize": summary.failed_to_resize,
-        "failures_by_kind": count_table("failure", summary.failures_by_kind),
-        "seconds": round(summary.elapsed_s, 1),
-        "images_per_second": round(summary.images_per_second or 0.0, 1),
-    }
-    truth = source.ground_truth()
-    if truth is not None:
-        audit = check_against_ground_truth(out, truth)
-        metadata["faults_observed"] = dg.MetadataValue.md(
-            "| fault | injected | observed as | observed |\n|---|---|---|---|\n" + "\n".join(
-                f"| {k} | {v['injected']} | {v['expected']} | {v['observed']} |"
-                for k, v in audit.items() if k != "no_fault"))
-        metadata["unexpected_failures"] = audit["no_fault"]["failed"]
-    return dg.MaterializeResult(metadata=metadata)
+    with storage.writing(context):
+        scale, layout = get_scale(context.partition_key), storage.layout
+        source = pool_source.for_scale(scale, layout)
+        index, out = layout.pool_index_file(scale.name), layout.pool_shards(scale.name)
+        context.log.info(f"downloading {pq.read_metadata(index).num_rows} urls into {out}")
+        with source.serving():
+            summary = download_shards(index, out, image_size=scale.image_size, shard_size=scale.shard_size,
+                                      processes=downloader.processes, threads=downloader.threads,
+                                      timeout=downloader.timeout or scale.download_timeout, retries=downloader.retries)
+        context.log.info(f"downloaded {summary.successes}/{summary.count} images")
+        metadata = {
+            "path": dg.MetadataValue.path(str(out)),
+            "shards": summary.shards,
+            "urls": summary.count,
+            "successes": summary.successes,
+            "success_rate": float(summary.success_rate),
+            "failed_to_download": summary.failed_to_download,
+            "failed_to_resize": summary.failed_to_resize,
+            "failures_by_kind": count_table("failure", summary.failures_by_kind),
+            "seconds": round(summary.elapsed_s, 1),
+            "images_per_second": round(summary.images_per_second or 0.0, 1),
+        }
+        truth = source.ground_truth()
+        if truth is not None:
+            audit = check_against_ground_truth(out, truth)
+            metadata["faults_observed"] = dg.MetadataValue.md(
+                "| fault | injected | observed as | observed |\n|---|---|---|---|\n" + "\n".join(
+                    f"| {k} | {v['injected']} | {v['expected']} | {v['observed']} |"
+                    for k, v in audit.items() if k != "no_fault"))
+            metadata["unexpected_failures"] = audit["no_fault"]["failed"]
+        return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.POOL, code_version="1")
 def curated_source(context: dg.AssetExecutionContext, storage: StorageResource,
                    pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """A separate source of clean, balanced pairs (the miniature only): the scorers' and the DFN's training data."""
-    scale, layout = get_scale(context.partition_key), storage.layout
-    out = layout.curated_source(scale.name)
-    t0 = time.perf_counter()
-    summary = pool_source.for_scale(scale, layout).write_curated_source(out)
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(out)), "samples": summary["samples"], "shards": summary["shards"],
-        "seconds": round(time.perf_counter() - t0, 1)})
+    with storage.writing(context):
+        scale, layout = get_scale(context.partition_key), storage.layout
+        out = layout.curated_source(scale.name)
+        t0 = time.perf_counter()
+        summary = pool_source.for_scale(scale, layout).write_curated_source(out)
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(out)), "samples": summary["samples"], "shards": summary["shards"],
+            "seconds": round(time.perf_counter() - t0, 1)})
 
 
 NOISY_SOURCE = "noisy"  # the miniature's bring-your-own-data stand-in, beside the user's sources
@@ -90,28 +93,29 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
     from datacomp_assets.pool.download import download_shards
     from datacomp_assets.pool.external import ExternalSource, prepare_external_index
 
-    scale, layout = get_scale(context.partition_key), storage.layout
-    rows = []
-    noisy_dir = layout.external_source(scale.name, NOISY_SOURCE)
-    noisy = pool_source.for_scale(scale, layout).write_noisy_source(noisy_dir)
-    if noisy is not None:
-        rows.append((NOISY_SOURCE, noisy["samples"], noisy["samples"], str(noisy_dir)))
-    for name, url_list in external.url_lists.items():
-        source = ExternalSource(name, url_list, url_col=external.url_col, caption_col=external.caption_col)
-        index = prepare_external_index(source, layout.external_index_file(scale.name, name))
-        shards = layout.external_shards(scale.name, name)
-        summary = download_shards(index["path"], shards, image_size=scale.image_size,
-                                  shard_size=scale.shard_size, processes=downloader.processes,
-                                  threads=downloader.threads, timeout=downloader.timeout or scale.download_timeout,
-                                  retries=downloader.retries)
-        rows.append((name, index["rows"], summary.successes, str(shards)))
-    root = layout.external_sources(scale.name)
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(root)), "sources": len(rows),
-        "samples": sum(r[2] for r in rows),
-        "sources_table": dg.MetadataValue.md("| source | urls | samples | path |\n|---|---|---|---|\n"
-                                             + "\n".join(f"| {n} | {u} | {k} | {p} |" for n, u, k, p in rows)),
-    })
+    with storage.writing(context):
+        scale, layout = get_scale(context.partition_key), storage.layout
+        rows = []
+        noisy_dir = layout.external_source(scale.name, NOISY_SOURCE)
+        noisy = pool_source.for_scale(scale, layout).write_noisy_source(noisy_dir)
+        if noisy is not None:
+            rows.append((NOISY_SOURCE, noisy["samples"], noisy["samples"], str(noisy_dir)))
+        for name, url_list in external.url_lists.items():
+            source = ExternalSource(name, url_list, url_col=external.url_col, caption_col=external.caption_col)
+            index = prepare_external_index(source, layout.external_index_file(scale.name, name))
+            shards = layout.external_shards(scale.name, name)
+            summary = download_shards(index["path"], shards, image_size=scale.image_size,
+                                      shard_size=scale.shard_size, processes=downloader.processes,
+                                      threads=downloader.threads, timeout=downloader.timeout or scale.download_timeout,
+                                      retries=downloader.retries)
+            rows.append((name, index["rows"], summary.successes, str(shards)))
+        root = layout.external_sources(scale.name)
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(root)), "sources": len(rows),
+            "samples": sum(r[2] for r in rows),
+            "sources_table": dg.MetadataValue.md("| source | urls | samples | path |\n|---|---|---|---|\n"
+                                                 + "\n".join(f"| {n} | {u} | {k} | {p} |" for n, u, k, p in rows)),
+        })
 
 
 @dg.asset_check(asset=pool_shards, blocking=True,

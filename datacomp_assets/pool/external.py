@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from datacomp_assets.core.files import temporary_sibling
+
 
 INPUT_FORMATS = ("parquet", "csv", "tsv")
 INDEX_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("text", pa.string())])
@@ -90,7 +92,7 @@ def prepare_external_index(source: ExternalSource, out_path: str | os.PathLike) 
     check_external_source(source)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(out)
     seen: set[str] = set()
     rows = empty = duplicates = 0
     try:

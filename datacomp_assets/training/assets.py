@@ -35,56 +35,58 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
                accelerator: AcceleratorResource) -> dg.MaterializeResult:
     """open_clip's trainer on exactly the subset's samples, with the scale's fixed recipe and budget, once per
     training seed of the scale. Killed and materialized again, each seed resumes from its latest checkpoint."""
-    scale, strategy = scale_and_strategy(context)
-    layout = storage.layout
-    subset_file = layout.subset_file(scale.name, strategy)
-    uids = load_subset(subset_file)
-    subset_sha256 = file_sha256(subset_file)
-    out, logs = layout.checkpoint_dir(scale.name, strategy), layout.training_logs(scale.name, strategy)
-    if made_from_other_input(out, "subset_sha256", subset_sha256):
-        # Resuming would continue a model of the old subset: start over.
-        context.log.warning(f"the subset changed since {out} was trained; discarding its checkpoints")
-        shutil.rmtree(logs, ignore_errors=True)
-    write_lineage(out, {"subset_sha256": subset_sha256, "complete": False})
-    faces = faces_in_pool(layout.pool_metadata(scale.name))
-    shard_dirs = [layout.pool_shards(scale.name)]
-    if track(strategy) == "byod":
-        shard_dirs += list(layout.external_source_dirs(scale.name).values())
-    shards = reshard(shard_dirs, uids, layout.train_shards(scale.name, strategy), scale.shard_size, face_bboxes=faces)
-    if shards.missing_uids:
-        context.log.warning(f"{shards.missing_uids} subset uids have no downloaded image and are skipped")
+    with storage.writing(context):
+        scale, strategy = scale_and_strategy(context)
+        layout = storage.layout
+        subset_file = layout.subset_file(scale.name, strategy)
+        uids = load_subset(subset_file)
+        subset_sha256 = file_sha256(subset_file)
+        out, logs = layout.checkpoint_dir(scale.name, strategy), layout.training_logs(scale.name, strategy)
+        if made_from_other_input(out, "subset_sha256", subset_sha256):
+            # Resuming would continue a model of the old subset: start over.
+            context.log.warning(f"the subset changed since {out} was trained; discarding its checkpoints")
+            shutil.rmtree(logs, ignore_errors=True)
+        write_lineage(out, {"subset_sha256": subset_sha256, "complete": False})
+        faces = faces_in_pool(layout.pool_metadata(scale.name))
+        shard_dirs = [layout.pool_shards(scale.name)]
+        if track(strategy) == "byod":
+            shard_dirs += list(layout.external_source_dirs(scale.name).values())
+        shards = reshard(shard_dirs, uids, layout.train_shards(scale.name, strategy), scale.shard_size,
+                         face_bboxes=faces)
+        if shards.missing_uids:
+            context.log.warning(f"{shards.missing_uids} subset uids have no downloaded image and are skipped")
 
-    runs: dict[int, TrainResult] = {}
-    for seed in scale.seeds:
-        job = accelerator.train_job(scale, shards.shard_pattern, logs, seed_name(seed), seed=seed)
-        context.log.info(f"seed {seed} ({len(runs) + 1} of {len(scale.seeds)})")
-        runs[seed] = train(job, log=context.log.info)
+        runs: dict[int, TrainResult] = {}
+        for seed in scale.seeds:
+            job = accelerator.train_job(scale, shards.shard_pattern, logs, seed_name(seed), seed=seed)
+            context.log.info(f"seed {seed} ({len(runs) + 1} of {len(scale.seeds)})")
+            runs[seed] = train(job, log=context.log.info)
 
-    png = loss_curve_png({seed_name(s): r.losses for s, r in runs.items()}, f"{scale.name} / {strategy}")
-    layout.loss_curve(scale.name, strategy).write_bytes(png)
-    final_losses = [r.final_loss for r in runs.values() if r.final_loss is not None]
-    rates = [r.median_samples_per_second for r in runs.values() if r.median_samples_per_second]
-    per_seed = {seed_name(s): r.summary(scale) for s, r in runs.items()}
-    hashes = {name: meta["checkpoint_sha256"] for name, meta in per_seed.items()}
-    write_lineage(out, {
-        "subset_sha256": subset_sha256,
-        "pool_version": read_lineage(subset_file.parent).get("pool_version", "unknown"),
-        "checkpoints": {name: {"path": meta["checkpoint_path"], "sha256": meta["checkpoint_sha256"]}
-                        for name, meta in per_seed.items()},
-        "model": scale.model, "samples_seen": job.samples_seen, "complete": True, "code_revision": code_revision()})
-    return dg.MaterializeResult(data_version=dg.DataVersion(text_sha256(hashes)[:16]), metadata={
-        "subset_sha256": subset_sha256,
-        "model": scale.model, "seeds": list(scale.seeds), "samples_seen": job.samples_seen,
-        "checkpoints": dg.MetadataValue.json(per_seed),
-        "final_loss": statistics.mean(final_losses) if final_losses else None,
-        "samples_per_second": statistics.median(rates) if rates else None,
-        "train_seconds": round(sum(r.seconds for r in runs.values()), 1),
-        "resumed_from_epoch": max(r.resumed_from_epoch for r in runs.values()),
-        "loss_curve": dg.MetadataValue.md(png_markdown(png, "loss curve")),
-        "loss_curve_png": dg.MetadataValue.path(str(layout.loss_curve(scale.name, strategy))),
-        "train_samples": shards.samples_written, "unique_uids": shards.unique_uids,
-        "missing_uids": shards.missing_uids, "faces_blurred": shards.faces_blurred,
-    })
+        png = loss_curve_png({seed_name(s): r.losses for s, r in runs.items()}, f"{scale.name} / {strategy}")
+        layout.loss_curve(scale.name, strategy).write_bytes(png)
+        final_losses = [r.final_loss for r in runs.values() if r.final_loss is not None]
+        rates = [r.median_samples_per_second for r in runs.values() if r.median_samples_per_second]
+        per_seed = {seed_name(s): r.summary(scale) for s, r in runs.items()}
+        hashes = {name: meta["checkpoint_sha256"] for name, meta in per_seed.items()}
+        write_lineage(out, {
+            "subset_sha256": subset_sha256,
+            "pool_version": read_lineage(subset_file.parent).get("pool_version", "unknown"),
+            "checkpoints": {name: {"path": meta["checkpoint_path"], "sha256": meta["checkpoint_sha256"]}
+                            for name, meta in per_seed.items()},
+            "model": scale.model, "samples_seen": job.samples_seen, "complete": True, "code_revision": code_revision()})
+        return dg.MaterializeResult(data_version=dg.DataVersion(text_sha256(hashes)[:16]), metadata={
+            "subset_sha256": subset_sha256,
+            "model": scale.model, "seeds": list(scale.seeds), "samples_seen": job.samples_seen,
+            "checkpoints": dg.MetadataValue.json(per_seed),
+            "final_loss": statistics.mean(final_losses) if final_losses else None,
+            "samples_per_second": statistics.median(rates) if rates else None,
+            "train_seconds": round(sum(r.seconds for r in runs.values()), 1),
+            "resumed_from_epoch": max(r.resumed_from_epoch for r in runs.values()),
+            "loss_curve": dg.MetadataValue.md(png_markdown(png, "loss curve")),
+            "loss_curve_png": dg.MetadataValue.path(str(layout.loss_curve(scale.name, strategy))),
+            "train_samples": shards.samples_written, "unique_uids": shards.unique_uids,
+            "missing_uids": shards.missing_uids, "faces_blurred": shards.faces_blurred,
+        })
 
 
 @dg.asset_check(asset=checkpoint, blocking=True,

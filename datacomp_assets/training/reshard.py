@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.shards import brace_pattern, iter_webdataset
 from datacomp_assets.core.uids import array_to_uids
 from datacomp_assets.training.faces import blur_faces
@@ -66,8 +67,7 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
     # Enough shards for shard sampling with replacement to mix, never more than the shard size.
     per_shard = max(1, min(shard_size, -(-total // min_shards)))
 
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir = temporary_sibling(out_dir)
     tmp_dir.mkdir(parents=True)
     written, shard_index, in_shard, found, blurred = 0, 0, 0, set(), 0
     tar = None

@@ -13,6 +13,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.shards import write_webdataset
 from datacomp_assets.world.web import WebConfig, encode_jpeg, render, sample
 
@@ -48,8 +49,7 @@ def write_synthetic_source(config: WebConfig, n: int, out_dir: str | Path, image
                            processes: int = 2, *, namespace: str, noise: dict | None = None) -> dict:
     """Write samples 0..n-1 of a namespace as webdataset shards (atomically); noise None: the config's."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_sibling(out_dir)
     tmp.mkdir(parents=True)
     shards = -(-n // shard_size)
     # spawn, not fork: strategies run in threads, and a fork taken while another thread holds a lock hangs

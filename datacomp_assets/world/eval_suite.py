@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
+from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.shards import write_webdataset
 from datacomp_assets.world.web import (
     COLORS, NUMBER_WORDS, OBJECT_STYLES, OBJECTS, STYLES, clean_sample, encode_jpeg, english_caption, render, sample,
@@ -447,8 +448,7 @@ def build_suite(root: str | Path, tasks: list[str] | None = None, size_scale: fl
         if is_complete(task_dir, size_scale):
             counts[key] = read_info(task_dir)["num_samples"]
             continue
-        tmp_dir = root / f"{key}.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir = temporary_sibling(task_dir)
         counts[key] = write_task(task, tmp_dir, size_scale)
         if task_dir.exists():  # a stale or different-scale build
             shutil.rmtree(task_dir)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.layout import GROUND_TRUTH_FILE, INDEX_FILE
 from datacomp_assets.world.web import WebConfig, crawled_sha256, ground_truth, sample
 from datacomp_assets.world.web_server import image_url
@@ -73,7 +74,7 @@ def crawl_sha256s(config: WebConfig, n: int, namespace: str = "pool", processes:
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
     # A crash mid-write must never leave a truncated parquet that a later run mistakes for done.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(path)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 

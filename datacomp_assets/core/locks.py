@@ -1,0 +1,44 @@
+"""One writer per artifact: an exclusive lock per asset partition, held by whoever materializes it (the main
+command, `dagster asset materialize`, the UI, a schedule or a backfill).
+
+The lock is `fcntl.flock` on a file under the storage root: the operating system releases it when its holder
+exits, however it exits (a SIGKILL included), so a killed writer never leaves a lock behind. A second writer
+fails at once, naming the holder, instead of writing into the same files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class ArtifactLocked(RuntimeError):
+    """Another process is writing the same artifact."""
+
+
+@contextmanager
+def exclusive(lock_file: Path, artifact: str, holder: str) -> Iterator[None]:
+    """Hold `lock_file` for the duration of a `with` block, or raise ArtifactLocked naming who holds it.
+
+    `holder` (a run id, say) is written into the file, for the message a second writer gets."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held_by = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise ArtifactLocked(
+                f"{artifact} is being written by {held_by}; materialize it again once that has finished, or stop "
+                f"that process (its lock, {lock_file}, is released the moment it exits)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
