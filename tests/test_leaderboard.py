@@ -69,3 +69,41 @@ def test_each_track_is_ranked_apart_and_every_row_shows_its_lineage():
     assert [(r["track"], r["rank"], r["strategy"]) for r in rows] == [
         ("byod", 1, "my_web_crawl"), ("filtering", 1, "basic"), ("filtering", 2, "no_filter")]
     assert rows[1]["lineage"]["checkpoints"]["seed_0"]["path"] == "/x/epoch_2.pt"
+
+
+def test_a_truncated_checkpoint_is_not_consistent(tmp_path):
+    """The chain holds by the records and by the files: a checkpoint cut short after it was scored breaks it."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from datacomp_assets.core.layout import Layout, seed_name
+    from datacomp_assets.core.lineage import file_sha256, files_sha256, write_lineage
+    from datacomp_assets.core.scales import SCALES
+    from datacomp_assets.core.uids import save_subset, uids_to_array
+    from datacomp_assets.leaderboard.assets import lineage_of
+
+    layout, scale = Layout(tmp_path), SCALES["tiny"]
+    subset = layout.subset_file("tiny", "basic")
+    subset.parent.mkdir(parents=True)
+    save_subset(np.sort(uids_to_array([f"{i:032x}" for i in range(5)])), subset)
+    write_lineage(subset.parent, {"subset_sha256": file_sha256(subset)})
+    checkpoints = {}
+    for seed in scale.seeds:
+        path = layout.seed_checkpoint("tiny", "basic", seed, scale.epochs)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(bytes(range(256)) * 100 + bytes([seed]))
+        checkpoints[seed_name(seed)] = {"path": str(path), "sha256": file_sha256(path)}
+        results = layout.results_file("tiny", "basic", seed)
+        results.parent.mkdir(parents=True)
+        results.write_text('{"key": "objects", "metrics": {"main_metric": 0.5}}\n')
+    write_lineage(layout.checkpoint_dir("tiny", "basic"), {"subset_sha256": file_sha256(subset),
+                                                         "checkpoints": checkpoints})
+    write_lineage(layout.eval_results_dir("tiny", "basic"), {
+        "checkpoints": {name: c["sha256"] for name, c in checkpoints.items()},
+        "results_sha256": files_sha256(layout.results_file("tiny", "basic", s) for s in scale.seeds)})
+    assert lineage_of(layout, "tiny", "basic")["consistent"] is True
+
+    last = Path(checkpoints[seed_name(scale.seeds[-1])]["path"])
+    last.write_bytes(last.read_bytes()[:1000])  # cut short, its record untouched
+    assert lineage_of(layout, "tiny", "basic")["consistent"] is False

@@ -43,3 +43,60 @@ def test_code_revision_names_the_checked_out_commit():
         pytest.skip("not a git checkout")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     assert code_revision().split("+")[0] == head[:12]
+
+
+def test_a_manifest_names_what_changed_since_it_was_written(tmp_path):
+    from datacomp_assets.core.lineage import file_manifest, manifest_version, verified_version
+
+    for name, data in [("a.parquet", b"aa"), ("b.parquet", b"bbb"), ("c.parquet", b"c")]:
+        (tmp_path / name).write_bytes(data)
+    files = sorted(tmp_path.glob("*.parquet"))
+    manifest = file_manifest(files)
+    assert manifest_version(manifest) == files_sha256(files)  # the pool version it always was
+    write_lineage(tmp_path, {"pool_version": manifest_version(manifest), "manifest": manifest})
+    assert verified_version(tmp_path) == files_sha256(files)
+    (tmp_path / "b.parquet").unlink()
+    (tmp_path / "c.parquet").write_bytes(b"cc")
+    (tmp_path / "d.parquet").write_bytes(b"d")
+    with pytest.raises(ValueError, match=r"b.parquet is missing; d.parquet was added; c.parquet has 2 bytes, not 1"):
+        verified_version(tmp_path)
+
+
+def test_a_missing_metadata_file_fails_the_subset(tmp_path, monkeypatch):
+    """A metadata file moved out of the pool after pool_metadata: the subset must not be computed from the rest
+    and labelled with the old pool version."""
+    import dagster as dg
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datacomp_assets.core.layout import Layout
+    from datacomp_assets.core.lineage import file_manifest, manifest_version
+    from datacomp_assets.filtering.assets import subset
+    from resources import PoolSourceResource, PublishedMetadataResource, StorageResource, SyntheticWebResource
+
+    layout = Layout(tmp_path / "data")
+    metadata, features = layout.pool_metadata("tiny"), layout.pool_features("tiny")
+    metadata.mkdir(parents=True)
+    features.mkdir(parents=True)
+    for shard in range(3):
+        uids = [f"{shard:016x}{i:016x}" for i in range(10)]
+        pq.write_table(pa.table({"uid": uids, "text": ["a photo of a cat"] * 10, "original_width": [256] * 10,
+                                 "original_height": [256] * 10, "language": ["en"] * 10}),
+                       metadata / f"{shard:08d}.parquet")
+        pq.write_table(pa.table({"uid": uids, "dfn_score": [0.5] * 10}), features / f"{shard:08d}.parquet")
+    manifest = file_manifest(sorted(metadata.glob("*.parquet")))
+    write_lineage(metadata, {"pool_version": manifest_version(manifest), "manifest": manifest})
+    resources = {"storage": StorageResource(root=str(tmp_path / "data")),
+                 "pool_source": PoolSourceResource(synthetic_web=SyntheticWebResource(),
+                                                   published=PublishedMetadataResource())}
+    key = dg.MultiPartitionKey({"scale": "tiny", "strategy": "no_filter"})
+    assert dg.materialize([subset], partition_key=key, resources=resources).success
+    assert len(np.load(layout.subset_file("tiny", "no_filter"))) == 30
+
+    (metadata / "00000001.parquet").rename(tmp_path / "moved_away.parquet")
+    result = dg.materialize([subset], partition_key=key, resources=resources, raise_on_error=False)
+    assert not result.success
+    message = next(e for e in result.all_events if e.is_step_failure).event_specific_data.error.to_string()
+    assert "00000001.parquet is missing" in message and "Materialize the asset that wrote it again" in message
+    assert len(np.load(layout.subset_file("tiny", "no_filter"))) == 30  # the old subset stands

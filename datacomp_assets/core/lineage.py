@@ -41,6 +41,50 @@ def files_sha256(paths) -> str:
     return h.hexdigest()
 
 
+def file_manifest(paths) -> dict[str, dict]:
+    """Name -> size and sha256 of each file (one directory's), hashed in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [Path(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(file_sha256, paths))
+    return {p.name: {"size": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
+
+
+def manifest_version(manifest: dict[str, dict]) -> str:
+    """The files' one hash, in name order: `files_sha256` of the same files, sorted."""
+    h = hashlib.sha256()
+    for name in sorted(manifest):
+        h.update(manifest[name]["sha256"].encode())
+    return h.hexdigest()
+
+
+def manifest_differences(directory: str | os.PathLike, manifest: dict[str, dict], pattern: str) -> list[str]:
+    """How the files of `directory` matching `pattern` differ from `manifest`: missing, added or resized files.
+    Cheap (names and sizes, no hashing), so every reader can afford it."""
+    present = {p.name: p.stat().st_size for p in Path(directory).glob(pattern)}
+    return ([f"{name} is missing" for name in sorted(set(manifest) - set(present))]
+            + [f"{name} was added" for name in sorted(set(present) - set(manifest))]
+            + [f"{name} has {present[name]} bytes, not {entry['size']}" for name, entry in sorted(manifest.items())
+               if name in present and present[name] != entry["size"]])
+
+
+def verified_version(directory: str | os.PathLike, pattern: str = "*.parquet") -> str:
+    """The version `directory`'s lineage records, once its files are checked against the recorded manifest;
+    ValueError naming what changed when they are not the files that version hashed."""
+    record = read_lineage(directory)
+    version = record.get("pool_version", "unknown")
+    manifest = record.get("manifest")
+    if manifest is None:  # written before manifests were recorded
+        return version
+    differences = manifest_differences(directory, manifest, pattern)
+    if differences:
+        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+        raise ValueError(f"{directory} no longer holds the files of version {version[:12]} recorded in its "
+                         f"{LINEAGE_FILE}: {shown}. Materialize the asset that wrote it again.")
+    return version
+
+
 def text_sha256(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

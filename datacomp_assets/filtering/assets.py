@@ -6,7 +6,7 @@ import dagster as dg
 import numpy as np
 
 from datacomp_assets.core.layout import Asset, Group
-from datacomp_assets.core.lineage import code_revision, file_sha256, read_lineage, write_lineage
+from datacomp_assets.core.lineage import code_revision, file_sha256, verified_version, write_lineage
 from datacomp_assets.core.strategies import STRATEGIES, expected_fraction, strategy_definition, strategy_version, track
 from datacomp_assets.core.uids import load_subset, save_subset, uids_to_array
 from datacomp_assets.filtering.selection import select_uids
@@ -53,6 +53,7 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
         context.log.info(f"DFN scored {len(dfn_scores)} pool samples")
 
         metadata_dir = layout.pool_metadata(scale.name)
+        verified_version(metadata_dir)
         n_pool = _pool_rows(metadata_dir)
         settings = FeatureSettings(
             vocabulary=vocabulary_from_classnames(c for c in classnames if c),
@@ -91,6 +92,7 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         layout = storage.layout
         source = pool_source.for_scale(scale, layout)
         metadata_dir = layout.pool_metadata(scale.name)
+        pool_version = verified_version(metadata_dir)  # the files it reads are the version it records
         t0 = time.perf_counter()
         uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=[layout.pool_features(scale.name)],
                            reference_scorers=source.reference_scorers,
@@ -102,7 +104,6 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         audit = audit_subset(metadata_dir, uids, ground_truth_path=source.ground_truth())
         overall = audit["overall"][0]
         subset_sha256 = file_sha256(path)
-        pool_version = read_lineage(metadata_dir).get("pool_version", "unknown")
         write_lineage(path.parent, {"subset_sha256": subset_sha256, "strategy": strategy,
                                     "strategy_version": strategy_version(strategy), "pool_version": pool_version,
                                     "dataset_size": len(uids), "code_revision": code_revision()})

@@ -2,13 +2,14 @@
 
 import json
 import statistics
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 
 from datacomp_assets.core.figures import png_markdown
 from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
-from datacomp_assets.core.lineage import read_lineage
+from datacomp_assets.core.lineage import file_sha256, files_sha256, read_lineage
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.strategies import STRATEGIES, get_strategy, track
 from datacomp_assets.leaderboard.scaling import (
@@ -20,17 +21,28 @@ from partitions import SCALES, by_scale, get_scale, scale_and_strategy, scale_pa
 from resources import StorageResource
 
 
+def _holds(path: Path, sha256: str | None) -> bool:
+    return sha256 is not None and path.is_file() and file_sha256(path) == sha256
+
+
 def lineage_of(layout: Layout, scale_name: str, strategy: str) -> dict:
     """A row's lineage from the records each stage wrote, and whether the chain holds: the checkpoints were
-    trained on the current subset, and the scores are of the current checkpoints."""
+    trained on the current subset and the scores are of the current checkpoints, by the records, and the files
+    on disk are the ones the records hashed (a truncated or replaced checkpoint breaks the chain)."""
     subset = read_lineage(layout.subset_dir(scale_name, strategy))
     ckpt = read_lineage(layout.checkpoint_dir(scale_name, strategy))
     scores = read_lineage(layout.eval_results_dir(scale_name, strategy))
     checkpoints = ckpt.get("checkpoints", {})
     consistent = None
     if subset and ckpt and scores:
+        seeds = get_scale(scale_name).seeds
+        results = [layout.results_file(scale_name, strategy, seed) for seed in seeds]
         consistent = (ckpt.get("subset_sha256") == subset.get("subset_sha256")
-                      and scores.get("checkpoints") == {seed: c["sha256"] for seed, c in checkpoints.items()})
+                      and scores.get("checkpoints") == {seed: c["sha256"] for seed, c in checkpoints.items()}
+                      and _holds(layout.subset_file(scale_name, strategy), subset.get("subset_sha256"))
+                      and all(_holds(Path(c["path"]), c["sha256"]) for c in checkpoints.values())
+                      and all(r.is_file() for r in results)
+                      and files_sha256(results) == scores.get("results_sha256"))
     return {"subset_path": str(layout.subset_file(scale_name, strategy)),
             "subset_sha256": subset.get("subset_sha256", ""), "pool_version": subset.get("pool_version", ""),
             "strategy_version": subset.get("strategy_version", ""), "checkpoints": checkpoints,

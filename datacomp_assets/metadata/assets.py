@@ -3,7 +3,7 @@
 import dagster as dg
 
 from datacomp_assets.core.layout import Asset, Group
-from datacomp_assets.core.lineage import code_revision, files_sha256, write_lineage
+from datacomp_assets.core.lineage import code_revision, file_manifest, manifest_version, write_lineage
 from datacomp_assets.core.scales import ScaleConfig
 from datacomp_assets.core.scorers import DFN_MODEL, DFN_RUN, SCORER_MODELS, dfn_recipe, scorer_checkpoint, scorer_recipe
 from datacomp_assets.core.shards import brace_pattern
@@ -80,8 +80,10 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
             f"select count(*), avg((language = 'en')::int), avg(clip_b32_similarity_score), "
             f"avg(clip_l14_similarity_score) from read_parquet('{out}/*.parquet')").fetchall()[0]
         # The pool's version: every subset, checkpoint and score downstream records it in its lineage.
-        pool_version = files_sha256(sorted(out.glob("*.parquet")))
-        write_lineage(out, {"pool_version": pool_version, "rows": rows, "code_revision": code_revision()})
+        manifest = file_manifest(sorted(out.glob("*.parquet")))
+        pool_version = manifest_version(manifest)
+        write_lineage(out, {"pool_version": pool_version, "rows": rows, "manifest": manifest,
+                            "code_revision": code_revision()})
         return dg.MaterializeResult(data_version=dg.DataVersion(pool_version[:16]), metadata={
             "path": dg.MetadataValue.path(str(out)), "pool_version": pool_version,
             "rows": rows, "shards": summary["shards"], "english_fraction": en,
