@@ -10,6 +10,7 @@ from datacomp_assets.automation import SCHEDULES, evaluate_new_checkpoints, eval
 from datacomp_assets.evaluation.assets import eval_results, eval_suite  # noqa: E402
 from datacomp_assets.filtering.assets import (  # noqa: E402
     pool_features, strategy_definitions, subset, subset_is_valid)
+from datacomp_assets.instance import free_orphaned_slots  # noqa: E402
 from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis, submission  # noqa: E402
 from datacomp_assets.metadata.assets import dfn_model, pool_metadata, scorer_models  # noqa: E402
 from datacomp_assets.pool.assets import (  # noqa: E402
@@ -43,11 +44,24 @@ RESOURCES = {
     "eval_data": EvaluationDataResource(directory=from_environment(settings.DATACOMP_EVAL_DATA)),
 }
 
-# Runs launched from the UI, a backfill or a schedule execute their steps in subprocesses, at most this many at
-# once (default 2, the 2-core machine); steps of the `gpu` pool are further held to that pool's slots (the
-# instance's, see instance/dagster.yaml). `python -m datacomp_assets.run` materializes in-process instead.
-EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": settings.max_concurrent_steps()},
-                                               name="bounded_multiprocess")
+@dg.executor(name="multiprocess_freeing_orphaned_slots", config_schema=dg.multiprocess_executor.config_schema,
+             requirements=dg.multiple_process_executor_requirements())
+def multiprocess_freeing_orphaned_slots(init_context: dg.InitExecutorContext) -> dg.Executor:
+    """Dagster's multiprocess executor, after freeing the pool slots of runs that died holding them.
+
+    A run killed with SIGKILL (or by the OOM killer) stays STARTED and keeps its `gpu` slot; without a daemon
+    (`dagster asset materialize`, a run started from a script) nothing would free it, and the retry would wait
+    for the dead run forever. Every run starts here, so a retry proceeds at once."""
+    free_orphaned_slots(init_context.instance)
+    return dg.multiprocess_executor.executor_creation_fn(init_context)
+
+
+# Runs launched from the UI, a backfill, a schedule or `dagster asset materialize` execute their steps in
+# subprocesses, at most this many at once (default 2, the 2-core machine); steps of the `gpu` pool are further
+# held to that pool's slots (the instance's, see instance/dagster.yaml). `python -m datacomp_assets.run`
+# materializes in-process instead (and frees orphaned slots itself).
+EXECUTOR = multiprocess_freeing_orphaned_slots.configured({"max_concurrent": settings.max_concurrent_steps()},
+                                                          name="bounded_multiprocess")
 
 defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=CHECKS, resources=RESOURCES, executor=EXECUTOR,
                       jobs=[strategy_job, evaluation_job], schedules=SCHEDULES, sensors=[evaluate_new_checkpoints])

@@ -217,6 +217,37 @@ def test_started_runs_keep_their_slots_unless_their_process_is_gone(tmp_path, pi
         assert active == ({run.run_id} if pid_alive else set())
 
 
+def test_a_retry_after_a_sigkill_through_dagster_asset_materialize_finishes_without_manual_steps(tmp_path):
+    """`dagster asset materialize` of a gpu-pool step, killed with SIGKILL while it holds the slot, then any
+    gpu-pool step materialized again the same way: the retry frees the dead run's slot itself (no daemon, no
+    command to know) and finishes."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(INSTANCE_YAML, home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    cli = [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "tests.gpu_location"]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        configure_instance(instance)
+        storage = instance.event_log_storage
+        killed = subprocess.Popen([*cli, "--select", "holds_the_gpu"], env=env, cwd=ROOT, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not storage.get_concurrency_info(GPU_POOL).active_run_ids:
+                assert killed.poll() is None and time.monotonic() < deadline, "the run never claimed the gpu slot"
+                time.sleep(0.2)
+        finally:
+            os.killpg(killed.pid, signal.SIGKILL)
+            killed.wait()
+        assert storage.get_concurrency_info(GPU_POOL).active_run_ids  # the dead run still holds the slot
+
+        retry = subprocess.run([*cli, "--select", "needs_the_gpu"], env=env, cwd=ROOT, capture_output=True,
+                               text=True, timeout=180)
+        assert retry.returncode == 0, retry.stderr[-3000:]
+        (run,) = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]))
+        assert run.asset_selection == {dg.AssetKey("needs_the_gpu")}
+
+
 def test_definitions_executor_is_a_bounded_multiprocess_executor(monkeypatch):
     import datacomp_assets.definitions as definitions
 
@@ -225,7 +256,8 @@ def test_definitions_executor_is_a_bounded_multiprocess_executor(monkeypatch):
 
     job = definitions.defs.resolve_implicit_global_asset_job_def()
     assert job.executor_def is definitions.EXECUTOR
-    assert definitions.EXECUTOR.executor_creation_fn is dg.multiprocess_executor.executor_creation_fn
+    assert definitions.EXECUTOR.executor_creation_fn is \
+        definitions.multiprocess_freeing_orphaned_slots.executor_creation_fn
     assert max_concurrent(job.executor_def) == 2
     monkeypatch.setenv("DATACOMP_MAX_CONCURRENT_STEPS", "3")
     try:
