@@ -1,3 +1,5 @@
+import errno
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,4 +32,12 @@ class StorageResource(dg.ConfigurableResource):
             scale, strategy = dims.get("scale"), dims.get("strategy")
         artifact = f"{asset}[{'|'.join(p for p in (scale, strategy) if p)}]" if scale else asset
         with exclusive(self.layout.lock_file(asset, scale, strategy), artifact, f"run {context.run_id}"):
-            yield
+            try:
+                yield
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                where = Path(err.filename) if err.filename else self.layout.root
+                free = shutil.disk_usage(where if where.exists() else self.layout.root).free / 2**20
+                raise OSError(errno.ENOSPC, f"{artifact}: the disk is full writing {where} ({free:,.0f} MB free "
+                                            "there); free space, then materialize again") from err

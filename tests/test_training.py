@@ -232,3 +232,37 @@ def test_forward_check_reports_a_broken_checkpoint(tmp_path):
     wrong = tmp_path / "wrong.pt"
     torch.save({"state_dict": {"visual.nothing": torch.zeros(1)}}, wrong)
     assert forward_check(MINI.model, wrong)
+
+
+def test_an_intermediate_checkpoint_set_aside_does_not_fail_a_finished_training(tmp_path):
+    """The stuck state: epoch_1.pt cut short after epoch_2.pt was written. Resuming sets epoch_1 aside and trains
+    no further (epoch_2 is final); the check must pass on the final checkpoints and report what was set aside,
+    not fail on a count of files that re-materializing can never restore."""
+    import open_clip
+
+    from datacomp_assets.core.layout import Layout
+    from datacomp_assets.core.models import register_model_configs
+    from datacomp_assets.core.trainer import discard_unreadable_checkpoints
+    from datacomp_assets.training.verify import verify_checkpoints
+
+    register_model_configs()
+    scale = replace(SCALES["tiny"], epochs=2, seeds=(0,))
+    layout = Layout(tmp_path)
+    ckpt_dir = layout.seed_checkpoint_dir("tiny", "basic", 0)
+    ckpt_dir.mkdir(parents=True)
+    state = {"epoch": 1, "state_dict": open_clip.create_model(scale.model, pretrained=None).state_dict()}
+    torch.save(state, ckpt_dir / "epoch_1.pt")
+    torch.save({**state, "epoch": 2}, ckpt_dir / "epoch_2.pt")
+    assert verify_checkpoints(layout, scale, "basic", forward_check)[0]
+
+    truncated = ckpt_dir / "epoch_1.pt"
+    truncated.write_bytes(truncated.read_bytes()[:5000])  # the newest file now, by its mtime
+    job = TrainJob(scale, "unused", layout.training_logs("tiny", "basic"), "seed_0")
+    assert [p.name for p in discard_unreadable_checkpoints(job, log=lambda m: None)] == ["epoch_1.pt"]
+    passed, findings = verify_checkpoints(layout, scale, "basic", forward_check)
+    assert passed and findings["set_aside_unreadable"] == ["seed_0/checkpoints/epoch_1.pt.unreadable"]
+
+    (ckpt_dir / "epoch_2.pt").unlink()  # without its final checkpoint a seed fails, saying how to repair it
+    passed, findings = verify_checkpoints(layout, scale, "basic", forward_check)
+    assert not passed and findings["final_checkpoints_missing"] == ["seed_0/checkpoints/epoch_2.pt"]
+    assert "materialize checkpoint again" in findings["fix"]

@@ -90,24 +90,13 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
 
 
 @dg.asset_check(asset=checkpoint, blocking=True,
-                description="Every checkpoint of every seed loads with weights_only=True and runs a forward pass "
-                            "with finite outputs")
+                description="Every seed's final checkpoint is there, and every checkpoint loads with "
+                            "weights_only=True and runs a forward pass with finite outputs")
 def checkpoint_loads(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     from datacomp_assets.core.models import forward_check
+    from datacomp_assets.training.verify import verify_checkpoints
 
     scale, strategy = scale_and_strategy(context)
-    layout = storage.layout
-    root = layout.training_logs(scale.name, strategy)
-    files = sorted(path for seed in scale.seeds
-                   for path in layout.seed_checkpoint_dir(scale.name, strategy, seed).glob("epoch_*.pt"))
-    failures = {}
-    for path in files:
-        error = forward_check(scale.model, path)
-        if error:
-            failures[str(path.relative_to(root))] = error
-    expected = len(scale.seeds) * scale.epochs
-    return dg.AssetCheckResult(
-        passed=not failures and len(files) == expected,
-        metadata={"checkpoints_checked": len(files), "checkpoints_expected": expected,
-                  "failures": dg.MetadataValue.json(failures)},
-    )
+    passed, findings = verify_checkpoints(storage.layout, scale, strategy, forward_check)
+    return dg.AssetCheckResult(passed=passed, metadata={
+        k: dg.MetadataValue.json(v) if isinstance(v, (list, dict)) else v for k, v in findings.items()})
