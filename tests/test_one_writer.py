@@ -3,6 +3,7 @@ whatever the interleaving, the artifact ends byte-identical to a single run's.""
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +82,14 @@ def test_two_concurrent_writers_leave_the_artifact_as_a_single_run_does(tmp_path
     shared = tmp_path / "shared"
     logs = [tmp_path / f"writer_{i}.log" for i in range(2)]
     writers = [subprocess.Popen([sys.executable, str(script), str(shared)], env=env, cwd=ROOT,
-                                stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs]
-    outputs = [(w.wait(timeout=300), log.read_text()) for w, log in zip(writers, logs)]
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+               for log in logs]
+    try:
+        outputs = [(w.wait(timeout=300), log.read_text()) for w, log in zip(writers, logs)]
+    finally:  # never leave a writer (and the processes it spawned) running after the test
+        for w in writers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGKILL)
     assert any(rc == 0 for rc, _ in outputs), outputs
     for rc, out in outputs:
         assert rc == 0 or "curated_source[tiny] is being written by run" in out
