@@ -159,6 +159,20 @@ def test_shipped_instance_yaml_queues_runs_monitors_them_and_limits_pools(tmp_pa
                        ("db_name", "DB")]}
 
 
+def kill_once_it_holds_the_gpu(command: list[str], env: dict, storage, seconds: float) -> None:
+    """Start `command` in a process group of its own, wait until a run holds the gpu slot, SIGKILL the group."""
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + seconds
+        while not storage.get_concurrency_info(GPU_POOL).active_run_ids:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never claimed the gpu slot"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 KILLED_RUN = textwrap.dedent("""
     import time
     import dagster as dg
@@ -179,16 +193,8 @@ def test_slot_of_a_killed_run_is_freed_and_the_next_run_gets_it(tmp_path):
     with dg.DagsterInstance.from_config(str(home)) as instance:
         configure_instance(instance)
         storage = instance.event_log_storage
-        proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN], env={**os.environ, "DAGSTER_HOME": str(home)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 60
-            while not storage.get_concurrency_info(GPU_POOL).active_run_ids:
-                assert proc.poll() is None and time.monotonic() < deadline, "the run never claimed the gpu slot"
-                time.sleep(0.2)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        kill_once_it_holds_the_gpu([sys.executable, "-c", KILLED_RUN], {**os.environ, "DAGSTER_HOME": str(home)},
+                                   storage, seconds=60)
         (run_id,) = storage.get_concurrency_info(GPU_POOL).active_run_ids
         assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
 
@@ -229,16 +235,7 @@ def test_a_retry_after_a_sigkill_through_dagster_asset_materialize_finishes_with
     with dg.DagsterInstance.from_config(str(home)) as instance:
         configure_instance(instance)
         storage = instance.event_log_storage
-        killed = subprocess.Popen([*cli, "--select", "holds_the_gpu"], env=env, cwd=ROOT, start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 120
-            while not storage.get_concurrency_info(GPU_POOL).active_run_ids:
-                assert killed.poll() is None and time.monotonic() < deadline, "the run never claimed the gpu slot"
-                time.sleep(0.2)
-        finally:
-            os.killpg(killed.pid, signal.SIGKILL)
-            killed.wait()
+        kill_once_it_holds_the_gpu([*cli, "--select", "holds_the_gpu"], env, storage, seconds=120)
         assert storage.get_concurrency_info(GPU_POOL).active_run_ids  # the dead run still holds the slot
 
         retry = subprocess.run([*cli, "--select", "needs_the_gpu"], env=env, cwd=ROOT, capture_output=True,
