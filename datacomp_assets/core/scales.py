@@ -1,12 +1,25 @@
-"""The benchmark's compute scales and each one's fixed configuration (reference section 1).
+"""The benchmark's compute scales and each one's fixed configuration (reference section 1), as data.
 
-`tiny` is this project's miniature: the same formats and recipe, sized to run offline on a 2-core CPU.
-The paper's scales are exactly the reference's; only the data changes between submissions.
+The registry is `scales.toml` beside this file plus any files named in `$DATACOMP_SCALES` (os.pathsep-separated,
+read by `settings`). `tiny` is this project's miniature: the same formats and recipe, sized to run offline on a
+2-core CPU. The paper's scales are exactly the reference's: a user's file may point them at local files (the
+published metadata's mirror, the downloaded shards, the inputs a method needs), never change their recipe. Any
+other section declares a new scale (`inherit = "small"` starts from another scale's settings), such as a 1%
+rehearsal of `small` on a workstation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from datacomp_assets.core import settings
+
+REGISTRY_FILE = Path(__file__).with_name("scales.toml")
+PAPER_SCALES = ("small", "medium", "large", "xlarge")
 
 
 @dataclass(frozen=True)
@@ -20,8 +33,8 @@ class ScaleConfig:
     warmup: int               # steps
     beta2: float
     epochs: int               # open_clip's "epochs": checkpoint intervals of the fixed budget, not passes over data
-    image_size: int           # img2dataset's download resize target
-    shard_size: int           # samples per webdataset shard
+    image_size: int = 512     # img2dataset's download resize target
+    shard_size: int = 10_000  # samples per webdataset shard
     download_timeout: int = 10  # seconds img2dataset waits for a host
     weight_decay: float = 0.2
     beta1: float = 0.9
@@ -29,13 +42,27 @@ class ScaleConfig:
     seed: int = 0
     seeds: tuple[int, ...] = (0,)  # training seeds per subset; the leaderboard reports their mean and spread
     precision: str = "amp"    # on GPUs; the accelerator resource picks fp32 on a CPU
+    # Devices: the reference splits the global batch over this many GPUs; with fewer, gradients accumulate.
+    reference_gpus: int = 1
+    requires_gpu: bool = True  # training on a CPU is refused unless the accelerator resource opts in
     pool_source: str = "published"  # where the pool comes from: "published" metadata or the "synthetic_web"
     eval_suite: str = "reference"   # "reference": DataComp's 38 tasks; "synthetic": the miniature's own suite
-    curated_size: int = 0     # synthetic only: clean pairs the scorer CLIPs train on
+    # ---- published pools: where the files are (empty: the defaults named in docs/scales.md)
+    mirror_dir: str = ""      # the published parquet + npz; empty: $DATACOMP_MIRROR, else the Hugging Face Hub
+    shards_dir: str = ""      # img2dataset's shards of this pool; empty: <root>/<scale>/pool_shards
+    # ---- inputs the paper's methods need and this project cannot ship (see core/inputs.py)
+    imagenet_embeddings: str = ""    # .npy: L/14 image embeddings of ImageNet-1k training images (image_based)
+    vas_target_embeddings: str = ""  # .npy: VAS's target embeddings; empty: imagenet_embeddings
+    metaclip_entries: str = ""       # .json list or .txt lines: MetaCLIP's metadata entries
+    dfn_checkpoint: str = ""         # open_clip checkpoint of a data filtering network
+    dfn_model: str = "ViT-B-32"      # its open_clip architecture
+    kmeans_clusters: int = 0         # image_based and SemDeDup k-means; 0: proportional to the pool (tiny)
+    # ---- the synthetic web only
+    curated_size: int = 0     # clean pairs the scorer CLIPs train on
     scorer_samples_seen: int = 0
-    eval_suite_scale: float = 1.0  # synthetic only: size of the tiny evaluation suite (tests shrink it)
+    eval_suite_scale: float = 1.0  # size of the tiny evaluation suite (tests shrink it)
     metaclip_t_override: float = 0.0  # MetaCLIP's t (pairs kept per entry); 0: its 20,000 per 400M pairs, scaled
-    target_images_per_class: int = 50  # synthetic only: training images of the ImageNet analogue per class
+    target_images_per_class: int = 50  # training images of the ImageNet analogue per class
 
     @property
     def metaclip_t(self) -> float:
@@ -46,22 +73,94 @@ class ScaleConfig:
     def steps(self) -> int:
         return -(-self.samples_seen // self.global_batch)
 
-SCALES: dict[str, ScaleConfig] = {
-    "tiny": ScaleConfig("tiny", pool_size=20_000, samples_seen=20_000, model="datacomp-tiny",
-                        global_batch=256, lr=2e-3, warmup=20, beta2=0.98, epochs=2,
-                        image_size=64, shard_size=2_000, download_timeout=2, precision="fp32",
-                        pool_source="synthetic_web", eval_suite="synthetic",
-                        curated_size=10_000, scorer_samples_seen=40_000, metaclip_t_override=500, seeds=(0, 1, 2)),
-    "small": ScaleConfig("small", 12_800_000, 12_800_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 5, 512, 10_000),
-    "medium": ScaleConfig("medium", 128_000_000, 128_000_000, "ViT-B-32", 4096, 5e-4, 500, 0.98, 8, 512, 10_000),
-    "large": ScaleConfig("large", 1_280_000_000, 1_280_000_000, "ViT-B-16", 8192, 5e-4, 500, 0.98, 8, 512, 10_000),
-    "xlarge": ScaleConfig("xlarge", 12_800_000_000, 12_800_000_000, "ViT-L-14", 90_112, 1e-3, 10_000, 0.95, 8,
-                          512, 10_000, precision="amp_bf16"),
-}
+
+# What a user's file may set on one of the paper's scales: where things are, not how the model is trained.
+LOCATION_FIELDS = frozenset({"mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings",
+                             "metaclip_entries", "dfn_checkpoint", "dfn_model", "reference_gpus", "download_timeout",
+                             "seeds"})
+PATH_FIELDS = ("mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings", "metaclip_entries",
+               "dfn_checkpoint")
+_FIELDS = {f.name: f for f in fields(ScaleConfig)}
+_SIMPLE_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _scale_from(name: str, spec: Mapping, base: ScaleConfig | None, where: str) -> ScaleConfig:
+    unknown = set(spec) - set(_FIELDS) - {"inherit"}
+    if unknown:
+        raise ValueError(f"{where}: [{name}] has unknown settings {sorted(unknown)}; known: {sorted(_FIELDS)}")
+    values = {k: v for k, v in spec.items() if k != "inherit"}
+    if "seeds" in values:
+        values["seeds"] = tuple(values["seeds"])
+    for key in PATH_FIELDS:  # relative paths in a user's file are relative to that file
+        if values.get(key):
+            values[key] = str((Path(where).parent / os.path.expanduser(values[key])).resolve())
+    try:
+        scale = replace(base, name=name, **values) if base else ScaleConfig(name=name, **values)
+    except TypeError as err:
+        raise ValueError(f"{where}: [{name}] {err}") from None
+    for key, value in values.items():
+        expected = _SIMPLE_TYPES.get(_FIELDS[key].type)
+        if expected and not isinstance(value, expected) or isinstance(value, bool) and expected in (int, float):
+            raise ValueError(f"{where}: [{name}] {key} must be {_FIELDS[key].type}, not {value!r}")
+    if scale.pool_source not in ("synthetic_web", "published"):
+        raise ValueError(f"{where}: [{name}] pool_source must be 'synthetic_web' or 'published', "
+                         f"not {scale.pool_source!r}")
+    if scale.eval_suite not in ("synthetic", "reference"):
+        raise ValueError(f"{where}: [{name}] eval_suite must be 'synthetic' or 'reference', not {scale.eval_suite!r}")
+    if min(scale.pool_size, scale.samples_seen, scale.global_batch, scale.epochs, scale.reference_gpus) < 1:
+        raise ValueError(f"{where}: [{name}] pool_size, samples_seen, global_batch, epochs and reference_gpus "
+                         "must be positive")
+    return scale
+
+
+def parse_scales(table: Mapping, where: str, registry: Mapping[str, ScaleConfig]) -> dict[str, ScaleConfig]:
+    """Scales from a TOML table (`[name]` sections); errors name the file and the scale."""
+    from datacomp_assets.core.strategies import NAME_PATTERN
+
+    out: dict[str, ScaleConfig] = {}
+    for name, spec in table.items():
+        if not NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"{where}: scale name {name!r} must be lowercase letters, digits and _")
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}: [{name}] must be a table of settings")
+        known = {**registry, **out}
+        if name in PAPER_SCALES and name in known:
+            fixed = sorted(set(spec) - LOCATION_FIELDS)
+            if fixed:
+                raise ValueError(
+                    f"{where}: [{name}] may not change {fixed}: the paper's recipes are fixed by the benchmark. "
+                    f"Declare a scale of your own instead (e.g. [my_{name}] with inherit = \"{name}\").")
+        base = known.get(name)
+        if "inherit" in spec:
+            if spec["inherit"] not in known:
+                raise ValueError(f"{where}: [{name}] inherits unknown scale {spec['inherit']!r}; "
+                                 f"known: {', '.join(known)}")
+            base = known[spec["inherit"]]
+        out[name] = _scale_from(name, spec, base, where)
+    return out
+
+
+def load_registry(extra_files: Sequence[str | os.PathLike] = ()) -> dict[str, ScaleConfig]:
+    """The shipped scales plus those declared (or pointed at local files) in `extra_files`."""
+    registry: dict[str, ScaleConfig] = {}
+    for path in (REGISTRY_FILE, *extra_files):
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"scale file {path} does not exist (named in $DATACOMP_SCALES?)") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML: {err}") from None
+        registry.update(parse_scales(table, str(path.resolve()), registry))
+    return registry
+
+
+SCALES: dict[str, ScaleConfig] = load_registry(settings.scale_files())
 
 
 def get_scale(name: str) -> ScaleConfig:
     try:
         return SCALES[name]
     except KeyError:
-        raise ValueError(f"unknown scale {name!r}; choose one of {', '.join(SCALES)}") from None
+        raise ValueError(f"unknown scale {name!r}; choose one of {', '.join(SCALES)} "
+                         f"(or declare it in a file named by $DATACOMP_SCALES)") from None

@@ -35,6 +35,9 @@ DATACOMP_EVAL_DATA = Variable(
     "`<storage root>/eval_data`.")
 DATACOMP_STRATEGIES = Variable(
     "DATACOMP_STRATEGIES", "", "Extra strategy files (TOML, `os.pathsep`-separated) added to the registry.")
+DATACOMP_SCALES = Variable(
+    "DATACOMP_SCALES", "", "Extra scale files (TOML, `os.pathsep`-separated): new scales, or the paper's pointed "
+    "at local files.")
 DATACOMP_MAX_CONCURRENT_STEPS = Variable(
     "DATACOMP_MAX_CONCURRENT_STEPS", "2", "Steps a UI, backfill or schedule run executes at once.")
 DATACOMP_GPU_SLOTS = Variable(
@@ -48,7 +51,8 @@ HF_HUB_OFFLINE = Variable(
 NO_ALBUMENTATIONS_UPDATE = Variable(
     "NO_ALBUMENTATIONS_UPDATE", "1", "Stops albumentations (an img2dataset dependency) phoning home on import.")
 
-VARIABLES = (DATACOMP_HOME, DATACOMP_MIRROR, DATACOMP_EVAL_DATA, DATACOMP_STRATEGIES, DATACOMP_MAX_CONCURRENT_STEPS,
+VARIABLES = (DATACOMP_HOME, DATACOMP_MIRROR, DATACOMP_EVAL_DATA, DATACOMP_STRATEGIES, DATACOMP_SCALES,
+             DATACOMP_MAX_CONCURRENT_STEPS,
              DATACOMP_GPU_SLOTS, DAGSTER_HOME, HF_HUB_OFFLINE, NO_ALBUMENTATIONS_UPDATE)
 
 
@@ -65,6 +69,10 @@ def hub_offline() -> bool:
 
 def strategy_files() -> list[str]:
     return [p for p in DATACOMP_STRATEGIES.get().split(os.pathsep) if p]
+
+
+def scale_files() -> list[str]:
+    return [p for p in DATACOMP_SCALES.get().split(os.pathsep) if p]
 
 
 def max_concurrent_steps() -> int:
