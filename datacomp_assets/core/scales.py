@@ -55,7 +55,7 @@ class ScaleConfig:
     vas_target_embeddings: str = ""  # .npy: VAS's target embeddings; empty: imagenet_embeddings
     metaclip_entries: str = ""       # .json list or .txt lines: MetaCLIP's metadata entries
     dfn_checkpoint: str = ""         # open_clip checkpoint of a data filtering network
-    dfn_model: str = "ViT-B-32"      # its open_clip architecture
+    dfn_architecture: str = "ViT-B-32"  # its open_clip architecture
     kmeans_clusters: int = 0         # image_based and SemDeDup k-means; 0: proportional to the pool (tiny)
     # ---- the synthetic web only
     curated_size: int = 0     # clean pairs the scorer CLIPs train on
@@ -76,7 +76,7 @@ class ScaleConfig:
 
 # What a user's file may set on one of the paper's scales: where things are, not how the model is trained.
 LOCATION_FIELDS = frozenset({"mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings",
-                             "metaclip_entries", "dfn_checkpoint", "dfn_model", "reference_gpus", "download_timeout",
+                             "metaclip_entries", "dfn_checkpoint", "dfn_architecture", "reference_gpus", "download_timeout",
                              "seeds"})
 PATH_FIELDS = ("mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings", "metaclip_entries",
                "dfn_checkpoint")
