@@ -9,12 +9,14 @@ Hub or a local mirror, and the real urls).
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import dagster as dg
 
 from datacomp_assets.core.layout import Asset, Layout
-from datacomp_assets.core.published import PublishedSource, fetch_published_metadata, write_download_index
+from datacomp_assets.core.published import (
+    PublishedSource, fetch_published_metadata, published_files, write_download_index)
 from datacomp_assets.core.scales import ScaleConfig
 from resources.published import PublishedMetadataResource
 from resources.synthetic_web import SyntheticWebResource
@@ -33,6 +35,7 @@ class SyntheticWebPool:
     # Its CLIP scores come from stand-in scorers trained here, so the reference's score thresholds are
     # carried over as pool shares rather than read literally.
     reference_scorers = False
+    metadata_published = False  # the metadata is computed here, from the downloaded images
 
     def __init__(self, web: SyntheticWebResource, scale: ScaleConfig, layout: Layout):
         self.web, self.scale, self.layout = web, scale, layout
@@ -84,13 +87,24 @@ class PublishedPool:
     """A paper scale's pool: DataComp's published metadata, and the real urls it lists."""
 
     reference_scorers = True  # the metadata's scores are OpenAI CLIP's, as the reference thresholds assume
+    metadata_published = True  # the metadata is DataComp's files, joined with caption features
 
     def __init__(self, published: PublishedMetadataResource, scale: ScaleConfig, layout: Layout):
         self.published, self.scale, self.layout = published, scale, layout
 
+    @property
+    def processes(self) -> int:
+        """Worker processes for per-file work over the metadata (caption features)."""
+        return self.published.processes or os.cpu_count() or 1
+
+    def metadata_files(self) -> list[Path]:
+        """The published parquet files pool_index fetched (or linked from the mirror), in order."""
+        return published_files(self.layout.published_metadata(self.scale.name))
+
     def write_index(self) -> dict:
-        source = PublishedSource(self.scale.name, mirror_dir=self.published.published_mirror_dir or None,
-                                 include_npz=self.published.include_npz)
+        # The scale's own mirror first (a user's scale file), then the resource's ($DATACOMP_MIRROR).
+        mirror = self.scale.mirror_dir or self.published.published_mirror_dir or None
+        source = PublishedSource(self.scale.name, mirror_dir=mirror, include_npz=self.published.include_npz)
         files = fetch_published_metadata(source, self.layout.published_metadata(self.scale.name))
         summary = write_download_index(files, self.layout.pool_index_file(self.scale.name))
         return {"path": dg.MetadataValue.path(summary["path"]), "rows": summary["rows"],
@@ -105,8 +119,8 @@ class PublishedPool:
     def require_miniature(self, what: str) -> None:
         raise ValueError(
             f"{what} is built only at a scale whose pool is the synthetic web (`tiny`); at {self.scale.name!r} "
-            f"it comes from the published DataComp metadata (mlfoundations/datacomp_{self.scale.name}), which "
-            f"this release does not read past the download yet.")
+            f"its part is played by the published DataComp metadata (OpenAI CLIP's scores and embeddings) and by "
+            f"files you supply (docs/scales.md).")
 
     def write_curated_source(self, out: Path) -> dict:
         self.require_miniature(Asset.CURATED_SOURCE)

@@ -7,4 +7,5 @@ class PublishedMetadataResource(dg.ConfigurableResource):
     mirror from $DATACOMP_MIRROR when that is set."""
 
     published_mirror_dir: str = ""
-    include_npz: bool = False
+    include_npz: bool = False   # fetch the embeddings from the Hub too (a mirror's npz files are always linked)
+    processes: int = 0          # worker processes for the caption features; 0: every core

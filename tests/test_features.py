@@ -47,8 +47,7 @@ def test_compute_pool_features_writes_one_row_per_sample(tmp_path):
     settings = FeatureSettings(vocabulary={"dog": "dog"}, metaclip_entries=["photo", "bee", "cat"],
                                metaclip_t=20, clusters=8)
     summary = compute_pool_features(tmp_path / "meta", tmp_path / "features", settings,
-                                    target_embeddings=directions[:2], dfn_scores={f"{0:016x}{0:016x}": 0.5},
-                                    log=lambda _: None)
+                                    target_embeddings=directions[:2], vas_targets=directions[:2], log=lambda _: None)
     features = pq.read_table(tmp_path / "features").to_pandas()
     meta = pq.read_table(sorted((tmp_path / "meta").glob("*.parquet")), columns=["uid", "text"]).to_pandas()
     assert sorted(features.uid) == sorted(meta.uid) and summary["rows"] == len(meta)
@@ -63,9 +62,23 @@ def test_compute_pool_features_writes_one_row_per_sample(tmp_path):
     assert bee.sum() <= 20 and merged.metaclip_keep_probability[bee].eq(1).all()
     assert merged.metaclip_keep_probability[~bee & ~merged.text.str.endswith("cat")].round(4).eq(
         round(20 / 120, 4)).all()
-    assert merged.dfn_score.notna().sum() == 1
+    assert "dfn_score" not in merged  # scored over the images, by the image_scores asset
     # VAS: samples along a target direction score highest.
     assert merged.vas_score[merged.in_target_cluster].mean() > merged.vas_score[~merged.in_target_cluster].mean()
+
+
+def test_features_whose_input_is_not_supplied_are_left_out_and_kmeans_trains_on_a_sample(tmp_path):
+    """At a published pool a user may supply none of ImageNet's embeddings, VAS's targets or MetaCLIP's entries:
+    the other columns are still computed, in bounded memory (k-means on a seeded sample, embeddings streamed)."""
+    _pool(tmp_path, np.random.default_rng(0))
+    settings = FeatureSettings(vocabulary={"dog": "dog"}, metaclip_entries=None, metaclip_t=20, clusters=8,
+                               kmeans_max_points=50)
+    summary = compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, None, None, log=lambda _: None)
+    features = pq.read_table(tmp_path / "features")
+    assert features.column_names == ["uid", "text_concept", "image_cluster", "semdedup_max_similarity"]
+    assert features.num_rows == 120 and summary["target_clusters"] == 0
+    assert len(set(features["image_cluster"].to_pylist())) > 4  # 50 sampled rows still find the 8 directions
+    assert not (tmp_path / "features" / ".scratch").exists()
 
 
 def test_missing_embeddings_are_named(tmp_path):
@@ -74,7 +87,7 @@ def test_missing_embeddings_are_named(tmp_path):
                              "num_chars": [1]}), tmp_path / "meta" / "00000000.parquet")
     settings = FeatureSettings(vocabulary={}, metaclip_entries=["x"], metaclip_t=1, clusters=1)
     with pytest.raises(FileNotFoundError, match="00000000.npz"):
-        compute_pool_features(tmp_path / "meta", tmp_path / "f", settings, np.eye(8, dtype=np.float32))
+        compute_pool_features(tmp_path / "meta", tmp_path / "f", settings, np.eye(8, dtype=np.float32), None)
 
 
 def test_missing_caption_features_are_named(tmp_path):
@@ -82,7 +95,7 @@ def test_missing_caption_features_are_named(tmp_path):
     pq.write_table(pa.table({"uid": ["0" * 32], "text": ["x"]}), tmp_path / "meta" / "00000000.parquet")
     settings = FeatureSettings(vocabulary={}, metaclip_entries=["x"], metaclip_t=1, clusters=1)
     with pytest.raises(ValueError, match=r"00000000.parquet lacks the caption features \['language', 'num_tokens'"):
-        compute_pool_features(tmp_path / "meta", tmp_path / "f", settings, np.eye(8, dtype=np.float32))
+        compute_pool_features(tmp_path / "meta", tmp_path / "f", settings, np.eye(8, dtype=np.float32), None)
 
 
 def test_image_based_keeps_what_the_reference_rule_keeps(tmp_path):
@@ -115,7 +128,7 @@ def test_image_based_keeps_what_the_reference_rule_keeps(tmp_path):
         np.savez(tmp_path / "meta" / f"{shard:08d}.npz", l14_img=emb[rows].astype(np.float16))
     targets = directions[:3] / np.linalg.norm(directions[:3], axis=1, keepdims=True)
     settings = FeatureSettings(vocabulary={}, metaclip_entries=["dog"], metaclip_t=10, clusters=k)
-    compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, targets, log=lambda _: None)
+    compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, targets, None, log=lambda _: None)
     kept = set(array_to_uids(select_uids(tmp_path / "meta", "image_based", feature_dirs=[tmp_path / "features"])))
 
     stored = emb.astype(np.float16).astype(np.float32)  # what the npz holds

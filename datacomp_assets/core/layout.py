@@ -23,6 +23,7 @@ class Asset:
     DFN_MODEL = "dfn_model"
     POOL_METADATA = "pool_metadata"
     POOL_FEATURES = "pool_features"
+    IMAGE_SCORES = "image_scores"
     EVAL_SUITE = "eval_suite"
     SUBSET = "subset"
     CHECKPOINT = "checkpoint"
@@ -98,6 +99,13 @@ class Layout:
         return self.pool_index(scale) / "metadata"
 
     def pool_shards(self, scale: str) -> Path:
+        """img2dataset's shards of the pool: the scale's `shards_dir` where it names one (shards downloaded
+        before, elsewhere), else under the root."""
+        from datacomp_assets.core.scales import SCALES
+
+        configured = SCALES.get(scale)
+        if configured is not None and configured.shards_dir:
+            return Path(configured.shards_dir)
         return self.asset_dir(scale, Asset.POOL_SHARDS)
 
     def curated_source(self, scale: str) -> Path:
@@ -138,6 +146,10 @@ class Layout:
 
     def pool_features(self, scale: str) -> Path:
         return self.asset_dir(scale, Asset.POOL_FEATURES)
+
+    def image_scores(self, scale: str, scorer: str) -> Path:
+        """A model's scores of the pool's downloaded images (uid + `<scorer>_score`), one parquet per shard."""
+        return self.asset_dir(scale, Asset.IMAGE_SCORES) / scorer
 
     def eval_suite(self, scale: str) -> Path:
         return self.asset_dir(scale, Asset.EVAL_SUITE)

@@ -85,6 +85,11 @@ def network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def published_files(root: str | os.PathLike) -> list[Path]:
+    """The metadata parquet files under `root` (fetched or linked by `fetch_published_metadata`), in order."""
+    return _metadata_files(Path(root), ".parquet")
+
+
 def _metadata_files(root: Path, suffix: str) -> list[Path]:
     """Every `*<suffix>` under root, skipping hidden folders (the Hub client's `.cache/`)."""
     return sorted(p for p in root.rglob(f"*{suffix}")
@@ -126,10 +131,10 @@ def _from_mirror(source: PublishedSource, dest_dir: Path) -> list[Path]:
     for parquet in parquets:
         validate_metadata(parquet)  # raises ValueError naming the file and the missing columns
         _link_or_copy(parquet, dest_dir / parquet.name)
-        if source.include_npz:
-            npz = npz_by_stem.get(parquet.stem)
-            if npz is None:
-                raise ValueError(f"{parquet}: no {parquet.stem}.npz in the mirror (include_npz is set)")
+        npz = npz_by_stem.get(parquet.stem)
+        if npz is None and source.include_npz:
+            raise ValueError(f"{parquet}: no {parquet.stem}.npz in the mirror (include_npz is set)")
+        if npz is not None:  # linked whenever there: the image-based rules, SemDeDup and VAS read them
             _check_npz(npz)
             _link_or_copy(npz, dest_dir / npz.name)
         fetched.append(dest_dir / parquet.name)

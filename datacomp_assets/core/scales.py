@@ -76,8 +76,8 @@ class ScaleConfig:
 
 # What a user's file may set on one of the paper's scales: where things are, not how the model is trained.
 LOCATION_FIELDS = frozenset({"mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings",
-                             "metaclip_entries", "dfn_checkpoint", "dfn_architecture", "reference_gpus", "download_timeout",
-                             "seeds"})
+                             "metaclip_entries", "dfn_checkpoint", "dfn_architecture", "reference_gpus",
+                             "download_timeout", "seeds"})
 PATH_FIELDS = ("mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings", "metaclip_entries",
                "dfn_checkpoint")
 _FIELDS = {f.name: f for f in fields(ScaleConfig)}

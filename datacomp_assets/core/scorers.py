@@ -33,6 +33,13 @@ def dfn_recipe(scale: ScaleConfig) -> ScaleConfig:
 
 DFN_RUN = "dfn"  # the DFN's training run, under the dfn_model folder
 
+# Models scored over the pool's downloaded images (the image_scores asset), each giving a `<name>_score` column.
+IMAGE_SCORERS = ("dfn",)
+
+
+def image_score_column(scorer: str) -> str:
+    return f"{scorer}_score"
+
 
 def scorer_checkpoint(layout: Layout, scale: ScaleConfig, prefix: str) -> Path:
     """The trained scorer standing in for OpenAI's CLIP `prefix` (b32 or l14)."""

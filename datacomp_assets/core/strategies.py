@@ -188,6 +188,18 @@ def strategy_version(name: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def strategy_identifiers(name: str) -> set[str]:
+    """Every word that the strategy's rules (and those of the strategies it is built from) mention: a superset
+    of the columns it reads."""
+    if name.startswith(SOURCE_PREFIX):
+        return set()
+    strategy = get_strategy(name)
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", f"{strategy.where} {strategy.order_by or ''}"))
+    for part in strategy.parts:
+        words |= strategy_identifiers(part)
+    return words
+
+
 def track(name: str) -> str:
     """"byod" when the strategy mixes in samples from outside the pool, else "filtering"."""
     strategy = get_strategy(name)

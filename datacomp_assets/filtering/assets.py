@@ -1,6 +1,7 @@
 """Filtering stage: one subset (sorted `u8,u8` uid .npy) per (scale, strategy), with its checks."""
 
 import time
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -10,60 +11,130 @@ from datacomp_assets.core.lineage import code_revision, file_sha256, verified_ve
 from datacomp_assets.core.strategies import STRATEGIES, expected_fraction, strategy_definition, strategy_version, track
 from datacomp_assets.core.uids import load_subset, save_subset, uids_to_array
 from datacomp_assets.filtering.selection import select_uids
+from datacomp_assets.core.scorers import IMAGE_SCORERS, image_score_column
 from partitions import (
-    STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions,
-    strategy_partitions)
+    STRATEGY_DEFINITION, by_scale, get_scale, on_synthetic_web, reading_image_scores, scale_and_scorer,
+    scale_and_strategy, scale_partitions, scale_scorer_partitions, scale_strategy_partitions, strategy_partitions)
 from resources import AcceleratorResource, PoolSourceResource, StorageResource
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="1", pool="gpu",
-          deps=[Asset.POOL_METADATA, Asset.SCORER_MODELS, Asset.DFN_MODEL, Asset.EVAL_SUITE, Asset.CURATED_SOURCE])
+@dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="2", pool="gpu",
+          deps=[Asset.POOL_METADATA,
+                *(dg.AssetDep(a, partition_mapping=on_synthetic_web)
+                  for a in (Asset.SCORER_MODELS, Asset.EVAL_SUITE, Asset.CURATED_SOURCE))])
 def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
                   pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """Per-sample columns the filters beyond the metadata read: caption concepts, k-means clusters and the
-    target clusters, SemDeDup similarities, VAS scores, MetaCLIP keep probabilities, DFN scores."""
-    from datacomp_assets.core.models import Scorer, load_model
-    from datacomp_assets.core.scorers import DFN_MODEL, SCORER_MODELS, dfn_checkpoint, scorer_checkpoint
-    from datacomp_assets.core.shards import iter_webdataset, read_downloaded
-    from datacomp_assets.filtering.features import (
-        FeatureSettings, compute_pool_features, entries_from_captions, vocabulary_from_classnames)
+    target clusters, SemDeDup similarities, VAS scores, MetaCLIP keep probabilities. Metadata only: no image.
+
+    At a published pool, the inputs the paper's methods need (ImageNet's L/14 embeddings, VAS's targets,
+    MetaCLIP's entries) are files named in the scale's configuration; a column whose file is not configured is
+    left out (a rule reading it then names the file), and a configured file that is missing fails at once."""
+    from datacomp_assets.filtering.features import FeatureSettings, compute_pool_features, vocabulary_from_classnames
     from datacomp_assets.filtering.image_based import proportional_k
-    from datacomp_assets.world.eval_suite import OBJECTS_TASK, objects_training_images
 
     with storage.writing(context):
         scale, layout = get_scale(context.partition_key), storage.layout
-        # At the paper's scales: ImageNet's training images and MetaCLIP's entry list, which the user supplies.
-        pool_source.for_scale(scale, layout).require_miniature(Asset.POOL_FEATURES)
+        source = pool_source.for_scale(scale, layout)
         t0 = time.perf_counter()
-        device = accelerator.placement(scale.precision).device
-        classnames = (layout.eval_suite(scale.name) / OBJECTS_TASK / "classnames.txt").read_text().split("\n")
-        curated_texts = [files["txt"].decode() for tar in sorted(layout.curated_source(scale.name).glob("*.tar"))
-                         for _, files in iter_webdataset(tar) if "txt" in files]
-
-        l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"), device), device)
-        images, _ = zip(*objects_training_images(scale.target_images_per_class))
-        target_embeddings, _ = l14.embed(list(images), [""] * len(images))
-
-        dfn = Scorer("dfn", *load_model(DFN_MODEL, dfn_checkpoint(layout, scale), device), device)
-        dfn_scores = {}
-        for tar in sorted(layout.pool_shards(scale.name).glob("*.tar")):
-            records, pool_images = read_downloaded(tar)
-            img, txt = dfn.embed(pool_images, [r["text"] for r in records])
-            dfn_scores.update(zip([r["uid"] for r in records], (img * txt).sum(axis=1).tolist()))
-        context.log.info(f"DFN scored {len(dfn_scores)} pool samples")
-
         metadata_dir = layout.pool_metadata(scale.name)
         verified_version(metadata_dir)
+        inputs = (feature_inputs_of_published(scale) if source.metadata_published
+                  else feature_inputs_of_miniature(scale, layout, accelerator))
         n_pool = _pool_rows(metadata_dir)
         settings = FeatureSettings(
-            vocabulary=vocabulary_from_classnames(c for c in classnames if c),
-            metaclip_entries=entries_from_captions(curated_texts, min_count=5, extra=[c for c in classnames if c]),
-            metaclip_t=scale.metaclip_t, clusters=proportional_k(n_pool), seed=scale.seed)
+            vocabulary=vocabulary_from_classnames(inputs["classnames"]), metaclip_entries=inputs["metaclip_entries"],
+            metaclip_t=scale.metaclip_t, clusters=min(n_pool, scale.kmeans_clusters or proportional_k(n_pool)),
+            seed=scale.seed)
         out = layout.pool_features(scale.name)
-        summary = compute_pool_features(metadata_dir, out, settings, target_embeddings, dfn_scores, context.log.info)
+        summary = compute_pool_features(metadata_dir, out, settings, inputs["target_embeddings"],
+                                        inputs["vas_targets"], context.log.info)
+        if inputs["left_out"]:
+            context.log.warning("left out (no input configured): " + "; ".join(inputs["left_out"]))
         return dg.MaterializeResult(metadata={
-            "path": dg.MetadataValue.path(str(out)), **summary, "target_images": len(images),
+            "path": dg.MetadataValue.path(str(out)), **summary,
+            "left_out": dg.MetadataValue.md("\n".join(f"- {m}" for m in inputs["left_out"]) or "nothing"),
+            "target_images": 0 if inputs["target_embeddings"] is None else len(inputs["target_embeddings"]),
             "text_vocabulary": len(settings.vocabulary), "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource) -> dict:
+    """The miniature's stand-ins: the ImageNet analogue's class names and training images (embedded by the L/14
+    scorer), and MetaCLIP entries from the curated source's captions."""
+    from datacomp_assets.core.models import Scorer, load_model
+    from datacomp_assets.core.scorers import SCORER_MODELS, scorer_checkpoint
+    from datacomp_assets.core.shards import iter_webdataset
+    from datacomp_assets.filtering.features import entries_from_captions
+    from datacomp_assets.world.eval_suite import OBJECTS_TASK, objects_training_images
+
+    classnames = [c for c in (layout.eval_suite(scale.name) / OBJECTS_TASK / "classnames.txt").read_text().split("\n")
+                  if c]
+    curated_texts = [files["txt"].decode() for tar in sorted(layout.curated_source(scale.name).glob("*.tar"))
+                     for _, files in iter_webdataset(tar) if "txt" in files]
+    device = accelerator.placement(scale.precision).device
+    l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"), device), device)
+    images, _ = zip(*objects_training_images(scale.target_images_per_class))
+    targets, _ = l14.embed(list(images), [""] * len(images))
+    return {"classnames": classnames, "target_embeddings": targets, "vas_targets": targets, "left_out": [],
+            "metaclip_entries": entries_from_captions(curated_texts, min_count=5, extra=classnames)}
+
+
+def feature_inputs_of_published(scale) -> dict:
+    """The user's files named in the scale's configuration, and ImageNet-1k's class names (open_clip ships them)."""
+    import numpy as np
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from datacomp_assets.core.inputs import INPUTS, input_path, require_input
+    from datacomp_assets.filtering.metaclip import read_entries
+
+    def load(name: str):
+        if input_path(scale, name) is None:
+            left_out.append(f"{', '.join(INPUTS[name].columns)} (set `{name}`: {INPUTS[name].what})")
+            return None
+        return require_input(scale, name)  # a configured file that is not there fails here, at once
+
+    left_out: list[str] = []
+    targets, vas_targets, entries = load("imagenet_embeddings"), load("vas_target_embeddings"), load("metaclip_entries")
+    return {"classnames": list(IMAGENET_CLASSNAMES), "left_out": left_out,
+            "target_embeddings": None if targets is None else np.load(targets, allow_pickle=False),
+            "vas_targets": None if vas_targets is None else np.load(vas_targets, allow_pickle=False),
+            "metaclip_entries": None if entries is None else read_entries(entries)}
+
+
+@dg.asset(partitions_def=scale_scorer_partitions, group_name=Group.FILTERING, code_version="1", pool="gpu",
+          deps=[dg.AssetDep(Asset.POOL_SHARDS, partition_mapping=by_scale),
+                dg.AssetDep(Asset.DFN_MODEL, partition_mapping=by_scale)])
+def image_scores(context: dg.AssetExecutionContext, storage: StorageResource,
+                 accelerator: AcceleratorResource) -> dg.MaterializeResult:
+    """A model's score of every downloaded image with its caption (the DFN's: cosine of its two embeddings): the
+    one filtering input that needs pixels, so only the strategies that read it wait for the download.
+
+    One parquet per pool shard (uid + `<scorer>_score`); a shard already scored is kept (resume)."""
+    from datacomp_assets.core.models import Scorer, load_model
+    from datacomp_assets.filtering.image_scores import score_shards
+
+    with storage.writing(context):
+        scale, scorer = scale_and_scorer(context)
+        layout = storage.layout
+        model_name, checkpoint = dfn_of(scale, layout)
+        device = accelerator.placement(scale.precision).device
+        model = Scorer(scorer, *load_model(model_name, checkpoint, device), device)
+        out = layout.image_scores(scale.name, scorer)
+        summary = score_shards(layout.pool_shards(scale.name), out, model, image_score_column(scorer),
+                               context.log.info)
+        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)), "model": model_name,
+                                              "checkpoint_path": str(checkpoint), **summary})
+
+
+def dfn_of(scale, layout) -> tuple[str, Path]:
+    """(architecture, checkpoint) of the scale's data filtering network: trained here at the synthetic web, the
+    user's file (`dfn_checkpoint`) at a published pool."""
+    from datacomp_assets.core.inputs import require_input
+    from datacomp_assets.core.scorers import DFN_MODEL, dfn_checkpoint
+
+    if scale.pool_source == "synthetic_web":
+        return DFN_MODEL, dfn_checkpoint(layout, scale)
+    return scale.dfn_architecture, require_input(scale, "dfn_checkpoint")
 
 
 @dg.observable_source_asset(partitions_def=strategy_partitions, group_name=Group.FILTERING)
@@ -79,8 +150,9 @@ def strategy_definitions() -> dg.DataVersionsByPartition:
           deps=[STRATEGY_DEFINITION,
                 dg.AssetDep(Asset.POOL_METADATA, partition_mapping=by_scale),
                 dg.AssetDep(Asset.POOL_FEATURES, partition_mapping=by_scale),
+                dg.AssetDep(Asset.IMAGE_SCORES, partition_mapping=reading_image_scores),
                 dg.AssetDep(Asset.EXTERNAL_SOURCES, partition_mapping=by_scale)],
-          code_version="3")
+          code_version="4")
 def subset(context: dg.AssetExecutionContext, storage: StorageResource,
            pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """The strategy's rule applied to the pool metadata: the uids a CLIP will be trained on, and an audit of
@@ -94,7 +166,9 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         metadata_dir = layout.pool_metadata(scale.name)
         pool_version = verified_version(metadata_dir)  # the files it reads are the version it records
         t0 = time.perf_counter()
-        uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=[layout.pool_features(scale.name)],
+        feature_dirs = [layout.pool_features(scale.name),
+                        *(layout.image_scores(scale.name, scorer) for scorer in IMAGE_SCORERS)]
+        uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=[d for d in feature_dirs if d.exists()],
                            reference_scorers=source.reference_scorers,
                            external_dirs=layout.external_source_dirs(scale.name))
         seconds = time.perf_counter() - t0

@@ -9,16 +9,17 @@ One parquet per metadata shard (same stem), keyed by uid, joined to the metadata
 | semdedup_max_similarity | SemDeDup | highest cosine to a sample ranked before it in its cluster (k-means of the whole pool) |
 | vas_score | VAS | x^T Sigma_target x for the L/14 image embedding x |
 | metaclip_keep_probability, metaclip_draw | MetaCLIP | 1 - prod(1 - t / max(count_e, t)) over matched entries; a seeded uniform draw |
-| dfn_score | DFN | cosine of image and caption embeddings by the data filtering network |
 
 Counts (MetaCLIP), centroids (k-means) and the target covariance (VAS) need the whole pool: they are reduced
-once over all shards, then every shard is mapped with them.
+once over all files, then every file is mapped with them. A model's scores over the images (the DFN's
+`dfn_score`) are not here but in the image_scores asset: only they need the downloaded images.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ def entries_from_captions(texts: Iterable[str], min_count: int, extra: Iterable[
 # The image-based baseline clusters only the pool whose captions pass this (upstream's
 # image_based_clustering.py); its rule in strategies.toml repeats the same caption conditions.
 CAPTION_COLUMNS = ("language", "num_tokens", "num_chars")
+EMBEDDING_KEY = "l14_img"
+# k-means trains on a seeded uniform sample of at most this many rows (3 GB of float32 at 768-d), so memory does
+# not grow with the pool; upstream trains on every row, on GPUs with the memory for it (docs/strategies.md).
+KMEANS_MAX_POINTS = 1_000_000
 
 
 def passes_image_based_captions(table: pa.Table) -> np.ndarray:
@@ -86,104 +91,142 @@ def passes_image_based_captions(table: pa.Table) -> np.ndarray:
             & (table["num_chars"].to_numpy(zero_copy_only=False) > 5))
 
 
-@dataclass
-class PoolShard:
-    stem: str
-    uids: list[str]
-    texts: list[str]
-    image_embeddings: np.ndarray  # L/14, unit norm, float32
-    image_based_captions: np.ndarray  # bool: the caption passes the image-based baseline's caption filter
+@dataclass(frozen=True)
+class MetadataFile:
+    parquet: Path
+    rows: slice  # its rows in pool order
+
+    def embeddings(self, key: str = EMBEDDING_KEY) -> np.ndarray:
+        npz = self.parquet.with_suffix(".npz")
+        with np.load(npz) as arrays:
+            if key not in arrays:
+                raise ValueError(f"{npz} has no {key!r} embeddings (keys: {sorted(arrays)})")
+            embeddings = arrays[key]
+        if len(embeddings) != self.rows.stop - self.rows.start:
+            raise ValueError(f"{npz}: {len(embeddings)} embeddings for {self.rows.stop - self.rows.start} metadata rows")
+        return embeddings
 
 
-def read_pool(metadata_dir: str | os.PathLike, embedding_key: str = "l14_img") -> list[PoolShard]:
-    """Every metadata shard's uids, captions, caption filter and image embeddings (the .npz beside the parquet)."""
-    shards = []
+def metadata_files(metadata_dir: str | os.PathLike) -> list[MetadataFile]:
+    """The metadata's parquet files in pool order, each checked for the caption columns and its embeddings."""
+    files, start = [], 0
     for path in sorted(Path(metadata_dir).glob("*.parquet")):
         missing = [c for c in CAPTION_COLUMNS if c not in pq.read_schema(path).names]
         if missing:
             raise ValueError(f"{path} lacks the caption features {missing}: pool_features needs them "
                              "(materialize pool_metadata again)")
-        table = pq.read_table(path, columns=["uid", "text", *CAPTION_COLUMNS])
-        npz = path.with_suffix(".npz")
-        if not npz.exists():
-            raise FileNotFoundError(f"{npz} is missing: pool_features needs the metadata's embeddings")
-        with np.load(npz) as arrays:
-            if embedding_key not in arrays:
-                raise ValueError(f"{npz} has no {embedding_key!r} embeddings (keys: {sorted(arrays)})")
-            emb = arrays[embedding_key].astype(np.float32)
-        if len(emb) != table.num_rows:
-            raise ValueError(f"{npz}: {len(emb)} embeddings for {table.num_rows} metadata rows")
-        shards.append(PoolShard(path.stem, table["uid"].to_pylist(), table["text"].to_pylist(), emb,
-                                passes_image_based_captions(table)))
-    if not shards:
+        if not path.with_suffix(".npz").exists():
+            raise FileNotFoundError(
+                f"{path.with_suffix('.npz')} is missing: pool_features needs the metadata's embeddings (at a "
+                "published scale: the npz files beside the parquet files in the mirror, or the published "
+                "resource's include_npz to fetch them from the Hub)")
+        rows = pq.read_metadata(path).num_rows
+        files.append(MetadataFile(path, slice(start, start + rows)))
+        start += rows
+    if not files:
         raise FileNotFoundError(f"no metadata parquet in {metadata_dir}; materialize pool_metadata first")
-    return shards
+    return files
 
 
 @dataclass(frozen=True)
 class FeatureSettings:
     vocabulary: Mapping[str, str]           # caption word -> class (text_based)
-    metaclip_entries: Sequence[str]
+    metaclip_entries: Sequence[str] | None  # None: no MetaCLIP columns
     metaclip_t: float
     clusters: int                           # k-means clusters (image_based, SemDeDup)
     seed: int = 0
-    kmeans_max_points: int | None = None    # train k-means on a seeded sample of this many rows
+    kmeans_max_points: int | None = KMEANS_MAX_POINTS  # k-means trains on a seeded sample of this many rows
 
 
 def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: FeatureSettings,
-                          target_embeddings: np.ndarray, dfn_scores: Mapping[str, float] | None = None,
+                          target_embeddings: np.ndarray | None, vas_targets: np.ndarray | None,
                           log: Callable[[str], None] = print) -> dict:
-    """Write `<out_dir>/<stem>.parquet` (uid + the feature columns) for every metadata shard.
+    """Write `<out_dir>/<stem>.parquet` (uid + the feature columns) for every metadata file.
 
-    `target_embeddings`: L/14 image embeddings of the target set (ImageNet's training images, or the tiny
-    analogue's). `dfn_scores`: uid -> data filtering network score (NaN where absent).
+    Streamed in bounded memory: the L/14 image embeddings are copied once into a float16 scratch file (removed at
+    the end) that k-means sampling, cluster assignment, SemDeDup and VAS read in blocks, and captions are read a
+    file at a time; memory holds the k-means sample and a few numbers per row, not the pool's embeddings.
+    `target_embeddings`: L/14 image embeddings of ImageNet's training images (or the tiny analogue's); None
+    leaves `in_target_cluster` out. `vas_targets`: VAS's target embeddings; None leaves `vas_score` out.
+    `settings.metaclip_entries` None leaves the MetaCLIP columns out.
     """
-    shards = read_pool(metadata_dir)
-    all_emb = np.concatenate([s.image_embeddings for s in shards])
-    captioned = np.concatenate([s.image_based_captions for s in shards])
-    log(f"pool_features: {len(all_emb)} samples in {len(shards)} shards ({int(captioned.sum())} pass the "
-        f"image-based caption filter); k-means into {settings.clusters} clusters")
+    files = metadata_files(metadata_dir)
+    n = files[-1].rows.stop
+    out_dir = Path(out_dir)
+    scratch = out_dir / ".scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        embeddings = np.lib.format.open_memmap(scratch / f"{EMBEDDING_KEY}.npy", mode="w+", dtype=np.float16,
+                                               shape=(n, files[0].embeddings().shape[1]))
+        captioned = np.zeros(n, dtype=bool)
+        matcher = metaclip.build_matcher(settings.metaclip_entries) if settings.metaclip_entries else None
+        counts = np.zeros(len(matcher.entries) if matcher else 0, dtype=np.int64)
+        for file in files:  # pass 1: embeddings to scratch, the caption filter, MetaCLIP's entry counts
+            table = pq.read_table(file.parquet, columns=["text", *CAPTION_COLUMNS])
+            embeddings[file.rows] = file.embeddings()
+            captioned[file.rows] = passes_image_based_captions(table)
+            if matcher:
+                counts += metaclip.count_shard(table["text"].to_pylist(), matcher)
+        embeddings.flush()
+        log(f"pool_features: {n:,} samples in {len(files)} files ({int(captioned.sum()):,} pass the image-based "
+            f"caption filter); k-means into {settings.clusters:,} clusters on at most "
+            f"{min(n, settings.kmeans_max_points or n):,} rows")
+        columns, target_clusters = _pool_columns(embeddings, captioned, settings, target_embeddings, vas_targets)
+        for i, file in enumerate(files):  # pass 2: per-file columns, written beside the pool-wide ones
+            table = pq.read_table(file.parquet, columns=["uid", "text"])
+            texts = table["text"].to_pylist()
+            features = {"uid": table["uid"],
+                        "text_concept": pa.array(text_concepts(texts, settings.vocabulary), pa.string()),
+                        **{name: values[file.rows] for name, values in columns.items()}}
+            if matcher:
+                matches = metaclip.match_entries(texts, matcher)
+                features["metaclip_keep_probability"] = pa.array(
+                    metaclip.keep_probabilities(matches, counts, settings.metaclip_t), pa.float32())
+                features["metaclip_draw"] = pa.array(metaclip.shard_rng(settings.seed, i).random(len(texts)),
+                                                     pa.float32())
+            _write_atomically(pa.table(features), out_dir / file.parquet.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"rows": n, "files": len(files), "clusters": settings.clusters, "target_clusters": target_clusters,
+            "columns": ", ".join(c for c in pq.read_schema(out_dir / files[0].parquet.name).names if c != "uid"),
+            "metaclip_entries": len(matcher.entries) if matcher else 0,
+            "metaclip_entries_matched": int((counts > 0).sum()), "metaclip_t": settings.metaclip_t}
 
-    def kmeans(embeddings: np.ndarray) -> np.ndarray:
-        return image_based.train_centroids(embeddings, settings.clusters, seed=settings.seed,
+
+def _pool_columns(embeddings: np.ndarray, captioned: np.ndarray, settings: FeatureSettings,
+                  target_embeddings: np.ndarray | None, vas_targets: np.ndarray | None,
+                  ) -> tuple[dict[str, np.ndarray], int]:
+    """The columns that need the whole pool (k-means clusters, SemDeDup similarities, VAS scores), and how many
+    clusters hold a target image."""
+    chunk = image_based.DEFAULT_CHUNK
+
+    def captioned_blocks():
+        for start in range(0, len(captioned), chunk):
+            yield np.asarray(embeddings[start:start + chunk][captioned[start:start + chunk]])
+
+    def kmeans(rows) -> np.ndarray:
+        return image_based.train_centroids(rows, settings.clusters, seed=settings.seed,
                                            max_points=settings.kmeans_max_points)
 
     # image_based: centroids of the caption-filtered pool, as upstream; every sample gets its nearest one.
-    image_centroids = kmeans(all_emb[captioned])
-    clusters = image_based.assign(all_emb, image_centroids)
-    targets = image_based.target_clusters(target_embeddings, image_centroids)
+    image_centroids = kmeans(captioned_blocks())
+    clusters = image_based.assign(embeddings, image_centroids)
+    columns, targets = {"image_cluster": clusters}, np.empty(0, np.int64)
+    if target_embeddings is not None:
+        targets = image_based.target_clusters(target_embeddings, image_centroids)
+        columns["in_target_cluster"] = np.isin(clusters, targets)
     # SemDeDup: its own clustering of the whole pool (it deduplicates within clusters, captions aside).
-    max_similarity = semdedup.semdedup_max_similarity(all_emb, image_based.assign(all_emb, kmeans(all_emb)))
-    vas_scores = vas.vas_scores(all_emb, vas.target_covariance(target_embeddings))
+    semdedup_clusters = image_based.assign(embeddings, kmeans(embeddings))
+    columns["semdedup_max_similarity"] = semdedup.semdedup_max_similarity(embeddings, semdedup_clusters)
+    if vas_targets is not None:
+        columns["vas_score"] = vas.vas_scores(embeddings, vas.target_covariance(vas_targets))
+    return columns, len(targets)
 
-    matcher = metaclip.build_matcher(settings.metaclip_entries)
-    matches = [metaclip.match_entries(s.texts, matcher) for s in shards]
-    counts = metaclip.reduce_counts(metaclip.entry_counts(m, len(matcher.entries)) for m in matches)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = 0
-    for i, shard in enumerate(shards):
-        rows = slice(start, start + len(shard.uids))
-        start = rows.stop
-        keep_p = metaclip.keep_probabilities(matches[i], counts, settings.metaclip_t)
-        draw = metaclip.shard_rng(settings.seed, i).random(len(shard.uids))
-        dfn = [np.nan if dfn_scores is None else dfn_scores.get(u, np.nan) for u in shard.uids]
-        table = pa.table({
-            "uid": shard.uids,
-            "text_concept": pa.array(text_concepts(shard.texts, settings.vocabulary), pa.string()),
-            "image_cluster": pa.array(clusters[rows], pa.int64()),
-            "in_target_cluster": pa.array(np.isin(clusters[rows], targets)),
-            "semdedup_max_similarity": pa.array(max_similarity[rows], pa.float32()),
-            "vas_score": pa.array(vas_scores[rows], pa.float32()),
-            "metaclip_keep_probability": pa.array(keep_p, pa.float32()),
-            "metaclip_draw": pa.array(draw, pa.float32()),
-            "dfn_score": pa.array(dfn, pa.float32()),
-        })
-        tmp = temporary_sibling(out_dir / f"{shard.stem}.parquet")
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    tmp = temporary_sibling(path)
+    try:
         pq.write_table(table, tmp)
-        os.replace(tmp, out_dir / f"{shard.stem}.parquet")
-    matched_entries = int((counts > 0).sum())
-    return {"rows": len(all_emb), "shards": len(shards), "clusters": settings.clusters,
-            "target_clusters": len(targets), "metaclip_entries": len(matcher.entries),
-            "metaclip_entries_matched": matched_entries, "metaclip_t": settings.metaclip_t}
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

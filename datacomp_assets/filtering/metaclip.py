@@ -35,7 +35,9 @@ One-shard convenience: :func:`balance`. Lower-level pieces: :class:`EntryMatcher
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -257,3 +259,20 @@ def balance(texts: Sequence[str], entries: Sequence[str] | EntryMatcher, t: floa
     matches = m.match_many(texts)
     counts = entry_counts(matches, m.n_entries)
     return sample_matches(matches, counts, t, np.random.default_rng(seed))
+
+
+def read_entries(path: str | os.PathLike) -> list[str]:
+    """MetaCLIP's metadata entries from a file: a JSON list of strings (upstream's metadata.json), or one entry per
+    line of a text file."""
+    import json
+
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix == ".json":
+        entries = json.loads(text)
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise ValueError(f"{path}: expected a JSON list of strings (MetaCLIP's metadata.json)")
+    else:
+        entries = [line for line in text.splitlines() if line.strip()]
+    if not entries:
+        raise ValueError(f"{path}: no MetaCLIP entries")
+    return entries

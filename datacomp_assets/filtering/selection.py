@@ -17,9 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datacomp_assets.core.inputs import INPUTS
 from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.strategies import (
-    SCORE_COLUMNS, SOURCE_PREFIX, THRESHOLD_PLACEHOLDER, Strategy, get_strategy)
+    SCORE_COLUMNS, SOURCE_PREFIX, THRESHOLD_PLACEHOLDER, Strategy, get_strategy, strategy_identifiers)
 from datacomp_assets.core.uids import UID_DTYPE, array_to_uids, arrow_uids_to_array, sort_uids
 
 # Where a column a rule reads comes from, for the error when it is missing.
@@ -27,8 +28,11 @@ COLUMN_SOURCES = {
     "language": f"{Asset.POOL_METADATA} (fastText caption features)", "num_words": Asset.POOL_METADATA,
     "num_chars": Asset.POOL_METADATA, "num_tokens": Asset.POOL_METADATA,
     "cld3_language": f"{Asset.POOL_METADATA} (CLD3)",
-    **dict.fromkeys(("text_concept", "in_target_cluster", "image_cluster", "semdedup_max_similarity", "vas_score",
-                     "dfn_score", "metaclip_keep_probability", "metaclip_draw"), Asset.POOL_FEATURES),
+    **dict.fromkeys(("text_concept", "image_cluster", "semdedup_max_similarity"), Asset.POOL_FEATURES),
+    **{column: f"{Asset.POOL_FEATURES}, from the file named by the scale's `{name}` setting ({spec.what})"
+       for name, spec in INPUTS.items() for column in spec.columns if name != "dfn_checkpoint"},
+    "dfn_score": f"{Asset.IMAGE_SCORES} (the data filtering network over the downloaded images; at a published "
+                 "pool its checkpoint is the file named by the scale's `dfn_checkpoint` setting)",
 }
 
 # Reference score thresholds are on OpenAI CLIP's cosine scale. Where the scorers are other models (the
@@ -211,17 +215,6 @@ class PoolQuery:
         return self.con.execute("SELECT count(*) FROM pool").fetchall()[0][0]
 
 
-def _identifiers(name: str) -> set[str]:
-    """Every word that the strategy's rules (and those of the strategies it is built from) mention."""
-    if name.startswith(SOURCE_PREFIX):
-        return set()
-    strategy = get_strategy(name)
-    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", f"{strategy.where} {strategy.order_by or ''}"))
-    for part in strategy.parts:
-        words |= _identifiers(part)
-    return words
-
-
 def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int = 0,
                 feature_dirs: Sequence[str | os.PathLike] = (), reference_scorers: bool = False,
                 external_dirs: Mapping[str, str | os.PathLike] | None = None) -> np.ndarray:
@@ -232,7 +225,7 @@ def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int =
     thresholds apply as they are. `external_dirs`: downloaded external sources a mixture may draw from.
     """
     strategy = get_strategy(strategy_name)
-    con = connect_pool(metadata_dir, feature_dirs, needed=_identifiers(strategy_name),
+    con = connect_pool(metadata_dir, feature_dirs, needed=strategy_identifiers(strategy_name),
                        readable=list((external_dirs or {}).values()))
     try:
         return PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs).run(

@@ -2,13 +2,14 @@
 
 import dagster as dg
 
-from datacomp_assets.core.layout import Asset, Group
-from datacomp_assets.core.lineage import code_revision, file_manifest, manifest_version, write_lineage
+from datacomp_assets.core.layout import Asset, Group, Layout
+from datacomp_assets.core.inputs import require_input
+from datacomp_assets.core.lineage import code_revision, file_manifest, file_sha256, manifest_version, write_lineage
 from datacomp_assets.core.scales import ScaleConfig
 from datacomp_assets.core.scorers import DFN_MODEL, DFN_RUN, SCORER_MODELS, dfn_recipe, scorer_checkpoint, scorer_recipe
 from datacomp_assets.core.shards import brace_pattern
 from datacomp_assets.core.trainer import train
-from partitions import get_scale, scale_partitions
+from partitions import get_scale, on_synthetic_web, scale_partitions
 from resources import AcceleratorResource, PoolSourceResource, StorageResource
 
 
@@ -28,14 +29,26 @@ def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource, a
         return dg.MaterializeResult(metadata=meta)
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, deps=[Asset.CURATED_SOURCE], code_version="1",
-          pool="gpu")
+@dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, code_version="2", pool="gpu",
+          deps=[dg.AssetDep(Asset.CURATED_SOURCE, partition_mapping=on_synthetic_web)])
 def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
               pool_source: PoolSourceResource) -> dg.MaterializeResult:
-    """A data filtering network: a CLIP trained on the curated source only, whose scores filter the pool."""
+    """A data filtering network, whose scores filter the pool: at the synthetic web, a CLIP trained on the curated
+    source only; at a published pool, the checkpoint the scale's `dfn_checkpoint` names (verified, hashed)."""
     with storage.writing(context):
         scale, layout = get_scale(context.partition_key), storage.layout
-        pool_source.for_scale(scale, layout).require_miniature(Asset.DFN_MODEL)
+        if pool_source.for_scale(scale, layout).metadata_published:
+            # At a paper scale the DFN is the user's checkpoint: verified to load, and hashed for the lineage.
+            from datacomp_assets.core.models import forward_check
+
+            checkpoint = require_input(scale, "dfn_checkpoint")
+            problem = forward_check(scale.dfn_architecture, checkpoint)
+            if problem:
+                raise ValueError(f"scale {scale.name!r}: dfn_checkpoint {checkpoint} is not an open_clip "
+                                 f"{scale.dfn_architecture} checkpoint: {problem}")
+            sha256 = file_sha256(checkpoint)
+            return dg.MaterializeResult(data_version=dg.DataVersion(sha256[:16]), metadata={
+                "model": scale.dfn_architecture, "checkpoint_path": str(checkpoint), "checkpoint_sha256": sha256})
         trained = train_on_curated(context, storage, accelerator, dfn_recipe(scale), layout.dfn_model(scale.name),
                                    DFN_RUN)
         return dg.MaterializeResult(metadata={"model": DFN_MODEL, **trained})
@@ -51,31 +64,32 @@ def train_on_curated(context, storage: StorageResource, accelerator: Accelerator
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA,
-          deps=[Asset.POOL_SHARDS, Asset.SCORER_MODELS, Asset.EVAL_SUITE],
-          code_version="2", pool="gpu")
-def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
-                  accelerator: AcceleratorResource) -> dg.MaterializeResult:
+          deps=[Asset.POOL_INDEX,
+                dg.AssetDep(Asset.POOL_SHARDS, partition_mapping=on_synthetic_web),
+                dg.AssetDep(Asset.SCORER_MODELS, partition_mapping=on_synthetic_web),
+                dg.AssetDep(Asset.EVAL_SUITE, partition_mapping=on_synthetic_web)],
+          code_version="3", pool="gpu")
+def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
+                  pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """Per-sample features computed once: language, caption counts, embeddings and both CLIP scores.
 
-    The paper's safety steps run first: unsafe captions and near-duplicates of evaluation images (faiss
-    over image fingerprints) leave the pool, each recorded with its reason under `removed/`."""
+    At a published pool (the paper's scales): DataComp's parquet and npz as they are, joined with the caption
+    features, file by file in parallel processes; no image is read and no model runs. At the synthetic web:
+    computed from the downloaded images by the scorer CLIPs, after the paper's safety steps (unsafe captions
+    and near-duplicates of evaluation images leave the pool, each recorded with its reason under `removed/`)."""
     import duckdb
-
-    from datacomp_assets.core.models import Scorer, load_model
-    from datacomp_assets.metadata.build import build_pool_metadata
-    from datacomp_assets.metadata.safety import eval_fingerprints
 
     with storage.writing(context):
         scale, layout = get_scale(context.partition_key), storage.layout
-        device = accelerator.placement(scale.precision).device
-        scorers = []
-        for prefix, model_name in SCORER_MODELS.items():
-            model, preprocess, tokenizer = load_model(model_name, scorer_checkpoint(layout, scale, prefix), device)
-            scorers.append(Scorer(prefix, model, preprocess, tokenizer, device))
+        source = pool_source.for_scale(scale, layout)
         out = layout.pool_metadata(scale.name)
-        eval_fp = eval_fingerprints(layout.eval_suite(scale.name), max_shift=0)
-        summary = build_pool_metadata(layout.pool_shards(scale.name), out, scorers, context.log.info,
-                                      eval_fingerprints=eval_fp)
+        if source.metadata_published:
+            from datacomp_assets.metadata.published import join_caption_features
+
+            summary = join_caption_features(source.metadata_files(), out, processes=source.processes,
+                                            log=context.log.info)
+        else:
+            summary = metadata_from_images(context, scale, layout, accelerator, out)
         rows, en, b32, l14 = duckdb.sql(
             f"select count(*), avg((language = 'en')::int), avg(clip_b32_similarity_score), "
             f"avg(clip_l14_similarity_score) from read_parquet('{out}/*.parquet')").fetchall()[0]
@@ -86,11 +100,25 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource,
                             "code_revision": code_revision()})
         return dg.MaterializeResult(data_version=dg.DataVersion(pool_version[:16]), metadata={
             "path": dg.MetadataValue.path(str(out)), "pool_version": pool_version,
-            "rows": rows, "shards": summary["shards"], "english_fraction": en,
+            "rows": rows, "english_fraction": en,
             "mean_clip_b32_similarity_score": b32, "mean_clip_l14_similarity_score": l14,
-            "removed_unsafe_text": summary["removed_unsafe_text"],
-            "removed_eval_duplicate": summary["removed_eval_duplicate"],
-            "eval_images_checked": len(eval_fp),
-            "seconds": round(summary["seconds"], 1),
-            "rows_per_second": summary["rows_per_second"] or 0.0,
+            **{k: round(v, 1) if k == "seconds" else v for k, v in summary.items() if v is not None},
         })
+
+
+def metadata_from_images(context, scale: ScaleConfig, layout: Layout, accelerator: AcceleratorResource,
+                         out) -> dict:
+    """The miniature's metadata: the scorer CLIPs over the downloaded images, after the safety steps."""
+    from datacomp_assets.core.models import Scorer, load_model
+    from datacomp_assets.metadata.build import build_pool_metadata
+    from datacomp_assets.metadata.safety import eval_fingerprints
+
+    device = accelerator.placement(scale.precision).device
+    scorers = []
+    for prefix, model_name in SCORER_MODELS.items():
+        model, preprocess, tokenizer = load_model(model_name, scorer_checkpoint(layout, scale, prefix), device)
+        scorers.append(Scorer(prefix, model, preprocess, tokenizer, device))
+    eval_fp = eval_fingerprints(layout.eval_suite(scale.name), max_shift=0)
+    summary = build_pool_metadata(layout.pool_shards(scale.name), out, scorers, context.log.info,
+                                  eval_fingerprints=eval_fp)
+    return {**summary, "eval_images_checked": len(eval_fp)}

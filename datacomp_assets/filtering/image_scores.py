@@ -1,0 +1,52 @@
+"""A model's scores of the pool's downloaded images with their captions, shard by shard (plain Python; no Dagster).
+
+The data filtering network's score is the cosine of its image and caption embeddings. One parquet per pool shard
+(uid + the score column), written under a temporary name and renamed; a shard already scored is kept, so an
+interrupted run resumes. Memory holds one shard's images.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.models import Scorer
+from datacomp_assets.core.shards import read_downloaded
+
+
+def score_shards(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, scorer: Scorer, column: str,
+                 log: Callable[[str], None] = print) -> dict:
+    """Write `<out_dir>/<shard>.parquet` (uid, `column`) for every downloaded shard; returns counts and timings."""
+    tars = sorted(Path(shards_dir).glob("*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"no downloaded shards in {shards_dir}; materialize pool_shards first")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scored, skipped, t0 = 0, 0, time.perf_counter()
+    for i, tar in enumerate(tars, 1):
+        target = out_dir / f"{tar.stem}.parquet"
+        if target.exists():
+            skipped += 1
+            continue
+        records, images = read_downloaded(tar)
+        if records:
+            image, text = scorer.embed(images, [r["text"] for r in records])
+            scores = (image * text).sum(axis=1).astype(np.float32)
+        else:
+            scores = np.empty(0, np.float32)
+        tmp = temporary_sibling(target)
+        pq.write_table(pa.table({"uid": pa.array([r["uid"] for r in records], pa.string()),
+                                 column: pa.array(scores, pa.float32())}), tmp)
+        os.replace(tmp, target)
+        scored += len(records)
+        log(f"{column}: shard {i}/{len(tars)}: {len(records)} images")
+    seconds = time.perf_counter() - t0
+    return {"shards": len(tars), "shards_skipped": skipped, "images_scored": scored, "seconds": round(seconds, 1),
+            "images_per_second": round(scored / seconds, 1) if scored and seconds else 0.0}
