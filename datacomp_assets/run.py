@@ -114,6 +114,8 @@ def check_inputs(scale, strategies: list[str], resources: dict, train: bool) -> 
     """Fail before anything runs when a strategy needs a file the scale does not name, or a GPU that is absent."""
     from datacomp_assets.core.inputs import configured_problems, inputs_for_columns
 
+    if train:
+        resources["accelerator"].training_placement(scale)  # a paper recipe on a CPU is refused here, at once
     if scale.pool_source == "synthetic_web":
         return
     problems = configured_problems(scale, inputs_for_columns(columns_read(strategies)))

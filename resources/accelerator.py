@@ -1,10 +1,10 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dagster as dg
 
 from datacomp_assets.core.scales import ScaleConfig
-from datacomp_assets.core.trainer import TrainJob
+from datacomp_assets.core.trainer import TrainJob, accumulation_steps
 
 
 @dataclass(frozen=True)
@@ -13,16 +13,20 @@ class Placement:
     nproc: int         # training processes (one per GPU; CPU processes on gloo)
     precision: str     # open_clip --precision
     threads: int = 0   # CPU threads per process (0: the default)
+    accum_freq: int = 1  # gradient accumulation steps per optimizer step (training on GPUs only)
 
 
 class AcceleratorResource(dg.ConfigurableResource):
     """Which device trains and scores. `auto` picks CUDA when a GPU is visible, else the CPU in fp32
-    (open_clip's amp is about 15x slower on a CPU)."""
+    (open_clip's amp is about 15x slower on a CPU). Training runs on every visible GPU (or `gpus`), one
+    torchrun process each; with fewer GPUs than the reference, gradients accumulate to keep the global batch.
+    A scale that requires a GPU (the paper's) is refused on a CPU unless `allow_cpu_training` is set."""
 
     device: str = "auto"        # auto | cuda | cpu
     gpus: int = 0               # 0: every visible GPU
     cpu_processes: int = 1      # >1 runs torchrun with the gloo backend on the CPU
     cpu_threads: int = 0        # torch threads per training process on the CPU; 0: torch's default (all cores)
+    allow_cpu_training: bool = False  # train a scale that requires a GPU on the CPU anyway (a rehearsal, a test)
 
     def placement(self, scale_precision: str) -> Placement:
         import torch
@@ -39,10 +43,34 @@ class AcceleratorResource(dg.ConfigurableResource):
             raise ValueError(f"accelerator.device must be auto, cuda or cpu, not {device!r}")
         return Placement("cpu", self.cpu_processes, "fp32", self.cpu_threads)
 
+    def training_placement(self, recipe: ScaleConfig) -> Placement:
+        """Where `recipe` trains, or a ValueError at once if it cannot train here as the benchmark fixes it."""
+        placement = self.placement(recipe.precision)
+        if placement.device == "cpu":
+            if recipe.requires_gpu and not self.allow_cpu_training:
+                raise ValueError(
+                    f"scale {recipe.name!r} requires a GPU to train, and no GPU is visible to training "
+                    f"(accelerator device {self.device!r}). Training its reference recipe ({recipe.model}, "
+                    f"{recipe.samples_seen:,} samples seen, global batch {recipe.global_batch:,}) on a CPU would take "
+                    "far too long. Run on a machine with a GPU, or, to train on the CPU anyway "
+                    "(a rehearsal), opt in: set `allow_cpu_training: true` on the `accelerator` resource "
+                    "(launchpad: resources: accelerator: config: allow_cpu_training: true).")
+            # No accumulation on the CPU: reference_gpus describes the reference's per-GPU memory, and a CPU
+            # process has no such limit (it shares the host's memory). CPU runs are miniatures (tiny) or
+            # rehearsals a user opted into, where open_clip's accumulation would only add its extra forward pass
+            # per micro-batch (about a third more compute) to the slowest device. Each process takes the global
+            # batch divided by the processes, as the recipe's global batch and steps stay the same.
+            return placement
+        try:
+            accum = accumulation_steps(recipe.global_batch, recipe.reference_gpus, placement.nproc)
+        except ValueError as err:
+            raise ValueError(f"scale {recipe.name!r}: {err}") from None
+        return replace(placement, accum_freq=accum)
+
     def train_job(self, recipe: ScaleConfig, train_data: str, logs_dir: Path, name: str,
                   seed: int | None = None) -> TrainJob:
         """A training run of `recipe` (a scale's fixed recipe) on the devices this resource chooses."""
-        placement = self.placement(recipe.precision)
+        placement = self.training_placement(recipe)
         return TrainJob(recipe, train_data, logs_dir, name, device=placement.device, precision=placement.precision,
                         nproc=placement.nproc, grad_checkpointing=placement.device == "cuda",
-                        threads=placement.threads, seed=seed)
+                        threads=placement.threads, seed=seed, accum_freq=placement.accum_freq)

@@ -17,7 +17,7 @@ from datacomp_assets.core.models import forward_check, load_model
 from datacomp_assets.core.scales import SCALES
 from datacomp_assets.core.shards import iter_webdataset, write_webdataset
 from datacomp_assets.core.trainer import (
-    TrainJob, completed_epochs, discard_unreadable_checkpoints, read_curve, train,
+    TrainJob, accumulation_steps, completed_epochs, discard_unreadable_checkpoints, read_curve, train,
 )
 from datacomp_assets.core.uids import uids_to_array
 from datacomp_assets.training.reshard import reshard
@@ -78,6 +78,105 @@ def test_argv_carries_the_fixed_recipe():
     assert str(tmp) in argv
 
 
+def open_clip_args(job: TrainJob):
+    """The job's flags as the installed open_clip parses them (an unknown flag fails here)."""
+    from open_clip_train.params import parse_args
+
+    return parse_args(job.argv())
+
+
+def open_clip_steps_per_epoch(args, world_size: int) -> int:
+    """Optimizer steps per "epoch" as open_clip counts them with --dataset-resampled: micro-batches of
+    batch size x world size, rounded up to a multiple of the workers (open_clip_train/data.py,
+    get_wds_dataset), floor-divided by --accum-freq (train.py, train_one_epoch)."""
+    import math
+
+    micro_batches = math.ceil(args.train_num_samples / (args.batch_size * world_size))
+    workers = max(1, args.workers)
+    micro_batches = math.ceil(micro_batches / workers) * workers
+    return micro_batches // args.accum_freq
+
+
+def test_fewer_gpus_than_the_reference_accumulate_to_the_global_batch():
+    small = SCALES["small"]
+    one_gpu = TrainJob(small, "x/{0..1}.tar", Path("/l"), "n", device="cuda", nproc=1,
+                       accum_freq=accumulation_steps(small.global_batch, small.reference_gpus, 1))
+    args = open_clip_args(one_gpu)
+    assert args.accum_freq == 8 and args.batch_size == 512
+    assert one_gpu.argv()[one_gpu.argv().index("--accum-freq") + 1] == "8"
+    eight_gpus = TrainJob(small, "x/{0..1}.tar", Path("/l"), "n", device="cuda", nproc=8,
+                          accum_freq=accumulation_steps(small.global_batch, small.reference_gpus, 8))
+    assert "--accum-freq" not in eight_gpus.argv() and open_clip_args(eight_gpus).batch_size == 512
+    xlarge = SCALES["xlarge"]
+    assert accumulation_steps(xlarge.global_batch, xlarge.reference_gpus, 8) == 64
+    assert open_clip_args(TrainJob(xlarge, "x", Path("/l"), "n", device="cuda", nproc=8, accum_freq=64)
+                          ).batch_size == 176
+    assert accumulation_steps(8192, 32, 8) == 4 and accumulation_steps(8192, 32, 64) == 1
+    assert accumulation_steps(90_112, 512, 11) == 64  # 11 x 47 >= 512 does not divide 90,112; 11 x 64 does
+    # open_clip's effective global batch is micro-batch x processes x accumulation steps: the recipe's.
+    for job in (one_gpu, eight_gpus):
+        args = open_clip_args(job)
+        assert args.batch_size * job.nproc * args.accum_freq == small.global_batch
+
+
+def test_the_steps_and_samples_seen_do_not_depend_on_how_the_batch_is_split():
+    # medium's budget per checkpoint (16,000,000) is not a whole number of global batches: open_clip would
+    # drop a step per checkpoint with accumulation unless it is given whole global batches.
+    for name in ("small", "medium", "large", "xlarge"):
+        scale = SCALES[name]
+        recipe_steps = -(-(scale.samples_seen // scale.epochs) // scale.global_batch)
+        for nproc in (1, 2, 8):
+            for workers in (1, 3):
+                accum = accumulation_steps(scale.global_batch, scale.reference_gpus, nproc)
+                job = TrainJob(scale, "x", Path("/l"), "n", device="cuda", nproc=nproc, accum_freq=accum,
+                               workers=workers)
+                steps = open_clip_steps_per_epoch(open_clip_args(job), nproc)
+                assert steps == job.steps_per_checkpoint, (name, nproc, workers)
+                assert job.samples_seen == scale.epochs * steps * scale.global_batch
+                if workers == 1:
+                    assert steps == recipe_steps, (name, nproc)
+
+
+def test_a_global_batch_no_gpu_count_splits_is_refused_with_the_numbers():
+    with pytest.raises(ValueError, match=r"global batch 4096 .* 3 GPU processes.*3 x k >= 8"):
+        accumulation_steps(4096, 8, 3)
+    with pytest.raises(ValueError, match="global batch 90112 .* 6 GPU processes"):
+        accumulation_steps(90_112, 512, 6)
+    with pytest.raises(ValueError, match="4096 of scale small .* 3 processes x 1"):
+        TrainJob(SCALES["small"], "x", Path("/l"), "n", device="cuda", nproc=3)
+
+
+def test_the_accelerator_accumulates_on_fewer_gpus(monkeypatch):
+    from resources import AcceleratorResource
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    job = AcceleratorResource().train_job(SCALES["small"], "x", Path("/l"), "n")
+    assert (job.device, job.nproc, job.accum_freq, job.micro_batch) == ("cuda", 1, 8, 512)
+    job = AcceleratorResource(gpus=8).train_job(SCALES["small"], "x", Path("/l"), "n")
+    assert (job.nproc, job.accum_freq, job.micro_batch) == (8, 1, 512)
+    assert "torch.distributed.run" in job.command() and "--nproc_per_node=8" in job.command()
+    with pytest.raises(ValueError, match="scale 'small'.*3 GPU processes"):
+        AcceleratorResource(gpus=3).train_job(SCALES["small"], "x", Path("/l"), "n")
+
+
+def test_a_gpu_scale_on_the_cpu_is_refused_unless_opted_in():
+    from resources import AcceleratorResource
+
+    with pytest.raises(ValueError) as refused:
+        AcceleratorResource(device="cpu").train_job(SCALES["small"], "x", Path("/l"), "n")
+    message = str(refused.value)
+    for words in ("'small'", "no GPU is visible", "12,800,000 samples", "far too long", "allow_cpu_training: true",
+                  "accelerator", "GPU"):
+        assert words in message
+    opted_in = AcceleratorResource(device="cpu", allow_cpu_training=True).train_job(
+        SCALES["small"], "x", Path("/l"), "n")
+    assert (opted_in.device, opted_in.accum_freq, opted_in.micro_batch) == ("cpu", 1, 4096)
+    assert "--accum-freq" not in opted_in.argv()
+    tiny = AcceleratorResource(device="cpu", cpu_processes=2).train_job(SCALES["tiny"], "x", Path("/l"), "n")
+    assert (tiny.device, tiny.nproc, tiny.accum_freq) == ("cpu", 2, 1)
+
+
 def test_open_clip_trainer_trains_and_resumes(tmp_path):
     write_pool(tmp_path / "pool", n=64, per_shard=16)
     job = TrainJob(MINI, str(tmp_path / "pool" / "{00000000..00000003}.tar"), tmp_path / "logs", "run")
@@ -94,6 +193,20 @@ def test_open_clip_trainer_trains_and_resumes(tmp_path):
     assert resumed.resumed_from_epoch == 1 and resumed.checkpoint.exists()
     # A finished run is not trained again.
     assert train(job, log=lambda m: None).seconds == 0.0
+
+
+def test_accumulated_micro_batches_train_in_whole_global_batches(tmp_path):
+    """open_clip's --accum-freq as the trainer passes it: steps of the global batch, to the same samples seen.
+    (webdataset's sample shuffle is not seeded, so the losses of two runs cannot be compared exactly.)"""
+    write_pool(tmp_path / "pool", n=64, per_shard=16)
+    scale = replace(MINI, epochs=1)
+    job = TrainJob(scale, str(tmp_path / "pool" / "{00000000..00000003}.tar"), tmp_path / "logs", "run", accum_freq=2)
+    assert job.argv()[job.argv().index("--batch-size") + 1] == str(scale.global_batch // 2)
+    result = train(job, log=lambda m: None)
+    assert result.checkpoint.exists() and forward_check(scale.model, result.checkpoint) is None
+    # 8 steps of 32 (not 16 of 16): open_clip logs steps 1, 6 and the last, in samples seen.
+    assert [s for s, _ in result.losses] == [32, 192, 256] and job.samples_seen == scale.samples_seen == 256
+    assert all(np.isfinite(loss) for _, loss in result.losses)
 
 
 def test_reshard_blurs_faces_listed_in_the_metadata(tmp_path):

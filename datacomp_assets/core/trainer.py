@@ -54,14 +54,28 @@ class TrainJob:
     seed: int | None = None     # defaults to the scale's seed
     grad_checkpointing: bool = False
     threads: int = 0            # CPU threads per process (OMP_NUM_THREADS); 0: torch's default
+    accum_freq: int = 1         # micro-batches per optimizer step (open_clip's --accum-freq), see accumulation_steps
+
+    def __post_init__(self):
+        split = self.nproc * self.accum_freq
+        if self.nproc < 1 or self.accum_freq < 1 or self.scale.global_batch % split:
+            raise ValueError(f"the global batch {self.scale.global_batch} of scale {self.scale.name} does not split "
+                             f"evenly over {self.nproc} processes x {self.accum_freq} accumulation steps")
+
+    @property
+    def micro_batch(self) -> int:
+        """Each process's batch per forward pass (open_clip's --batch-size)."""
+        return self.scale.global_batch // (self.nproc * self.accum_freq)
 
     def argv(self) -> list[str]:
         s = self.scale
-        per_checkpoint = s.samples_seen // s.epochs
+        # Whole global batches, so that open_clip's steps per "epoch" do not depend on how the batch is split:
+        # it counts micro-batches (batch size x processes) and takes their floor division by --accum-freq.
+        per_checkpoint = self.steps_per_checkpoint * s.global_batch
         args = [
             "--train-data", self.train_data, "--dataset-type", "webdataset", "--dataset-resampled",
             "--train-num-samples", str(per_checkpoint), "--epochs", str(s.epochs),
-            "--batch-size", str(s.global_batch // self.nproc), "--model", s.model,
+            "--batch-size", str(self.micro_batch), "--model", s.model,
             "--lr", str(s.lr), "--wd", str(s.weight_decay), "--beta1", str(s.beta1), "--beta2", str(s.beta2),
             "--eps", str(s.eps), "--warmup", str(s.warmup), "--lr-scheduler", "cosine",
             "--seed", str(s.seed if self.seed is None else self.seed), "--workers", str(self.workers),
@@ -70,6 +84,10 @@ class TrainJob:
             "--val-frequency", "0", "--report-to", "none", "--log-every-n-steps", "5",
             "--logs", str(self.logs_dir), "--name", self.name, "--resume", "latest",
         ]
+        if self.accum_freq > 1:
+            # open_clip caches every micro-batch's features, then recomputes each with gradients against all the
+            # others: the contrastive loss and its gradient are the global batch's, as without accumulation.
+            args += ["--accum-freq", str(self.accum_freq)]
         if self.grad_checkpointing:
             args.append("--grad-checkpointing")
         if self.nproc > 1 and self.device == "cpu":
@@ -89,11 +107,16 @@ class TrainJob:
         return self.logs_dir / f"{self.name}.argv.json"
 
     @property
+    def steps_per_checkpoint(self) -> int:
+        """Optimizer steps (global batches) per open_clip "epoch": the scale's budget per checkpoint rounded up to
+        whole global batches, then to a multiple of the data loader workers, as open_clip rounds it."""
+        s, workers = self.scale, max(1, self.workers)
+        return math.ceil(math.ceil(s.samples_seen // s.epochs / s.global_batch) / workers) * workers
+
+    @property
     def samples_seen(self) -> int:
-        """What open_clip really trains on: each "epoch" is rounded up to whole global batches."""
-        s = self.scale
-        batches = math.ceil(math.ceil(s.samples_seen // s.epochs / s.global_batch) / self.workers) * self.workers
-        return s.epochs * batches * s.global_batch
+        """What open_clip really trains on: whole global batches, whatever the processes and accumulation."""
+        return self.scale.epochs * self.steps_per_checkpoint * self.scale.global_batch
 
     @property
     def final_checkpoint(self) -> Path:
@@ -106,6 +129,23 @@ class TrainJob:
     @property
     def log_file(self) -> Path:
         return self.logs_dir / self.name / "out.log"
+
+
+def accumulation_steps(global_batch: int, reference_gpus: int, nproc: int) -> int:
+    """Gradient accumulation steps that keep the recipe's global batch on `nproc` GPUs: the fewest such that the
+    global batch splits evenly over nproc x steps micro-batches, each no larger than the reference's per-GPU
+    batch (global_batch / reference_gpus), so that a GPU that held the reference's share holds this one.
+    A global batch that no such split divides is refused rather than silently changed."""
+    if min(global_batch, reference_gpus, nproc) < 1:
+        raise ValueError(f"global batch ({global_batch}), reference GPUs ({reference_gpus}) and processes ({nproc}) "
+                         "must be positive")
+    for steps in range(-(-reference_gpus // nproc), global_batch // nproc + 1):
+        if global_batch % (nproc * steps) == 0:
+            return steps
+    raise ValueError(
+        f"the global batch {global_batch} cannot be split evenly over {nproc} GPU processes: no number of "
+        f"accumulation steps k with {nproc} x k >= {reference_gpus} (the reference's GPUs) divides it. "
+        f"Train on a number of GPUs that divides {global_batch} (the accelerator resource's `gpus`)")
 
 
 @dataclass

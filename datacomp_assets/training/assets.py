@@ -37,6 +37,7 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
     training seed of the scale. Killed and materialized again, each seed resumes from its latest checkpoint."""
     with storage.writing(context):
         scale, strategy = scale_and_strategy(context)
+        accelerator.training_placement(scale)  # a GPU scale on a CPU, or a batch no GPU count splits: fail now
         layout = storage.layout
         subset_file = layout.subset_file(scale.name, strategy)
         uids = load_subset(subset_file)
