@@ -15,10 +15,6 @@ evaluation_job = dg.define_asset_job(
     "evaluation_job", selection=[Asset.EVAL_RESULTS],
     description="Score one checkpoint on its scale's evaluation suite")
 
-# Small scales often, large ones rarely: a week of xlarge training costs more than a weekly cadence.
-CRON = {"tiny": "0 2 * * *", "small": "0 3 * * 6", "medium": "0 3 1 * *", "large": "0 3 1 */3 *",
-        "xlarge": "0 3 1 1 *"}
-
 
 def strategy_run_requests(scale: str, tick: str) -> list[dg.RunRequest]:
     """One run per registered strategy; the run key makes a tick's requests idempotent."""
@@ -29,11 +25,13 @@ def strategy_run_requests(scale: str, tick: str) -> list[dg.RunRequest]:
 
 
 def scale_schedule(scale: str) -> dg.ScheduleDefinition:
+    """Each scale's cadence is its `cron_schedule` (scales.toml): small scales often, large ones rarely, since a
+    week of xlarge training costs more than a weekly cadence."""
     def requests(context: dg.ScheduleEvaluationContext):
         yield from strategy_run_requests(scale, context.scheduled_execution_time.strftime("%Y-%m-%dT%H:%M"))
 
     return dg.ScheduleDefinition(
-        name=f"{scale}_every_strategy", cron_schedule=CRON[scale], job=strategy_job, execution_fn=requests,
+        name=f"{scale}_every_strategy", cron_schedule=SCALES[scale].cron_schedule, job=strategy_job, execution_fn=requests,
         default_status=dg.DefaultScheduleStatus.STOPPED,
         description=f"Requests subset, checkpoint and scores of every strategy at scale {scale}")
 

@@ -111,17 +111,25 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
 
 
 def check_inputs(scale, strategies: list[str], resources: dict, train: bool) -> None:
-    """Fail before anything runs when a strategy needs a file the scale does not name, or a GPU that is absent."""
+    """Fail before anything runs, with every problem at once: a file the strategies need that the scale does not
+    name, the published metadata out of reach, a GPU recipe with no GPU."""
     from datacomp_assets.core.inputs import configured_problems, inputs_for_columns
+    from datacomp_assets.core.published import PublishedSource, hub_offline, offline_message
 
+    problems = []
     if train:
-        resources["accelerator"].training_placement(scale)  # a paper recipe on a CPU is refused here, at once
-    if scale.pool_source == "synthetic_web":
-        return
-    problems = configured_problems(scale, inputs_for_columns(columns_read(strategies)))
+        try:
+            resources["accelerator"].training_placement(scale)  # a paper recipe on a CPU is refused
+        except ValueError as err:
+            problems.append(str(err))
+    if scale.pool_source == "published":
+        mirror = scale.mirror_dir or resources["pool_source"].published.published_mirror_dir
+        if not mirror and hub_offline():
+            problems.append(offline_message(PublishedSource(scale.name), "HF_HUB_OFFLINE is set"))
+        problems += configured_problems(scale, inputs_for_columns(columns_read(strategies)))
     if problems:
-        raise FileNotFoundError("the strategies need files this scale does not supply "
-                                "(choose others with --strategies, or supply them):\n- " + "\n- ".join(problems))
+        raise FileNotFoundError(f"scale {scale.name!r} cannot run {', '.join(strategies)} here; nothing was started. "
+                                "Supply what is missing, or choose other --strategies:\n- " + "\n- ".join(problems))
 
 
 def main(argv=None) -> None:

@@ -18,7 +18,9 @@ class StorageResource(dg.ConfigurableResource):
 
     @property
     def layout(self) -> Layout:
-        return Layout(Path(self.root))
+        # Outside a run (the command line, before or after materializing) the root may still be an EnvVar.
+        root = self.root.get_value() if isinstance(self.root, dg.EnvVar) else self.root
+        return Layout(Path(root))
 
     @contextmanager
     def writing(self, context: dg.AssetExecutionContext) -> Iterator[None]:

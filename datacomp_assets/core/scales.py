@@ -47,6 +47,7 @@ class ScaleConfig:
     requires_gpu: bool = True  # training on a CPU is refused unless the accelerator resource opts in
     pool_source: str = "published"  # where the pool comes from: "published" metadata or the "synthetic_web"
     eval_suite: str = "reference"   # "reference": DataComp's 38 tasks; "synthetic": the miniature's own suite
+    cron_schedule: str = "0 3 * * 6"  # when the scale's schedule (stopped until turned on) requests every strategy
     # ---- published pools: where the files are (empty: the defaults named in docs/scales.md)
     mirror_dir: str = ""      # the published parquet + npz; empty: $DATACOMP_MIRROR, else the Hugging Face Hub
     shards_dir: str = ""      # img2dataset's shards of this pool; empty: <root>/<scale>/pool_shards
@@ -77,7 +78,7 @@ class ScaleConfig:
 # What a user's file may set on one of the paper's scales: where things are, not how the model is trained.
 LOCATION_FIELDS = frozenset({"mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings",
                              "metaclip_entries", "dfn_checkpoint", "dfn_architecture", "reference_gpus",
-                             "download_timeout", "seeds"})
+                             "download_timeout", "seeds", "cron_schedule"})
 PATH_FIELDS = ("mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings", "metaclip_entries",
                "dfn_checkpoint")
 _FIELDS = {f.name: f for f in fields(ScaleConfig)}

@@ -8,7 +8,8 @@ import numpy as np
 
 from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.lineage import code_revision, file_sha256, verified_version, write_lineage
-from datacomp_assets.core.strategies import STRATEGIES, expected_fraction, strategy_definition, strategy_version, track
+from datacomp_assets.core.strategies import (
+    STRATEGIES, expected_fraction, strategy_definition, strategy_identifiers, strategy_version, track)
 from datacomp_assets.core.uids import load_subset, save_subset, uids_to_array
 from datacomp_assets.filtering.selection import select_uids
 from datacomp_assets.core.scorers import IMAGE_SCORERS, image_score_column
@@ -41,7 +42,7 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
         verified_version(metadata_dir)
         inputs = (feature_inputs_of_published(scale) if source.metadata_published
                   else feature_inputs_of_miniature(scale, layout, accelerator))
-        n_pool = _pool_rows(metadata_dir)
+        n_pool = _parquet_rows(metadata_dir)
         settings = FeatureSettings(
             vocabulary=vocabulary_from_classnames(inputs["classnames"]), metaclip_entries=inputs["metaclip_entries"],
             metaclip_t=scale.metaclip_t, clusters=min(n_pool, scale.kmeans_clusters or proportional_k(n_pool)),
@@ -196,10 +197,10 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         })
 
 
-def _pool_rows(metadata_dir) -> int:
+def _parquet_rows(directory) -> int:
     import duckdb
 
-    return duckdb.sql(f"select count(*) from read_parquet('{metadata_dir}/*.parquet')").fetchall()[0][0]
+    return duckdb.sql(f"select count(*) from read_parquet('{directory}/*.parquet')").fetchall()[0][0]
 
 
 @dg.asset_check(asset=subset, blocking=True,
@@ -226,7 +227,11 @@ def subset_is_valid(context: dg.AssetCheckExecutionContext, storage: StorageReso
     ) if any(removed_dir.glob("*.parquet")) else np.empty(0, uids.dtype)
     held_eval = int(np.isin(uids, eval_duplicates).sum())
     in_pool = int(np.isin(uids, pool).sum())
-    fraction = in_pool / len(pool) if len(pool) else 0.0
+    # A model's image scores exist only for the images that downloaded: its share is of those.
+    scored = [layout.image_scores(scale.name, scorer) for scorer in IMAGE_SCORERS
+              if image_score_column(scorer) in strategy_identifiers(strategy)]
+    denominator = _parquet_rows(scored[0]) if scored else len(pool)
+    fraction = in_pool / denominator if denominator else 0.0
     expected = expected_fraction(strategy)
     size_ok = expected is None or abs(fraction - expected) <= 0.01 + 0.01 * expected
     return dg.AssetCheckResult(

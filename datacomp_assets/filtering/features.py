@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,14 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
     """
     files = metadata_files(metadata_dir)
     n = files[-1].rows.stop
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:  # per-phase timings, for the benchmarks and the UI
+        nonlocal clock
+        seconds[f"{phase}_seconds"] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+
     out_dir = Path(out_dir)
     scratch = out_dir / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -168,10 +177,12 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
             if matcher:
                 counts += metaclip.count_shard(table["text"].to_pylist(), matcher)
         embeddings.flush()
+        lap("read")
         log(f"pool_features: {n:,} samples in {len(files)} files ({int(captioned.sum()):,} pass the image-based "
             f"caption filter); k-means into {settings.clusters:,} clusters on at most "
             f"{min(n, settings.kmeans_max_points or n):,} rows")
-        columns, target_clusters = _pool_columns(embeddings, captioned, settings, target_embeddings, vas_targets)
+        columns, target_clusters = _pool_columns(embeddings, captioned, settings, target_embeddings, vas_targets,
+                                                 lap)
         for i, file in enumerate(files):  # pass 2: per-file columns, written beside the pool-wide ones
             table = pq.read_table(file.parquet, columns=["uid", "text"])
             texts = table["text"].to_pylist()
@@ -185,17 +196,18 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
                 features["metaclip_draw"] = pa.array(metaclip.shard_rng(settings.seed, i).random(len(texts)),
                                                      pa.float32())
             _write_atomically(pa.table(features), out_dir / file.parquet.name)
+        lap("write")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"rows": n, "files": len(files), "clusters": settings.clusters, "target_clusters": target_clusters,
             "columns": ", ".join(c for c in pq.read_schema(out_dir / files[0].parquet.name).names if c != "uid"),
             "metaclip_entries": len(matcher.entries) if matcher else 0,
-            "metaclip_entries_matched": int((counts > 0).sum()), "metaclip_t": settings.metaclip_t}
+            "metaclip_entries_matched": int((counts > 0).sum()), "metaclip_t": settings.metaclip_t, **seconds}
 
 
 def _pool_columns(embeddings: np.ndarray, captioned: np.ndarray, settings: FeatureSettings,
                   target_embeddings: np.ndarray | None, vas_targets: np.ndarray | None,
-                  ) -> tuple[dict[str, np.ndarray], int]:
+                  lap: Callable[[str], None]) -> tuple[dict[str, np.ndarray], int]:
     """The columns that need the whole pool (k-means clusters, SemDeDup similarities, VAS scores), and how many
     clusters hold a target image."""
     chunk = image_based.DEFAULT_CHUNK
@@ -210,16 +222,20 @@ def _pool_columns(embeddings: np.ndarray, captioned: np.ndarray, settings: Featu
 
     # image_based: centroids of the caption-filtered pool, as upstream; every sample gets its nearest one.
     image_centroids = kmeans(captioned_blocks())
+    lap("image_kmeans")
     clusters = image_based.assign(embeddings, image_centroids)
     columns, targets = {"image_cluster": clusters}, np.empty(0, np.int64)
     if target_embeddings is not None:
         targets = image_based.target_clusters(target_embeddings, image_centroids)
         columns["in_target_cluster"] = np.isin(clusters, targets)
+    lap("image_assign")
     # SemDeDup: its own clustering of the whole pool (it deduplicates within clusters, captions aside).
     semdedup_clusters = image_based.assign(embeddings, kmeans(embeddings))
     columns["semdedup_max_similarity"] = semdedup.semdedup_max_similarity(embeddings, semdedup_clusters)
+    lap("semdedup")
     if vas_targets is not None:
         columns["vas_score"] = vas.vas_scores(embeddings, vas.target_covariance(vas_targets))
+        lap("vas")
     return columns, len(targets)
 
 
