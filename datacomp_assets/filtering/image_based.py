@@ -175,9 +175,16 @@ def train_centroids(
         spherical=False,
         verbose=False,
         max_points_per_centroid=_NO_FAISS_SUBSAMPLING,
+        gpu=_faiss_gpus(faiss),  # same centroids format either way; a faiss-cpu build reports 0 GPUs
     )
     kmeans.train(x)
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32).reshape(k, d)
+
+
+def _faiss_gpus(faiss) -> int | bool:
+    """Every GPU faiss can use (faiss-gpu on a CUDA machine), or False for the CPU."""
+    count = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return count if count > 0 else False
 
 
 def _ip_index(centroids: np.ndarray):
