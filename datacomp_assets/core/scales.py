@@ -57,7 +57,10 @@ class ScaleConfig:
     metaclip_entries: str = ""       # .json list or .txt lines: MetaCLIP's metadata entries
     dfn_checkpoint: str = ""         # open_clip checkpoint of a data filtering network
     dfn_architecture: str = "ViT-B-32"  # its open_clip architecture
-    kmeans_clusters: int = 0         # image_based and SemDeDup k-means; 0: proportional to the pool (tiny)
+    kmeans_clusters: int = 0         # image_based and SemDeDup k-means; 0: the reference's (100,000; scaled at tiny)
+    # k-means trains on a seeded sample of at most this many rows: 2.5 GB of float32 at 768-d, so memory does not
+    # grow with the pool (the reference trains on every row, on GPUs with the memory for it)
+    kmeans_max_points: int = 800_000
     # ---- the synthetic web only
     curated_size: int = 0     # clean pairs the scorer CLIPs train on
     scorer_samples_seen: int = 0
@@ -78,7 +81,8 @@ class ScaleConfig:
 # What a user's file may set on one of the paper's scales: where things are, not how the model is trained.
 LOCATION_FIELDS = frozenset({"mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings",
                              "metaclip_entries", "dfn_checkpoint", "dfn_architecture", "reference_gpus",
-                             "download_timeout", "seeds", "cron_schedule"})
+                             "download_timeout", "seeds", "cron_schedule",
+                             "kmeans_max_points"})
 PATH_FIELDS = ("mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings", "metaclip_entries",
                "dfn_checkpoint")
 _FIELDS = {f.name: f for f in fields(ScaleConfig)}

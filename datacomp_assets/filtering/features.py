@@ -80,9 +80,6 @@ def entries_from_captions(texts: Iterable[str], min_count: int, extra: Iterable[
 # image_based_clustering.py); its rule in strategies.toml repeats the same caption conditions.
 CAPTION_COLUMNS = ("language", "num_tokens", "num_chars")
 EMBEDDING_KEY = "l14_img"
-# k-means trains on a seeded uniform sample of at most this many rows (3 GB of float32 at 768-d), so memory does
-# not grow with the pool; upstream trains on every row, on GPUs with the memory for it (docs/strategies.md).
-KMEANS_MAX_POINTS = 1_000_000
 
 
 def passes_image_based_captions(table: pa.Table) -> np.ndarray:
@@ -96,6 +93,16 @@ def passes_image_based_captions(table: pa.Table) -> np.ndarray:
 class MetadataFile:
     parquet: Path
     rows: slice  # its rows in pool order
+
+    def embedding_shape(self, key: str = EMBEDDING_KEY) -> tuple[int, ...]:
+        """The shape of one npz array, read from its header (the array itself stays on disk)."""
+        import zipfile
+
+        with zipfile.ZipFile(self.parquet.with_suffix(".npz")) as npz, npz.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            return read_header(member)[0]
 
     def embeddings(self, key: str = EMBEDDING_KEY) -> np.ndarray:
         npz = self.parquet.with_suffix(".npz")
@@ -136,7 +143,7 @@ class FeatureSettings:
     metaclip_t: float
     clusters: int                           # k-means clusters (image_based, SemDeDup)
     seed: int = 0
-    kmeans_max_points: int | None = KMEANS_MAX_POINTS  # k-means trains on a seeded sample of this many rows
+    kmeans_max_points: int | None = None    # k-means trains on a seeded sample of at most this many rows
 
 
 def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: FeatureSettings,
@@ -165,18 +172,22 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
     scratch = out_dir / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        embeddings = np.lib.format.open_memmap(scratch / f"{EMBEDDING_KEY}.npy", mode="w+", dtype=np.float16,
-                                               shape=(n, files[0].embeddings().shape[1]))
+        path, width = scratch / f"{EMBEDDING_KEY}.npy", files[0].embedding_shape()[1]
+        offset = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, width)).offset
         captioned = np.zeros(n, dtype=bool)
         matcher = metaclip.build_matcher(settings.metaclip_entries) if settings.metaclip_entries else None
         counts = np.zeros(len(matcher.entries) if matcher else 0, dtype=np.int64)
-        for file in files:  # pass 1: embeddings to scratch, the caption filter, MetaCLIP's entry counts
-            table = pq.read_table(file.parquet, columns=["text", *CAPTION_COLUMNS])
-            embeddings[file.rows] = file.embeddings()
-            captioned[file.rows] = passes_image_based_captions(table)
-            if matcher:
-                counts += metaclip.count_shard(table["text"].to_pylist(), matcher)
-        embeddings.flush()
+        # Pass 1: embeddings to scratch (plain writes: a memory map would keep every written page resident), the
+        # caption filter, MetaCLIP's entry counts.
+        with open(path, "r+b") as writer:
+            for file in files:
+                table = pq.read_table(file.parquet, columns=["text", *CAPTION_COLUMNS])
+                writer.seek(offset + file.rows.start * width * 2)
+                writer.write(np.ascontiguousarray(file.embeddings(), dtype=np.float16).tobytes())
+                captioned[file.rows] = passes_image_based_captions(table)
+                if matcher:
+                    counts += metaclip.count_shard(table["text"].to_pylist(), matcher)
+        embeddings = ScratchArray(path)
         lap("read")
         log(f"pool_features: {n:,} samples in {len(files)} files ({int(captioned.sum()):,} pass the image-based "
             f"caption filter); k-means into {settings.clusters:,} clusters on at most "
@@ -203,6 +214,28 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
             "columns": ", ".join(c for c in pq.read_schema(out_dir / files[0].parquet.name).names if c != "uid"),
             "metaclip_entries": len(matcher.entries) if matcher else 0,
             "metaclip_entries_matched": int((counts > 0).sum()), "metaclip_t": settings.metaclip_t, **seconds}
+
+
+class ScratchArray:
+    """A read-only view of an .npy file on disk that holds no pages once a read returns: each read maps the file,
+    copies what it needs and unmaps it. A plain memory map keeps every page it ever touched resident, so one pass
+    over a 12.8M-row pool would count 20 GB against the process; here memory holds one block at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        header = np.load(path, mmap_mode="r")
+        self.shape, self.dtype, self.ndim = header.shape, header.dtype, header.ndim
+        del header
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(mapped[key])
+        finally:
+            del mapped
 
 
 def _pool_columns(embeddings: np.ndarray, captioned: np.ndarray, settings: FeatureSettings,
