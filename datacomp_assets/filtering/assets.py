@@ -167,8 +167,8 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         metadata_dir = layout.pool_metadata(scale.name)
         pool_version = verified_version(metadata_dir)  # the files it reads are the version it records
         t0 = time.perf_counter()
-        feature_dirs = [d for d in (layout.pool_features(scale.name),
-                                    *(layout.image_scores(scale.name, scorer) for scorer in IMAGE_SCORERS)) if d.exists()]
+        scored = [layout.image_scores(scale.name, scorer) for scorer in IMAGE_SCORERS]
+        feature_dirs = [d for d in (layout.pool_features(scale.name), *scored) if d.exists()]
         uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=feature_dirs,
                            reference_scorers=source.reference_scorers,
                            external_dirs=layout.external_source_dirs(scale.name))
