@@ -58,9 +58,9 @@ class ScaleConfig:
     dfn_checkpoint: str = ""         # open_clip checkpoint of a data filtering network
     dfn_architecture: str = "ViT-B-32"  # its open_clip architecture
     kmeans_clusters: int = 0         # image_based and SemDeDup k-means; 0: the reference's (100,000; scaled at tiny)
-    # k-means trains on a seeded sample of at most this many rows: 2.5 GB of float32 at 768-d, so memory does not
+    # k-means trains on a seeded sample of at most this many rows: 1.8 GB of float32 at 768-d, so memory does not
     # grow with the pool (the reference trains on every row, on GPUs with the memory for it)
-    kmeans_max_points: int = 800_000
+    kmeans_max_points: int = 600_000
     # ---- the synthetic web only
     curated_size: int = 0     # clean pairs the scorer CLIPs train on
     scorer_samples_seen: int = 0

@@ -7,6 +7,7 @@ pool has 12.8M uids.
 
 from __future__ import annotations
 
+import binascii
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,13 @@ def arrow_uids_to_array(uids: pa.Array) -> np.ndarray:
     if (lengths != 32).any():
         raise ValueError(f"not a 32-char hex uid: {uids[int(np.flatnonzero(lengths != 32)[0])]}")
     data = np.frombuffer(uids.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
-    return _pairs_from_hex(data.reshape(n, 32), lambda row: uids[row])
+    try:  # C speed: 12.8M uids in under a second; a non-hex byte raises, and the slow path names the uid
+        halves = np.frombuffer(binascii.unhexlify(data), dtype=">u8").reshape(n, 2)
+    except binascii.Error:
+        return _pairs_from_hex(data.reshape(n, 32), lambda row: uids[row])
+    out = np.empty(n, dtype=UID_DTYPE)
+    out["f0"], out["f1"] = halves[:, 0], halves[:, 1]
+    return out
 
 
 def _pairs_from_hex(raw: np.ndarray, uid_at) -> np.ndarray:
@@ -87,6 +94,44 @@ def sort_uids(arr: np.ndarray) -> np.ndarray:
     if ((hi[1:] == hi[:-1]) & (lo[1:] < lo[:-1])).any():
         out = arr[np.lexsort((arr["f1"], arr["f0"]))]
     return out
+
+
+def unique_sorted(arr: np.ndarray) -> np.ndarray:
+    """The distinct uids of a sorted array (np.unique on a structured array is several times slower)."""
+    if len(arr) < 2:
+        return arr
+    new = np.ones(len(arr), dtype=bool)
+    new[1:] = (arr["f0"][1:] != arr["f0"][:-1]) | (arr["f1"][1:] != arr["f1"][:-1])
+    return arr[new]
+
+
+def isin_sorted(arr: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
+    """For each uid of `arr`, whether it is in `sorted_pool` (sorted by `sort_uids`): one binary search on the
+    high halves, then the low halves compared (np.isin on structured arrays takes a minute at 12.8M)."""
+    if len(sorted_pool) == 0:
+        return np.zeros(len(arr), dtype=bool)
+    hi = sorted_pool["f0"]
+    pos = np.minimum(np.searchsorted(hi, arr["f0"]), len(sorted_pool) - 1)
+    same_high = hi[pos] == arr["f0"]
+    found = same_high & (sorted_pool["f1"][pos] == arr["f1"])
+    # Uids sharing a high half are next to each other; it is rare enough to walk them one by one.
+    for i in np.flatnonzero(same_high & ~found):
+        j = pos[i] + 1
+        while j < len(sorted_pool) and hi[j] == arr["f0"][i] and not found[i]:
+            found[i] = sorted_pool["f1"][j] == arr["f1"][i]
+            j += 1
+    return found
+
+
+def intersect_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The distinct uids in both sorted arrays, sorted."""
+    a = unique_sorted(a)
+    return a[isin_sorted(a, b)]
+
+
+def union_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The distinct uids in either array, sorted."""
+    return unique_sorted(sort_uids(np.concatenate([a, b])))
 
 
 def array_to_uids(arr: np.ndarray) -> list[str]:

@@ -10,7 +10,8 @@ from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.lineage import code_revision, file_sha256, verified_version, write_lineage
 from datacomp_assets.core.strategies import (
     STRATEGIES, expected_fraction, strategy_definition, strategy_identifiers, strategy_version, track)
-from datacomp_assets.core.uids import arrow_uids_to_array, load_subset, save_subset, uids_to_array
+from datacomp_assets.core.uids import (
+    arrow_uids_to_array, isin_sorted, load_subset, save_subset, sort_uids, union_sorted, unique_sorted)
 from datacomp_assets.filtering.selection import select_uids
 from datacomp_assets.core.scorers import IMAGE_SCORERS, image_score_column
 from partitions import (
@@ -211,23 +212,25 @@ def subset_is_valid(context: dg.AssetCheckExecutionContext, storage: StorageReso
 
     scale, strategy = scale_and_strategy(context)
     layout = storage.layout
-    uids = np.unique(load_subset(layout.subset_file(scale.name, strategy)))
+    uids = unique_sorted(load_subset(layout.subset_file(scale.name, strategy)))
     metadata_dir = layout.pool_metadata(scale.name)
-    # Read from Arrow's buffers: 12.8M uids as Python strings would take 2 GB and 20 s.
-    pool = arrow_uids_to_array(duckdb.sql(f"select uid from read_parquet('{metadata_dir}/*.parquet')")
-                               .to_arrow_table().column("uid").combine_chunks())
-    allowed = [pool]
+
+    def uid_array(query: str) -> np.ndarray:  # from Arrow's buffers: 12.8M uids as Python strings take 2 GB
+        return sort_uids(arrow_uids_to_array(duckdb.sql(query).to_arrow_table().column("uid").combine_chunks()))
+
+    pool = uid_array(f"select uid from read_parquet('{metadata_dir}/*.parquet')")
+    allowed = pool
     for source, directory in layout.external_source_dirs(scale.name).items():
         if f"source:{source}" in {name for name, _ in STRATEGIES[strategy].mixture}:
-            allowed.append(uids_to_array([u for (u,) in duckdb.sql(
-                f"select uid from read_parquet('{directory}/*.parquet') where status = 'success'").fetchall()]))
-    outside = int((~np.isin(uids, np.concatenate(allowed))).sum())
+            allowed = union_sorted(allowed, uid_array(
+                f"select uid from read_parquet('{directory}/*.parquet') where status = 'success'"))
+    outside = int((~isin_sorted(uids, allowed)).sum())
     removed_dir = layout.removed_samples(scale.name)
-    eval_duplicates = uids_to_array([u for (u,) in duckdb.sql(
-        f"select uid from read_parquet('{removed_dir}/*.parquet') where reason = 'eval_duplicate'").fetchall()]
+    eval_duplicates = uid_array(
+        f"select uid from read_parquet('{removed_dir}/*.parquet') where reason = 'eval_duplicate'"
     ) if any(removed_dir.glob("*.parquet")) else np.empty(0, uids.dtype)
-    held_eval = int(np.isin(uids, eval_duplicates).sum())
-    in_pool = int(np.isin(uids, pool).sum())
+    held_eval = int(isin_sorted(uids, eval_duplicates).sum())
+    in_pool = int(isin_sorted(uids, pool).sum())
     # A model's image scores exist only for the images that downloaded: its share is of those.
     scored = [layout.image_scores(scale.name, scorer) for scorer in IMAGE_SCORERS
               if image_score_column(scorer) in strategy_identifiers(strategy)]

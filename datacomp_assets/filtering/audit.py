@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datacomp_assets.core.uids import UID_DTYPE
+from datacomp_assets.core.uids import UID_DTYPE, sort_uids, unique_sorted
 
 REQUIRED_COLUMNS = ("uid", "text", "original_width", "original_height", "language")
 TRUTH_COLUMNS = ("uid", "kind", "object")
@@ -79,7 +79,7 @@ def _kept_table(subset: np.ndarray) -> pa.Table:
     subset = np.asarray(subset)
     if subset.dtype != UID_DTYPE or subset.ndim != 1:
         raise ValueError(f"a subset must be a 1-d array of dtype {UID_DTYPE}, got {subset.dtype} {subset.shape}")
-    unique = np.unique(subset)
+    unique = unique_sorted(sort_uids(subset))
     return pa.table({"hi": pa.array(unique["f0"], pa.uint64()), "lo": pa.array(unique["f1"], pa.uint64())})
 
 

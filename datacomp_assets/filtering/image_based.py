@@ -53,8 +53,10 @@ _NO_FAISS_SUBSAMPLING = 10_000_000
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, in place when ``x`` is already C-contiguous float32; zero rows stay zero."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norms, out=x, where=norms > 0)
+    for start in range(0, len(x), DEFAULT_CHUNK):  # in blocks: np.linalg.norm's x * x is a copy of its input
+        block = x[start:start + DEFAULT_CHUNK]
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        np.divide(block, norms, out=block, where=norms > 0)
     return x
 
 

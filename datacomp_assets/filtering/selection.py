@@ -21,7 +21,8 @@ from datacomp_assets.core.inputs import INPUTS
 from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.strategies import (
     SCORE_COLUMNS, SOURCE_PREFIX, THRESHOLD_PLACEHOLDER, Strategy, get_strategy, strategy_identifiers)
-from datacomp_assets.core.uids import UID_DTYPE, array_to_uids, arrow_uids_to_array, sort_uids
+from datacomp_assets.core.uids import (
+    UID_DTYPE, array_to_uids, arrow_uids_to_array, intersect_sorted, sort_uids, union_sorted, unique_sorted)
 
 # Where a column a rule reads comes from, for the error when it is missing.
 COLUMN_SOURCES = {
@@ -166,12 +167,12 @@ class PoolQuery:
         return self.run(name, get_strategy(name))
 
     def _set_operation(self, strategy: Strategy) -> np.ndarray:
-        parts = [np.unique(self.uids_of(n)) for n in (strategy.intersect or strategy.union)]
-        combine = np.intersect1d if strategy.intersect else np.union1d
-        out = parts[0]
+        parts = [self.uids_of(n) for n in (strategy.intersect or strategy.union)]  # each sorted
+        combine = intersect_sorted if strategy.intersect else union_sorted
+        out = unique_sorted(parts[0])
         for part in parts[1:]:
             out = combine(out, part)
-        return sort_uids(out)
+        return out
 
     def _component(self, name: str, times: int) -> np.ndarray:
         if name.startswith(SOURCE_PREFIX):
@@ -182,13 +183,13 @@ class PoolQuery:
             uids = _uid_halves(self.con, f"SELECT uid FROM read_parquet('{_parquet_glob(directory)}') "
                                          "WHERE status = 'success'")
         else:
-            uids = np.unique(self.uids_of(name))
+            uids = unique_sorted(self.uids_of(name))
         return np.repeat(uids, times)
 
     def _rule(self, s: Strategy) -> np.ndarray:
         where = resolve_thresholds(s.where, self.reference_scorers)
         if s.within:
-            inside = np.unique(self.uids_of(s.within))
+            inside = unique_sorted(self.uids_of(s.within))
             self.con.register("within_uids", pa.table({"uid": array_to_uids(inside)}))
             where = f"({where}) AND uid IN (SELECT uid FROM within_uids)"
         candidates = f"SELECT uid FROM pool WHERE {where}"
