@@ -96,8 +96,11 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
 
     columns = columns_read(strategies)
     scorers = [s for s in IMAGE_SCORERS if image_score_column(s) in columns]
-    if scale.pool_source == "synthetic_web":  # the miniature computes its metadata from images: all of it runs
-        return list(POOL_ASSETS), scorers
+    byod = any(track(s) == "byod" for s in strategies)
+    if scale.pool_source == "synthetic_web":
+        # The miniature computes its metadata from images and trained scorers; it trains a DFN only when a chosen
+        # strategy reads its scores (dfn_model feeds image_scores alone).
+        return [a for a in POOL_ASSETS if a is not dfn_model or scorers], scorers
     assets = [pool_index, pool_metadata, pool_features]
     if train or scorers:
         assets.append(pool_shards)
@@ -105,7 +108,7 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
         assets.append(dfn_model)
     if train:
         assets.append(eval_suite)
-    if any(track(s) == "byod" for s in strategies):
+    if byod:
         assets.append(external_sources)
     return assets, scorers
 
