@@ -96,3 +96,22 @@ def test_two_concurrent_writers_leave_the_artifact_as_a_single_run_does(tmp_path
     single, both = Layout(tmp_path / "single").curated_source("tiny"), Layout(shared).curated_source("tiny")
     assert digests(both) == digests(single) and digests(single)
     assert not [p for p in both.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_second_writer_names_the_first_even_in_the_instant_before_it_has_written_its_name(tmp_path):
+    """The holder writes its name just after taking the lock; a writer arriving in between still names it."""
+    import fcntl
+    import threading
+
+    lock = tmp_path / "subset.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken, name not yet written
+    late = threading.Timer(0.2, lambda: os.pwrite(fd, b"run abc123", 0))
+    late.start()
+    try:
+        with pytest.raises(ArtifactLocked, match="is being written by run abc123"):
+            with exclusive(lock, "subset[tiny|basic]", "run def456"):
+                pass
+    finally:
+        late.join()
+        os.close(fd)

@@ -21,6 +21,17 @@ class ArtifactLocked(RuntimeError):
     """Another process is writing the same artifact."""
 
 
+def _holder(fd: int, wait_seconds: float = 1.0) -> str:
+    """Who holds the lock, as its holder wrote it. The holder writes its name just after it takes the lock, so a
+    file read in between is empty: read again, briefly, before calling it "another process"."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        held_by = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if held_by or time.monotonic() > deadline:
+            return held_by
+        time.sleep(0.02)
+
+
 @contextmanager
 def exclusive(lock_file: Path, artifact: str, holder: str) -> Iterator[None]:
     """Hold `lock_file` for the duration of a `with` block, or raise ArtifactLocked naming who holds it.
@@ -32,7 +43,7 @@ def exclusive(lock_file: Path, artifact: str, holder: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            held_by = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            held_by = _holder(fd) or "another process"
             raise ArtifactLocked(
                 f"{artifact} is being written by {held_by}; materialize it again once that has finished, or stop "
                 f"that process (its lock, {lock_file}, is released the moment it exits)") from None
