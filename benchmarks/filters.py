@@ -31,6 +31,8 @@ import time
 import traceback
 from pathlib import Path
 
+from process_tree import tree_memory_mb  # beside this script
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -215,37 +217,6 @@ def log(message: str) -> None:
 
 # ---------------------------------------------------------------- timing a step in its own process
 
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def _tree_memory_mb(pid: int) -> tuple[float, float]:
-    """(resident, anonymous) MB summed over the process tree. Resident memory includes pages of memory-mapped
-    files, which the kernel can drop at will; anonymous memory is what the step itself allocated."""
-    rss = anon = 0
-    for p in _descendants(pid):
-        try:
-            status = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines())
-            rss += int(status["VmRSS"].split()[0])
-            anon += int(status["RssAnon"].split()[0])
-        except (OSError, KeyError, ValueError):
-            pass
-    return rss / 1024, anon / 1024
-
-
 def _child(queue, fn, args) -> None:
     import resource
     try:
@@ -268,7 +239,7 @@ def timed(fn, *args) -> dict:
     def sample() -> None:
         nonlocal peak, peak_anon
         while not stop.wait(0.05):
-            rss, anon = _tree_memory_mb(proc.pid)
+            rss, anon = tree_memory_mb(proc.pid)
             peak, peak_anon = max(peak, rss), max(peak_anon, anon)
 
     sampler = threading.Thread(target=sample, daemon=True)

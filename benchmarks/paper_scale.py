@@ -44,6 +44,8 @@ import threading
 import time
 from pathlib import Path
 
+from process_tree import tree_memory_mb  # beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ROWS, SMALL_FILES = 12_800_000, 26
 SCALE_13M, SCALE_1M = "bench_13m", "bench_1m"
@@ -263,32 +265,6 @@ def bare_kmeans(metadata_dir: str, k: int, max_points: int, seed: int = 0, niter
 
 
 # ---------------------------------------------------------------- the parent: subprocesses and their memory
-
-
-def _children_by_parent() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return children
-
-
-def tree_memory_mb(pid: int) -> tuple[float, float]:
-    """(resident, anonymous) MB summed over `pid` and its descendants, from /proc (Linux)."""
-    children, todo, rss, anon = _children_by_parent(), [pid], 0, 0
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            status = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines())
-            rss += int(status["VmRSS"].split()[0])
-            anon += int(status["RssAnon"].split()[0])
-        except (OSError, KeyError, ValueError):
-            pass
-    return rss / 1024, anon / 1024
 
 
 def subprocess_json(args: list[str], env: dict, log_file: Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -20,3 +21,21 @@ def temporary_sibling(path: str | os.PathLike) -> Path:
         else:
             stale.unlink(missing_ok=True)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def replace_atomically(write: Callable[[Path], object], final: str | os.PathLike) -> None:
+    """`write(tmp)` to a temporary sibling of `final`, then rename it into place: readers never see a partial file,
+    and a crash leaves only the sibling, which the next writer removes."""
+    tmp = temporary_sibling(final)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_atomically(table, final: str | os.PathLike) -> None:
+    """`pyarrow.parquet.write_table` through a temporary sibling (see `replace_atomically`)."""
+    import pyarrow.parquet as pq
+
+    replace_atomically(lambda tmp: pq.write_table(table, tmp), final)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.files import replace_atomically, write_parquet_atomically
 
 POOL_METADATA_SCHEMA = pa.schema([
     ("uid", pa.string()),
@@ -65,15 +65,6 @@ def conform_types(table: pa.Table) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
-def _replace_atomically(write, final: Path) -> None:
-    """Write to a temporary name beside `final`, then rename: readers never see a partial file."""
-    tmp = temporary_sibling(final)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def write_metadata_shard(table: pa.Table, embeddings: dict[str, np.ndarray], out_stem: str | os.PathLike) -> None:
     """Write `<stem>.parquet` (the table) and `<stem>.npz` (float16 embeddings, same row order).
@@ -96,5 +87,5 @@ def write_metadata_shard(table: pa.Table, embeddings: dict[str, np.ndarray], out
         with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz" to the name
             np.savez(f, **arrays)
 
-    _replace_atomically(write_npz, stem.with_name(stem.name + ".npz"))
-    _replace_atomically(lambda tmp: pq.write_table(table, tmp), stem.with_name(stem.name + ".parquet"))
+    replace_atomically(write_npz, stem.with_name(stem.name + ".npz"))
+    write_parquet_atomically(table, stem.with_name(stem.name + ".parquet"))

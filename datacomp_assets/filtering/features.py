@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.files import write_parquet_atomically
 from datacomp_assets.filtering import image_based, metaclip, semdedup, vas
 
 _WORD = re.compile(r"[a-z]+")
@@ -206,7 +206,7 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
                     metaclip.keep_probabilities(matches, counts, settings.metaclip_t), pa.float32())
                 features["metaclip_draw"] = pa.array(metaclip.shard_rng(settings.seed, i).random(len(texts)),
                                                      pa.float32())
-            _write_atomically(pa.table(features), out_dir / file.parquet.name)
+            write_parquet_atomically(pa.table(features), out_dir / file.parquet.name)
         lap("write")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -270,12 +270,3 @@ def _pool_columns(embeddings: np.ndarray, captioned: np.ndarray, settings: Featu
         columns["vas_score"] = vas.vas_scores(embeddings, vas.target_covariance(vas_targets))
         lap("vas")
     return columns, len(targets)
-
-
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    tmp = temporary_sibling(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

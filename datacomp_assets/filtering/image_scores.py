@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.files import write_parquet_atomically
 from datacomp_assets.core.models import Scorer
 from datacomp_assets.core.shards import read_downloaded
 
@@ -41,10 +40,8 @@ def score_shards(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, scor
             scores = (image * text).sum(axis=1).astype(np.float32)
         else:
             scores = np.empty(0, np.float32)
-        tmp = temporary_sibling(target)
-        pq.write_table(pa.table({"uid": pa.array([r["uid"] for r in records], pa.string()),
-                                 column: pa.array(scores, pa.float32())}), tmp)
-        os.replace(tmp, target)
+        write_parquet_atomically(pa.table({"uid": pa.array([r["uid"] for r in records], pa.string()),
+                                           column: pa.array(scores, pa.float32())}), target)
         scored += len(records)
         log(f"{column}: shard {i}/{len(tars)}: {len(records)} images")
     seconds = time.perf_counter() - t0

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.files import write_parquet_atomically
 from datacomp_assets.core.layout import REMOVED_DIR
 from datacomp_assets.core.models import Scorer
 from datacomp_assets.core.schema import FULL_SCHEMA, write_metadata_shard
@@ -103,9 +103,7 @@ def write_removed(records: list[dict], reasons: list, similarity: np.ndarray, pa
                       "reason": [reasons[i] for i in rows], "eval_similarity": similarity[rows]},
                      schema=REMOVED_SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    write_parquet_atomically(table, path)
     return len(rows)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.files import write_parquet_atomically
 from datacomp_assets.core.schema import EXTRA_COLUMNS
 from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
 
@@ -56,20 +56,12 @@ def _is_done(path: Path, schema: pa.Schema) -> bool:
         return False
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    tmp = temporary_sibling(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def _features_of_file(task: tuple[str, str, bool]) -> tuple[str, int, float]:
     source, target, cld3 = task
     start = time.perf_counter()
     table = pq.read_table(source, columns=["uid", "text"])
-    _write_atomically(caption_features(table, cld3), Path(target))
+    write_parquet_atomically(caption_features(table, cld3), Path(target))
     return Path(source).name, table.num_rows, time.perf_counter() - start
 
 

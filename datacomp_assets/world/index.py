@@ -8,7 +8,6 @@ read it by accident; only tests and audits open it.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from collections import Counter
 from functools import partial
@@ -16,9 +15,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.files import write_parquet_atomically
 from datacomp_assets.core.layout import GROUND_TRUTH_FILE, INDEX_FILE
 from datacomp_assets.world.web import WebConfig, crawled_sha256, ground_truth, sample
 from datacomp_assets.world.web_server import image_url
@@ -72,12 +70,6 @@ def crawl_sha256s(config: WebConfig, n: int, namespace: str = "pool", processes:
         return pool.map(work, range(n), chunksize=250)
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    # A crash mid-write must never leave a truncated parquet that a later run mistakes for done.
-    tmp = temporary_sibling(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
 
 def write_pool_index(config: WebConfig, n: int, base_url: str, out_dir: str | Path,
                      namespace: str = "pool", processes: int = 2) -> dict:
@@ -89,8 +81,8 @@ def write_pool_index(config: WebConfig, n: int, base_url: str, out_dir: str | Pa
     index = index.append_column("sha256", pa.array(crawl_sha256s(config, n, namespace, processes), pa.string()))
     sha256_seconds = time.perf_counter() - start
     index_path, truth_path = out_dir / INDEX_FILE, out_dir / GROUND_TRUTH_FILE
-    _write_atomically(truth, truth_path)
-    _write_atomically(index, index_path)
+    write_parquet_atomically(truth, truth_path)
+    write_parquet_atomically(index, index_path)
     kinds = Counter(truth.column("kind").to_pylist())
     faults = Counter(f for f in truth.column("fault").to_pylist() if f is not None)
     return {

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.files import temporary_sibling, write_parquet_atomically
 from datacomp_assets.core.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, validate_metadata
 from datacomp_assets.world.web import COLORS, OBJECTS, SYNONYMS
 
@@ -210,14 +210,6 @@ def _write_npz(path: Path, n: int, members: Iterable[tuple[str, int, Iterable[np
         tmp.unlink(missing_ok=True)
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = temporary_sibling(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def _remove_stale(out_dir: Path, keep: set[str]) -> None:
     """Mirror files of an earlier, larger (or embedding-carrying) run that this one did not write."""
@@ -371,7 +363,7 @@ def write_mirror_from_index(index_file: str | os.PathLike, ground_truth_file: st
         validate_metadata(part)
         _write_npz(out / f"{stem}.npz", int(b - a),
                    [(key, EMBEDDING_DIMS[key[:3]], [embeddings[key][a:b]]) for key in NPZ_KEYS])
-        _write_parquet(part, out / f"{stem}.parquet")  # last: a parquet means its npz is there
+        write_parquet_atomically(part, out / f"{stem}.parquet")  # last: a parquet means its npz is there
         written.append(out / f"{stem}.parquet")
     _remove_stale(out, {p.name for p in written} | {p.with_suffix(".npz").name for p in written})
     return written
@@ -636,7 +628,7 @@ def write_synthetic_mirror(out_dir: str | os.PathLike, rows: int, files: int, se
             _write_npz(out / f"{stem}.npz", synthetic.n,
                        [(key, EMBEDDING_DIMS[key[:3]], synthetic.chunks(key)) for key in NPZ_KEYS])
             keep.add(f"{stem}.npz")
-        _write_parquet(synthetic.table, out / f"{stem}.parquet")
+        write_parquet_atomically(synthetic.table, out / f"{stem}.parquet")
         keep.add(f"{stem}.parquet")
         written.append(out / f"{stem}.parquet")
         if progress is not None:
