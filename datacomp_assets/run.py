@@ -1,14 +1,19 @@
-"""`python -m datacomp_assets.run --scale tiny`: materialize a whole scale, then print its leaderboard.
+"""`python -m datacomp_assets.run --scale tiny`: materialize a scale's benchmark, then print its leaderboard.
 
-Runs go through Dagster (recorded in $DAGSTER_HOME, so `dagster dev` shows them): the scale's pool
-assets first, then subset -> checkpoint -> eval_results for each strategy, then the leaderboard.
+Runs go through Dagster (recorded in $DAGSTER_HOME, so `bin/ui` shows them, events included): the pool assets
+the chosen strategies need first, then subset -> checkpoint -> eval_results for each strategy, then the
+leaderboard. The terminal shows one line per step and a bar for the step running (console.py); Dagster's event
+stream goes to the run's log file (and the UI), or, with `--dagster-logs`, to the terminal as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
+import warnings
+from pathlib import Path
 
 import dagster as dg
 
@@ -17,28 +22,50 @@ from datacomp_assets.core import settings
 # The errors a user can fix (a scale or strategy name, a strategy file, a missing input): one line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError)
 
+# With no --strategies: the paper's story in one short run. No filtering, a random tenth, the paper's basic
+# filter, its best CLIP-score filter, and the strongest leaderboard method the miniature has (Data Filtering
+# Networks, medium leaderboard rank 3 and half of rank 1). `--strategies all` runs every registered strategy.
+HEADLINE_STRATEGIES = ("no_filter", "random_10pct", "basic", "clip_score_l14_30pct", "dfn_30pct")
+JOB_NAME = "datacomp_run"
 
-def materialize(selection, partition_key, instance, resources) -> None:
+
+class RunFailed(Exception):
+    """A step failed; the console has shown which, and the log holds the rest."""
+
+
+def materialize(selection, partition_key, instance, resources, console=None, dagster_logs: bool = False) -> None:
+    """Materialize `selection` (and its checks) for one partition, in this process, through Dagster."""
+    from datacomp_assets.console import dagster_logger
     from datacomp_assets.definitions import ALL_ASSETS, CHECKS
 
-    result = dg.materialize([*ALL_ASSETS, *CHECKS], selection=selection, partition_key=partition_key,
-                            instance=instance, resources=resources, raise_on_error=False)
+    loggers = {"run_console": dagster_logger(console)} if console else {}
+    if dagster_logs or not console:
+        loggers["console"] = dg.colored_console_logger
+    defs = dg.Definitions(assets=[*ALL_ASSETS, *CHECKS], resources=resources, loggers=loggers,
+                          jobs=[dg.define_asset_job(JOB_NAME, selection=selection)])
+    if console:
+        console.partition = partition_key if isinstance(partition_key, str) or partition_key is None else \
+            "|".join(partition_key.keys_by_dimension.values())
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(
+        run_config={"loggers": {name: {} for name in loggers}}, instance=instance, partition_key=partition_key,
+        raise_on_error=False)
     if not result.success:
-        sys.exit(f"materializing {partition_key} failed; see the errors above. Re-run the same command to resume.")
+        raise RunFailed(f"materializing {partition_key} failed (run {result.run_id})")
 
 
-def run_scale(scale: str, strategies: list[str], resources=None, instance=None, subsets_only: bool = False) -> str:
-    """Materialize the scale's pool assets, then each strategy, then the leaderboard.
+def run_scale(scale: str, strategies: list[str], resources=None, instance=None, subsets_only: bool = False,
+              console=None, dagster_logs: bool = False) -> str:
+    """Materialize the scale's pool assets, then each strategy, then the leaderboard; return its markdown.
 
     Only the pool assets the strategies need run: at a published pool, filtering reads the metadata alone, so
     with `subsets_only` nothing is downloaded unless a strategy scores images. The inputs the strategies need
     are checked before anything runs. Strategies run one after another: in-process Dagster runs are not safe in
-    parallel threads (two runs configuring logging at once deadlock), and on a CPU two trainings only split the
-    same cores."""
+    parallel threads (two runs configuring logging at once deadlock); on a CPU a strategy's seeds train side by
+    side instead (the accelerator resource's `cpu_parallel_runs`)."""
     # Late imports: loading the code location reads the strategy and scale files, whose errors main() reports.
+    from datacomp_assets.core.layout import Asset
     from datacomp_assets.core.strategies import STRATEGIES
     from datacomp_assets.definitions import RESOURCES, STRATEGY_ASSETS
-    from datacomp_assets.core.layout import Asset
     from datacomp_assets.filtering.assets import image_scores, strategy_definitions, subset
     from datacomp_assets.instance import free_orphaned_slots
     from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis
@@ -52,30 +79,30 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     resources = {**RESOURCES, **(resources or {})}  # overrides on top of the defaults
     pool_assets, scorers = assets_needed(config, strategies, train=not subsets_only)
     check_inputs(config, strategies, resources, train=not subsets_only)
+
+    def run(selection, partition_key):
+        materialize(selection, partition_key, instance, resources, console, dagster_logs)
+
     t0 = time.perf_counter()
     # A run killed earlier (SIGKILL, out of memory) may still hold the `gpu` slot; this run would wait forever.
     for run_id in free_orphaned_slots(instance):
         print(f"freed the pool slots of run {run_id}, which had ended or been killed")
     # Record each strategy's definition version first, so the UI can tell later which rules changed.
-    dg.materialize([strategy_definitions], selection=[strategy_definitions], instance=instance)  # observes it
-    materialize(pool_assets, scale, instance, resources)
+    run([strategy_definitions], None)  # observes it
+    run(pool_assets, scale)
     for scorer in scorers:
-        materialize([image_scores], dg.MultiPartitionKey({"scale": scale, "scorer": scorer}), instance,
-                    resources)
+        run([image_scores], dg.MultiPartitionKey({"scale": scale, "scorer": scorer}))
     keys = [dg.MultiPartitionKey({"scale": scale, "strategy": strategy}) for strategy in strategies]
     for key in keys:
-        materialize([subset] if subsets_only else STRATEGY_ASSETS, key, instance, resources)
+        run([subset] if subsets_only else STRATEGY_ASSETS, key)
     layout = resources["storage"].layout
     if subsets_only:
         print(f"\n{len(keys)} subsets of scale {scale} in {layout.asset_dir(scale, Asset.SUBSET)}/ "
               f"({time.perf_counter() - t0:.0f} s)")
         return ""
-    materialize([leaderboard], scale, instance, resources)
-    materialize([scaling_analysis], None, instance, resources)
-    table = layout.leaderboard_markdown(scale).read_text().strip()
-    print(f"\nDataComp leaderboard, scale {scale} ({time.perf_counter() - t0:.0f} s)\n\n{table}\n")
-    print(f"Scaling analysis (the paper's Figures 2 and 3): {layout.scaling_analysis()}/")
-    return table
+    run([leaderboard], scale)
+    run([scaling_analysis], None)
+    return layout.leaderboard_markdown(scale).read_text().strip()
 
 
 def columns_read(strategies: list[str]) -> set[str]:
@@ -98,9 +125,11 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
     scorers = [s for s in IMAGE_SCORERS if image_score_column(s) in columns]
     byod = any(track(s) == "byod" for s in strategies)
     if scale.pool_source == "synthetic_web":
-        # The miniature computes its metadata from images and trained scorers; it trains a DFN only when a chosen
-        # strategy reads its scores (dfn_model feeds image_scores alone).
-        return [a for a in POOL_ASSETS if a is not dfn_model or scorers], scorers
+        # The miniature computes its metadata from images and trained scorers. It trains a DFN only when a chosen
+        # strategy reads its scores (dfn_model feeds image_scores alone), and downloads the bring-your-own-data
+        # sources only when a chosen strategy mixes them in.
+        skipped = {dfn_model: not scorers, external_sources: not byod}
+        return [a for a in POOL_ASSETS if not skipped.get(a)], scorers
     assets = [pool_index, pool_metadata, pool_features]
     if train or scorers:
         assets.append(pool_shards)
@@ -135,20 +164,85 @@ def check_inputs(scale, strategies: list[str], resources: dict, train: bool) -> 
                                 "Supply what is missing, or choose other --strategies:\n- " + "\n- ".join(problems))
 
 
+def chosen_strategies(names: list[str] | None) -> list[str]:
+    """--strategies: none given, the headline set; `all`, every registered strategy; else the names given."""
+    from datacomp_assets.core.strategies import STRATEGIES
+
+    if not names:
+        return list(HEADLINE_STRATEGIES)
+    if names == ["all"]:
+        return list(STRATEGIES)
+    return names
+
+
+def run_with_console(scale: str, strategies: list[str], command: str, subsets_only: bool = False,
+                     dagster_logs: bool = False) -> None:
+    """run_scale, shown in the terminal by console.py: a header, a line per step, bars; then the compact
+    leaderboard and where everything is, or the failed step and the command that resumes."""
+    from datacomp_assets.console import RunConsole, clock, leaderboard_lines, output_to_log
+    from datacomp_assets.definitions import CHECKS, RESOURCES
+    from partitions import get_scale
+
+    config, layout = get_scale(scale), RESOURCES["storage"].layout  # an unknown scale fails here, in one line
+    log_file = layout.run_log(scale, time.strftime("%Y%m%d-%H%M%S"))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with output_to_log(log_file, enabled=not dagster_logs) as terminal:
+        console = RunConsole(terminal, log_file, quiet_steps=frozenset(c.node_def.name for c in CHECKS))
+        seeds = "" if subsets_only else f", {len(config.seeds)} training seeds each"
+        console.say(f"[bold]DataComp, scale {scale}[/]: {len(strategies)} strategies ({' '.join(strategies)}){seeds}")
+        console.say(f"  data in {layout.root}/, full log in {log_file}")
+        try:
+            with console.drawing_bars():
+                run_scale(scale, strategies, subsets_only=subsets_only, console=console, dagster_logs=dagster_logs)
+        except (RunFailed, KeyboardInterrupt) as err:
+            step, error = console.failure or ("(interrupted)", type(err).__name__)
+            console.say(f"\n[red bold]Stopped[/] after {clock(time.perf_counter() - t0)}: {step} failed\n  {error}")
+            console.say(f"  full log: {log_file}\n  in the UI: bin/ui, then the failed run under Runs")
+            console.say(f"  resume (finished steps are kept): {command}")
+            write_timings(console, log_file)
+            raise SystemExit(1) from None
+        write_timings(console, log_file)
+        console.say(f"\nDone in {clock(time.perf_counter() - t0)}.\n")
+        if subsets_only:
+            console.say(f"Subsets in {layout.asset_dir(scale, 'subset')}/")
+            return
+        for line in leaderboard_lines(layout.leaderboard_json(scale)):
+            console.say(line)
+        console.say(f"Full table (every task, the lineage of each row): {layout.leaderboard_markdown(scale)}")
+        console.say(f"Figures (the paper's Figures 2 and 3 beside this board): {layout.scaling_analysis()}/")
+        console.say("Open the UI on these runs: bin/ui, then http://127.0.0.1:3000 (Runs, or the asset graph)")
+
+
+def write_timings(console, log_file: Path) -> None:
+    """Each step's wall time, next to the log (`<log>.steps.json`): where this run's time went."""
+    import json
+    from dataclasses import asdict
+
+    log_file.with_suffix(".steps.json").write_text(json.dumps([asdict(t) for t in console.timings], indent=1))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="tiny")
-    parser.add_argument("--strategies", nargs="*", help="default: every registered strategy")
+    parser.add_argument("--strategies", nargs="*", metavar="NAME",
+                        help=f"`all` for every registered strategy; default: {' '.join(HEADLINE_STRATEGIES)}")
     parser.add_argument("--subsets-only", action="store_true",
                         help="stop after the subsets (no training or evaluation; at a published pool, no download "
                              "unless a strategy scores images)")
+    parser.add_argument("--dagster-logs", action="store_true",
+                        help="also print Dagster's event stream (every event, DEBUG included) to the terminal")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     settings.dagster_home()  # record runs where `bin/ui` (dagster dev) will find them
+    # Dagster's notes that some partition mappings are in beta: true, known, and not the user's concern.
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    command = shlex.join([Path(sys.executable).relative_to(Path.cwd()).as_posix()
+                          if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable,
+                          "-m", "datacomp_assets.run", *(argv if argv is not None else sys.argv[1:])])
     try:
-        from datacomp_assets.core.strategies import STRATEGIES
-
-        run_scale(args.scale, args.strategies or list(STRATEGIES), subsets_only=args.subsets_only)
+        run_with_console(args.scale, chosen_strategies(args.strategies), command, subsets_only=args.subsets_only,
+                         dagster_logs=args.dagster_logs)
     except USER_ERRORS as err:
         if args.traceback:
             raise

@@ -207,5 +207,9 @@ class Layout:
     def leaderboard_json(self, scale: str) -> Path:
         return self.leaderboard_dir(scale) / "leaderboard.json"
 
+    def run_log(self, scale: str, stamp: str) -> Path:
+        """The full log of one `python -m datacomp_assets.run` (Dagster's events and whatever steps printed)."""
+        return self.root / scale / "logs" / f"run-{stamp}.log"
+
     def scaling_analysis(self) -> Path:
         return self.root / Asset.SCALING_ANALYSIS

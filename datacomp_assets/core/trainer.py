@@ -203,8 +203,10 @@ def discard_unreadable_checkpoints(job: TrainJob, log: Callable[[str], None] = p
     return set_aside
 
 
-def train(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
-    """Run (or resume) the job to its fixed samples seen; return the final checkpoint and its curve."""
+def train(job: TrainJob, log: Callable[[str], None] = print,
+          progress: Callable[[int, str], None] | None = None) -> TrainResult:
+    """Run (or resume) the job to its fixed samples seen; return the final checkpoint and its curve. Each of
+    open_clip's progress lines goes to `progress(samples seen, note)` if given, else to `log`."""
     job.logs_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(job.logs_dir / f"{job.name}.lock", LOCK_WAIT_SECONDS) as lock_fd:
         discard_unreadable_checkpoints(job, log)
@@ -230,7 +232,11 @@ def train(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
                     if point:
                         seen, loss, rate = point
                         result.samples_per_second.append(rate)
-                        log(f"samples {seen}/{job.samples_seen} loss {loss:.4f} {rate:.0f} samples/s")
+                        note = f"loss {loss:.4f}, {rate:.0f} samples/s"
+                        if progress:
+                            progress(seen, note)
+                        else:
+                            log(f"samples {seen}/{job.samples_seen} {note}")
             except BaseException:  # a cancelled or failed step must not leave a trainer running
                 os.killpg(proc.pid, signal.SIGKILL)
                 raise

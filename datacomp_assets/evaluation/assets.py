@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
+from datacomp_assets.core.progress import Progress
 from datacomp_assets.core.lineage import code_revision, file_sha256, files_sha256, read_lineage, write_lineage
 from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
 from datacomp_assets.core.scales import ScaleConfig
@@ -67,7 +68,8 @@ def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, ac
         out = layout.eval_results_dir(scale.name, strategy)
         scored = read_lineage(out).get("checkpoints", {})
         per_seed = {}
-        for seed in scale.seeds:
+        scored_tasks = Progress(context.log.info, "tasks scored", len(scale.seeds) * len(registry), "tasks")
+        for i, seed in enumerate(scale.seeds):
             ckpt = layout.seed_checkpoint(scale.name, strategy, seed, scale.epochs)
             results = layout.results_file(scale.name, strategy, seed)
             ckpt_sha256 = file_sha256(ckpt)
@@ -78,8 +80,9 @@ def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, ac
             scored[seed_name(seed)] = ckpt_sha256
             write_lineage(out, {"checkpoints": scored, "complete": False})
             context.log.info(f"seed {seed}: evaluating {ckpt}")
-            per_seed[seed] = evaluate_checkpoint(scale.model, ckpt, suite_root, results, device=device,
-                                                 progress=context.log.info, registry=registry)
+            per_seed[seed] = evaluate_checkpoint(
+                scale.model, ckpt, suite_root, results, device=device, progress=context.log.info, registry=registry,
+                task_done=lambda n, note, before=i * len(registry): scored_tasks(before + n, f"seed {seed}, {note}"))
         summaries = {seed: summarize(rows) for seed, rows in per_seed.items()}
         averages = [s["average"] for s in summaries.values()]
         task_means = {row["key"]: statistics.mean(r["metrics"]["main_metric"] for rows in per_seed.values()

@@ -260,9 +260,10 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_ro
                         out_jsonl: str | Path, device: str = "cpu", batch_size: int = 256,
                         progress: Callable[[str], None] | None = None,
                         tasks: list[str] | None = None, registry: Mapping[str, object] | None = None,
-                        num_workers: int = 0) -> list[dict]:
+                        num_workers: int = 0, task_done: Callable[[int, str], None] | None = None) -> list[dict]:
     """Evaluate a model on every task of a registry (default: the tiny suite's TASKS; REFERENCE_TASKS for
-    DataComp's 38), one JSON line per task in out_jsonl; resumable.
+    DataComp's 38), one JSON line per task in out_jsonl; resumable. Each task scored goes to
+    `task_done(tasks in out_jsonl, note)` if given, else to `progress`.
 
     Tasks already in out_jsonl are skipped. Before the model is loaded, every task left to do must be on disk
     under suite_root: if any is not, MissingEvalData names them all. Returns the lines of all requested
@@ -292,7 +293,8 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_ro
     model, preprocess, tokenizer = load_model(model_name, checkpoint, device=device)
     with out_jsonl.open("a") as out:
         for n, task in enumerate(todo, 1):
-            log(f"[{n}/{len(todo)}] evaluating {task.key}")
+            if not task_done:
+                log(f"[{n}/{len(todo)}] evaluating {task.key}")
             start = time.perf_counter()
             metrics = evaluate_task(task, task_directory(suite_root, task), model, preprocess, tokenizer,
                                     batch_size, device, num_workers)
@@ -301,8 +303,12 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_ro
             out.write(json.dumps(row) + "\n")
             out.flush()
             done[task.key] = row
-            log(f"{task.key}: {task.main_metric} = {metrics['main_metric']:.4f} "
-                f"({time.perf_counter() - start:.0f} s)")
+            seconds = time.perf_counter() - start
+            note = f"{task.key}: {task.main_metric} = {metrics['main_metric']:.4f} ({seconds:.0f} s)"
+            if task_done:
+                task_done(len(keys) - len(todo) + n, note)
+            else:
+                log(note)
     return [done[k] for k in keys]
 
 

@@ -89,7 +89,8 @@ def leaderboard(context: dg.AssetExecutionContext, storage: StorageResource) -> 
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(table + "\n")
         rows = board_rows(entries)
-        rows_json.write_text(json.dumps({"scale": context.partition_key, "rows": rows}, indent=2) + "\n")
+        rows_json.write_text(json.dumps({"scale": context.partition_key, "rows": rows, "paper_ordering": report},
+                                        indent=2) + "\n")
         best = rank(entries)[0]
         stale = [e.strategy for e in entries if e.lineage["consistent"] is False]
         if stale:

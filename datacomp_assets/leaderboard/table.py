@@ -114,11 +114,14 @@ def board_rows(entries: list[Entry]) -> list[dict]:
     """The board as plain data (leaderboard.json): each row's scores, spread, rank in its track, lineage."""
     rows = []
     for track in sorted({e.track for e in entries}):
-        for i, e in enumerate(rank([x for x in entries if x.track == track]), 1):
+        ranked = rank([x for x in entries if x.track == track])
+        for i, e in enumerate(ranked, 1):
+            beats = beyond_noise(e, ranked[i]) if i < len(ranked) else None
             rows.append({"track": track, "rank": i, "strategy": e.strategy, "dataset_size": e.dataset_size,
                          "samples_seen": e.samples_seen, "seeds": len(e.seed_averages), "average": e.average,
-                         "std": e.std, "seed_averages": {f"seed_{seed}": statistics.mean(tasks.values())
-                                                         for seed, tasks in e.seed_tasks.items() if tasks},
+                         "std": e.std, "beats_next": beats,
+                         "seed_averages": {f"seed_{seed}": statistics.mean(tasks.values())
+                                           for seed, tasks in e.seed_tasks.items() if tasks},
                          "groups": e.groups, "tasks": e.tasks, "lineage": e.lineage})
     return rows
 

@@ -4,6 +4,7 @@ import dagster as dg
 
 from datacomp_assets.core.layout import Asset, Group, Layout
 from datacomp_assets.core.inputs import require_input
+from datacomp_assets.core.progress import Progress
 from datacomp_assets.core.lineage import code_revision, file_manifest, file_sha256, manifest_version, write_lineage
 from datacomp_assets.core.scales import ScaleConfig
 from datacomp_assets.core.scorers import DFN_MODEL, DFN_RUN, SCORER_MODELS, dfn_recipe, scorer_checkpoint, scorer_recipe
@@ -59,7 +60,9 @@ def train_on_curated(context, storage: StorageResource, accelerator: Accelerator
     """Train `recipe` on the curated source's shards into `<logs_dir>/<name>`; returns its training summary."""
     curated = storage.layout.curated_source(context.partition_key)  # (recipe.name is the model's: "tiny-dfn")
     data = brace_pattern(curated, len(list(curated.glob("*.tar"))))
-    result = train(accelerator.train_job(recipe, data, logs_dir, name), log=context.log.info)
+    job = accelerator.train_job(recipe, data, logs_dir, name)
+    result = train(job, log=context.log.info,
+                   progress=Progress(context.log.info, f"training {name}", job.samples_seen, "samples"))
     return result.summary(recipe)
 
 
@@ -119,6 +122,8 @@ def metadata_from_images(context, scale: ScaleConfig, layout: Layout, accelerato
         model, preprocess, tokenizer = load_model(model_name, scorer_checkpoint(layout, scale, prefix), device)
         scorers.append(Scorer(prefix, model, preprocess, tokenizer, device))
     eval_fp = eval_fingerprints(layout.eval_suite(scale.name), max_shift=0)
+    shards = len(list(layout.pool_shards(scale.name).glob("*.tar")))
     summary = build_pool_metadata(layout.pool_shards(scale.name), out, scorers, context.log.info,
-                                  eval_fingerprints=eval_fp)
+                                  eval_fingerprints=eval_fp,
+                                  progress=Progress(context.log.info, "metadata", shards, "shards"))
     return {**summary, "eval_images_checked": len(eval_fp)}

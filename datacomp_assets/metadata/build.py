@@ -117,8 +117,10 @@ def _is_current(stem: Path) -> bool:
 
 def build_pool_metadata(shards_dir: str | Path, out_dir: str | Path, scorers: list[Scorer],
                         log: Callable[[str], None] = print, eval_fingerprints: np.ndarray | None = None,
-                        duplicate_threshold: float = 0.97) -> dict:
-    """Write `<out_dir>/<shard>.parquet` and `.npz` for every shard; returns counts and timings."""
+                        duplicate_threshold: float = 0.97,
+                        progress: Callable[[int, str], None] | None = None) -> dict:
+    """Write `<out_dir>/<shard>.parquet` and `.npz` for every shard; returns counts and timings. Each shard done
+    goes to `progress(shards done, note)` if given, else to `log`."""
     tars = sorted(Path(shards_dir).glob("*.tar"))
     if not tars:
         raise FileNotFoundError(f"no shards in {shards_dir}; materialize pool_shards first")
@@ -137,7 +139,11 @@ def build_pool_metadata(shards_dir: str | Path, out_dir: str | Path, scorers: li
         table, embeddings = shard_metadata([records[i] for i in kept], [images[i] for i in kept], scorers)
         write_metadata_shard(table, embeddings, stem)
         rows += table.num_rows
-        log(f"metadata shard {i + 1}/{len(tars)}: {table.num_rows} rows kept, {len(records) - len(kept)} removed")
+        note = f"{table.num_rows} rows kept, {len(records) - len(kept)} removed"
+        if progress:
+            progress(i + 1, note)
+        else:
+            log(f"metadata shard {i + 1}/{len(tars)}: {note}")
     seconds = time.perf_counter() - t0
     removed = pq.read_table(out_dir / "removed", columns=["reason"])["reason"].to_pylist()
     return {"shards": len(tars), "shards_skipped": skipped, "rows_computed": rows, "seconds": seconds,

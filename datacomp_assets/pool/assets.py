@@ -6,6 +6,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from datacomp_assets.core.layout import Asset, Group
+from datacomp_assets.core.progress import Progress
 from partitions import get_scale, scale_partitions
 from resources import DownloaderResource, ExternalSourcesResource, PoolSourceResource, StorageResource
 from resources.pool_source import count_table
@@ -37,11 +38,14 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
         scale, layout = get_scale(context.partition_key), storage.layout
         source = pool_source.for_scale(scale, layout)
         index, out = layout.pool_index_file(scale.name), layout.pool_shards(scale.name)
-        context.log.info(f"downloading {pq.read_metadata(index).num_rows} urls into {out}")
+        urls = pq.read_metadata(index).num_rows
+        context.log.info(f"downloading {urls} urls into {out}")
         with source.serving():
             summary = download_shards(index, out, image_size=scale.image_size, shard_size=scale.shard_size,
                                       processes=downloader.processes, threads=downloader.threads,
-                                      timeout=downloader.timeout or scale.download_timeout, retries=downloader.retries)
+                                      timeout=downloader.timeout or scale.download_timeout, retries=downloader.retries,
+                                      progress=Progress(context.log.info, "download", -(-urls // scale.shard_size),
+                                                        "shards"))
         context.log.info(f"downloaded {summary.successes}/{summary.count} images")
         metadata = {
             "path": dg.MetadataValue.path(str(out)),

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,6 +215,23 @@ class IncompleteDownload(RuntimeError):
     """Some shards did not finish (a full disk, a killed worker): the download is not the whole pool."""
 
 
+def watch_shards(out_dir: Path, progress: Callable[[int, str], None], every_s: float = 1.0) -> threading.Event:
+    """Tell `progress` each time more shards have finished (img2dataset's workers are other processes; their
+    `_stats.json` files are the news), from a thread that stops when the returned event is set."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        reported = -1
+        while not stop.wait(every_s):
+            finished = summarize_shards(out_dir)
+            if finished.shards != reported:
+                reported = finished.shards
+                progress(finished.shards, f"{finished.successes:,} images")
+
+    threading.Thread(target=watch, name="download-progress", daemon=True).start()
+    return stop
+
+
 def free_space(path: Path) -> str:
     return f"{shutil.disk_usage(path).free / 2**20:,.0f} MB free on {path}'s file system"
 
@@ -231,9 +249,10 @@ def check_complete(summary: DownloadSummary, out_dir: Path, expected_shards: int
 
 def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: int, shard_size: int,
                     processes: int = 2, threads: int = 16, timeout: int = 10,
-                    retries: int = 2) -> DownloadSummary:
+                    retries: int = 2, progress: Callable[[int, str], None] | None = None) -> DownloadSummary:
     """Fetch every URL of the index into out_dir as NNNNNNNN.tar/.parquet/_stats.json shards; raise
-    IncompleteDownload when any shard did not finish (the finished ones are kept for the next call)."""
+    IncompleteDownload when any shard did not finish (the finished ones are kept for the next call).
+    `progress(shards finished, note)` is told as shards finish."""
     check_index(index_parquet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +267,10 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
     already_done = done.successes
     start = time.perf_counter()
     columns = pq.read_schema(index_parquet).names
+    watching = None
     try:
+        if progress:
+            watching = watch_shards(out_dir, progress)
         _run_img2dataset(
             url_list=str(Path(index_parquet).resolve()),
             output_folder=str(out_dir.resolve()),
@@ -271,6 +293,9 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
             raise
         raise IncompleteDownload(f"{out_dir}: the disk is full ({free_space(out_dir)}): {err}. Free space, then "
                                  "materialize again: finished shards are kept.") from err
+    finally:
+        if watching:
+            watching.set()
     elapsed = time.perf_counter() - start
     summary = summarize_shards(out_dir)
     summary.elapsed_s = elapsed

@@ -11,6 +11,7 @@ from datacomp_assets.core.figures import loss_curve_png, png_markdown
 from datacomp_assets.core.layout import Asset, Group, seed_name
 from datacomp_assets.core.lineage import (
     code_revision, file_sha256, made_from_other_input, read_lineage, text_sha256, write_lineage)
+from datacomp_assets.core.progress import Progress
 from datacomp_assets.core.strategies import track
 from datacomp_assets.core.trainer import TrainResult, train
 from datacomp_assets.core.uids import load_subset
@@ -61,7 +62,8 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
         for seed in scale.seeds:
             job = accelerator.train_job(scale, shards.shard_pattern, logs, seed_name(seed), seed=seed)
             context.log.info(f"seed {seed} ({len(runs) + 1} of {len(scale.seeds)})")
-            runs[seed] = train(job, log=context.log.info)
+            runs[seed] = train(job, log=context.log.info,
+                               progress=Progress(context.log.info, f"seed {seed}", job.samples_seen, "samples"))
 
         png = loss_curve_png({seed_name(s): r.losses for s, r in runs.items()}, f"{scale.name} / {strategy}")
         layout.loss_curve(scale.name, strategy).write_bytes(png)
