@@ -1,3 +1,4 @@
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +28,11 @@ class AcceleratorResource(dg.ConfigurableResource):
     cpu_processes: int = 1      # >1 runs torchrun with the gloo backend on the CPU
     cpu_threads: int = 0        # torch threads per training process on the CPU; 0: torch's default (all cores)
     allow_cpu_training: bool = False  # train a scale that requires a GPU on the CPU anyway (a rehearsal, a test)
+    # Trainings of one step (a strategy's seeds, the two scorers) run this many at once on the CPU, the cores
+    # shared out between them (see docs/measurements.md: a miniature's small ops use two cores poorly, so two
+    # one-thread trainings finish sooner than two two-thread ones in turn). On GPUs they run in turn, each on
+    # every GPU.
+    cpu_trainings_at_once: int = 2
 
     def placement(self, scale_precision: str) -> Placement:
         import torch
@@ -66,6 +72,15 @@ class AcceleratorResource(dg.ConfigurableResource):
         except ValueError as err:
             raise ValueError(f"scale {recipe.name!r}: {err}") from None
         return replace(placement, accum_freq=accum)
+
+    def in_waves(self, jobs: list[TrainJob]) -> list[list[TrainJob]]:
+        """`jobs` in groups to run together, one group after another: on the CPU `cpu_trainings_at_once` at a time,
+        each with an equal share of the cores (unless `cpu_threads` fixes it); on GPUs one at a time."""
+        at_once = self.cpu_trainings_at_once if jobs and jobs[0].device == "cpu" else 1
+        waves = [jobs[i:i + max(1, at_once)] for i in range(0, len(jobs), max(1, at_once))]
+        cores = os.cpu_count() or 1
+        return [[job if job.threads or len(wave) == 1 else replace(job, threads=max(1, cores // len(wave)))
+                 for job in wave] for wave in waves]
 
     def train_job(self, recipe: ScaleConfig, train_data: str, logs_dir: Path, name: str,
                   seed: int | None = None) -> TrainJob:

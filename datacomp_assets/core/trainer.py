@@ -16,12 +16,13 @@ import json
 import math
 import os
 import re
+import selectors
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -207,47 +208,120 @@ def train(job: TrainJob, log: Callable[[str], None] = print,
           progress: Callable[[int, str], None] | None = None) -> TrainResult:
     """Run (or resume) the job to its fixed samples seen; return the final checkpoint and its curve. Each of
     open_clip's progress lines goes to `progress(samples seen, note)` if given, else to `log`."""
+    return train_together([job], log, [progress])[0]
+
+
+def train_together(jobs: list[TrainJob], log: Callable[[str], None] = print,
+                   progress: list[Callable[[int, str], None] | None] | None = None) -> list[TrainResult]:
+    """Run (or resume) several jobs at once, each in its own process, their output read here as it comes (the
+    callbacks run on the calling thread). A job already complete is not started again. If one fails, the others
+    finish first (their checkpoints are kept), then the first failure is raised."""
+    progress = progress or [None] * len(jobs)
+    with ExitStack() as held:
+        runs = [_start(job, log, report, held) for job, report in zip(jobs, progress)]
+        _stream([r for r in runs if isinstance(r, _Running)])
+    results = [r.finish() if isinstance(r, _Running) else r for r in runs]
+    return results
+
+
+def train_in_waves(waves: list[list[TrainJob]], log: Callable[[str], None] = print,
+                   progress: Callable[[int, str], None] | None = None) -> list[TrainResult]:
+    """Train each wave's jobs together (train_together), one wave after another; results in the jobs' order.
+    `progress(samples seen by all jobs so far, note)` follows them all as one task."""
+    seen: dict[str, int] = {}
+
+    def reporter(job: TrainJob) -> Callable[[int, str], None] | None:
+        def report(samples: int, note: str) -> None:
+            seen[job.name] = samples
+            progress(sum(seen.values()), f"{job.name} {note}")
+        return report if progress else None
+
+    results = []
+    for wave in waves:
+        results += train_together(wave, log, [reporter(job) for job in wave])
+        seen.update({job.name: job.samples_seen for job in wave})
+    return results
+
+
+@dataclass
+class _Running:
+    """A trainer process whose output is being read."""
+
+    job: TrainJob
+    proc: subprocess.Popen
+    result: TrainResult
+    log: Callable[[str], None]
+    progress: Callable[[int, str], None] | None
+    started: float = field(default_factory=time.perf_counter)
+    tail: list[str] = field(default_factory=list)
+    pending: bytes = b""
+
+    def take(self, data: bytes) -> None:
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            self.tail = (self.tail + [line.rstrip()])[-40:]
+            point = parse_log_line(line)
+            if point:
+                seen, loss, rate = point
+                self.result.samples_per_second.append(rate)
+                note = f"loss {loss:.4f}, {rate:.0f} samples/s"
+                if self.progress:
+                    self.progress(seen, note)
+                else:
+                    self.log(f"samples {seen}/{self.job.samples_seen} {note}")
+
+    def finish(self) -> TrainResult:
+        self.result.seconds = time.perf_counter() - self.started
+        code = self.proc.returncode
+        if code != 0 or not self.job.final_checkpoint.exists():
+            raise RuntimeError(
+                f"open_clip training of {self.job.name} failed (exit code {code}); last output:\n"
+                + "\n".join(self.tail) + "\nRe-materialize to resume from the latest checkpoint.")
+        self.result.losses = read_curve(self.job.log_file)
+        return self.result
+
+
+def _start(job: TrainJob, log: Callable[[str], None], progress, held: ExitStack) -> _Running | TrainResult:
+    """Take the job's lock (held until `held` closes) and start its trainer, or return its result if complete."""
     job.logs_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(job.logs_dir / f"{job.name}.lock", LOCK_WAIT_SECONDS) as lock_fd:
-        discard_unreadable_checkpoints(job, log)
-        start_epoch = completed_epochs(job)
-        if start_epoch >= job.scale.epochs:
-            return TrainResult(job.final_checkpoint, 0.0, losses=read_curve(job.log_file),
-                               resumed_from_epoch=start_epoch)
-        if job.nproc > 1:
-            job.argv_file.write_text(json.dumps(job.argv()))
-        log(f"training {job.name}: {' '.join(job.command())} {' '.join(job.argv()) if job.nproc > 1 else ''}")
-        if start_epoch:
-            log(f"resuming from checkpoint epoch_{start_epoch}.pt")
-        result = TrainResult(job.final_checkpoint, 0.0, resumed_from_epoch=start_epoch)
-        t0 = time.perf_counter()
-        tail: list[str] = []
-        with subprocess.Popen(job.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=_child_env(job.threads), start_new_session=True, pass_fds=(lock_fd,),
-                              preexec_fn=_die_with_parent) as proc:
-            try:
-                for line in proc.stdout:
-                    tail = (tail + [line.rstrip()])[-40:]
-                    point = parse_log_line(line)
-                    if point:
-                        seen, loss, rate = point
-                        result.samples_per_second.append(rate)
-                        note = f"loss {loss:.4f}, {rate:.0f} samples/s"
-                        if progress:
-                            progress(seen, note)
-                        else:
-                            log(f"samples {seen}/{job.samples_seen} {note}")
-            except BaseException:  # a cancelled or failed step must not leave a trainer running
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise
-        result.seconds = time.perf_counter() - t0
-    if proc.returncode != 0 or not job.final_checkpoint.exists():
-        raise RuntimeError(
-            f"open_clip training of {job.name} failed (exit code {proc.returncode}); last output:\n"
-            + "\n".join(tail) + "\nRe-materialize to resume from the latest checkpoint."
-        )
-    result.losses = read_curve(job.log_file)
-    return result
+    lock_fd = held.enter_context(_exclusive(job.logs_dir / f"{job.name}.lock", LOCK_WAIT_SECONDS))
+    discard_unreadable_checkpoints(job, log)
+    start_epoch = completed_epochs(job)
+    if start_epoch >= job.scale.epochs:
+        return TrainResult(job.final_checkpoint, 0.0, losses=read_curve(job.log_file), resumed_from_epoch=start_epoch)
+    if job.nproc > 1:
+        job.argv_file.write_text(json.dumps(job.argv()))
+    log(f"training {job.name}: {' '.join(job.command())} {' '.join(job.argv()) if job.nproc > 1 else ''}")
+    if start_epoch:
+        log(f"resuming {job.name} from checkpoint epoch_{start_epoch}.pt")
+    proc = held.enter_context(subprocess.Popen(
+        job.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(job.threads),
+        start_new_session=True, pass_fds=(lock_fd,), preexec_fn=_die_with_parent))
+    return _Running(job, proc, TrainResult(job.final_checkpoint, 0.0, resumed_from_epoch=start_epoch), log, progress)
+
+
+def _stream(runs: list[_Running]) -> None:
+    """Read every trainer's output until all have exited. A cancelled or failed step (an exception here) must
+    not leave a trainer running: all are killed."""
+    try:
+        with selectors.DefaultSelector() as selector:
+            for run in runs:
+                selector.register(run.proc.stdout, selectors.EVENT_READ, run)
+            while selector.get_map():
+                for key, _ in selector.select():
+                    data = os.read(key.fd, 1 << 16)
+                    if data:
+                        key.data.take(data)
+                    else:  # end of output: the trainer has exited, or is about to
+                        selector.unregister(key.fileobj)
+                        key.data.take(b"\n")
+                        key.data.proc.wait()
+    except BaseException:
+        for run in runs:
+            if run.proc.poll() is None:
+                os.killpg(run.proc.pid, signal.SIGKILL)
+        raise
 
 
 def parse_log_line(line: str) -> tuple[int, float, float] | None:

@@ -174,15 +174,49 @@ class ClassificationSamples(torch.utils.data.IterableDataset):
                        sample_metadata(sample))
 
 
+class PreprocessedSets:
+    """Preprocessed test batches, kept between the checkpoints one process scores: the main command scores every
+    seed of every strategy on the same suite, and at `tiny` decoding is most of an evaluation. Bounded: a set
+    that does not fit in the room left (a paper-scale task) is decoded again each time, as it streams."""
+
+    def __init__(self, room_bytes: int):
+        self.room = room_bytes
+        self.sets: dict[tuple, list[tuple]] = {}
+
+    def batches(self, key: tuple, decode: Callable[[], Iterable[tuple]]) -> Iterator[tuple]:
+        if key in self.sets:
+            yield from self.sets[key]
+            return
+        kept: list[tuple] | None = []
+        size = 0
+        for batch in decode():
+            if kept is not None:
+                size += sum(part.nbytes for part in batch if hasattr(part, "nbytes"))
+                if size <= self.room:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if kept is not None:
+            self.sets[key] = kept
+            self.room -= size
+
+
+PREPROCESSED = PreprocessedSets(room_bytes=512 * 2**20)
+
+
 def encode_classification_set(model, preprocess, task_dir: Path, batch_size: int, device: str,
                               num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(normalised image features, labels, metadata rows) of every test sample."""
-    loader = torch.utils.data.DataLoader(ClassificationSamples(task_dir, preprocess), batch_size=batch_size,
-                                         num_workers=num_workers)
+    def decode():
+        yield from torch.utils.data.DataLoader(ClassificationSamples(task_dir, preprocess), batch_size=batch_size,
+                                               num_workers=num_workers)
+
     labels, metadata = [], []
 
     def images():
-        for image_batch, label_batch, metadata_batch in loader:
+        for image_batch, label_batch, metadata_batch in PREPROCESSED.batches(
+                (str(task_dir), repr(preprocess), batch_size), decode):
             labels.append(label_batch)
             metadata.append(metadata_batch.numpy())
             yield image_batch
@@ -205,14 +239,24 @@ def evaluate_classification(task, task_dir: Path, model, preprocess, tokenizer, 
 
 
 def evaluate_retrieval(task_dir: Path, model, preprocess, tokenizer, batch_size: int, device: str) -> dict[str, float]:
+    def decode():
+        batch: list[tuple[torch.Tensor, list[str]]] = []
+        for data, caps in retrieval_examples(task_dir):
+            batch.append((preprocess(decode_image(data)), caps))
+            if len(batch) == batch_size:
+                yield torch.stack([image for image, _ in batch]), [caps for _, caps in batch]
+                batch = []
+        if batch:
+            yield torch.stack([image for image, _ in batch]), [caps for _, caps in batch]
+
     captions: list[list[str]] = []
 
     def images():
-        for data, caps in retrieval_examples(task_dir):
-            captions.append(caps)
-            yield decode_image(data)
+        for image_batch, caption_batch in PREPROCESSED.batches((str(task_dir), repr(preprocess), batch_size), decode):
+            captions.extend(caption_batch)
+            yield image_batch
 
-    image_feats = encode_images(model, preprocess, images(), batch_size, device)
+    image_feats = encode_image_batches(model, images(), device)
     texts = [c for caps in captions for c in caps]
     text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     text_feats = encode_texts(model, tokenizer, texts, batch_size, device)

@@ -9,7 +9,7 @@ from datacomp_assets.core.lineage import code_revision, file_manifest, file_sha2
 from datacomp_assets.core.scales import ScaleConfig
 from datacomp_assets.core.scorers import DFN_MODEL, DFN_RUN, SCORER_MODELS, dfn_recipe, scorer_checkpoint, scorer_recipe
 from datacomp_assets.core.shards import brace_pattern
-from datacomp_assets.core.trainer import train
+from datacomp_assets.core.trainer import train_in_waves
 from partitions import get_scale, on_synthetic_web, scale_partitions
 from resources import AcceleratorResource, PoolSourceResource, StorageResource
 
@@ -22,12 +22,10 @@ def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource, a
     with storage.writing(context):
         scale, layout = get_scale(context.partition_key), storage.layout
         pool_source.for_scale(scale, layout).require_miniature(Asset.SCORER_MODELS)
-        meta = {}
-        for prefix in SCORER_MODELS:
-            recipe = scorer_recipe(scale, prefix, scale.scorer_samples_seen)
-            trained = train_on_curated(context, storage, accelerator, recipe, layout.scorer_models(scale.name), prefix)
-            meta.update({f"{prefix}_{k}": v for k, v in trained.items()})
-        return dg.MaterializeResult(metadata=meta)
+        recipes = {prefix: scorer_recipe(scale, prefix, scale.scorer_samples_seen) for prefix in SCORER_MODELS}
+        trained = train_on_curated(context, storage, accelerator, recipes, layout.scorer_models(scale.name))
+        return dg.MaterializeResult(metadata={f"{prefix}_{k}": v for prefix, summary in trained.items()
+                                              for k, v in summary.items()})
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, code_version="2", pool="gpu",
@@ -50,20 +48,22 @@ def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource, accel
             sha256 = file_sha256(checkpoint)
             return dg.MaterializeResult(data_version=dg.DataVersion(sha256[:16]), metadata={
                 "model": scale.dfn_architecture, "checkpoint_path": str(checkpoint), "checkpoint_sha256": sha256})
-        trained = train_on_curated(context, storage, accelerator, dfn_recipe(scale), layout.dfn_model(scale.name),
-                                   DFN_RUN)
-        return dg.MaterializeResult(metadata={"model": DFN_MODEL, **trained})
+        trained = train_on_curated(context, storage, accelerator, {DFN_RUN: dfn_recipe(scale)},
+                                   layout.dfn_model(scale.name))
+        return dg.MaterializeResult(metadata={"model": DFN_MODEL, **trained[DFN_RUN]})
 
 
-def train_on_curated(context, storage: StorageResource, accelerator: AcceleratorResource, recipe: ScaleConfig,
-                     logs_dir, name: str) -> dict:
-    """Train `recipe` on the curated source's shards into `<logs_dir>/<name>`; returns its training summary."""
+def train_on_curated(context, storage: StorageResource, accelerator: AcceleratorResource,
+                     recipes: dict[str, ScaleConfig], logs_dir) -> dict[str, dict]:
+    """Train each recipe on the curated source's shards into `<logs_dir>/<name>`, together where the accelerator
+    allows; returns each run's training summary by name."""
     curated = storage.layout.curated_source(context.partition_key)  # (recipe.name is the model's: "tiny-dfn")
     data = brace_pattern(curated, len(list(curated.glob("*.tar"))))
-    job = accelerator.train_job(recipe, data, logs_dir, name)
-    result = train(job, log=context.log.info,
-                   progress=Progress(context.log.info, f"training {name}", job.samples_seen, "samples"))
-    return result.summary(recipe)
+    jobs = [accelerator.train_job(recipe, data, logs_dir, name) for name, recipe in recipes.items()]
+    progress = Progress(context.log.info, f"training {', '.join(recipes)}", sum(j.samples_seen for j in jobs),
+                        "samples")
+    results = train_in_waves(accelerator.in_waves(jobs), context.log.info, progress)
+    return {name: result.summary(recipe) for (name, recipe), result in zip(recipes.items(), results)}
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA,

@@ -13,7 +13,7 @@ from datacomp_assets.core.lineage import (
     code_revision, file_sha256, made_from_other_input, read_lineage, text_sha256, write_lineage)
 from datacomp_assets.core.progress import Progress
 from datacomp_assets.core.strategies import track
-from datacomp_assets.core.trainer import TrainResult, train
+from datacomp_assets.core.trainer import TrainResult, train_in_waves
 from datacomp_assets.core.uids import load_subset
 from datacomp_assets.training.reshard import reshard
 from partitions import STRATEGY_DEFINITION, by_scale, scale_and_strategy, scale_strategy_partitions
@@ -58,12 +58,13 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
         if shards.missing_uids:
             context.log.warning(f"{shards.missing_uids} subset uids have no downloaded image and are skipped")
 
-        runs: dict[int, TrainResult] = {}
-        for seed in scale.seeds:
-            job = accelerator.train_job(scale, shards.shard_pattern, logs, seed_name(seed), seed=seed)
-            context.log.info(f"seed {seed} ({len(runs) + 1} of {len(scale.seeds)})")
-            runs[seed] = train(job, log=context.log.info,
-                               progress=Progress(context.log.info, f"seed {seed}", job.samples_seen, "samples"))
+        jobs = [accelerator.train_job(scale, shards.shard_pattern, logs, seed_name(seed), seed=seed)
+                for seed in scale.seeds]
+        seeds_progress = Progress(context.log.info, f"training {len(jobs)} seeds", sum(j.samples_seen for j in jobs),
+                                  "samples")
+        runs: dict[int, TrainResult] = dict(zip(scale.seeds, train_in_waves(
+            accelerator.in_waves(jobs), context.log.info, seeds_progress)))
+        samples_seen = jobs[0].samples_seen
 
         png = loss_curve_png({seed_name(s): r.losses for s, r in runs.items()}, f"{scale.name} / {strategy}")
         layout.loss_curve(scale.name, strategy).write_bytes(png)
@@ -76,10 +77,10 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
             "pool_version": read_lineage(subset_file.parent).get("pool_version", "unknown"),
             "checkpoints": {name: {"path": meta["checkpoint_path"], "sha256": meta["checkpoint_sha256"]}
                             for name, meta in per_seed.items()},
-            "model": scale.model, "samples_seen": job.samples_seen, "complete": True, "code_revision": code_revision()})
+            "model": scale.model, "samples_seen": samples_seen, "complete": True, "code_revision": code_revision()})
         return dg.MaterializeResult(data_version=dg.DataVersion(text_sha256(hashes)[:16]), metadata={
             "subset_sha256": subset_sha256,
-            "model": scale.model, "seeds": list(scale.seeds), "samples_seen": job.samples_seen,
+            "model": scale.model, "seeds": list(scale.seeds), "samples_seen": samples_seen,
             "checkpoints": dg.MetadataValue.json(per_seed),
             "final_loss": statistics.mean(final_losses) if final_losses else None,
             "samples_per_second": statistics.median(rates) if rates else None,
