@@ -50,7 +50,8 @@ class RunConsole(logging.Handler):
         self.failure: tuple[str, str] | None = None  # (step, error) of the first failed step
         self.bars = Progress(TextColumn("  {task.description}"), BarColumn(bar_width=24),
                              TextColumn("{task.fields[count]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                             TimeRemainingColumn(), console=terminal, transient=True)
+                             TimeRemainingColumn(), console=terminal, transient=True,
+                             redirect_stdout=False, redirect_stderr=False)  # what steps print goes to the log
         self.running: dict[str, tuple[TaskID, float]] = {}  # step key -> (its bar, its start)
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -44,13 +44,19 @@ def materialize(selection, partition_key, instance, resources, console=None, dag
     defs = dg.Definitions(assets=[*ALL_ASSETS, *CHECKS], resources=resources, loggers=loggers,
                           jobs=[dg.define_asset_job(JOB_NAME, selection=selection)])
     if console:
-        console.partition = partition_key if isinstance(partition_key, str) or partition_key is None else \
-            "|".join(partition_key.keys_by_dimension.values())
+        console.partition = partition_label(partition_key)
     result = defs.resolve_job_def(JOB_NAME).execute_in_process(
         run_config={"loggers": {name: {} for name in loggers}}, instance=instance, partition_key=partition_key,
         raise_on_error=False)
     if not result.success:
         raise RunFailed(f"materializing {partition_key} failed (run {result.run_id})")
+
+
+def partition_label(partition_key) -> str:
+    """How the console names a partition: the strategy (or scorer) of a (scale, x) key, else the key itself."""
+    if isinstance(partition_key, dg.MultiPartitionKey):
+        return "|".join(v for k, v in partition_key.keys_by_dimension.items() if k != "scale")
+    return partition_key or ""
 
 
 def run_scale(scale: str, strategies: list[str], resources=None, instance=None, subsets_only: bool = False,
@@ -63,7 +69,6 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     parallel threads (two runs configuring logging at once deadlock); on a CPU a strategy's seeds train side by
     side instead (the accelerator resource's `cpu_parallel_runs`)."""
     # Late imports: loading the code location reads the strategy and scale files, whose errors main() reports.
-    from datacomp_assets.core.layout import Asset
     from datacomp_assets.core.strategies import STRATEGIES
     from datacomp_assets.definitions import RESOURCES, STRATEGY_ASSETS
     from datacomp_assets.filtering.assets import image_scores, strategy_definitions, subset
@@ -83,7 +88,6 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     def run(selection, partition_key):
         materialize(selection, partition_key, instance, resources, console, dagster_logs)
 
-    t0 = time.perf_counter()
     # A run killed earlier (SIGKILL, out of memory) may still hold the `gpu` slot; this run would wait forever.
     for run_id in free_orphaned_slots(instance):
         print(f"freed the pool slots of run {run_id}, which had ended or been killed")
@@ -95,14 +99,11 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     keys = [dg.MultiPartitionKey({"scale": scale, "strategy": strategy}) for strategy in strategies]
     for key in keys:
         run([subset] if subsets_only else STRATEGY_ASSETS, key)
-    layout = resources["storage"].layout
     if subsets_only:
-        print(f"\n{len(keys)} subsets of scale {scale} in {layout.asset_dir(scale, Asset.SUBSET)}/ "
-              f"({time.perf_counter() - t0:.0f} s)")
         return ""
     run([leaderboard], scale)
     run([scaling_analysis], None)
-    return layout.leaderboard_markdown(scale).read_text().strip()
+    return resources["storage"].layout.leaderboard_markdown(scale).read_text().strip()
 
 
 def columns_read(strategies: list[str]) -> set[str]:
@@ -172,6 +173,9 @@ def chosen_strategies(names: list[str] | None) -> list[str]:
         return list(HEADLINE_STRATEGIES)
     if names == ["all"]:
         return list(STRATEGIES)
+    unknown = [name for name in names if name not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {', '.join(unknown)}; known: all, {', '.join(STRATEGIES)}")
     return names
 
 
@@ -179,7 +183,10 @@ def run_with_console(scale: str, strategies: list[str], command: str, subsets_on
                      dagster_logs: bool = False) -> None:
     """run_scale, shown in the terminal by console.py: a header, a line per step, bars; then the compact
     leaderboard and where everything is, or the failed step and the command that resumes."""
+    from rich.markup import escape
+
     from datacomp_assets.console import RunConsole, clock, leaderboard_lines, output_to_log
+    from datacomp_assets.core.layout import Asset
     from datacomp_assets.definitions import CHECKS, RESOURCES
     from partitions import get_scale
 
@@ -196,22 +203,35 @@ def run_with_console(scale: str, strategies: list[str], command: str, subsets_on
             with console.drawing_bars():
                 run_scale(scale, strategies, subsets_only=subsets_only, console=console, dagster_logs=dagster_logs)
         except (RunFailed, KeyboardInterrupt) as err:
-            step, error = console.failure or ("(interrupted)", type(err).__name__)
-            console.say(f"\n[red bold]Stopped[/] after {clock(time.perf_counter() - t0)}: {step} failed\n  {error}")
-            console.say(f"  full log: {log_file}\n  in the UI: bin/ui, then the failed run under Runs")
-            console.say(f"  resume (finished steps are kept): {command}")
             write_timings(console, log_file)
+            elapsed = clock(time.perf_counter() - t0)
+            if isinstance(err, KeyboardInterrupt) or not console.failure:
+                console.say(f"\n[red bold]Interrupted[/] after {elapsed}.")
+            else:
+                step, error = console.failure
+                console.say(f"\n[red bold]Stopped[/] after {elapsed}: {escape(step)} failed with")
+                console.say(escape(indented_excerpt(error)))
+            console.say(f"  Full log: {log_file}\n  In the UI: bin/ui, then the failed run under Runs")
+            console.say(f"  To resume (what finished is kept): {command}")
             raise SystemExit(1) from None
         write_timings(console, log_file)
         console.say(f"\nDone in {clock(time.perf_counter() - t0)}.\n")
         if subsets_only:
-            console.say(f"Subsets in {layout.asset_dir(scale, 'subset')}/")
+            console.say(f"{len(strategies)} subsets in {layout.asset_dir(scale, Asset.SUBSET)}/")
             return
         for line in leaderboard_lines(layout.leaderboard_json(scale)):
             console.say(line)
         console.say(f"Full table (every task, the lineage of each row): {layout.leaderboard_markdown(scale)}")
         console.say(f"Figures (the paper's Figures 2 and 3 beside this board): {layout.scaling_analysis()}/")
         console.say("Open the UI on these runs: bin/ui, then http://127.0.0.1:3000 (Runs, or the asset graph)")
+
+
+def indented_excerpt(text: str, head: int = 4, tail: int = 8) -> str:
+    """An error message as the terminal shows it: indented, its middle left to the log when it is long."""
+    lines = text.splitlines()
+    if len(lines) > head + tail + 1:
+        lines = [*lines[:head], f"[... {len(lines) - head - tail} more lines in the log ...]", *lines[-tail:]]
+    return "\n".join(f"    {line}" for line in lines)
 
 
 def write_timings(console, log_file: Path) -> None:

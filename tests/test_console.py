@@ -7,6 +7,7 @@ import os
 import subprocess
 
 import dagster as dg
+import pytest
 from rich.console import Console
 
 from datacomp_assets.console import RunConsole, dagster_logger, leaderboard_lines, output_to_log
@@ -82,6 +83,8 @@ def test_the_default_is_the_headline_set_and_all_is_every_strategy():
     assert set(HEADLINE_STRATEGIES) <= set(STRATEGIES)
     assert chosen_strategies(["all"]) == list(STRATEGIES)
     assert chosen_strategies(["basic"]) == ["basic"]
+    with pytest.raises(ValueError, match="unknown strategies bsic; known: all, no_filter"):
+        chosen_strategies(["bsic"])
 
 
 def test_the_compact_leaderboard_has_rank_size_mean_spread_and_the_orderings(tmp_path):
@@ -96,3 +99,27 @@ def test_the_compact_leaderboard_has_rank_size_mean_spread_and_the_orderings(tmp
     text = "\n".join(leaderboard_lines(board))
     assert "clip_score_l14_30pct" in text and "18,148" in text and "0.3605 ± 0.0131   yes" in text
     assert "+0.1002  p 0.0012  [green]holds beyond noise" in text
+
+
+def test_a_failed_run_says_which_step_why_where_the_log_is_and_how_to_resume(tmp_path, monkeypatch, capfd):
+    from datacomp_assets import run as main_command
+
+    def failing_run_scale(scale, strategies, subsets_only, console, dagster_logs):
+        run_toy_job(console, fail=True)
+        raise main_command.RunFailed("materializing tiny|basic failed")
+
+    from datacomp_assets.definitions import RESOURCES
+    from resources import StorageResource
+
+    monkeypatch.setitem(RESOURCES, "storage", StorageResource(root=str(tmp_path / "data")))
+    monkeypatch.setattr(main_command, "run_scale", failing_run_scale)
+    with pytest.raises(SystemExit) as stopped:
+        main_command.run_with_console("tiny", ["basic"], "python -m datacomp_assets.run --strategies basic")
+    assert stopped.value.code == 1
+    out = capfd.readouterr().out
+    assert "Stopped after" in out and "training failed with" in out
+    assert "RuntimeError: open_clip training of seed_0 failed (exit code 1)" in out
+    log = next((tmp_path / "data" / "tiny" / "logs").glob("run-*.log"))
+    assert f"Full log: {log}" in out and "STEP_FAILURE" in log.read_text()
+    assert "To resume (what finished is kept): python -m datacomp_assets.run --strategies basic" in out
+    assert len(out.splitlines()) < 20
