@@ -191,6 +191,7 @@ def run_with_console(scale: str, strategies: list[str], command: str, subsets_on
     from partitions import get_scale
 
     config, layout = get_scale(scale), RESOURCES["storage"].layout  # an unknown scale fails here, in one line
+    check_inputs(config, strategies, RESOURCES, train=not subsets_only)  # before anything is written
     log_file = layout.run_log(scale, time.strftime("%Y%m%d-%H%M%S"))
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -29,10 +29,10 @@ class AcceleratorResource(dg.ConfigurableResource):
     cpu_threads: int = 0        # torch threads per training process on the CPU; 0: torch's default (all cores)
     allow_cpu_training: bool = False  # train a scale that requires a GPU on the CPU anyway (a rehearsal, a test)
     # Trainings of one step (a strategy's seeds, the two scorers) run this many at once on the CPU, the cores
-    # shared out between them (see docs/measurements.md: a miniature's small ops use two cores poorly, so two
-    # one-thread trainings finish sooner than two two-thread ones in turn). On GPUs they run in turn, each on
-    # every GPU.
-    cpu_trainings_at_once: int = 2
+    # shared out between them: a miniature's small ops barely use a second core (one training takes 41 s on two
+    # cores, 44 s on one), so three seeds together finish 1.24x sooner than in turn (docs/measurements.md). Each
+    # takes about 2 GB at tiny. On GPUs they run in turn, each on every GPU.
+    cpu_trainings_at_once: int = 3
 
     def placement(self, scale_precision: str) -> Placement:
         import torch

@@ -123,6 +123,17 @@ def test_a_declared_scale_runs_the_published_path_from_pool_index_to_the_leaderb
     assert manifest["summary"]["missing_uids"] == POOL - successes
 
 
+def test_the_main_command_prints_a_line_per_step_and_the_compact_board_not_dagsters_events(rehearsal):
+    root, _, trained, _, _ = rehearsal
+    lines = trained.stdout.splitlines()
+    assert len(lines) <= 100 and "DEBUG" not in trained.stdout and "STEP_START" not in trained.stdout
+    for step in ("pool_shards [rehearsal]", "checkpoint [no_filter]", "eval_results [dfn_30pct]", "leaderboard"):
+        assert any("✓" in line and step in line for line in lines), trained.stdout
+    assert "Leaderboard, scale rehearsal" in trained.stdout and "average ± std" in trained.stdout
+    log = sorted((root / "data" / "rehearsal" / "logs").glob("run-*.log"))[-1].read_text()  # the trained run's
+    assert "STEP_START" in log and "Starting the downloading" in log  # the event stream, and what img2dataset printed
+
+
 def test_filtering_at_a_published_pool_runs_without_images(rehearsal):
     root, _, _, filtered, downloaded_before_training = rehearsal
     assert filtered.returncode == 0, filtered.stdout[-3000:] + filtered.stderr[-5000:]
