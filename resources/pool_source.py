@@ -59,9 +59,7 @@ class SyntheticWebPool:
 
     def serving(self) -> contextlib.AbstractContextManager:
         """Serve the web's images on loopback while img2dataset downloads them."""
-        from datacomp_assets.world.index import WEB_PAGES_FILE
-
-        return self.web.serve(self.layout.pool_index(self.scale.name) / WEB_PAGES_FILE)
+        return self.web.serve()
 
     def ground_truth(self) -> Path | None:
         path = self.layout.ground_truth_file(self.scale.name)

@@ -1,5 +1,4 @@
 from contextlib import contextmanager
-from pathlib import Path
 
 import dagster as dg
 
@@ -30,13 +29,9 @@ class SyntheticWebResource(dg.ConfigurableResource):
         return f"http://{self.host}:{self.port}"
 
     @contextmanager
-    def serve(self, pages_file: Path | None = None):
-        """Serve the web's images for the duration of a `with` block; those in `pages_file` (the bodies the pool
-        index's crawl rendered, index.WEB_PAGES_FILE) without rendering them again."""
-        from datacomp_assets.world.index import WebPages
+    def serve(self):
+        """Serve the web's images for the duration of a `with` block."""
         from datacomp_assets.world.web_server import SyntheticWebServer
 
-        config = self.web_config()
-        pages = WebPages(pages_file, config) if pages_file and pages_file.exists() else None
-        with SyntheticWebServer(config, host=self.host, port=self.port, pages=pages) as server:
+        with SyntheticWebServer(self.web_config(), host=self.host, port=self.port) as server:
             yield server

@@ -23,7 +23,7 @@ from datacomp_assets.pool.download import (
     summarize_shards,
 )
 from datacomp_assets.world.eval_suite import build_objects
-from datacomp_assets.world.index import WEB_PAGES_FILE, WebPages, build_index_rows, write_pool_index
+from datacomp_assets.world.index import build_index_rows, write_pool_index
 from datacomp_assets.world.web import (
     DEFAULT_FAULTS, DEFAULT_NOISE, FAULT_KINDS, OBJECTS, SPAM_PHRASES, UNSAFE_WORDS, WebConfig, crawled_sha256,
     eval_objects_sample, render, sample, served_bytes,
@@ -101,18 +101,6 @@ def test_index_has_only_public_columns_and_unique_uids(tmp_path):
     assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in index.column("sha256").to_pylist())
     assert index.column("url")[3].as_py() == "http://h:1/images/pool/3.jpg"
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files behind
-
-
-def test_the_crawls_pages_are_served_as_rendered_and_only_for_the_web_they_came_from(tmp_path):
-    faulty = WebConfig(seed=7)  # every fault's body too
-    write_pool_index(faulty, 300, "http://h:1", tmp_path)
-    pages = WebPages(tmp_path / WEB_PAGES_FILE, faulty)
-    assert all(pages.get(("pool", i)) == served_bytes(sample(i, faulty)) for i in range(300))
-    assert pages.get(("eval", 3)) is None and pages.get(("pool", 300)) is None
-    assert WebPages(tmp_path / WEB_PAGES_FILE, CONFIG).get(("pool", 3)) is None  # another web: rendered
-    with SyntheticWebServer(faulty, pages=pages) as served:
-        ok = next(i for i in range(300) if sample(i, faulty).fault is None)
-        assert _get(f"{served.base_url}/images/pool/{ok}.jpg")[2] == served_bytes(sample(ok, faulty))
 
 
 def test_index_is_deterministic():

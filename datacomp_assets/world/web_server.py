@@ -14,14 +14,9 @@ import re
 import socket
 import threading
 import time
-from typing import Protocol
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from datacomp_assets.world.web import WebConfig, sample, served_bytes
-
-class Pages(Protocol):
-    def get(self, key: tuple[str, int]) -> bytes | None: ...
-
 
 # /images/{namespace}/{index}.jpg; namespaces are simple names so URLs need no escaping.
 IMAGE_PATH = re.compile(r"^/images/([A-Za-z0-9_\-]+)/(\d+)\.jpg$")
@@ -45,7 +40,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client must not block stop()
 
 
-def _handler_for(config: WebConfig, pages: Pages) -> type[BaseHTTPRequestHandler]:
+def _handler_for(config: WebConfig) -> type[BaseHTTPRequestHandler]:
     class SyntheticWebHandler(BaseHTTPRequestHandler):
         # HTTP/1.1 keeps connections alive between img2dataset's requests.
         protocol_version = "HTTP/1.1"
@@ -65,8 +60,7 @@ def _handler_for(config: WebConfig, pages: Pages) -> type[BaseHTTPRequestHandler
             if s.fault == "redirect" and "?" not in self.path:
                 self._send(302, b"", "text/plain", location=f"{match.group(0)}?redirected=1")
                 return
-            body = pages.get((namespace, index)) or served_bytes(s)
-            self._send(200, body, "text/html" if s.fault == "corrupt" else "image/jpeg")
+            self._send(200, served_bytes(s), "text/html" if s.fault == "corrupt" else "image/jpeg")
 
         def _send(self, status: int, body: bytes, content_type: str, location: str | None = None) -> None:
             try:
@@ -87,13 +81,10 @@ def _handler_for(config: WebConfig, pages: Pages) -> type[BaseHTTPRequestHandler
 
 
 class SyntheticWebServer:
-    """Serves the synthetic web from a background thread; use as a context manager or start()/stop().
-    `pages.get((namespace, index))`, where not None, is served as it is instead of rendered (index.WebPages);
-    it must be what `served_bytes` renders."""
+    """Serves the synthetic web from a background thread; use as a context manager or start()/stop()."""
 
-    def __init__(self, config: WebConfig = WebConfig(), host: str = "127.0.0.1", port: int = 0,
-                 pages: Pages | None = None):
-        self.config, self.pages = config, pages or {}
+    def __init__(self, config: WebConfig = WebConfig(), host: str = "127.0.0.1", port: int = 0):
+        self.config = config
         self.host = host
         self.port = port
         self._httpd: ThreadingHTTPServer | None = None
@@ -108,7 +99,7 @@ class SyntheticWebServer:
     def start(self) -> "SyntheticWebServer":
         if self._httpd is not None:
             return self
-        self._httpd = _Server((self.host, self.port), _handler_for(self.config, self.pages))
+        self._httpd = _Server((self.host, self.port), _handler_for(self.config))
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="synthetic-web",
                                         daemon=True)
         self._thread.start()
