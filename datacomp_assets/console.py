@@ -74,13 +74,13 @@ class RunConsole(logging.Handler):
             self.handleError(record)
 
     def start(self, step: str) -> None:
-        task = self.bars.add_task(self.label(step), total=None, count="", visible=step not in self.quiet_steps)
+        task = self.bars.add_task(escape(self.label(step)), total=None, count="", visible=step not in self.quiet_steps)
         self.running[step] = (task, time.perf_counter())
 
     def advance(self, step: str, numbers: dict) -> None:
         task, _ = self.running[step]
         unit = f" {numbers['unit']}" if numbers.get("unit") else ""
-        self.bars.update(task, description=f"{self.label(step)}: {numbers['task']}", total=numbers["total"],
+        self.bars.update(task, description=escape(f"{self.label(step)}: {numbers['task']}"), total=numbers["total"],
                          completed=numbers["done"], count=f"{numbers['done']:,.0f}/{numbers['total']:,.0f}{unit}")
 
     def finish(self, step: str, ok: bool, failure) -> None:
