@@ -123,3 +123,15 @@ def test_a_failed_run_says_which_step_why_where_the_log_is_and_how_to_resume(tmp
     assert f"Full log: {log}" in out and "STEP_FAILURE" in log.read_text()
     assert "To resume (what finished is kept): python -m datacomp_assets.run --strategies basic" in out
     assert len(out.splitlines()) < 20
+
+
+def test_a_bar_names_its_step_and_partition_as_written(tmp_path):
+    from rich.text import Text
+
+    console = RunConsole(Console(file=io.StringIO(), force_terminal=True), tmp_path / "run.log")
+    console.partition = "basic"
+    console.start("checkpoint")
+    console.advance("checkpoint", {"task": "training 3 seeds", "done": 12288, "total": 61440, "unit": "samples"})
+    bar = console.bars.tasks[0]
+    assert Text.from_markup(bar.description).plain == "checkpoint [basic]: training 3 seeds"  # not read as markup
+    assert (bar.completed, bar.total, bar.fields["count"]) == (12288, 61440, "12,288/61,440 samples")
