@@ -67,9 +67,8 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     with `subsets_only` nothing is downloaded unless a strategy scores images. The inputs the strategies need
     are checked before anything runs. Strategies run one after another: in-process Dagster runs are not safe in
     parallel threads (two runs configuring logging at once deadlock); on a CPU a strategy's seeds train side by
-    side instead (the accelerator resource's `cpu_parallel_runs`)."""
+    side instead (the accelerator resource's `cpu_trainings_at_once`)."""
     # Late imports: loading the code location reads the strategy and scale files, whose errors main() reports.
-    from datacomp_assets.core.strategies import STRATEGIES
     from datacomp_assets.definitions import RESOURCES, STRATEGY_ASSETS
     from datacomp_assets.filtering.assets import image_scores, strategy_definitions, subset
     from datacomp_assets.instance import free_orphaned_slots
@@ -77,9 +76,7 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     from partitions import get_scale
 
     config = get_scale(scale)
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise SystemExit(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
+    strategies = chosen_strategies(strategies)  # an unknown name fails here, before anything runs
     instance = instance or dg.DagsterInstance.get()
     resources = {**RESOURCES, **(resources or {})}  # overrides on top of the defaults
     pool_assets, scorers = assets_needed(config, strategies, train=not subsets_only)

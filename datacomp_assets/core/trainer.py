@@ -220,8 +220,7 @@ def train_together(jobs: list[TrainJob], log: Callable[[str], None] = print,
     with ExitStack() as held:
         runs = [_start(job, log, report, held) for job, report in zip(jobs, progress)]
         _stream([r for r in runs if isinstance(r, _Running)])
-    results = [r.finish() if isinstance(r, _Running) else r for r in runs]
-    return results
+    return [r.finish() if isinstance(r, _Running) else r for r in runs]
 
 
 def train_in_waves(waves: list[list[TrainJob]], log: Callable[[str], None] = print,
