@@ -126,12 +126,12 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
         # The miniature computes its metadata from images and trained scorers. It trains a DFN only when a chosen
         # strategy reads its scores (dfn_model feeds image_scores alone), and downloads the bring-your-own-data
         # sources only when a chosen strategy mixes them in.
-        skipped = {dfn_model: not scorers, external_sources: not byod}
+        skipped = {dfn_model: "dfn" not in scorers, external_sources: not byod}
         return [a for a in POOL_ASSETS if not skipped.get(a)], scorers
     assets = [pool_index, pool_metadata, pool_features]
     if train or scorers:
         assets.append(pool_shards)
-    if scorers:
+    if "dfn" in scorers:
         assets.append(dfn_model)
     if train:
         assets.append(eval_suite)

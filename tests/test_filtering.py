@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datacomp_assets.core.strategies import STRATEGIES, SWEEPS, expected_fraction
+from datacomp_assets.core.strategies import BUILDING_BLOCKS, STRATEGIES, SWEEPS, expected_fraction
 from datacomp_assets.core.uids import (
     arrow_uids_to_array,
     sort_uids,
@@ -94,6 +94,8 @@ def pool(tmp_path_factory):
         "language": rng.choice(["en", "en", "fr", "de"], n),
         "num_words": np.array([len(t.split()) for t in texts], np.int32),
         "num_chars": np.array([len(t) for t in texts], np.int32),
+        "face_bboxes": np.array([[[0.0, 0.0, float(rng.uniform(0.3, 0.8)), float(rng.uniform(0.3, 0.8))]]
+                                 if rng.random() < 0.2 else [] for _ in range(n)], dtype=object),
     }
     cols["clip_b32_similarity_score"][:5] = [0.25, 0.28, 0.2499, 0.2801, 0.25]  # exact threshold ties
     # Per-sample features live in their own parquet files (as pool_features writes them), in another order.
@@ -108,10 +110,19 @@ def pool(tmp_path_factory):
         "dfn_score": rng.normal(0.3, 0.1, n).astype(np.float32),
         "semdedup_max_similarity": rng.uniform(0.98, 1.0, n).astype(np.float32),
         "vas_score": rng.normal(0.01, 0.002, n).astype(np.float32),
+        "caption_repeats": rng.choice([1, 2, 100, 101, 500], n).astype(np.int64),
+        "flipped_score": rng.normal(0.2, 0.06, n).astype(np.float32),
+        "tmars_score": rng.normal(0.2, 0.06, n).astype(np.float32),
+        "negclip_loss": rng.normal(-0.05, 0.03, n).astype(np.float32),
+        "normsim": rng.normal(0.5, 0.1, n).astype(np.float32),
+        "density_pruning_keep": rng.random(n) < 0.3,
+        "hype_score": rng.normal(0.0, 1.0, n).astype(np.float32),
     }
+    features["semdedup_max_similarity"][:200] = rng.uniform(0.9, 0.98, 200)
     out = tmp_path_factory.mktemp("pool_metadata")
     for i, rows in enumerate(np.array_split(np.arange(n), 3)):
-        pq.write_table(pa.table({k: v[rows] for k, v in cols.items()}), out / f"{i:08d}.parquet")
+        pq.write_table(pa.table({k: pa.array(list(v[rows]), pa.list_(pa.list_(pa.float64()))) if k == "face_bboxes"
+                                 else v[rows] for k, v in cols.items()}), out / f"{i:08d}.parquet")
     feature_dir = tmp_path_factory.mktemp("pool_features")
     for i, rows in enumerate(np.array_split(rng.permutation(n), 2)):
         pq.write_table(pa.table({k: v[rows] for k, v in features.items()}), feature_dir / f"{i:08d}.parquet")
@@ -162,17 +173,41 @@ def _keep_mask(cols, name):
         return _top(l14, cols["semdedup_max_similarity"] <= np.float32(0.995), 0.3 * n)
     if name == "vas_clip_score_b32_45pct":
         return _top(cols["vas_score"], _keep_mask(cols, "clip_score_b32_45pct"), 0.3 * n)
+    if name == "devil_single_modality":
+        short, long = np.minimum(w, h), np.maximum(w, h)
+        face_area = np.array([sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes) for boxes in cols["face_bboxes"]])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            aspect_ok = long / short <= 3.33
+        return (english & (cols["num_words"] > 2) & (cols["num_chars"] > 5) & (cols["caption_repeats"] <= 100)
+                & aspect_ok & (face_area <= 0.3) & (cols["semdedup_max_similarity"] <= np.float32(0.95)))
+    if name == "devil_cross_modality":
+        return _top(np.minimum(l14, cols["flipped_score"]), _keep_mask(cols, "devil_single_modality"), 0.3 * n)
+    if name == "negclip_loss_30pct":
+        return _top(cols["negclip_loss"], everything, 0.3 * n)
+    if name == "negclip_loss_normsim_20pct":
+        return _top(cols["normsim"], _keep_mask(cols, "negclip_loss_30pct"), 0.2 * n)
+    if name == "density_pruning":
+        return cols["density_pruning_keep"]
+    if name == "hype_30pct":
+        return _top(cols["hype_score"] + l14, cols["in_target_cluster"], 0.3 * n)
+    if name == "hype_dfn":
+        return _keep_mask(cols, "hype_30pct") | _keep_mask(cols, "dfn_30pct")
+    if name == "devil_target_aligned":
+        return _keep_mask(cols, "devil_cross_modality") & cols["in_target_cluster"]
     return None
 
 
 def _expected(cols, name):
+    if name == "devil_in_the_details":  # a mixture: each uid as many times as the parts that keep it
+        parts = [_keep_mask(cols, "devil_cross_modality"), _keep_mask(cols, "devil_target_aligned")]
+        return np.array(sorted(uid_to_pair(u) for keep in parts for u in cols["uid"][keep]), dtype=UID_DTYPE)
     keep = _keep_mask(cols, name)
     if keep is None:
         return None
     return np.array(sorted(uid_to_pair(u) for u in cols["uid"][keep]), dtype=UID_DTYPE)
 
 
-ALL_RULES = {**STRATEGIES, **SWEEPS}
+ALL_RULES = {**STRATEGIES, **BUILDING_BLOCKS, **SWEEPS}
 DETERMINISTIC = [name for name in ALL_RULES if not ALL_RULES[name].random]
 
 
@@ -270,7 +305,7 @@ def test_strategies_declared_in_a_file_are_computed(pool, tmp_path, monkeypatch)
     (tmp_path / "mine.toml").write_text(USER_STRATEGIES)
     registry = strategies.load_registry([tmp_path / "mine.toml"])
     assert {"no_filter", "big_english_cats", "cats_or_top_dfn"} <= set(registry)
-    monkeypatch.setattr(strategies, "STRATEGIES", registry)
+    monkeypatch.setattr(strategies, "_REGISTRY", registry)
     external = tmp_path / "curated"
     external.mkdir()
     curated = [f"{i:032x}" for i in range(5)]
@@ -368,7 +403,7 @@ def test_a_rule_cannot_read_outside_the_pools_directories(pool, tmp_path, monkey
 
     metadata_dir, feature_dir, _ = pool
     (tmp_path / "shared.toml").write_text(f"[reader]\nwhere = \"{rule}\"\n")
-    monkeypatch.setattr(strategies, "STRATEGIES", strategies.load_registry([tmp_path / "shared.toml"]))
+    monkeypatch.setattr(strategies, "_REGISTRY", strategies.load_registry([tmp_path / "shared.toml"]))
     with pytest.raises(ValueError, match="strategy 'reader' may read only the pool's own files"):
         select_uids(metadata_dir, "reader", feature_dirs=[feature_dir])
 

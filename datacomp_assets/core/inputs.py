@@ -29,7 +29,7 @@ INPUTS = {
         "training images, L2-normalized: the image-based baseline's targets",
         "embed the ImageNet-1k training set (image-net.org) with open_clip's ViT-L-14 'openai' weights; DataComp's "
         "baselines code (baselines/image_based_clustering.py) does the same",
-        ("in_target_cluster",)),
+        ("in_target_cluster", "normsim")),
     "vas_target_embeddings": UserInput(
         "vas_target_embeddings",
         "a .npy array (N x 768) of L/14 image embeddings of VAS's target distribution (the VAS paper uses "
@@ -47,6 +47,21 @@ INPUTS = {
         "an open_clip checkpoint of a data filtering network, of the architecture named by dfn_architecture",
         "Apple's DFN weights (huggingface.co/apple/DFN-public), or a CLIP you trained on high-quality pairs",
         ("dfn_score",)),
+    "clip_l14_checkpoint": UserInput(
+        "clip_l14_checkpoint",
+        "an open_clip checkpoint of OpenAI's CLIP ViT-L/14 (the model behind the metadata's clip_l14_* columns), of "
+        "the architecture named by clip_l14_architecture: it re-scores images with their text masked or flipped",
+        "open_clip's ViT-L-14 'openai' weights (open_clip.create_model_and_transforms('ViT-L-14', "
+        "pretrained='openai') downloads them; save the state_dict)",
+        ("tmars_score", "text_area_share", "flipped_score")),
+    "hype_heads": UserInput(
+        "hype_heads",
+        "HYPE's hyperbolic heads: a file written by datacomp_assets.filtering.hyperbolic.save_heads, trained on "
+        "L/14 embeddings of high-quality pairs (the MERU loss); it maps the published L/14 embeddings into the "
+        "Lorentz model",
+        "train them with hyperbolic.train_heads on the L/14 embeddings of a curated set (e.g. CC12M); HYPE's own "
+        "MERU checkpoints (github.com/naver-ai/hype) embed pixels, not the published embeddings",
+        ("hype_score", "hype_image_specificity", "hype_text_specificity", "hype_entailment")),
 }
 
 

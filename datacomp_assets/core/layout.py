@@ -147,6 +147,10 @@ class Layout:
     def pool_features(self, scale: str) -> Path:
         return self.asset_dir(scale, Asset.POOL_FEATURES)
 
+    def hype_heads(self, scale: str) -> Path:
+        """The miniature's HYPE heads (trained on the curated source's L/14 embeddings by pool_features)."""
+        return self.asset_dir(scale, Asset.POOL_FEATURES).with_name("hype_model") / "heads.pt"
+
     def image_scores(self, scale: str, scorer: str) -> Path:
         """A model's scores of the pool's downloaded images (uid + `<scorer>_score`), one parquet per shard."""
         return self.asset_dir(scale, Asset.IMAGE_SCORES) / scorer

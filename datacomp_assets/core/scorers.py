@@ -33,8 +33,13 @@ def dfn_recipe(scale: ScaleConfig) -> ScaleConfig:
 
 DFN_RUN = "dfn"  # the DFN's training run, under the dfn_model folder
 
-# Models scored over the pool's downloaded images (the image_scores asset), each giving a `<name>_score` column.
-IMAGE_SCORERS = ("dfn",)
+# Models scored over the pool's downloaded images (the image_scores asset), each giving a `<name>_score` column:
+# the data filtering network's cosine; T-MARS's L/14 cosine with the image's text masked; the L/14 cosine of the
+# horizontally flipped image (The Devil Is in the Details: a flip breaks the reading of text, not the seeing).
+IMAGE_SCORERS = ("dfn", "tmars", "flipped")
+# The CLIP each scorer runs: the DFN, or the model behind the `clip_l14_*` columns (OpenAI's L/14; at tiny the
+# L/14 scorer trained here).
+SCORER_MODEL = {"dfn": "dfn", "tmars": "l14", "flipped": "l14"}
 
 
 def image_score_column(scorer: str) -> str:

@@ -10,7 +10,9 @@ A strategy is one of:
 
 The registry is `strategies.toml` beside this file plus any files named in `$DATACOMP_STRATEGIES`
 (os.pathsep-separated, read by `settings`); every registered strategy is a partition, is trained and evaluated,
-and has a leaderboard row. The paper's sweeps (`SWEEPS`) can be selected by name without being registered.
+and has a leaderboard row, except a `building_block`: a named stage of a longer method that other strategies are
+built from, never trained on its own (`BUILDING_BLOCKS`). The paper's sweeps (`SWEEPS`) can be selected by name
+without being registered.
 The filtering stage runs the rules (`filtering.selection`).
 """
 
@@ -47,6 +49,7 @@ class Strategy:
     intersect: tuple[str, ...] = ()
     union: tuple[str, ...] = ()
     mixture: tuple[tuple[str, int], ...] = ()  # (strategy name or "source:<name>", times each uid)
+    building_block: bool = False        # only a part of other strategies: not a partition, not trained
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -158,15 +161,17 @@ def load_registry(extra_files: Sequence[str | os.PathLike] = ()) -> dict[str, St
     return registry
 
 
-STRATEGIES: dict[str, Strategy] = load_registry(settings.strategy_files())
+_REGISTRY = load_registry(settings.strategy_files())
+STRATEGIES: dict[str, Strategy] = {name: s for name, s in _REGISTRY.items() if not s.building_block}
+BUILDING_BLOCKS: dict[str, Strategy] = {name: s for name, s in _REGISTRY.items() if s.building_block}
 
 
 def get_strategy(name: str) -> Strategy:
-    """A registered strategy, or one of the paper's sweeps, by name."""
+    """A registered strategy, a building block or one of the paper's sweeps, by name."""
     try:
-        return STRATEGIES.get(name) or SWEEPS[name]
+        return _REGISTRY.get(name) or SWEEPS[name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join({**STRATEGIES, **SWEEPS})}") from None
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join({**_REGISTRY, **SWEEPS})}") from None
 
 
 def expected_fraction(strategy_name: str) -> float | None:

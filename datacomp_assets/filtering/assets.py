@@ -1,10 +1,12 @@
 """Filtering stage: one subset (sorted `u8,u8` uid .npy) per (scale, strategy), with its checks."""
 
+import io
 import time
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
+from PIL import Image
 
 from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.lineage import code_revision, file_sha256, verified_version, write_lineage
@@ -13,7 +15,7 @@ from datacomp_assets.core.strategies import (
 from datacomp_assets.core.uids import (
     arrow_uids_to_array, isin_sorted, load_subset, save_subset, sort_uids, union_sorted, unique_sorted)
 from datacomp_assets.filtering.selection import select_uids
-from datacomp_assets.core.scorers import IMAGE_SCORERS, image_score_column
+from datacomp_assets.core.scorers import IMAGE_SCORERS, SCORER_MODEL, image_score_column
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, on_synthetic_web, reading_image_scores, scale_and_scorer,
     scale_and_strategy, scale_partitions, scale_scorer_partitions, scale_strategy_partitions, strategy_partitions)
@@ -26,12 +28,14 @@ from resources import AcceleratorResource, PoolSourceResource, StorageResource
                   for a in (Asset.SCORER_MODELS, Asset.EVAL_SUITE, Asset.CURATED_SOURCE))])
 def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
                   pool_source: PoolSourceResource) -> dg.MaterializeResult:
-    """Per-sample columns the filters beyond the metadata read: caption concepts, k-means clusters and the
-    target clusters, SemDeDup similarities, VAS scores, MetaCLIP keep probabilities. Metadata only: no image.
+    """Per-sample columns the filters beyond the metadata read: caption concepts and repeats, k-means clusters and
+    the target clusters, SemDeDup similarities, density-pruning quotas, VAS, NormSim, negCLIPLoss and HYPE scores,
+    MetaCLIP keep probabilities. Metadata only: no image.
 
     At a published pool, the inputs the paper's methods need (ImageNet's L/14 embeddings, VAS's targets,
-    MetaCLIP's entries) are files named in the scale's configuration; a column whose file is not configured is
-    left out (a rule reading it then names the file), and a configured file that is missing fails at once."""
+    MetaCLIP's entries, HYPE's heads) are files named in the scale's configuration; a column whose file is not
+    configured is left out (a rule reading it then names the file), and a configured file that is missing fails
+    at once. At the synthetic web, HYPE's heads are trained here on the curated source."""
     from datacomp_assets.filtering.features import FeatureSettings, compute_pool_features, vocabulary_from_classnames
     from datacomp_assets.filtering.image_based import proportional_k
 
@@ -50,19 +54,21 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
             seed=scale.seed, kmeans_max_points=scale.kmeans_max_points)
         out = layout.pool_features(scale.name)
         summary = compute_pool_features(metadata_dir, out, settings, inputs["target_embeddings"],
-                                        inputs["vas_targets"], context.log.info)
+                                        inputs["vas_targets"], context.log.info, hype_heads=inputs["hype_heads"])
         if inputs["left_out"]:
             context.log.warning("left out (no input configured): " + "; ".join(inputs["left_out"]))
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(out)), **summary,
             "left_out": dg.MetadataValue.md("\n".join(f"- {m}" for m in inputs["left_out"]) or "nothing"),
             "target_images": 0 if inputs["target_embeddings"] is None else len(inputs["target_embeddings"]),
+            **inputs.get("hype_training", {}),
             "text_vocabulary": len(settings.vocabulary), "seconds": round(time.perf_counter() - t0, 1)})
 
 
 def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource) -> dict:
     """The miniature's stand-ins: the ImageNet analogue's class names and training images (embedded by the L/14
-    scorer), and MetaCLIP entries from the curated source's captions."""
+    scorer), MetaCLIP entries from the curated source's captions, and HYPE's heads trained on the curated source's
+    L/14 embeddings."""
     from datacomp_assets.core.models import Scorer, load_model
     from datacomp_assets.core.scorers import SCORER_MODELS, scorer_checkpoint
     from datacomp_assets.core.shards import iter_webdataset
@@ -71,14 +77,31 @@ def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource)
 
     classnames = [c for c in (layout.eval_suite(scale.name) / OBJECTS_TASK / "classnames.txt").read_text().split("\n")
                   if c]
-    curated_texts = [files["txt"].decode() for tar in sorted(layout.curated_source(scale.name).glob("*.tar"))
-                     for _, files in iter_webdataset(tar) if "txt" in files]
+    curated = [(Image.open(io.BytesIO(files["jpg"])).convert("RGB"), files["txt"].decode())
+               for tar in sorted(layout.curated_source(scale.name).glob("*.tar"))
+               for _, files in iter_webdataset(tar) if "txt" in files and "jpg" in files]
     device = accelerator.placement(scale.precision).device
     l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"), device), device)
     images, _ = zip(*objects_training_images(scale.target_images_per_class))
     targets, _ = l14.embed(list(images), [""] * len(images))
+    heads, hype_training = train_hype_heads(l14, curated, layout.hype_heads(scale.name), scale.seed)
     return {"classnames": classnames, "target_embeddings": targets, "vas_targets": targets, "left_out": [],
-            "metaclip_entries": entries_from_captions(curated_texts, min_count=5, extra=classnames)}
+            "metaclip_entries": entries_from_captions([text for _, text in curated], min_count=5, extra=classnames),
+            "hype_heads": heads, "hype_training": hype_training}
+
+
+def train_hype_heads(l14, curated: list, path: Path, seed: int) -> tuple[Path, dict]:
+    """HYPE's hyperbolic heads, trained with the MERU loss on the curated pairs' L/14 embeddings (the miniature's
+    stand-in for HYPE's MERU model trained on high-quality pairs); written to `path`."""
+    from datacomp_assets.filtering import hyperbolic
+
+    t0 = time.perf_counter()
+    images, texts = l14.embed([image for image, _ in curated], [text for _, text in curated])
+    heads = hyperbolic.train_heads(images, texts, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hyperbolic.save_heads(heads, path)
+    return path, {"hype_heads_path": dg.MetadataValue.path(str(path)), "hype_curated_pairs": len(curated),
+                  "hype_training_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def feature_inputs_of_published(scale) -> dict:
@@ -97,19 +120,22 @@ def feature_inputs_of_published(scale) -> dict:
 
     left_out: list[str] = []
     targets, vas_targets, entries = load("imagenet_embeddings"), load("vas_target_embeddings"), load("metaclip_entries")
-    return {"classnames": list(IMAGENET_CLASSNAMES), "left_out": left_out,
+    hype_heads = load("hype_heads")
+    return {"classnames": list(IMAGENET_CLASSNAMES), "left_out": left_out, "hype_heads": hype_heads,
             "target_embeddings": None if targets is None else np.load(targets, allow_pickle=False),
             "vas_targets": None if vas_targets is None else np.load(vas_targets, allow_pickle=False),
             "metaclip_entries": None if entries is None else read_entries(entries)}
 
 
-@dg.asset(partitions_def=scale_scorer_partitions, group_name=Group.FILTERING, code_version="1", pool="gpu",
+@dg.asset(partitions_def=scale_scorer_partitions, group_name=Group.FILTERING, code_version="2", pool="gpu",
           deps=[dg.AssetDep(Asset.POOL_SHARDS, partition_mapping=by_scale),
-                dg.AssetDep(Asset.DFN_MODEL, partition_mapping=by_scale)])
+                dg.AssetDep(Asset.DFN_MODEL, partition_mapping=by_scale),
+                dg.AssetDep(Asset.SCORER_MODELS, partition_mapping=by_scale)])
 def image_scores(context: dg.AssetExecutionContext, storage: StorageResource,
                  accelerator: AcceleratorResource) -> dg.MaterializeResult:
-    """A model's score of every downloaded image with its caption (the DFN's: cosine of its two embeddings): the
-    one filtering input that needs pixels, so only the strategies that read it wait for the download.
+    """A model's score of every downloaded image with its caption: the DFN's cosine (`dfn`), the L/14 cosine with
+    the image's text masked (`tmars`) or of the flipped image (`flipped`). The filtering inputs that need pixels,
+    so only the strategies that read them wait for the download.
 
     One parquet per pool shard (uid + `<scorer>_score`); a shard already scored is kept (resume)."""
     from datacomp_assets.core.models import Scorer, load_model
@@ -118,25 +144,40 @@ def image_scores(context: dg.AssetExecutionContext, storage: StorageResource,
     with storage.writing(context):
         scale, scorer = scale_and_scorer(context)
         layout = storage.layout
-        model_name, checkpoint = dfn_of(scale, layout)
+        model_name, checkpoint = scoring_model(scale, layout, SCORER_MODEL[scorer])
         device = accelerator.placement(scale.precision).device
         model = Scorer(scorer, *load_model(model_name, checkpoint, device), device)
         out = layout.image_scores(scale.name, scorer)
         summary = score_shards(layout.pool_shards(scale.name), out, model, image_score_column(scorer),
-                               context.log.info)
+                               context.log.info, prepare=image_preparation(scorer))
         return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)), "model": model_name,
                                               "checkpoint_path": str(checkpoint), **summary})
 
 
-def dfn_of(scale, layout) -> tuple[str, Path]:
-    """(architecture, checkpoint) of the scale's data filtering network: trained here at the synthetic web, the
-    user's file (`dfn_checkpoint`) at a published pool."""
-    from datacomp_assets.core.inputs import require_input
-    from datacomp_assets.core.scorers import DFN_MODEL, dfn_checkpoint
+def image_preparation(scorer: str):
+    """What is done to the images before the scorer sees them (None: scored as downloaded)."""
+    from datacomp_assets.filtering import text_masking
 
-    if scale.pool_source == "synthetic_web":
-        return DFN_MODEL, dfn_checkpoint(layout, scale)
-    return scale.dfn_architecture, require_input(scale, "dfn_checkpoint")
+    if scorer == "tmars":
+        detector = text_masking.TextDetector()
+        return lambda images: text_masking.masked_images(images, detector)
+    if scorer == "flipped":
+        return lambda images: ([text_masking.flipped(image) for image in images], {})
+    return None
+
+
+def scoring_model(scale, layout, model: str) -> tuple[str, Path]:
+    """(architecture, checkpoint) of a scoring CLIP: `dfn`, the data filtering network, or `l14`, the CLIP behind
+    the `clip_l14_*` columns. Trained here at the synthetic web; the user's file at a published pool."""
+    from datacomp_assets.core.inputs import require_input
+    from datacomp_assets.core.scorers import DFN_MODEL, SCORER_MODELS, dfn_checkpoint, scorer_checkpoint
+
+    miniature = scale.pool_source == "synthetic_web"
+    if model == "dfn":
+        return ((DFN_MODEL, dfn_checkpoint(layout, scale)) if miniature
+                else (scale.dfn_architecture, require_input(scale, "dfn_checkpoint")))
+    return ((SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14")) if miniature
+            else (scale.clip_l14_architecture, require_input(scale, "clip_l14_checkpoint")))
 
 
 @dg.observable_source_asset(partitions_def=strategy_partitions, group_name=Group.FILTERING)

@@ -9,9 +9,14 @@ One parquet per metadata shard (same stem), keyed by uid, joined to the metadata
 | semdedup_max_similarity | SemDeDup | highest cosine to a sample ranked before it in its cluster (k-means of the whole pool) |
 | vas_score | VAS | x^T Sigma_target x for the L/14 image embedding x |
 | metaclip_keep_probability, metaclip_draw | MetaCLIP | 1 - prod(1 - t / max(count_e, t)) over matched entries; a seeded uniform draw |
+| negclip_loss | negCLIPLoss | the L/14 CLIP score minus its contrastive normalisation over random batches (negclip.py) |
+| normsim | NormSim | the L/14 image embedding's largest similarity to a target image (negclip.py) |
+| density_pruning_keep | density-based pruning | kept by per-cluster quotas from cluster complexity, after SemDeDup (prototypes.py) |
+| caption_repeats | The Devil Is in the Details | pool captions equal to this one (lowercased, spaces collapsed) |
+| hype_score, hype_image_specificity, hype_text_specificity, hype_entailment | HYPE | hyperbolic heads over the L/14 embeddings (hyperbolic.py) |
 
-Counts (MetaCLIP), centroids (k-means) and the target covariance (VAS) need the whole pool: they are reduced
-once over all files, then every file is mapped with them. A model's scores over the images (the DFN's
+Counts (MetaCLIP, caption repeats), centroids (k-means), the target covariance (VAS) and negCLIPLoss's random
+batches need the whole pool: they are reduced once over all files, then every file is mapped with them. A model's scores over the images (the DFN's
 `dfn_score`) are not here but in the image_scores asset: only they need the downloaded images.
 """
 
@@ -31,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datacomp_assets.core.files import write_parquet_atomically
-from datacomp_assets.filtering import image_based, metaclip, semdedup, vas
+from datacomp_assets.filtering import hyperbolic, image_based, metaclip, negclip, prototypes, semdedup, vas
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -80,6 +85,7 @@ def entries_from_captions(texts: Iterable[str], min_count: int, extra: Iterable[
 # image_based_clustering.py); its rule in strategies.toml repeats the same caption conditions.
 CAPTION_COLUMNS = ("language", "num_tokens", "num_chars")
 EMBEDDING_KEY = "l14_img"
+TEXT_EMBEDDING_KEY = "l14_txt"  # negCLIPLoss and HYPE pair it with the image's
 
 
 def passes_image_based_captions(table: pa.Table) -> np.ndarray:
@@ -93,6 +99,12 @@ def passes_image_based_captions(table: pa.Table) -> np.ndarray:
 class MetadataFile:
     parquet: Path
     rows: slice  # its rows in pool order
+
+    def has_embeddings(self, key: str) -> bool:
+        import zipfile
+
+        with zipfile.ZipFile(self.parquet.with_suffix(".npz")) as npz:
+            return f"{key}.npy" in npz.namelist()
 
     def embedding_shape(self, key: str = EMBEDDING_KEY) -> tuple[int, ...]:
         """The shape of one npz array, read from its header (the array itself stays on disk)."""
@@ -144,19 +156,23 @@ class FeatureSettings:
     clusters: int                           # k-means clusters (image_based, SemDeDup)
     seed: int = 0
     kmeans_max_points: int | None = None    # k-means trains on a seeded sample of at most this many rows
+    negclip_batch_size: int = 32_768        # negCLIPLoss's random batches (the reference's), at most a tenth of the pool
+    density_pruning_fraction: float = 0.30  # the share of the pool density-based pruning keeps
+    density_pruning_semdedup: float = 0.995  # SemDeDup's threshold before it (the SemDeDup strategy's)
 
 
 def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: FeatureSettings,
                           target_embeddings: np.ndarray | None, vas_targets: np.ndarray | None,
-                          log: Callable[[str], None] = print) -> dict:
+                          log: Callable[[str], None] = print, hype_heads: Path | None = None) -> dict:
     """Write `<out_dir>/<stem>.parquet` (uid + the feature columns) for every metadata file.
 
-    Streamed in bounded memory: the L/14 image embeddings are copied once into a float16 scratch file (removed at
-    the end) that k-means sampling, cluster assignment, SemDeDup and VAS read in blocks, and captions are read a
-    file at a time; memory holds the k-means sample and a few numbers per row, not the pool's embeddings.
-    `target_embeddings`: L/14 image embeddings of ImageNet's training images (or the tiny analogue's); None
-    leaves `in_target_cluster` out. `vas_targets`: VAS's target embeddings; None leaves `vas_score` out.
-    `settings.metaclip_entries` None leaves the MetaCLIP columns out.
+    Streamed in bounded memory: the L/14 embeddings are copied once into float16 scratch files (removed at the
+    end) that k-means sampling, cluster assignment, SemDeDup, VAS, negCLIPLoss and HYPE read in blocks, and
+    captions are read a file at a time; memory holds the k-means sample and a few numbers per row, not the pool's
+    embeddings. `target_embeddings`: L/14 image embeddings of ImageNet's training images (or the tiny analogue's);
+    None leaves `in_target_cluster` and `normsim` out. `vas_targets`: VAS's target embeddings; None leaves
+    `vas_score` out. `settings.metaclip_entries` None leaves the MetaCLIP columns out; `hype_heads` None the HYPE
+    columns; metadata without L/14 text embeddings leaves negCLIPLoss and HYPE out.
     """
     files = metadata_files(metadata_dir)
     n = files[-1].rows.stop
@@ -172,28 +188,34 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
     scratch = out_dir / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        path, width = scratch / f"{EMBEDDING_KEY}.npy", files[0].embedding_shape()[1]
-        offset = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, width)).offset
+        keys = [EMBEDDING_KEY] + ([TEXT_EMBEDDING_KEY] if all(f.has_embeddings(TEXT_EMBEDDING_KEY) for f in files)
+                                  else [])
+        scratch_files = {key: _scratch_file(scratch / f"{key}.npy", n, files[0].embedding_shape(key)[1])
+                         for key in keys}
         captioned = np.zeros(n, dtype=bool)
+        caption_hashes = np.zeros(n, dtype=np.uint64)
         matcher = metaclip.build_matcher(settings.metaclip_entries) if settings.metaclip_entries else None
         counts = np.zeros(len(matcher.entries) if matcher else 0, dtype=np.int64)
         # Pass 1: embeddings to scratch (plain writes: a memory map would keep every written page resident), the
-        # caption filter, MetaCLIP's entry counts.
-        with open(path, "r+b") as writer:
-            for file in files:
-                table = pq.read_table(file.parquet, columns=["text", *CAPTION_COLUMNS])
-                writer.seek(offset + file.rows.start * width * 2)
-                writer.write(np.ascontiguousarray(file.embeddings(), dtype=np.float16).tobytes())
-                captioned[file.rows] = passes_image_based_captions(table)
-                if matcher:
-                    counts += metaclip.count_shard(table["text"].to_pylist(), matcher)
-        embeddings = ScratchArray(path)
+        # caption filter, caption hashes, MetaCLIP's entry counts.
+        for file in files:
+            table = pq.read_table(file.parquet, columns=["text", *CAPTION_COLUMNS])
+            for key, (path, offset, width) in scratch_files.items():
+                with open(path, "r+b") as writer:
+                    writer.seek(offset + file.rows.start * width * 2)
+                    writer.write(np.ascontiguousarray(file.embeddings(key), dtype=np.float16).tobytes())
+            captioned[file.rows] = passes_image_based_captions(table)
+            caption_hashes[file.rows] = caption_hash(table["text"].to_pylist())
+            if matcher:
+                counts += metaclip.count_shard(table["text"].to_pylist(), matcher)
+        embeddings = {key: ScratchArray(path) for key, (path, _, _) in scratch_files.items()}
         lap("read")
         log(f"pool_features: {n:,} samples in {len(files)} files ({int(captioned.sum()):,} pass the image-based "
             f"caption filter); k-means into {settings.clusters:,} clusters on at most "
             f"{min(n, settings.kmeans_max_points or n):,} rows")
         columns, target_clusters = _pool_columns(embeddings, captioned, settings, target_embeddings, vas_targets,
-                                                 lap)
+                                                 hype_heads, lap)
+        columns["caption_repeats"] = repeats(caption_hashes)
         for i, file in enumerate(files):  # pass 2: per-file columns, written beside the pool-wide ones
             table = pq.read_table(file.parquet, columns=["uid", "text"])
             texts = table["text"].to_pylist()
@@ -214,6 +236,29 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
             "columns": ", ".join(c for c in pq.read_schema(out_dir / files[0].parquet.name).names if c != "uid"),
             "metaclip_entries": len(matcher.entries) if matcher else 0,
             "metaclip_entries_matched": int((counts > 0).sum()), "metaclip_t": settings.metaclip_t, **seconds}
+
+
+def _scratch_file(path: Path, rows: int, width: int) -> tuple[Path, int, int]:
+    """An empty float16 .npy of rows x width: (its path, the data's byte offset, width)."""
+    offset = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, width)).offset
+    return path, offset, width
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def caption_hash(texts: Sequence[str | None]) -> np.ndarray:
+    """A 64-bit hash of each caption, lowercased with runs of spaces collapsed: equal captions, equal hashes."""
+    import pandas as pd
+
+    normalized = np.array([_SPACES.sub(" ", (t or "").lower()).strip() for t in texts], dtype=object)
+    return pd.util.hash_array(normalized, categorize=False)
+
+
+def repeats(hashes: np.ndarray) -> np.ndarray:
+    """For each row, how many rows of the pool share its hash (itself included)."""
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    return counts[inverse].astype(np.int64)
 
 
 class ScratchArray:
@@ -238,16 +283,17 @@ class ScratchArray:
             del mapped
 
 
-def _pool_columns(embeddings: np.ndarray, captioned: np.ndarray, settings: FeatureSettings,
-                  target_embeddings: np.ndarray | None, vas_targets: np.ndarray | None,
+def _pool_columns(embeddings: Mapping[str, np.ndarray], captioned: np.ndarray, settings: FeatureSettings,
+                  target_embeddings: np.ndarray | None, vas_targets: np.ndarray | None, hype_heads: Path | None,
                   lap: Callable[[str], None]) -> tuple[dict[str, np.ndarray], int]:
-    """The columns that need the whole pool (k-means clusters, SemDeDup similarities, VAS scores), and how many
-    clusters hold a target image."""
+    """The columns that need the whole pool (k-means clusters, SemDeDup similarities, density pruning, VAS,
+    negCLIPLoss, NormSim and HYPE scores), and how many clusters hold a target image."""
     chunk = image_based.DEFAULT_CHUNK
+    images, texts = embeddings[EMBEDDING_KEY], embeddings.get(TEXT_EMBEDDING_KEY)
 
     def captioned_blocks():
         for start in range(0, len(captioned), chunk):
-            yield np.asarray(embeddings[start:start + chunk][captioned[start:start + chunk]])
+            yield np.asarray(images[start:start + chunk][captioned[start:start + chunk]])
 
     def kmeans(rows) -> np.ndarray:
         return image_based.train_centroids(rows, settings.clusters, seed=settings.seed,
@@ -256,17 +302,33 @@ def _pool_columns(embeddings: np.ndarray, captioned: np.ndarray, settings: Featu
     # image_based: centroids of the caption-filtered pool, as upstream; every sample gets its nearest one.
     image_centroids = kmeans(captioned_blocks())
     lap("image_kmeans")
-    clusters = image_based.assign(embeddings, image_centroids)
+    clusters = image_based.assign(images, image_centroids)
     columns, targets = {"image_cluster": clusters}, np.empty(0, np.int64)
     if target_embeddings is not None:
         targets = image_based.target_clusters(target_embeddings, image_centroids)
         columns["in_target_cluster"] = np.isin(clusters, targets)
+        columns["normsim"] = negclip.normsim(images, target_embeddings)
     lap("image_assign")
     # SemDeDup: its own clustering of the whole pool (it deduplicates within clusters, captions aside).
-    semdedup_clusters = image_based.assign(embeddings, kmeans(embeddings))
-    columns["semdedup_max_similarity"] = semdedup.semdedup_max_similarity(embeddings, semdedup_clusters)
+    semdedup_centroids = kmeans(images)
+    semdedup_clusters = image_based.assign(images, semdedup_centroids)
+    columns["semdedup_max_similarity"] = semdedup.semdedup_max_similarity(images, semdedup_clusters)
     lap("semdedup")
+    # Density-based pruning: per-cluster quotas over the same clusters, among SemDeDup's survivors.
+    columns["density_pruning_keep"] = prototypes.density_based_pruning(
+        images, semdedup_clusters, semdedup_centroids,
+        eligible=columns["semdedup_max_similarity"] <= settings.density_pruning_semdedup,
+        target=round(settings.density_pruning_fraction * len(images))).keep
+    lap("density_pruning")
     if vas_targets is not None:
-        columns["vas_score"] = vas.vas_scores(embeddings, vas.target_covariance(vas_targets))
+        columns["vas_score"] = vas.vas_scores(images, vas.target_covariance(vas_targets))
         lap("vas")
+    if texts is not None:
+        # A batch is at most a tenth of the pool, so the ten batchings differ (at tiny, 2,000 of 20,000 rows).
+        batch_size = max(1, min(settings.negclip_batch_size, len(images) // 10))
+        columns["negclip_loss"] = negclip.negclip_loss(images, texts, batch_size=batch_size, seed=settings.seed)
+        lap("negclip")
+        if hype_heads is not None:
+            columns.update(hyperbolic.hype_scores(hyperbolic.load_heads(hype_heads), images, texts))
+            lap("hype")
     return columns, len(targets)

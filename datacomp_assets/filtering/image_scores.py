@@ -1,8 +1,9 @@
 """A model's scores of the pool's downloaded images with their captions, shard by shard (plain Python; no Dagster).
 
-The data filtering network's score is the cosine of its image and caption embeddings. One parquet per pool shard
-(uid + the score column), written under a temporary name and renamed; a shard already scored is kept, so an
-interrupted run resumes. Memory holds one shard's images.
+A score is the cosine of the model's image and caption embeddings, of the image as downloaded (the data filtering
+network) or as a `prepare` step changed it (T-MARS masks its text, The Devil Is in the Details flips it). One
+parquet per pool shard (uid + the score column + any columns `prepare` adds), written under a temporary name and
+renamed; a shard already scored is kept, so an interrupted run resumes. Memory holds one shard's images.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from datacomp_assets.core.files import write_parquet_atomically
 from datacomp_assets.core.models import Scorer
 from datacomp_assets.core.shards import read_downloaded
 
+# images -> (the images to score, extra per-image columns)
+Prepare = Callable[[list[Image.Image]], tuple[list[Image.Image], dict[str, np.ndarray]]]
+
 
 def score_shards(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, scorer: Scorer, column: str,
-                 log: Callable[[str], None] = print) -> dict:
-    """Write `<out_dir>/<shard>.parquet` (uid, `column`) for every downloaded shard; returns counts and timings."""
+                 log: Callable[[str], None] = print, prepare: Prepare | None = None) -> dict:
+    """Write `<out_dir>/<shard>.parquet` (uid, `column`, extra columns) for every downloaded shard; returns counts
+    and timings."""
     tars = sorted(Path(shards_dir).glob("*.tar"))
     if not tars:
         raise FileNotFoundError(f"no downloaded shards in {shards_dir}; materialize pool_shards first")
@@ -35,13 +41,15 @@ def score_shards(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, scor
             skipped += 1
             continue
         records, images = read_downloaded(tar)
+        images, extra = prepare(images) if prepare else (images, {})
         if records:
             image, text = scorer.embed(images, [r["text"] for r in records])
             scores = (image * text).sum(axis=1).astype(np.float32)
         else:
             scores = np.empty(0, np.float32)
         write_parquet_atomically(pa.table({"uid": pa.array([r["uid"] for r in records], pa.string()),
-                                           column: pa.array(scores, pa.float32())}), target)
+                                           column: pa.array(scores, pa.float32()),
+                                           **{name: pa.array(values) for name, values in extra.items()}}), target)
         scored += len(records)
         log(f"{column}: shard {i}/{len(tars)}: {len(records)} images")
     seconds = time.perf_counter() - t0
