@@ -24,7 +24,7 @@ def test_entries_from_captions_keep_frequent_unigrams_bigrams_and_extras():
 ANIMALS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]
 
 
-def _pool(tmp_path, rng, n_per_shard=60, shards=2):
+def _pool(tmp_path, rng, n_per_shard=60, shards=2, text_embeddings=False):
     directions = np.eye(8, dtype=np.float32)
     for s in range(shards):
         labels = rng.integers(0, 8, n_per_shard)
@@ -37,7 +37,9 @@ def _pool(tmp_path, rng, n_per_shard=60, shards=2):
                           "num_chars": [len(t) for t in texts]})
         (tmp_path / "meta").mkdir(exist_ok=True)
         pq.write_table(table, tmp_path / "meta" / f"{s:08d}.parquet")
-        np.savez(tmp_path / "meta" / f"{s:08d}.npz", l14_img=emb.astype(np.float16))
+        text_emb = {"l14_txt": (directions[labels] + rng.normal(0, 0.3, (n_per_shard, 8))).astype(np.float16)
+                    } if text_embeddings else {}
+        np.savez(tmp_path / "meta" / f"{s:08d}.npz", l14_img=emb.astype(np.float16), **text_emb)
     return directions
 
 
@@ -75,7 +77,8 @@ def test_features_whose_input_is_not_supplied_are_left_out_and_kmeans_trains_on_
                                kmeans_max_points=50)
     summary = compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, None, None, log=lambda _: None)
     features = pq.read_table(tmp_path / "features")
-    assert features.column_names == ["uid", "text_concept", "image_cluster", "semdedup_max_similarity"]
+    assert features.column_names == ["uid", "text_concept", "image_cluster", "semdedup_max_similarity",
+                                     "density_pruning_keep", "caption_repeats"]
     assert features.num_rows == 120 and summary["target_clusters"] == 0
     assert len(set(features["image_cluster"].to_pylist())) > 4  # 50 sampled rows still find the 8 directions
     assert not (tmp_path / "features" / ".scratch").exists()
@@ -141,3 +144,34 @@ def test_image_based_keeps_what_the_reference_rule_keeps(tmp_path):
     target_ids = np.unique(np.argmax(targets @ kmeans.centroids.T, axis=1))
     expected = set(uids[passes][np.isin(nearest, target_ids)])
     assert kept == expected and 0 < len(kept) < passes.sum()
+
+
+def test_embedding_methods_columns_match_their_modules_and_caption_repeats_count_equal_captions(tmp_path):
+    """negCLIPLoss, NormSim and HYPE read the pool's L/14 text embeddings too; each column equals its module's
+    function on the whole pool, and caption repeats equal a count of the lowercased captions."""
+    import pandas as pd
+
+    from datacomp_assets.filtering import hyperbolic, negclip
+
+    rng = np.random.default_rng(1)
+    directions = _pool(tmp_path, rng, text_embeddings=True)
+    files = sorted((tmp_path / "meta").glob("*.npz"))
+    images = np.concatenate([np.load(f)["l14_img"] for f in files]).astype(np.float32)
+    texts = np.concatenate([np.load(f)["l14_txt"] for f in files]).astype(np.float32)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    heads = hyperbolic.train_heads(images, texts, steps=20, batch_size=32, seed=0)
+    hyperbolic.save_heads(heads, tmp_path / "heads.pt")
+    settings = FeatureSettings(vocabulary={}, metaclip_entries=None, metaclip_t=20, clusters=8)
+    compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, directions[:2], None,
+                          log=lambda _: None, hype_heads=tmp_path / "heads.pt")
+    meta = pq.read_table(sorted((tmp_path / "meta").glob("*.parquet")), columns=["uid", "text"]).to_pandas()
+    features = meta.merge(pq.read_table(tmp_path / "features").to_pandas(), on="uid")  # back in pool order
+    np.testing.assert_allclose(features.negclip_loss, negclip.negclip_loss(images, texts, batch_size=12, seed=0),
+                               atol=2e-3)  # a tenth of the pool per batch; float16 storage rounds the inputs
+    np.testing.assert_allclose(features.normsim, negclip.normsim(images, directions[:2]), atol=2e-3)
+    expected = hyperbolic.hype_scores(hyperbolic.load_heads(tmp_path / "heads.pt"), images, texts)
+    np.testing.assert_allclose(features.hype_score, expected["hype_score"], atol=1e-2)
+    assert features.density_pruning_keep.sum() == round(0.3 * len(features))
+    counts = meta.text.str.lower().map(meta.text.str.lower().value_counts())
+    assert (features.caption_repeats.to_numpy() == counts.to_numpy()).all()
+    assert pd.Series(features.caption_repeats).max() > 1  # eight captions over 120 rows: they repeat
