@@ -305,7 +305,7 @@ def test_strategies_declared_in_a_file_are_computed(pool, tmp_path, monkeypatch)
     (tmp_path / "mine.toml").write_text(USER_STRATEGIES)
     registry = strategies.load_registry([tmp_path / "mine.toml"])
     assert {"no_filter", "big_english_cats", "cats_or_top_dfn"} <= set(registry)
-    monkeypatch.setattr(strategies, "_REGISTRY", registry)
+    monkeypatch.setattr(strategies, "STRATEGIES", registry)
     external = tmp_path / "curated"
     external.mkdir()
     curated = [f"{i:032x}" for i in range(5)]
@@ -403,7 +403,7 @@ def test_a_rule_cannot_read_outside_the_pools_directories(pool, tmp_path, monkey
 
     metadata_dir, feature_dir, _ = pool
     (tmp_path / "shared.toml").write_text(f"[reader]\nwhere = \"{rule}\"\n")
-    monkeypatch.setattr(strategies, "_REGISTRY", strategies.load_registry([tmp_path / "shared.toml"]))
+    monkeypatch.setattr(strategies, "STRATEGIES", strategies.load_registry([tmp_path / "shared.toml"]))
     with pytest.raises(ValueError, match="strategy 'reader' may read only the pool's own files"):
         select_uids(metadata_dir, "reader", feature_dirs=[feature_dir])
 
@@ -418,3 +418,17 @@ def test_a_column_missing_from_one_metadata_file_names_that_file(pool, tmp_path)
         pq.write_table(table.drop_columns(["language"]) if path == files[0] else table, copy / path.name)
     with pytest.raises(ValueError, match=rf"{files[0].name} lacks \['language'\]"):
         select_uids(copy, "basic", feature_dirs=[feature_dir])
+
+
+def test_editing_a_building_block_marks_the_strategies_built_from_it_stale(monkeypatch):
+    """A method's stages are building blocks: not partitions, but part of its version."""
+    from dataclasses import replace
+
+    from datacomp_assets.core import strategies
+
+    assert "devil_cross_modality" in BUILDING_BLOCKS and "devil_cross_modality" not in STRATEGIES
+    before = {name: strategies.strategy_version(name) for name in ("devil_in_the_details", "basic")}
+    block = BUILDING_BLOCKS["devil_cross_modality"]
+    monkeypatch.setitem(BUILDING_BLOCKS, "devil_cross_modality", replace(block, fraction=0.2))
+    assert strategies.strategy_version("devil_in_the_details") != before["devil_in_the_details"]
+    assert strategies.strategy_version("basic") == before["basic"]

@@ -10,6 +10,7 @@ import tarfile
 import urllib.error
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 
@@ -24,9 +25,11 @@ from datacomp_assets.pool.download import (
 )
 from datacomp_assets.world.eval_suite import build_objects
 from datacomp_assets.world.index import build_index_rows, write_pool_index
+from datacomp_assets.world import curated, web
 from datacomp_assets.world.web import (
-    DEFAULT_FAULTS, DEFAULT_NOISE, FAULT_KINDS, OBJECTS, SPAM_PHRASES, UNSAFE_WORDS, WebConfig, crawled_sha256,
-    eval_objects_sample, render, sample, served_bytes,
+    COLORS, DEFAULT_FAULTS, DEFAULT_NOISE, FAULT_KINDS, NOISE_KINDS, OBJECTS, SPAM_PHRASES, SYNONYMS, UNSAFE_WORDS,
+    VAGUE_CAPTIONS, WebConfig, caption_words, crawled_sha256, eval_objects_sample, image_bytes, render, sample,
+    served_bytes,
 )
 from datacomp_assets.world.web_server import SyntheticWebServer, free_port
 
@@ -193,6 +196,8 @@ def test_every_noise_kind_and_fault_appears_at_about_its_share(web_samples):
         # 4 binomial standard deviations: fails by chance about once in 15,000 runs.
         assert abs(kinds[kind] / N_SHARES - share) <= 4 * (share * (1 - share) / N_SHARES) ** 0.5, kind
     assert abs(kinds["clean"] / N_SHARES - (1 - sum(DEFAULT_NOISE.values()))) < 0.02
+    assert set(NOISE_KINDS) == {"clean", *DEFAULT_NOISE} and set(kinds) == set(NOISE_KINDS)
+    assert sum(DEFAULT_NOISE.values()) == pytest.approx(0.70)  # 30% clean, as docs/synthetic-web.md says
     for fault, share in DEFAULT_FAULTS.items():
         assert abs(faults[fault] / N_SHARES - share) <= 4 * (share * (1 - share) / N_SHARES) ** 0.5, fault
     assert 0.06 <= sum(DEFAULT_FAULTS.values()) <= 0.08
@@ -255,6 +260,133 @@ def test_eval_copies_are_the_objects_task_images(web_samples):
         assert label == OBJECTS.index(original.object)
         ours = render(original).resize(image.size, Image.LANCZOS)
         assert np.array_equal(np.asarray(ours), np.asarray(image))
+
+
+def _downloaded(img: Image.Image) -> np.ndarray:
+    """The image as the pool downloads it: its longer side resized to 64 px."""
+    w, h = img.size
+    r = IMAGE_SIZE / max(w, h)
+    return np.asarray(img.resize((max(1, round(w * r)), max(1, round(h * r))), Image.BOX), dtype=np.float32)
+
+
+def _near(pixels: np.ndarray, rgb) -> np.ndarray:
+    return np.abs(pixels - np.asarray(rgb, dtype=np.float32)).sum(-1) < 90
+
+
+def _runs(flags: np.ndarray) -> list[int]:
+    """Lengths of the runs of True in a 1-d array."""
+    runs, length = [], 0
+    for f in [*flags, False]:
+        if f:
+            length += 1
+        elif length:
+            runs, length = [*runs, length], 0
+    return runs
+
+
+def test_text_only_images_show_the_caption_words_and_no_object(web_samples):
+    texts = [s for s in web_samples if s.kind == "text_only"][:8]
+    assert texts
+    for s in texts:
+        # The ground truth keeps the caption's object and colour; the caption names both.
+        assert s.text_in_image == "only" and s.object and s.color in s.text.lower()
+        words = caption_words(s)  # the colour, then the object's name as the caption spells it
+        name = " ".join(words[1:]).lower()
+        assert words[0] == s.color.upper() and name in s.text.lower()
+        assert any(name in (n.lower(), n.lower() + "s", n.lower() + "es") for n in SYNONYMS.get(s.object, [s.object]))
+        image = np.asarray(render(s), dtype=np.float32)
+        # No object: the image is exactly the style's background (the scene with nothing drawn) with the
+        # words written on it, while the clean sample draws its object on that background.
+        empty = render(replace(s, count=0, text_in_image=None))
+        background = np.asarray(empty, dtype=np.float32)
+        web._write_caption_words(empty, s)
+        assert np.array_equal(image, np.asarray(empty, dtype=np.float32))
+        clean = np.asarray(render(replace(s, kind="clean", text_in_image=None)), dtype=np.float32)
+        assert (np.abs(clean - background).sum(-1) > 0).mean() > 0.005
+        # The text: a good part of the image, much of it in the sample's colour (the rest outline).
+        text = np.abs(image - background).sum(-1) > 0
+        assert 0.15 < text.mean() < 0.7 and _near(image, COLORS[s.color])[text].mean() > 0.3
+        # Legible at 64 px: the text stands out from the background in one band of rows per word, the
+        # colour's word >= 11 px tall (cap height 12 px, less anti-aliasing), across half the width.
+        small = np.abs(_downloaded(render(s)) - _downloaded(render(replace(s, count=0, text_in_image=None))))
+        small = small.sum(-1) > 60
+        bands = _runs(small.sum(axis=1) >= 3)
+        assert len(bands) == len(words) and bands[0] >= 11, (s.index, words, bands)
+        columns = np.flatnonzero(small.any(axis=0))
+        assert columns[-1] - columns[0] + 1 >= 0.45 * small.shape[1]
+
+
+def test_text_overlays_write_the_words_over_the_drawn_object(web_samples):
+    overlays = [s for s in web_samples if s.kind == "text_overlay"][:8]
+    assert overlays
+    for s in overlays:
+        assert s.text_in_image == "overlay" and s.object and s.color in s.text.lower()
+        image = np.asarray(render(s), dtype=np.float32)
+        clean = np.asarray(render(replace(s, kind="clean", text_in_image=None)), dtype=np.float32)
+        background = np.asarray(render(replace(s, count=0, text_in_image=None)), dtype=np.float32)
+        rows = np.flatnonzero((np.abs(image - clean).sum(-1) > 0).any(axis=1))
+        # One band at the top or the bottom, under half the height; elsewhere the clean scene.
+        assert rows[0] == 0 or rows[-1] == image.shape[0] - 1
+        assert rows[-1] - rows[0] + 1 == len(rows) <= 0.45 * image.shape[0]
+        band = np.zeros(image.shape[0], bool)
+        band[rows] = True
+        drawn = np.abs(clean - background).sum(-1) > 0
+        # The objects are drawn; a single one, in the middle, mostly outside the band (which is translucent).
+        assert drawn.mean() > 0.005 and (s.count > 1 or drawn[~band].sum() > 0.3 * drawn.sum())
+        # The band holds the words in the sample's colour, legible at 64 px.
+        small = _downloaded(render(s))
+        r = IMAGE_SIZE / max(image.shape[:2])
+        words = _near(small[int(np.ceil(rows[0] * r)):int(rows[-1] * r)], COLORS[s.color])
+        columns = np.flatnonzero(words.sum(axis=0) >= 2)
+        assert columns.size and columns[-1] - columns[0] + 1 >= 0.4 * small.shape[1]
+        assert max(_runs(words.sum(axis=1) >= 3)) >= 7
+
+
+def test_vague_captions_name_nothing_and_pass_the_basic_rule(web_samples):
+    assert 10 <= len(VAGUE_CAPTIONS) <= 15
+    vocabulary = {w for name in OBJECTS for n in SYNONYMS.get(name, [name]) for w in n.lower().split()}
+    vocabulary |= set(OBJECTS) | set(COLORS)
+    for text in VAGUE_CAPTIONS:
+        words = text.lower().split()
+        assert len(words) > 2 and len(text) > 5 and text.isascii(), text
+        assert not {w.strip(",.") for w in words} & vocabulary, text
+        assert not set(words) & set(UNSAFE_WORDS) and not any(p in text for p in SPAM_PHRASES)
+    vague = [s for s in web_samples if s.kind == "vague"]
+    assert vague and all(s.text in VAGUE_CAPTIONS and s.object and s.text_in_image is None for s in vague)
+    assert len({s.text for s in vague}) == len(VAGUE_CAPTIONS)
+    for s in vague[:3]:  # the object drawn as a clean sample's is
+        clean = np.asarray(render(replace(s, kind="clean")), dtype=np.float32)
+        assert np.array_equal(np.asarray(render(s), dtype=np.float32), clean)
+
+
+def test_text_images_are_deterministic_and_copied_by_near_duplicates(web_samples):
+    for kind in ("text_only", "text_overlay"):
+        for s in [s for s in web_samples if s.kind == kind][:3]:
+            again = sample(s.index, WebConfig(seed=7))
+            assert again == s and image_bytes(again) == image_bytes(s)
+            assert crawled_sha256(again) == crawled_sha256(s)
+    copies = [s for s in web_samples if s.kind == "near_duplicate"
+              and web_samples[s.duplicate_of].text_in_image is not None][:3]
+    assert copies
+    for s in copies:  # a near-duplicate of a text image carries the same text
+        source = web_samples[s.duplicate_of]
+        assert s.text_in_image == source.text_in_image
+        b = np.roll(np.asarray(render(source), dtype=np.float32), (s.shift_y, s.shift_x), axis=(0, 1))
+        assert np.abs(np.asarray(render(s), dtype=np.float32) - b).mean() < 1.0
+
+
+def test_curated_source_has_text_overlays_and_vague_captions(monkeypatch):
+    captured = {}
+    monkeypatch.setattr(curated, "write_synthetic_source", lambda config, *args, **kw: captured.update(
+        config=config, **kw))
+    curated.write_curated_source(WebConfig(seed=7), 10, "unused", IMAGE_SIZE, 10)
+    config, namespace, noise = captured["config"], captured["namespace"], captured["noise"]
+    assert namespace == curated.NAMESPACE and noise == curated.CURATED_NOISE
+    assert curated.CURATED_NOISE == {"text_overlay": 0.10, "vague": 0.05}
+    kinds = Counter(sample(i, config, namespace=namespace, noise=noise).kind for i in range(N_SHARES))
+    assert set(kinds) == {"clean", "text_overlay", "vague"}  # no text-only image, no other noise
+    for kind, share in [*curated.CURATED_NOISE.items(), ("clean", 0.85)]:
+        assert abs(kinds[kind] / N_SHARES - share) <= 4 * (share * (1 - share) / N_SHARES) ** 0.5, kind
 
 
 def test_rendering_and_sha256_are_byte_deterministic():

@@ -171,11 +171,15 @@ def test_external_index_names_missing_columns(tmp_path):
 def test_noisy_source_is_the_same_world_with_more_mismatches():
     web = WebConfig()
     noisy = noisy_source_config(web)
-    assert noisy.noise["mismatched"] > web.noise["mismatched"]
-    assert {k: v for k, v in noisy.noise.items() if k != "mismatched"} == \
-        {k: v for k, v in web.noise.items() if k != "mismatched"}
+    assert noisy.noise["mismatched"] == pytest.approx(0.5) and web.noise["mismatched"] < 0.5
+    # A mixture: every other kind, clean included, keeps its proportion to the others (the pool's shares
+    # with the mismatched ones left out add up to more than half, so they cannot all stay as they are).
+    keep = (1 - 0.5) / (1 - web.noise["mismatched"])
+    assert set(noisy.noise) == set(web.noise) and sum(noisy.noise.values()) <= 1
+    assert all(noisy.noise[k] == pytest.approx(v * keep) for k, v in web.noise.items() if k != "mismatched")
     kinds = [sample(i, noisy, namespace="noisy").kind for i in range(2000)]
     assert 0.45 < kinds.count("mismatched") / len(kinds) < 0.55
+    assert 0.12 < kinds.count("clean") / len(kinds) < 0.24  # 30% of the pool, times keep (~0.59)
 
 
 def _materialize_small_pool_index(tmp_path, mirror_dir: str):

@@ -16,7 +16,7 @@ from datacomp_assets.metadata.language import identify_languages
 from datacomp_assets.world import published_mirror
 from datacomp_assets.world.index import write_pool_index
 from datacomp_assets.world.published_mirror import write_mirror_from_index, write_synthetic_mirror
-from datacomp_assets.world.web import DEFAULT_NOISE, WebConfig
+from datacomp_assets.world.web import DEFAULT_NOISE, NOISE_KINDS, WebConfig
 
 # Some evaluation copies, so their code path runs in a pool of a few hundred samples.
 CONFIG = WebConfig(seed=5, noise={**DEFAULT_NOISE, "eval_copy": 0.03})
@@ -104,6 +104,11 @@ def test_index_mirror_scores_and_embeddings_carry_the_ground_truth(web_index, in
         clean, mismatched = score[kinds == "clean"].mean(), score[kinds == "mismatched"].mean()
         assert 0.28 < clean < 0.40 and 0.10 < mismatched < 0.22
         assert score[kinds == "non_english"].mean() < clean
+        # CLIP reads: an image of its caption's words scores as a described one; a vague caption lower.
+        if (kinds == "text_only").any():
+            assert score[kinds == "text_only"].mean() > clean - 0.03
+        if (kinds == "vague").any():
+            assert mismatched < score[kinds == "vague"].mean() < clean
         gaps[model] = (clean - mismatched) / score[kinds == "clean"].std()
     assert gaps["l14"] > gaps["b32"]  # L/14 is the more discriminative scorer
     images = _embeddings(index_mirror[1])["l14_img"].astype(np.float32)
@@ -116,6 +121,10 @@ def test_index_mirror_scores_and_embeddings_carry_the_ground_truth(web_index, in
     off_diagonal = ~np.eye(len(objects), dtype=bool)
     same = (objects[:, None] == objects[None, :]) & off_diagonal
     assert similarity[same].mean() > similarity[~same & off_diagonal].mean() + 0.2
+
+
+def test_every_noise_kind_has_a_score_level():
+    assert set(published_mirror.KIND_LEVEL) == set(NOISE_KINDS)
 
 
 def test_index_mirror_is_deterministic_for_a_seed(web_index, index_mirror, tmp_path):

@@ -169,9 +169,10 @@ BUILDING_BLOCKS: dict[str, Strategy] = {name: s for name, s in _REGISTRY.items()
 def get_strategy(name: str) -> Strategy:
     """A registered strategy, a building block or one of the paper's sweeps, by name."""
     try:
-        return _REGISTRY.get(name) or SWEEPS[name]
+        return STRATEGIES.get(name) or BUILDING_BLOCKS.get(name) or SWEEPS[name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join({**_REGISTRY, **SWEEPS})}") from None
+        known = ", ".join({**STRATEGIES, **BUILDING_BLOCKS, **SWEEPS})
+        raise ValueError(f"unknown strategy {name!r}; known: {known}") from None
 
 
 def expected_fraction(strategy_name: str) -> float | None:
@@ -187,9 +188,14 @@ def strategy_definition(name: str) -> dict:
 
 
 def strategy_version(name: str) -> str:
-    """A short hash of one strategy's definition: the data version of its `strategy_definitions` partition,
-    so editing one rule marks only that strategy's subsets, checkpoints and scores stale."""
-    text = json.dumps(strategy_definition(name), sort_keys=True, default=str)
+    """A short hash of one strategy's definition and those of the strategies it is built from: the data version of
+    its `strategy_definitions` partition, so editing one rule (or a building block of it) marks only the strategies
+    that use it stale."""
+    definition = strategy_definition(name)
+    parts = get_strategy(name).parts
+    if parts:
+        definition = {**definition, "parts": {part: strategy_version(part) for part in parts}}
+    text = json.dumps(definition, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

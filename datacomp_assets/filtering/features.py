@@ -314,11 +314,12 @@ def _pool_columns(embeddings: Mapping[str, np.ndarray], captioned: np.ndarray, s
     semdedup_clusters = image_based.assign(images, semdedup_centroids)
     columns["semdedup_max_similarity"] = semdedup.semdedup_max_similarity(images, semdedup_clusters)
     lap("semdedup")
-    # Density-based pruning: per-cluster quotas over the same clusters, among SemDeDup's survivors.
+    # Density-based pruning: per-cluster quotas over the same clusters, among SemDeDup's survivors (all of them
+    # when fewer survive than the target).
+    eligible = columns["semdedup_max_similarity"] <= settings.density_pruning_semdedup
     columns["density_pruning_keep"] = prototypes.density_based_pruning(
-        images, semdedup_clusters, semdedup_centroids,
-        eligible=columns["semdedup_max_similarity"] <= settings.density_pruning_semdedup,
-        target=round(settings.density_pruning_fraction * len(images))).keep
+        images, semdedup_clusters, semdedup_centroids, eligible=eligible,
+        target=min(int(eligible.sum()), round(settings.density_pruning_fraction * len(images)))).keep
     lap("density_pruning")
     if vas_targets is not None:
         columns["vas_score"] = vas.vas_scores(images, vas.target_covariance(vas_targets))

@@ -1,7 +1,10 @@
-"""The tiny scale's curated source: clean, English, balanced pairs from the same world, never in the pool.
+"""The tiny scale's curated source: English, balanced pairs from the same world, never in the pool.
 
 It plays the part that high-quality data (e.g. the data a DFN or OpenAI's CLIP was trained on) plays at
 the paper's scales: scorer models are trained on it, and bring-your-own-data strategies may mix it in.
+Its captions all describe their image, but, like the web OpenAI's CLIP learned from, some of its images carry
+their caption's words as text and some captions are vague (``CURATED_NOISE``): a scorer trained on it learns
+to read, so the pool's text-only images score high by CLIP score, which is what T-MARS corrects.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from datacomp_assets.core.shards import write_webdataset
 from datacomp_assets.world.web import WebConfig, encode_jpeg, render, sample
 
 NAMESPACE = "curated"
+# Shares of the curated source that are not plain clean pairs (world.web noise kinds; the rest, 85%, is
+# clean): the object with its caption's words written over it, and the object under a vague caption.
+CURATED_NOISE = {"text_overlay": 0.10, "vague": 0.05}
 
 
 def _resized_jpeg(img, image_size: int) -> bytes:
@@ -42,7 +48,7 @@ def write_curated_source(config: WebConfig, n: int, out_dir: str | Path, image_s
     """Write n curated pairs as webdataset shards into out_dir (atomically); returns a summary."""
     balanced = replace(config, zipf_exponent=0.0)  # curated data covers every concept evenly
     return write_synthetic_source(balanced, n, out_dir, image_size, shard_size, processes,
-                                  namespace=NAMESPACE, noise={})
+                                  namespace=NAMESPACE, noise=dict(CURATED_NOISE))
 
 
 def write_synthetic_source(config: WebConfig, n: int, out_dir: str | Path, image_size: int, shard_size: int,
@@ -72,11 +78,21 @@ NOISY_MISMATCHED_SHARE = 0.5  # half the captions belong to another image (the p
 
 
 def noisy_source_config(web_config: WebConfig) -> WebConfig:
-    """The tiny scale's noisy source: the pool's world and noise, but half its captions mismatched."""
+    """The tiny scale's noisy source: the pool's world and noise, but half its captions mismatched.
+
+    A mixture: a share p of samples get another image's caption, the rest are drawn as the pool's are, with p
+    such that mismatched captions make NOISY_MISMATCHED_SHARE in all. So every other kind (clean included)
+    keeps its proportion to the others, scaled by 1 - p, and the shares never add up to more than 1.
+    """
     noise = dict(web_config.noise)
-    noise["mismatched"] = max(noise.get("mismatched", 0.0), NOISY_MISMATCHED_SHARE)
     if sum(noise.values()) > 1.0:
-        raise ValueError(f"noisy source: noise shares {noise} add up to more than 1")
+        raise ValueError(f"noisy source: the pool's noise shares {noise} add up to more than 1")
+    mismatched = noise.get("mismatched", 0.0)
+    if mismatched >= NOISY_MISMATCHED_SHARE:
+        return web_config
+    keep = (1.0 - NOISY_MISMATCHED_SHARE) / (1.0 - mismatched)  # 1 - p
+    noise = {kind: share * keep for kind, share in noise.items()}
+    noise["mismatched"] = NOISY_MISMATCHED_SHARE
     return replace(web_config, noise=noise)
 
 

@@ -27,7 +27,7 @@ TRUTH_SCHEMA = pa.schema([
     ("height", pa.int64()), ("object", pa.string()), ("color", pa.string()), ("count", pa.int64()),
     ("style", pa.string()), ("kind", pa.string()), ("language", pa.string()), ("jpeg_quality", pa.int64()),
     ("shift_x", pa.int64()), ("shift_y", pa.int64()), ("duplicate_of", pa.int64()), ("eval_task", pa.string()),
-    ("eval_index", pa.int64()), ("fault", pa.string()),
+    ("eval_index", pa.int64()), ("fault", pa.string()), ("text_in_image", pa.string()),
 ])
 
 

@@ -64,10 +64,13 @@ TEXT_SPREAD = {"b32": 1.0, "l14": 1.0}
 COMMON_WEIGHT = 0.8
 DUPLICATE_SPREAD = 0.15  # cosine ~0.99 with the source: a re-encode or a small shift, as CLIP sees it
 
-# The index mirror: how each noise kind of the synthetic web (world.web.NOISE_KINDS) reads to CLIP.
+# The index mirror: how each noise kind of the synthetic web (world.web.NOISE_KINDS) reads to CLIP. CLIP reads:
+# an image showing its caption's words scores as a matched pair whether or not the object is drawn
+# (text_only is what T-MARS corrects); a vague caption is near every image and close to none.
 KIND_LEVEL = {"clean": MATCHED, "small": MATCHED, "odd_aspect": MATCHED, "unsafe": MATCHED, "eval_copy": MATCHED,
-              "near_duplicate": MATCHED, "non_english": PARTIAL, "mismatched": UNMATCHED, "spam": UNMATCHED,
-              "short": UNMATCHED, "off_topic": UNMATCHED}
+              "near_duplicate": MATCHED, "text_only": MATCHED, "text_overlay": MATCHED, "non_english": PARTIAL,
+              "vague": PARTIAL, "mismatched": UNMATCHED, "spam": UNMATCHED, "short": UNMATCHED,
+              "off_topic": UNMATCHED}
 TRUTH_COLUMNS = ("uid", "kind", "object", "width", "height")
 
 
@@ -260,10 +263,11 @@ def write_mirror_from_index(index_file: str | os.PathLike, ground_truth_file: st
 
     uid, url and text come from the index, sha256 too when it has one (the hash of the crawled bytes, which
     img2dataset verifies; null otherwise), original_width/height from the ground truth. Scores and
-    embeddings follow the ground truth's noise kind (``KIND_LEVEL``): captions that describe their image
-    score ~0.33, non-English ones ~0.24, mismatched or noisy ones ~0.16; image embeddings gather around their
-    object (plus colour and style), near-duplicates sit on their source, copies of one evaluation image on
-    each other. Rows keep the index's order, split into `files` consecutive parts. Returns the parquet paths.
+    embeddings follow the ground truth's noise kind (``KIND_LEVEL``): captions that describe their image, or
+    whose words the image shows, score ~0.33, non-English and vague ones ~0.24, mismatched or noisy ones ~0.16;
+    image embeddings gather around their object (plus colour and style, and rendered text where the image has
+    some), near-duplicates sit on their source, copies of one evaluation image on each other. Rows keep the
+    index's order, split into `files` consecutive parts. Returns the parquet paths.
     """
     index = pq.read_table(index_file)
     truth = pq.read_table(ground_truth_file)
@@ -308,15 +312,17 @@ def write_mirror_from_index(index_file: str | os.PathLike, ground_truth_file: st
         if kind == "mismatched":
             text_object.append(caption_objects[row])
             text_color.append(caption_colors[row])
-        elif kind in ("spam", "short", "off_topic"):
+        elif kind in ("spam", "short", "off_topic", "vague"):
             text_object.append("")
             text_color.append("")
         else:
             text_object.append(objects[row])
             text_color.append(colors[row])
-        text_extra.append({"spam": "spam", "short": "file name", "off_topic": "texture", "unsafe": "unsafe"}.get(
+        text_extra.append({"spam": "spam", "short": "file name", "off_topic": "texture", "unsafe": "unsafe",
+                           "vague": "generic"}.get(
             kind, f"language {languages[row]}" if kind == "non_english" else ""))
-    image_extra = ["texture" if not obj else "" for obj in objects]
+    image_extra = ["texture" if not obj else "rendered text" if kind in ("text_only", "text_overlay") else ""
+                   for obj, kind in zip(objects, kinds)]
     eval_rows = [(row, i) for row, (kind, i) in enumerate(zip(kinds, column("eval_index")))
                  if kind == "eval_copy" and i is not None]
 

@@ -7,7 +7,9 @@ and the pool can be regenerated bit for bit. The world has:
 - English captions from varied templates and synonyms;
 - web noise at fixed shares (``DEFAULT_NOISE``): mismatched captions, non-English captions, short or
   file-name captions, small originals, extreme aspect ratios, spam, unsafe words, off-topic textures,
-  near-duplicates of other pool samples and copies of evaluation images;
+  near-duplicates of other pool samples, copies of evaluation images, images that show the caption's words
+  instead of the object (``text_only``, what T-MARS targets) or over it (``text_overlay``), and vague
+  captions that name nothing in the image (``vague``, what HYPE's specificity targets);
 - web faults at fixed shares (``DEFAULT_FAULTS``), independent of the caption noise: dead links, refused
   connections, slow hosts, corrupt or truncated bytes, redirects and poisoned images (the host now serves
   another image than the one whose sha256 the index carries). ``served_bytes`` is what the host sends,
@@ -23,9 +25,10 @@ import hashlib
 import io
 import math
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 # Silhouettes chosen to stay distinct at 32x32 pixels.
 OBJECTS = (
@@ -89,11 +92,32 @@ OFF_TOPIC_CAPTIONS = ("abstract background texture", "beautiful wallpaper hd", "
                       "seamless pattern for your design", "grunge background", "nice colors",
                       "desktop background 4k", "blurry photo")
 
+# Generic English captions that name nothing in their image (HYPE's underspecified captions); each passes
+# DataComp's basic caption rule (English, more than 2 words, more than 5 characters).
+VAGUE_CAPTIONS = ("a picture of something nice", "check out this great image", "my favourite photo of the day",
+                  "a beautiful picture for you", "look at this", "this is what i saw today",
+                  "an image i really like", "what do you think of this", "just sharing this with everyone",
+                  "my favourite picture so far", "something to brighten your day", "a nice shot from last week",
+                  "here is another one for you", "so happy with how this turned out")
+
 NOISE_KINDS = ("clean", "mismatched", "non_english", "short", "small", "odd_aspect", "spam", "unsafe",
-               "off_topic", "near_duplicate", "eval_copy")
-# 57% noisy in all, as before the last five kinds existed (mismatched shrank from 25% to 15%).
+               "off_topic", "near_duplicate", "eval_copy", "text_only", "text_overlay", "vague")
+# 70% noisy in all, 30% clean. The first ten kinds keep the shares they had (57% in all, mismatched having
+# shrunk from 25% to 15%); the last three were added after them and took their 13% from the clean share, so
+# every sample of an earlier kind stayed as it was (a kind is the interval of a uniform draw, in this order).
 DEFAULT_NOISE = {"mismatched": 0.15, "non_english": 0.12, "short": 0.08, "small": 0.06, "odd_aspect": 0.06,
-                 "spam": 0.02, "unsafe": 0.02, "off_topic": 0.02, "near_duplicate": 0.035, "eval_copy": 0.005}
+                 "spam": 0.02, "unsafe": 0.02, "off_topic": 0.02, "near_duplicate": 0.035, "eval_copy": 0.005,
+                 "text_only": 0.04, "text_overlay": 0.04, "vague": 0.05}
+# Text written on images (Sample.text_in_image): the caption's colour and object words, instead of the
+# object ("only") or over the scene ("overlay"). Sized for the pool's 64 px downloads.
+TEXT_ONLY, TEXT_OVERLAY = "only", "overlay"
+# Cap heights are (aim, most) in pixels of the download: a line takes the most that fits its width; a line
+# too long for the aim is condensed (down to TEXT_MAX_CONDENSE of its width) before it shrinks below it.
+TEXT_REFERENCE_SIDE = 64    # the longer side images are downloaded at
+TEXT_ONLY_CAP = (12, 18)    # text_only: a line per word (colour, then object)
+TEXT_MAX_CONDENSE = 0.6
+TEXT_OVERLAY_CAP = (9, 11)  # text_overlay: one line in a band; where it would shrink below 7.5 px, two
+TEXT_OVERLAY_TWO_LINES_CAP = (7.5, 8.5)  # lines (colour; object) of this cap height
 
 FAULT_KINDS = ("dead_link", "refused", "slow", "corrupt", "truncated", "redirect", "poisoned")
 # 7% of the pool's URLs misbehave; all but the redirects (1%) fail to download.
@@ -149,6 +173,9 @@ class Sample:
     eval_task: str | None = None  # eval_copy: the evaluation task and index whose image it copies
     eval_index: int | None = None
     fault: str | None = None  # how the sample's host misbehaves (FAULT_KINDS), None when it does not
+    # The caption's words written on the image: TEXT_ONLY (instead of the object), TEXT_OVERLAY (over the
+    # scene) or None. Its own field, so a near-duplicate of a text image copies the text too.
+    text_in_image: str | None = None
 
 
 def uid_for(seed: int, index: int, namespace: str = "pool") -> str:
@@ -279,7 +306,13 @@ def sample(index: int, config: WebConfig = WebConfig(), namespace: str = "pool",
             source = sample(source.duplicate_of, config, namespace, noise, faults)
         obj, color, count, style = source.object, source.color, source.count, source.style
         width, height, text, language = source.width, source.height, source.text, source.language
-        extra = {"duplicate_of": source.index, "image_seed": source.image_seed, **_light_edit(rng)}
+        extra = {"duplicate_of": source.index, "image_seed": source.image_seed,
+                 "text_in_image": source.text_in_image, **_light_edit(rng)}
+    elif kind in ("text_only", "text_overlay"):  # a clean caption; its words drawn as large text
+        text = english_caption(rng, obj, color, count, style)
+        extra = {"text_in_image": TEXT_ONLY if kind == "text_only" else TEXT_OVERLAY}
+    elif kind == "vague":  # the object drawn as usual, a caption that names nothing in it
+        text = str(rng.choice(VAGUE_CAPTIONS))
     elif kind == "eval_copy":  # an evaluation image at its original size, ordinarily captioned
         copied = eval_objects_sample(int(rng.integers(0, EVAL_COPY_SAMPLES)))
         obj, color, count, style = copied.object, copied.color, copied.count, copied.style
@@ -404,7 +437,9 @@ def _render_scene(s: Sample) -> Image.Image:
     grid = 1 if s.count == 1 else 2
     cells = rng.permutation(grid * grid)[: s.count]
     cell = side / grid
-    for c in cells:
+    # text_only: no object, only the caption's words below (on the background the clean sample would have:
+    # the background's draws come first).
+    for c in cells if s.text_in_image != TEXT_ONLY else ():
         gx, gy = divmod(int(c), grid)
         r = cell * rng.uniform(0.28, 0.42)
         cx = ox + gx * cell + cell / 2 + rng.uniform(-0.08, 0.08) * cell
@@ -420,7 +455,109 @@ def _render_scene(s: Sample) -> Image.Image:
             _draw_object(draw, s.object, cx, cy, r, rot, color, shade, lw)
     if s.style == "painting":
         img = img.filter(ImageFilter.GaussianBlur(radius=side / 120))
+    if s.text_in_image:  # written after the style's blur: text is laid over the picture, not painted
+        _write_caption_words(img, s)
     return img
+
+
+# ---------------------------------------------------------------- text in images
+
+def caption_words(s: Sample) -> list[str]:
+    """The words a text image shows: the sample's colour and the object's name as its caption spells it."""
+    lowered = s.text.lower()
+    names = sorted(SYNONYMS.get(s.object, [s.object]), key=len, reverse=True)
+    name = next((n for n in names if n.lower() in lowered), s.object)
+    if s.count > 1:  # as english_caption writes plurals
+        name = name + ("es" if name.endswith(("x", "s")) else "s")
+    return [s.color.upper(), *name.upper().split()]
+
+
+@lru_cache(maxsize=256)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    # Pillow's bundled font (Aileron Regular): the same glyphs wherever the pinned Pillow runs.
+    return ImageFont.load_default(size=size)  # type: ignore[return-value]
+
+
+_CAP_PER_SIZE = 0.7  # the bundled font's cap height per point of size
+_MEASURE = 100       # the size at which line widths are measured
+
+
+def _fit_line(line: str, cap_range: tuple[float, float], width: float) -> tuple[float, float]:
+    """(cap height, horizontal condensing) for a line to fit `width`: the largest cap up to cap_range[1];
+    below cap_range[0] a long line is condensed first (down to TEXT_MAX_CONDENSE), then shrunk."""
+    low, high = cap_range
+    per_cap = _font(_MEASURE).getlength(line) / (_MEASURE * _CAP_PER_SIZE) * 1.08  # room for the outline
+    cap = min(high, width / per_cap)
+    if cap >= low:
+        return cap, 1.0
+    condense = width / (low * per_cap)
+    if condense >= TEXT_MAX_CONDENSE:
+        return low, condense
+    return width / (per_cap * TEXT_MAX_CONDENSE), TEXT_MAX_CONDENSE
+
+
+def _text_colours(s: Sample) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The sample's colour and an outline that stands out from it (dark for light colours, else light)."""
+    fill = COLORS[s.color]
+    luma = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
+    return fill, ((25, 25, 25) if luma > 150 else (245, 245, 245))
+
+
+def _line_layer(line: str, cap: float, condense: float, fill, outline) -> Image.Image:
+    """One line of bold outlined text (cap height `cap` pixels), condensed horizontally, on transparency."""
+    size = max(6, round(cap / _CAP_PER_SIZE))
+    font = _font(size)
+    bold, edge = max(1, round(0.05 * cap)), max(1, round(0.08 * cap))
+    left, top, right, bottom = font.getbbox(line, stroke_width=bold + edge)
+    layer = Image.new("RGBA", (right - left, bottom - top), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    draw.text((-left, -top), line, font=font, fill=outline, stroke_width=bold + edge, stroke_fill=outline)
+    draw.text((-left, -top), line, font=font, fill=fill, stroke_width=bold, stroke_fill=fill)
+    if condense < 1.0:
+        layer = layer.resize((max(1, round(layer.width * condense)), layer.height), Image.LANCZOS)
+    return layer
+
+
+def _write_caption_words(img: Image.Image, s: Sample) -> None:
+    """Write the caption's words on img in place: large lines in the middle (TEXT_ONLY), or one line in a
+    band across the top or the bottom (TEXT_OVERLAY). Placement draws from a stream of its own."""
+    rng = np.random.default_rng([s.image_seed, 1])
+    w, h = img.size
+    scale = max(w, h) / TEXT_REFERENCE_SIDE  # image pixels per pixel of the 64 px download
+    fill, outline = _text_colours(s)
+    words = caption_words(s)
+    if s.text_in_image == TEXT_ONLY:
+        pitch = 1.55  # line height per cap height: a clear gap between the outlined lines
+        high = min(TEXT_ONLY_CAP[1], 0.88 * h / scale / (pitch * len(words)))
+        cap_range = (min(TEXT_ONLY_CAP[0], high), high)
+        fits = [_fit_line(word, cap_range, 0.9 * w / scale) for word in words]
+        layers = [_line_layer(word, cap * scale, condense, fill, outline) for word, (cap, condense) in zip(words, fits)]
+        pitches = [pitch * cap * scale for cap, _ in fits]
+        y = rng.uniform(0.04 * h, max(0.04 * h, h - 0.04 * h - sum(pitches)))
+        dx = rng.uniform(-0.05, 0.05) * w
+        for layer, step in zip(layers, pitches):
+            x = (w - layer.width) / 2 + dx
+            x = min(max(0.0, x), w - layer.width)
+            img.paste(layer, (round(x), round(y + (step - layer.height) / 2)), layer)
+            y += step
+        return
+    # TEXT_OVERLAY: a translucent band of the outline's tone, like a meme's or a stock photo's caption, with
+    # the words on one line, or on two (colour, then object) where one line would have to shrink.
+    lines = [" ".join(words)]
+    fits = [_fit_line(lines[0], TEXT_OVERLAY_CAP, 0.94 * w / scale)]
+    if fits[0][0] < TEXT_OVERLAY_TWO_LINES_CAP[0]:
+        lines = [words[0], " ".join(words[1:])]
+        fits = [_fit_line(line, TEXT_OVERLAY_TWO_LINES_CAP, 0.94 * w / scale) for line in lines]
+    layers = [_line_layer(line, cap * scale, condense, fill, outline) for line, (cap, condense) in zip(lines, fits)]
+    pitches = [(1.6 if len(lines) == 1 else 1.25) * cap * scale for cap, _ in fits]
+    band_h = min(h, round(sum(pitches) + (0 if len(lines) == 1 else 0.35 * fits[0][0] * scale)))
+    top = 0 if rng.random() < 0.5 else h - band_h
+    band = img.crop((0, top, w, top + band_h))
+    img.paste(Image.blend(band, Image.new("RGB", band.size, outline), 0.55), (0, top))
+    y = top + (band_h - sum(pitches)) / 2
+    for layer, step in zip(layers, pitches):
+        img.paste(layer, (round((w - layer.width) / 2), round(y + (step - layer.height) / 2)), layer)
+        y += step
 
 
 def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
