@@ -186,6 +186,8 @@ def _keep_mask(cols, name):
         return _top(cols["negclip_loss"], everything, 0.3 * n)
     if name == "negclip_loss_normsim_20pct":
         return _top(cols["normsim"], _keep_mask(cols, "negclip_loss_30pct"), 0.2 * n)
+    if name == "tmars_50pct":
+        return _top(cols["tmars_score"], everything, 0.5 * n)
     if name == "density_pruning":
         return cols["density_pruning_keep"]
     if name == "hype_30pct":

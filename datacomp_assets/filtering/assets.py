@@ -160,7 +160,11 @@ def image_preparation(scorer: str):
 
     if scorer == "tmars":
         detector = text_masking.TextDetector()
-        return lambda images: text_masking.masked_images(images, detector)
+
+        def masked(images):
+            images, text_area_share = text_masking.masked_images(images, detector)
+            return images, {"text_area_share": text_area_share}
+        return masked
     if scorer == "flipped":
         return lambda images: ([text_masking.flipped(image) for image in images], {})
     return None
