@@ -12,7 +12,10 @@ PAPER_IMAGENET = {
     "small": {"no_filter": 2.5, "basic": 3.0, "text_based": 4.6, "image_based": 4.3, "laion2b": 3.1,
               "clip_score_l14_30pct": 5.1, "image_based_clip_score_l14_30pct": 3.9},
     "medium": {"no_filter": 17.6, "basic": 22.6, "text_based": 25.5, "image_based": 26.8, "laion2b": 23.0,
-               "clip_score_l14_30pct": 27.3, "image_based_clip_score_l14_30pct": 29.7},
+               "clip_score_l14_30pct": 27.3, "image_based_clip_score_l14_30pct": 29.7,
+               # the methods of the public medium filtering leaderboard (leaderboard-methods.md)
+               "hype_dfn": 38.2, "hype_30pct": 34.6, "dfn_30pct": 37.1, "devil_in_the_details": 32.0,
+               "tmars_50pct": 33.0, "density_pruning": 33.4},
     "large": {"no_filter": 45.9, "basic": 51.6, "text_based": 56.1, "image_based": 57.2, "laion2b": 55.3,
               "clip_score_l14_30pct": 57.8, "image_based_clip_score_l14_30pct": 63.1},
     "xlarge": {"no_filter": 72.3, "laion2b": 75.5, "clip_score_l14_30pct": 76.4,
@@ -26,7 +29,9 @@ def family(strategy: str) -> str:
     if strategy == "no_filter" or strategy.startswith("random_"):
         return "random subset"
     for prefix, name in (("clip_score_", "CLIP score"), ("image_based", "image-based"), ("text_based", "text-based"),
-                         ("semdedup", "SemDeDup"), ("vas", "VAS"), ("dfn", "DFN"), ("metaclip", "MetaCLIP")):
+                         ("semdedup", "SemDeDup"), ("vas", "VAS"), ("dfn", "DFN"), ("metaclip", "MetaCLIP"),
+                         ("hype", "HYPE"), ("devil", "Devil"), ("tmars", "T-MARS"), ("negclip", "negCLIPLoss"),
+                         ("density_pruning", "density pruning")):
         if strategy.startswith(prefix):
             return name
     return strategy
