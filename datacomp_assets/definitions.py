@@ -12,7 +12,7 @@ from datacomp_assets.filtering.assets import (  # noqa: E402
     image_scores, pool_features, strategy_definitions, subset, subset_is_valid)
 from datacomp_assets.instance import free_orphaned_slots  # noqa: E402
 from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis, submission  # noqa: E402
-from datacomp_assets.metadata.assets import dfn_model, pool_metadata, scorer_models  # noqa: E402
+from datacomp_assets.metadata.assets import captioner_model, dfn_model, pool_metadata, scorer_models  # noqa: E402
 from datacomp_assets.pool.assets import (  # noqa: E402
     curated_source, external_sources, pool_index, pool_shards, pool_shards_complete, pool_shards_match_injected_faults)
 from datacomp_assets.training.assets import checkpoint, checkpoint_loads  # noqa: E402
@@ -20,8 +20,8 @@ from resources import (  # noqa: E402
     AcceleratorResource, DownloaderResource, EvaluationDataResource, ExternalSourcesResource, PoolSourceResource,
     PublishedMetadataResource, StorageResource, SyntheticWebResource)
 
-POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, dfn_model, pool_metadata,
-               eval_suite, pool_features]
+POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, dfn_model, captioner_model,
+               pool_metadata, eval_suite, pool_features]
 STRATEGY_ASSETS = [subset, checkpoint, eval_results]
 ALL_ASSETS = [strategy_definitions, *POOL_ASSETS, image_scores, *STRATEGY_ASSETS, leaderboard, scaling_analysis,
               submission]

@@ -116,23 +116,25 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
     from datacomp_assets.definitions import POOL_ASSETS
     from datacomp_assets.evaluation.assets import eval_suite
     from datacomp_assets.filtering.assets import pool_features
-    from datacomp_assets.metadata.assets import dfn_model, pool_metadata
+    from datacomp_assets.metadata.assets import captioner_model, dfn_model, pool_metadata
     from datacomp_assets.pool.assets import external_sources, pool_index, pool_shards
 
     columns = columns_read(strategies)
     scorers = [s for s in IMAGE_SCORERS if image_score_column(s) in columns]
     byod = any(track(s) == "byod" for s in strategies)
     if scale.pool_source == "synthetic_web":
-        # The miniature computes its metadata from images and trained scorers. It trains a DFN only when a chosen
-        # strategy reads its scores (dfn_model feeds image_scores alone), and downloads the bring-your-own-data
-        # sources only when a chosen strategy mixes them in.
-        skipped = {dfn_model: "dfn" not in scorers, external_sources: not byod}
+        # The miniature computes its metadata from images and trained scorers. It trains a DFN or a captioner only
+        # when a chosen strategy reads its scores (dfn_model and captioner_model feed image_scores alone), and
+        # downloads the bring-your-own-data sources only when a chosen strategy mixes them in.
+        skipped = {dfn_model: "dfn" not in scorers, captioner_model: "sieve" not in scorers, external_sources: not byod}
         return [a for a in POOL_ASSETS if not skipped.get(a)], scorers
     assets = [pool_index, pool_metadata, pool_features]
     if train or scorers:
         assets.append(pool_shards)
     if "dfn" in scorers:
         assets.append(dfn_model)
+    if "sieve" in scorers:
+        assets.append(captioner_model)
     if train:
         assets.append(eval_suite)
     if byod:

@@ -117,6 +117,8 @@ def pool(tmp_path_factory):
         "normsim": rng.normal(0.5, 0.1, n).astype(np.float32),
         "density_pruning_keep": rng.random(n) < 0.3,
         "hype_score": rng.normal(0.0, 1.0, n).astype(np.float32),
+        # SIEVE's score exists only for the images that downloaded: NaN here, null in the parquet
+        "sieve_score": np.where(rng.random(n) < 0.1, np.nan, rng.uniform(0.1, 0.9, n)).astype(np.float32),
     }
     features["semdedup_max_similarity"][:200] = rng.uniform(0.9, 0.98, 200)
     out = tmp_path_factory.mktemp("pool_metadata")
@@ -125,7 +127,8 @@ def pool(tmp_path_factory):
                                  else v[rows] for k, v in cols.items()}), out / f"{i:08d}.parquet")
     feature_dir = tmp_path_factory.mktemp("pool_features")
     for i, rows in enumerate(np.array_split(rng.permutation(n), 2)):
-        pq.write_table(pa.table({k: v[rows] for k, v in features.items()}), feature_dir / f"{i:08d}.parquet")
+        pq.write_table(pa.table({k: pa.array(v[rows], from_pandas=k == "sieve_score") for k, v in features.items()}),
+                       feature_dir / f"{i:08d}.parquet")
     return out, feature_dir, {**cols, **features}
 
 
@@ -196,6 +199,17 @@ def _keep_mask(cols, name):
         return _keep_mask(cols, "hype_30pct") | _keep_mask(cols, "dfn_30pct")
     if name == "devil_target_aligned":
         return _keep_mask(cols, "devil_cross_modality") & cols["in_target_cluster"]
+    if name.startswith("sieve_"):  # a share of the images SIEVE scored
+        sieve = cols["sieve_score"].astype(np.float64)
+        scored = ~np.isnan(sieve)
+
+        def min_max(x):
+            return (x - x[scored].min()) / (x[scored].max() - x[scored].min())
+        if name == "sieve_20pct":
+            return _top(sieve, scored, 0.2 * scored.sum())
+        if name == "sieve_clip_score_l14_20pct":
+            fused = 0.5 * min_max(sieve) + 0.5 * min_max(l14.astype(np.float64))
+            return _top(fused, scored, 0.2 * scored.sum())
     return None
 
 

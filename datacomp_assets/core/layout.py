@@ -21,6 +21,7 @@ class Asset:
     EXTERNAL_SOURCES = "external_sources"
     SCORER_MODELS = "scorer_models"
     DFN_MODEL = "dfn_model"
+    CAPTIONER_MODEL = "captioner_model"
     POOL_METADATA = "pool_metadata"
     POOL_FEATURES = "pool_features"
     IMAGE_SCORES = "image_scores"
@@ -136,6 +137,9 @@ class Layout:
 
     def dfn_model(self, scale: str) -> Path:
         return self.asset_dir(scale, Asset.DFN_MODEL)
+
+    def captioner_model(self, scale: str) -> Path:
+        return self.asset_dir(scale, Asset.CAPTIONER_MODEL)
 
     def pool_metadata(self, scale: str) -> Path:
         return self.asset_dir(scale, Asset.POOL_METADATA)

@@ -57,8 +57,10 @@ class ScaleConfig:
     metaclip_entries: str = ""       # .json list or .txt lines: MetaCLIP's metadata entries
     dfn_checkpoint: str = ""         # open_clip checkpoint of a data filtering network
     dfn_architecture: str = "ViT-B-32"  # its open_clip architecture
-    clip_l14_checkpoint: str = ""    # open_clip checkpoint of OpenAI's CLIP ViT-L/14 (T-MARS, flipped-image scores)
+    clip_l14_checkpoint: str = ""    # open_clip checkpoint of OpenAI's CLIP ViT-L/14 (T-MARS, flipped, SIEVE)
     clip_l14_architecture: str = "ViT-L-14"
+    captioner_checkpoint: str = ""   # open_clip checkpoint of a CoCa captioner (SIEVE)
+    captioner_architecture: str = "coca_ViT-L-14"
     hype_heads: str = ""             # HYPE's hyperbolic heads over the L/14 embeddings (filtering/hyperbolic.py)
     kmeans_clusters: int = 0         # image_based and SemDeDup k-means; 0: the reference's (100,000; scaled at tiny)
     # k-means trains on a seeded sample of at most this many rows: 1.8 GB of float32 at 768-d, so memory does not
@@ -85,10 +87,11 @@ class ScaleConfig:
 LOCATION_FIELDS = frozenset({"mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings",
                              "metaclip_entries", "dfn_checkpoint", "dfn_architecture", "reference_gpus",
                              "clip_l14_checkpoint", "clip_l14_architecture", "hype_heads",
+                             "captioner_checkpoint", "captioner_architecture",
                              "download_timeout", "seeds", "cron_schedule",
                              "kmeans_max_points"})
 PATH_FIELDS = ("mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings", "metaclip_entries",
-               "dfn_checkpoint", "clip_l14_checkpoint", "hype_heads")
+               "dfn_checkpoint", "clip_l14_checkpoint", "hype_heads", "captioner_checkpoint")
 _FIELDS = {f.name: f for f in fields(ScaleConfig)}
 _SIMPLE_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
 

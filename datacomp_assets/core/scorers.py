@@ -33,13 +33,25 @@ def dfn_recipe(scale: ScaleConfig) -> ScaleConfig:
 
 DFN_RUN = "dfn"  # the DFN's training run, under the dfn_model folder
 
+# SIEVE's captioner: an open_clip CoCa (contrastive + captioning losses), trained on the curated source at tiny.
+CAPTIONER_MODEL = "datacomp-tiny-coca"
+CAPTIONER_RUN = "captioner"  # its training run, under the captioner_model folder
+
+
+def captioner_recipe(scale: ScaleConfig) -> ScaleConfig:
+    """The scale's recipe for the tiny captioner: the scorers' budget on the curated source (open_clip's trainer
+    picks its CoCa loss from the model's name)."""
+    return replace(scale, name=f"{scale.name}-captioner", model=CAPTIONER_MODEL, samples_seen=scale.scorer_samples_seen)
+
+
 # Models scored over the pool's downloaded images (the image_scores asset), each giving a `<name>_score` column:
 # the data filtering network's cosine; T-MARS's L/14 cosine with the image's text masked; the L/14 cosine of the
-# horizontally flipped image (The Devil Is in the Details: a flip breaks the reading of text, not the seeing).
-IMAGE_SCORERS = ("dfn", "tmars", "flipped")
+# horizontally flipped image (The Devil Is in the Details: a flip breaks the reading of text, not the seeing);
+# SIEVE's best match between the alt-text and the captioner's captions of the image (filtering/sieve.py).
+IMAGE_SCORERS = ("dfn", "tmars", "flipped", "sieve")
 # The CLIP each scorer runs: the DFN, or the model behind the `clip_l14_*` columns (OpenAI's L/14; at tiny the
-# L/14 scorer trained here).
-SCORER_MODEL = {"dfn": "dfn", "tmars": "l14", "flipped": "l14"}
+# L/14 scorer trained here), whose text tower is SIEVE's sentence encoder (SIEVE also runs the captioner).
+SCORER_MODEL = {"dfn": "dfn", "tmars": "l14", "flipped": "l14", "sieve": "l14"}
 
 
 def image_score_column(scorer: str) -> str:
@@ -54,3 +66,7 @@ def scorer_checkpoint(layout: Layout, scale: ScaleConfig, prefix: str) -> Path:
 
 def dfn_checkpoint(layout: Layout, scale: ScaleConfig) -> Path:
     return run_checkpoint(layout.dfn_model(scale.name), DFN_RUN, dfn_recipe(scale).epochs)
+
+
+def captioner_checkpoint(layout: Layout, scale: ScaleConfig) -> Path:
+    return run_checkpoint(layout.captioner_model(scale.name), CAPTIONER_RUN, captioner_recipe(scale).epochs)

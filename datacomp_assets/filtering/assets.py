@@ -46,7 +46,7 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
         metadata_dir = layout.pool_metadata(scale.name)
         verified_version(metadata_dir)
         inputs = (feature_inputs_of_published(scale) if source.metadata_published
-                  else feature_inputs_of_miniature(scale, layout, accelerator))
+                  else feature_inputs_of_miniature(scale, layout, accelerator, context.log.info))
         n_pool = _parquet_rows(metadata_dir)
         settings = FeatureSettings(
             vocabulary=vocabulary_from_classnames(inputs["classnames"]), metaclip_entries=inputs["metaclip_entries"],
@@ -65,7 +65,7 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
             "text_vocabulary": len(settings.vocabulary), "seconds": round(time.perf_counter() - t0, 1)})
 
 
-def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource) -> dict:
+def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource, log=print) -> dict:
     """The miniature's stand-ins: the ImageNet analogue's class names and training images (embedded by the L/14
     scorer), MetaCLIP entries from the curated source's captions, and HYPE's heads trained on the curated source's
     L/14 embeddings."""
@@ -84,20 +84,25 @@ def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource)
     l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"), device), device)
     images, _ = zip(*objects_training_images(scale.target_images_per_class))
     targets, _ = l14.embed(list(images), [""] * len(images))
-    heads, hype_training = train_hype_heads(l14, curated, layout.hype_heads(scale.name), scale.seed)
+    heads, hype_training = train_hype_heads(l14, curated, layout.hype_heads(scale.name), scale.seed, log)
     return {"classnames": classnames, "target_embeddings": targets, "vas_targets": targets, "left_out": [],
             "metaclip_entries": entries_from_captions([text for _, text in curated], min_count=5, extra=classnames),
             "hype_heads": heads, "hype_training": hype_training}
 
 
-def train_hype_heads(l14, curated: list, path: Path, seed: int) -> tuple[Path, dict]:
+# The miniature's heads: a 128-d hyperbolic space, 500 steps of 512 pairs (25 passes over the 10,000 curated pairs;
+# about 20 s on one core).
+HYPE_MINIATURE = {"d_out": 128, "steps": 500, "batch_size": 512}
+
+
+def train_hype_heads(l14, curated: list, path: Path, seed: int, log=print) -> tuple[Path, dict]:
     """HYPE's hyperbolic heads, trained with the MERU loss on the curated pairs' L/14 embeddings (the miniature's
     stand-in for HYPE's MERU model trained on high-quality pairs); written to `path`."""
     from datacomp_assets.filtering import hyperbolic
 
     t0 = time.perf_counter()
     images, texts = l14.embed([image for image, _ in curated], [text for _, text in curated])
-    heads = hyperbolic.train_heads(images, texts, seed=seed)
+    heads = hyperbolic.train_heads(images, texts, seed=seed, log=log, **HYPE_MINIATURE)
     path.parent.mkdir(parents=True, exist_ok=True)
     hyperbolic.save_heads(heads, path)
     return path, {"hype_heads_path": dg.MetadataValue.path(str(path)), "hype_curated_pairs": len(curated),
@@ -130,16 +135,18 @@ def feature_inputs_of_published(scale) -> dict:
 @dg.asset(partitions_def=scale_scorer_partitions, group_name=Group.FILTERING, code_version="2", pool="gpu",
           deps=[dg.AssetDep(Asset.POOL_SHARDS, partition_mapping=by_scale),
                 dg.AssetDep(Asset.DFN_MODEL, partition_mapping=by_scale),
+                dg.AssetDep(Asset.CAPTIONER_MODEL, partition_mapping=by_scale),
                 dg.AssetDep(Asset.SCORER_MODELS, partition_mapping=by_scale)])
 def image_scores(context: dg.AssetExecutionContext, storage: StorageResource,
                  accelerator: AcceleratorResource) -> dg.MaterializeResult:
     """A model's score of every downloaded image with its caption: the DFN's cosine (`dfn`), the L/14 cosine with
-    the image's text masked (`tmars`) or of the flipped image (`flipped`). The filtering inputs that need pixels,
-    so only the strategies that read them wait for the download.
+    the image's text masked (`tmars`) or of the flipped image (`flipped`), SIEVE's match between the alt-text and
+    the captioner's captions of the image (`sieve`, with the best caption in `generated_caption`). The filtering
+    inputs that need pixels, so only the strategies that read them wait for the download.
 
     One parquet per pool shard (uid + `<scorer>_score`); a shard already scored is kept (resume)."""
     from datacomp_assets.core.models import Scorer, load_model
-    from datacomp_assets.filtering.image_scores import score_shards
+    from datacomp_assets.filtering.image_scores import score_shards, write_shard_scores
 
     with storage.writing(context):
         scale, scorer = scale_and_scorer(context)
@@ -148,10 +155,19 @@ def image_scores(context: dg.AssetExecutionContext, storage: StorageResource,
         device = accelerator.placement(scale.precision).device
         model = Scorer(scorer, *load_model(model_name, checkpoint, device), device)
         out = layout.image_scores(scale.name, scorer)
-        summary = score_shards(layout.pool_shards(scale.name), out, model, image_score_column(scorer),
-                               context.log.info, prepare=image_preparation(scorer))
-        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)), "model": model_name,
-                                              "checkpoint_path": str(checkpoint), **summary})
+        shards, column = layout.pool_shards(scale.name), image_score_column(scorer)
+        models = {"model": model_name, "checkpoint_path": str(checkpoint)}
+        if scorer == "sieve":
+            from datacomp_assets.filtering.sieve import SieveScoring
+
+            captioner_name, captioner_checkpoint = scoring_model(scale, layout, "captioner")
+            captioner, preprocess, tokenizer = load_model(captioner_name, captioner_checkpoint, device)
+            scoring = SieveScoring(captioner, tokenizer, preprocess, model.embed_text, seed=scale.seed, device=device)
+            summary = write_shard_scores(shards, out, column, scoring, context.log.info)
+            models.update(captioner=captioner_name, captioner_checkpoint_path=str(captioner_checkpoint))
+        else:
+            summary = score_shards(shards, out, model, column, context.log.info, prepare=image_preparation(scorer))
+        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)), **models, **summary})
 
 
 def image_preparation(scorer: str):
@@ -171,15 +187,20 @@ def image_preparation(scorer: str):
 
 
 def scoring_model(scale, layout, model: str) -> tuple[str, Path]:
-    """(architecture, checkpoint) of a scoring CLIP: `dfn`, the data filtering network, or `l14`, the CLIP behind
-    the `clip_l14_*` columns. Trained here at the synthetic web; the user's file at a published pool."""
+    """(architecture, checkpoint) of a scoring model: `dfn`, the data filtering network, `captioner`, SIEVE's
+    captioner, or `l14`, the CLIP behind the `clip_l14_*` columns. Trained here at the synthetic web; the user's
+    file at a published pool."""
     from datacomp_assets.core.inputs import require_input
-    from datacomp_assets.core.scorers import DFN_MODEL, SCORER_MODELS, dfn_checkpoint, scorer_checkpoint
+    from datacomp_assets.core.scorers import (
+        CAPTIONER_MODEL, DFN_MODEL, SCORER_MODELS, captioner_checkpoint, dfn_checkpoint, scorer_checkpoint)
 
     miniature = scale.pool_source == "synthetic_web"
     if model == "dfn":
         return ((DFN_MODEL, dfn_checkpoint(layout, scale)) if miniature
                 else (scale.dfn_architecture, require_input(scale, "dfn_checkpoint")))
+    if model == "captioner":
+        return ((CAPTIONER_MODEL, captioner_checkpoint(layout, scale)) if miniature
+                else (scale.captioner_architecture, require_input(scale, "captioner_checkpoint")))
     return ((SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14")) if miniature
             else (scale.clip_l14_architecture, require_input(scale, "clip_l14_checkpoint")))
 

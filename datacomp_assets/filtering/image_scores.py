@@ -1,9 +1,10 @@
 """A model's scores of the pool's downloaded images with their captions, shard by shard (plain Python; no Dagster).
 
 A score is the cosine of the model's image and caption embeddings, of the image as downloaded (the data filtering
-network) or as a `prepare` step changed it (T-MARS masks its text, The Devil Is in the Details flips it). One
-parquet per pool shard (uid + the score column + any columns `prepare` adds), written under a temporary name and
-renamed; a shard already scored is kept, so an interrupted run resumes. Memory holds one shard's images.
+network) or as a `prepare` step changed it (T-MARS masks its text, The Devil Is in the Details flips it), or any
+other function of a shard's images and captions (SIEVE's, filtering/sieve.py). One parquet per pool shard (uid +
+the score column + any extra columns), written under a temporary name and renamed; a shard already scored is
+kept, so an interrupted run resumes. Memory holds one shard's images.
 """
 
 from __future__ import annotations
@@ -23,12 +24,28 @@ from datacomp_assets.core.shards import read_downloaded
 
 # images -> (the images to score, extra per-image columns)
 Prepare = Callable[[list[Image.Image]], tuple[list[Image.Image], dict[str, np.ndarray]]]
+# (shard name, its records, its images) -> (one score per image, extra per-image columns)
+ShardScore = Callable[[str, list[dict], list[Image.Image]], tuple[np.ndarray, dict[str, np.ndarray]]]
 
 
 def score_shards(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, scorer: Scorer, column: str,
                  log: Callable[[str], None] = print, prepare: Prepare | None = None) -> dict:
-    """Write `<out_dir>/<shard>.parquet` (uid, `column`, extra columns) for every downloaded shard; returns counts
-    and timings."""
+    """Write `<out_dir>/<shard>.parquet` (uid, `column`, extra columns) for every downloaded shard: the cosine of
+    the scorer's embeddings of each image (after `prepare`) and its caption; returns counts and timings."""
+    def cosine(shard: str, records: list[dict], images: list[Image.Image]):
+        images, extra = prepare(images) if prepare else (images, {})
+        if not records:
+            return np.empty(0, np.float32), extra
+        image, text = scorer.embed(images, [r["text"] for r in records])
+        return (image * text).sum(axis=1).astype(np.float32), extra
+
+    return write_shard_scores(shards_dir, out_dir, column, cosine, log)
+
+
+def write_shard_scores(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, column: str, score: ShardScore,
+                       log: Callable[[str], None] = print) -> dict:
+    """Write `<out_dir>/<shard>.parquet` (uid, `column`, extra columns) for every downloaded shard, each from
+    `score(shard, records, images)`; a shard already written is skipped. Returns counts and timings."""
     tars = sorted(Path(shards_dir).glob("*.tar"))
     if not tars:
         raise FileNotFoundError(f"no downloaded shards in {shards_dir}; materialize pool_shards first")
@@ -41,12 +58,7 @@ def score_shards(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, scor
             skipped += 1
             continue
         records, images = read_downloaded(tar)
-        images, extra = prepare(images) if prepare else (images, {})
-        if records:
-            image, text = scorer.embed(images, [r["text"] for r in records])
-            scores = (image * text).sum(axis=1).astype(np.float32)
-        else:
-            scores = np.empty(0, np.float32)
+        scores, extra = score(tar.stem, records, images)
         write_parquet_atomically(pa.table({"uid": pa.array([r["uid"] for r in records], pa.string()),
                                            column: pa.array(scores, pa.float32()),
                                            **{name: pa.array(values) for name, values in extra.items()}}), target)

@@ -34,6 +34,9 @@ COLUMN_SOURCES = {
        for name, spec in INPUTS.items() for column in spec.columns if name != "dfn_checkpoint"},
     "dfn_score": f"{Asset.IMAGE_SCORES} (the data filtering network over the downloaded images; at a published "
                  "pool its checkpoint is the file named by the scale's `dfn_checkpoint` setting)",
+    **dict.fromkeys(("sieve_score", "generated_caption"), f"{Asset.IMAGE_SCORES} (SIEVE: a captioner's captions of "
+                    "the downloaded images; at a published pool the files named by the scale's "
+                    "`captioner_checkpoint` and `clip_l14_checkpoint` settings)"),
 }
 
 # Reference score thresholds are on OpenAI CLIP's cosine scale. Where the scorers are other models (the

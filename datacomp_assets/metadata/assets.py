@@ -1,4 +1,5 @@
-"""Metadata stage: the scorer CLIPs (the miniature's) and the pool's metadata (parquet + npz, reference schema)."""
+"""Metadata stage: the scorer CLIPs, the DFN and the captioner (the miniature's) and the pool's metadata (parquet +
+npz, reference schema)."""
 
 import dagster as dg
 
@@ -7,7 +8,9 @@ from datacomp_assets.core.inputs import require_input
 from datacomp_assets.core.progress import Progress
 from datacomp_assets.core.lineage import code_revision, file_manifest, file_sha256, manifest_version, write_lineage
 from datacomp_assets.core.scales import ScaleConfig
-from datacomp_assets.core.scorers import DFN_MODEL, DFN_RUN, SCORER_MODELS, dfn_recipe, scorer_checkpoint, scorer_recipe
+from datacomp_assets.core.scorers import (
+    CAPTIONER_MODEL, CAPTIONER_RUN, DFN_MODEL, DFN_RUN, SCORER_MODELS, captioner_recipe, dfn_recipe, scorer_checkpoint,
+    scorer_recipe)
 from datacomp_assets.core.shards import brace_pattern
 from datacomp_assets.core.trainer import train_in_waves
 from partitions import get_scale, on_synthetic_web, scale_partitions
@@ -37,20 +40,41 @@ def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource, accel
     with storage.writing(context):
         scale, layout = get_scale(context.partition_key), storage.layout
         if pool_source.for_scale(scale, layout).metadata_published:
-            # At a paper scale the DFN is the user's checkpoint: verified to load, and hashed for the lineage.
-            from datacomp_assets.core.models import forward_check
-
-            checkpoint = require_input(scale, "dfn_checkpoint")
-            problem = forward_check(scale.dfn_architecture, checkpoint)
-            if problem:
-                raise ValueError(f"scale {scale.name!r}: dfn_checkpoint {checkpoint} is not an open_clip "
-                                 f"{scale.dfn_architecture} checkpoint: {problem}")
-            sha256 = file_sha256(checkpoint)
-            return dg.MaterializeResult(data_version=dg.DataVersion(sha256[:16]), metadata={
-                "model": scale.dfn_architecture, "checkpoint_path": str(checkpoint), "checkpoint_sha256": sha256})
+            return users_checkpoint(scale, "dfn_checkpoint", scale.dfn_architecture)
         trained = train_on_curated(context, storage, accelerator, {DFN_RUN: dfn_recipe(scale)},
                                    layout.dfn_model(scale.name))
         return dg.MaterializeResult(metadata={"model": DFN_MODEL, **trained[DFN_RUN]})
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, code_version="1", pool="gpu",
+          deps=[dg.AssetDep(Asset.CURATED_SOURCE, partition_mapping=on_synthetic_web)])
+def captioner_model(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
+                    pool_source: PoolSourceResource) -> dg.MaterializeResult:
+    """SIEVE's captioner, whose captions of each image are matched against its alt-text: at the synthetic web, a
+    tiny CoCa trained on the curated source (open_clip's contrastive and captioning losses); at a published pool,
+    the checkpoint the scale's `captioner_checkpoint` names (verified, hashed)."""
+    with storage.writing(context):
+        scale, layout = get_scale(context.partition_key), storage.layout
+        if pool_source.for_scale(scale, layout).metadata_published:
+            return users_checkpoint(scale, "captioner_checkpoint", scale.captioner_architecture)
+        trained = train_on_curated(context, storage, accelerator, {CAPTIONER_RUN: captioner_recipe(scale)},
+                                   layout.captioner_model(scale.name))
+        return dg.MaterializeResult(metadata={"model": CAPTIONER_MODEL, **trained[CAPTIONER_RUN]})
+
+
+def users_checkpoint(scale: ScaleConfig, setting: str, architecture: str) -> dg.MaterializeResult:
+    """At a paper scale a model is the user's checkpoint (the file `setting` names): verified to load and to give
+    finite embeddings, and hashed for the lineage."""
+    from datacomp_assets.core.models import forward_check
+
+    checkpoint = require_input(scale, setting)
+    problem = forward_check(architecture, checkpoint)
+    if problem:
+        raise ValueError(f"scale {scale.name!r}: {setting} {checkpoint} is not an open_clip {architecture} "
+                         f"checkpoint: {problem}")
+    sha256 = file_sha256(checkpoint)
+    return dg.MaterializeResult(data_version=dg.DataVersion(sha256[:16]), metadata={
+        "model": architecture, "checkpoint_path": str(checkpoint), "checkpoint_sha256": sha256})
 
 
 def train_on_curated(context, storage: StorageResource, accelerator: AcceleratorResource,
