@@ -15,7 +15,7 @@ PAPER_IMAGENET = {
                "clip_score_l14_30pct": 27.3, "image_based_clip_score_l14_30pct": 29.7,
                # the methods of the public medium filtering leaderboard (leaderboard-methods.md)
                "hype_dfn": 38.2, "hype_30pct": 34.6, "dfn_30pct": 37.1, "devil_in_the_details": 32.0,
-               "tmars_50pct": 33.0, "density_pruning": 33.4},
+               "tmars_50pct": 33.0, "density_pruning": 33.4, "sieve_clip_score_l14_20pct": 30.3},
     "large": {"no_filter": 45.9, "basic": 51.6, "text_based": 56.1, "image_based": 57.2, "laion2b": 55.3,
               "clip_score_l14_30pct": 57.8, "image_based_clip_score_l14_30pct": 63.1},
     "xlarge": {"no_filter": 72.3, "laion2b": 75.5, "clip_score_l14_30pct": 76.4,
@@ -30,7 +30,7 @@ def family(strategy: str) -> str:
         return "random subset"
     for prefix, name in (("clip_score_", "CLIP score"), ("image_based", "image-based"), ("text_based", "text-based"),
                          ("semdedup", "SemDeDup"), ("vas", "VAS"), ("dfn", "DFN"), ("metaclip", "MetaCLIP"),
-                         ("hype", "HYPE"), ("devil", "Devil"), ("tmars", "T-MARS"), ("negclip", "negCLIPLoss"),
+                         ("hype", "HYPE"), ("devil", "Devil"), ("tmars", "T-MARS"), ("negclip", "negCLIPLoss"), ("sieve", "SIEVE"),
                          ("density_pruning", "density pruning")):
         if strategy.startswith(prefix):
             return name
