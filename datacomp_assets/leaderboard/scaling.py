@@ -30,7 +30,8 @@ def family(strategy: str) -> str:
         return "random subset"
     for prefix, name in (("clip_score_", "CLIP score"), ("image_based", "image-based"), ("text_based", "text-based"),
                          ("semdedup", "SemDeDup"), ("vas", "VAS"), ("dfn", "DFN"), ("metaclip", "MetaCLIP"),
-                         ("hype", "HYPE"), ("devil", "Devil"), ("tmars", "T-MARS"), ("negclip", "negCLIPLoss"), ("sieve", "SIEVE"),
+                         ("hype", "HYPE"), ("devil", "Devil"), ("tmars", "T-MARS"), ("negclip", "negCLIPLoss"),
+                         ("sieve", "SIEVE"),
                          ("density_pruning", "density pruning")):
         if strategy.startswith(prefix):
             return name
