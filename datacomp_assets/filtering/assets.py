@@ -264,6 +264,13 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         })
 
 
+def _scored_in_pool(scores_dir, metadata_dir) -> int:
+    import duckdb
+
+    return duckdb.sql(f"select count(*) from read_parquet('{scores_dir}/*.parquet') s semi join "
+                      f"read_parquet('{metadata_dir}/*.parquet') m using (uid)").fetchall()[0][0]
+
+
 def _parquet_rows(directory) -> int:
     import duckdb
 
@@ -297,10 +304,11 @@ def subset_is_valid(context: dg.AssetCheckExecutionContext, storage: StorageReso
     ) if any(removed_dir.glob("*.parquet")) else np.empty(0, uids.dtype)
     held_eval = int(isin_sorted(uids, eval_duplicates).sum())
     in_pool = int(isin_sorted(uids, pool).sum())
-    # A model's image scores exist only for the images that downloaded: its share is of those.
+    # A model's image scores exist only for the images that downloaded: its share is of those still in the pool
+    # (the safety steps removed some after the download).
     scored = [layout.image_scores(scale.name, scorer) for scorer in IMAGE_SCORERS
               if image_score_column(scorer) in strategy_identifiers(strategy)]
-    denominator = _parquet_rows(scored[0]) if scored else len(pool)
+    denominator = _scored_in_pool(scored[0], metadata_dir) if scored else len(pool)
     fraction = in_pool / denominator if denominator else 0.0
     expected = expected_fraction(strategy)
     size_ok = expected is None or abs(fraction - expected) <= 0.01 + 0.01 * expected
