@@ -121,6 +121,21 @@ def test_tiny_scale_end_to_end(miniature, monkeypatch):
         clip = np.load(root / "subset" / "clip_score_l14_30pct" / "subset.npy")
         assert 0 < len(both) < len(clip) and set(both.tolist()) <= set(clip.tolist())
 
+        # The leaderboard methods' features and subsets, through Dagster: the captioner, the DFN, the text detector
+        # and the flipped images in image_scores, HYPE's heads and the embedding scores in pool_features.
+        methods = ["devil_in_the_details", "hype_dfn", "negclip_loss_normsim_20pct", "density_pruning",
+                   "tmars_50pct", "sieve_clip_score_l14_20pct"]
+        run_scale("tiny", methods, resources=resources, instance=instance, subsets_only=True)
+        for name in methods:
+            kept = np.load(root / "subset" / name / "subset.npy")
+            assert 0 < len(np.unique(kept)) < len(pool), name
+        devil = np.load(root / "subset" / "devil_in_the_details" / "subset.npy")
+        assert len(devil) > len(np.unique(devil))  # its target-aligned pairs are upsampled
+        captions = pq.read_table(root / "image_scores" / "sieve").to_pandas()
+        assert len(captions) == shards_successes(root) and captions.generated_caption.str.len().gt(0).any()
+        masked = pq.read_table(root / "image_scores" / "tmars").to_pandas().merge(truth[["uid", "kind"]], on="uid")
+        assert masked.text_area_share[masked.kind == "text_only"].gt(0).mean() > 0.8  # the detector reads the web
+
         check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(dg.AssetKey("subset"), "subset_is_valid")])
         assert check, "the blocking subset check ran"
