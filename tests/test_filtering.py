@@ -182,7 +182,7 @@ def _keep_mask(cols, name):
         with np.errstate(divide="ignore", invalid="ignore"):
             aspect_ok = long / short <= 3.33
         return (english & (cols["num_words"] > 2) & (cols["num_chars"] > 5) & (cols["caption_repeats"] <= 100)
-                & aspect_ok & (face_area <= 0.3) & (cols["semdedup_max_similarity"] <= np.float32(0.95)))
+                & aspect_ok & (face_area <= 0.3) & (cols["semdedup_max_similarity"] <= np.float32(0.995)))
     if name == "devil_cross_modality":
         return _top(np.minimum(l14, cols["flipped_score"]), _keep_mask(cols, "devil_single_modality"), 0.3 * n)
     if name == "negclip_loss_30pct":
