@@ -122,19 +122,18 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
     columns = columns_read(strategies)
     scorers = [s for s in IMAGE_SCORERS if image_score_column(s) in columns]
     byod = any(track(s) == "byod" for s in strategies)
+    trained_for = {dfn_model: "dfn", captioner_model: "sieve"}  # a model asset and the scorer that runs it
+    models = [asset for asset, scorer in trained_for.items() if scorer in scorers]
     if scale.pool_source == "synthetic_web":
         # The miniature computes its metadata from images and trained scorers. It trains a DFN or a captioner only
         # when a chosen strategy reads its scores (dfn_model and captioner_model feed image_scores alone), and
         # downloads the bring-your-own-data sources only when a chosen strategy mixes them in.
-        skipped = {dfn_model: "dfn" not in scorers, captioner_model: "sieve" not in scorers, external_sources: not byod}
-        return [a for a in POOL_ASSETS if not skipped.get(a)], scorers
+        skipped = [a for a in trained_for if a not in models] + ([] if byod else [external_sources])
+        return [a for a in POOL_ASSETS if a not in skipped], scorers
     assets = [pool_index, pool_metadata, pool_features]
     if train or scorers:
         assets.append(pool_shards)
-    if "dfn" in scorers:
-        assets.append(dfn_model)
-    if "sieve" in scorers:
-        assets.append(captioner_model)
+    assets += models
     if train:
         assets.append(eval_suite)
     if byod:

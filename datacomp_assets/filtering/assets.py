@@ -194,15 +194,13 @@ def scoring_model(scale, layout, model: str) -> tuple[str, Path]:
     from datacomp_assets.core.scorers import (
         CAPTIONER_MODEL, DFN_MODEL, SCORER_MODELS, captioner_checkpoint, dfn_checkpoint, scorer_checkpoint)
 
-    miniature = scale.pool_source == "synthetic_web"
-    if model == "dfn":
-        return ((DFN_MODEL, dfn_checkpoint(layout, scale)) if miniature
-                else (scale.dfn_architecture, require_input(scale, "dfn_checkpoint")))
-    if model == "captioner":
-        return ((CAPTIONER_MODEL, captioner_checkpoint(layout, scale)) if miniature
-                else (scale.captioner_architecture, require_input(scale, "captioner_checkpoint")))
-    return ((SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14")) if miniature
-            else (scale.clip_l14_architecture, require_input(scale, "clip_l14_checkpoint")))
+    if scale.pool_source == "synthetic_web":
+        trained = {"dfn": lambda: (DFN_MODEL, dfn_checkpoint(layout, scale)),
+                   "captioner": lambda: (CAPTIONER_MODEL, captioner_checkpoint(layout, scale)),
+                   "l14": lambda: (SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"))}
+        return trained[model]()
+    name = {"dfn": "dfn", "captioner": "captioner", "l14": "clip_l14"}[model]  # its settings' prefix
+    return getattr(scale, f"{name}_architecture"), require_input(scale, f"{name}_checkpoint")
 
 
 @dg.observable_source_asset(partitions_def=strategy_partitions, group_name=Group.FILTERING)
