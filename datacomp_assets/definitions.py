@@ -9,7 +9,7 @@ import dagster as dg  # noqa: E402
 from datacomp_assets.automation import SCHEDULES, evaluate_new_checkpoints, evaluation_job, strategy_job  # noqa: E402
 from datacomp_assets.evaluation.assets import eval_results, eval_suite  # noqa: E402
 from datacomp_assets.filtering.assets import (  # noqa: E402
-    image_scores, pool_features, strategy_definitions, subset, subset_is_valid)
+    image_scores, pool_features, recaptioned_source, strategy_definitions, subset, subset_is_valid)
 from datacomp_assets.instance import free_orphaned_slots  # noqa: E402
 from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis, submission  # noqa: E402
 from datacomp_assets.metadata.assets import captioner_model, dfn_model, pool_metadata, scorer_models  # noqa: E402
@@ -23,8 +23,8 @@ from resources import (  # noqa: E402
 POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, dfn_model, captioner_model,
                pool_metadata, eval_suite, pool_features]
 STRATEGY_ASSETS = [subset, checkpoint, eval_results]
-ALL_ASSETS = [strategy_definitions, *POOL_ASSETS, image_scores, *STRATEGY_ASSETS, leaderboard, scaling_analysis,
-              submission]
+ALL_ASSETS = [strategy_definitions, *POOL_ASSETS, image_scores, recaptioned_source, *STRATEGY_ASSETS, leaderboard,
+              scaling_analysis, submission]
 CHECKS = [subset_is_valid, checkpoint_loads, pool_shards_complete, pool_shards_match_injected_faults]
 
 

@@ -109,36 +109,47 @@ def columns_read(strategies: list[str]) -> set[str]:
     return set().union(*(strategy_identifiers(s) for s in strategies))
 
 
+def recaptions(strategies: list[str]) -> bool:
+    """Whether a strategy keeps samples of the recaptioned source (the captioner's captions of the pool's images)."""
+    from datacomp_assets.core.scorers import RECAPTIONED_SOURCE
+    from datacomp_assets.core.strategies import sources_read
+
+    return any(RECAPTIONED_SOURCE in sources_read(s) for s in strategies)
+
+
 def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list[str]]:
     """(the scale-partitioned pool assets to materialize, the image scorers to run) for these strategies."""
     from datacomp_assets.core.scorers import IMAGE_SCORERS, image_score_column
     from datacomp_assets.core.strategies import track
     from datacomp_assets.definitions import POOL_ASSETS
     from datacomp_assets.evaluation.assets import eval_suite
-    from datacomp_assets.filtering.assets import pool_features
+    from datacomp_assets.filtering.assets import pool_features, recaptioned_source
     from datacomp_assets.metadata.assets import captioner_model, dfn_model, pool_metadata
     from datacomp_assets.pool.assets import external_sources, pool_index, pool_shards
 
     columns = columns_read(strategies)
     scorers = [s for s in IMAGE_SCORERS if image_score_column(s) in columns]
     byod = any(track(s) == "byod" for s in strategies)
-    trained_for = {dfn_model: "dfn", captioner_model: "sieve"}  # a model asset and the scorer that runs it
-    models = [asset for asset, scorer in trained_for.items() if scorer in scorers]
+    recaptioned = [recaptioned_source] if recaptions(strategies) else []
+    # A model asset and the scorer that runs it (the captioner also writes the recaptioned source).
+    trained_for = {dfn_model: "dfn", captioner_model: "sieve"}
+    models = [asset for asset, scorer in trained_for.items()
+              if scorer in scorers or (asset is captioner_model and recaptioned)]
     if scale.pool_source == "synthetic_web":
         # The miniature computes its metadata from images and trained scorers. It trains a DFN or a captioner only
-        # when a chosen strategy reads its scores (dfn_model and captioner_model feed image_scores alone), and
-        # downloads the bring-your-own-data sources only when a chosen strategy mixes them in.
+        # when a chosen strategy reads its scores or captions, and downloads the bring-your-own-data sources only
+        # when a chosen strategy mixes them in.
         skipped = [a for a in trained_for if a not in models] + ([] if byod else [external_sources])
-        return [a for a in POOL_ASSETS if a not in skipped], scorers
+        return [a for a in POOL_ASSETS if a not in skipped] + recaptioned, scorers
     assets = [pool_index, pool_metadata, pool_features]
-    if train or scorers:
+    if train or scorers or recaptioned:
         assets.append(pool_shards)
     assets += models
     if train:
         assets.append(eval_suite)
     if byod:
         assets.append(external_sources)
-    return assets, scorers
+    return assets + recaptioned, scorers
 
 
 def check_inputs(scale, strategies: list[str], resources: dict, train: bool) -> None:
@@ -157,7 +168,10 @@ def check_inputs(scale, strategies: list[str], resources: dict, train: bool) -> 
         mirror = scale.mirror_dir or resources["pool_source"].published.published_mirror_dir
         if not mirror and hub_offline():
             problems.append(offline_message(PublishedSource(scale.name), "HF_HUB_OFFLINE is set"))
-        problems += configured_problems(scale, inputs_for_columns(columns_read(strategies)))
+        needed = inputs_for_columns(columns_read(strategies))
+        if recaptions(strategies):
+            needed += [name for name in ("captioner_checkpoint", "clip_l14_checkpoint") if name not in needed]
+        problems += configured_problems(scale, needed)
     if problems:
         raise FileNotFoundError(f"scale {scale.name!r} cannot run {', '.join(strategies)} here; nothing was started. "
                                 "Supply what is missing, or choose other --strategies:\n- " + "\n- ".join(problems))

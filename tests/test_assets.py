@@ -11,10 +11,12 @@ import pytest
 from datacomp_assets.core.lineage import file_sha256, read_lineage
 from datacomp_assets.core.scales import SCALES
 from datacomp_assets.core.strategies import STRATEGIES
+from datacomp_assets.core.uids import uids_to_array
 from datacomp_assets.dagster_private import stale_status
 from datacomp_assets.definitions import ALL_ASSETS, RESOURCES, defs
 from datacomp_assets.filtering.assets import strategy_definitions
 from datacomp_assets.run import run_scale
+from datacomp_assets.training.assets import faces_in_pool
 from datacomp_assets.world.web_server import free_port
 from resources import (
     AcceleratorResource, DownloaderResource, PoolSourceResource, PublishedMetadataResource, StorageResource,
@@ -124,7 +126,7 @@ def test_tiny_scale_end_to_end(miniature, monkeypatch):
         # The leaderboard methods' features and subsets, through Dagster: the captioner, the DFN, the text detector
         # and the flipped images in image_scores, HYPE's heads and the embedding scores in pool_features.
         methods = ["devil_in_the_details", "hype_dfn", "negclip_loss_normsim_20pct", "density_pruning",
-                   "tmars_50pct", "sieve_clip_score_l14_20pct"]
+                   "tmars_50pct", "sieve_clip_score_l14_20pct", "clip_score_l14_30pct_plus_recaptioned"]
         run_scale("tiny", methods, resources=resources, instance=instance, subsets_only=True)
         for name in methods:
             kept = np.load(root / "subset" / name / "subset.npy")
@@ -135,6 +137,17 @@ def test_tiny_scale_end_to_end(miniature, monkeypatch):
         assert len(captions) == shards_successes(root) and captions.generated_caption.str.len().gt(0).any()
         masked = pq.read_table(root / "image_scores" / "tmars").to_pandas().merge(truth[["uid", "kind"]], on="uid")
         assert masked.text_area_share[masked.kind == "text_only"].gt(0).mean() > 0.8  # the detector reads the web
+        # Recaptioning: the pool's images with generated captions, a source of their own mixed into the subset.
+        source_files = sorted((root / "external_sources" / "recaptioned").glob("*.parquet"))
+        recaptioned = pq.ParquetDataset([str(p) for p in source_files]).read().to_pandas()
+        assert len(recaptioned) == len(pool) and recaptioned.caption.str.len().gt(0).all()
+        assert set(uids_to_array(recaptioned.pool_uid.tolist()).tolist()) == set(pool.tolist())
+        mixed = set(np.load(root / "subset" / "clip_score_l14_30pct_plus_recaptioned" / "subset.npy").tolist())
+        generated = set(uids_to_array(recaptioned.uid.tolist()).tolist())
+        assert set(clip.tolist()) <= mixed and mixed - set(clip.tolist()) <= generated
+        faces = faces_in_pool(root / "pool_metadata", [root / "external_sources" / "recaptioned"])
+        derived = dict(zip(recaptioned.pool_uid, recaptioned.uid))
+        assert all(faces[derived[u]] == boxes for u, boxes in faces.items() if u in derived)  # blurred there too
 
         check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(dg.AssetKey("subset"), "subset_is_valid")])

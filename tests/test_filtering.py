@@ -213,6 +213,35 @@ def _keep_mask(cols, name):
     return None
 
 
+@pytest.fixture(scope="module")
+def recaptioned(pool, tmp_path_factory):
+    """A recaptioned source of the pool's images (all but the 5% that did not download, and one failed row), each with
+    a score of its generated caption: the source's parquet as `recaptioned_source` writes it."""
+    from datacomp_assets.filtering.recaption import recaptioned_uid
+
+    _, _, cols = pool
+    rng = np.random.default_rng(7)
+    pool_uids = cols["uid"][rng.random(N_ROWS) < 0.95]
+    table = {"uid": [recaptioned_uid(u) for u in pool_uids] + ["e" * 32],
+             "status": ["success"] * len(pool_uids) + ["failed_to_download"],
+             "pool_uid": [*pool_uids, cols["uid"][0]],
+             "clip_l14_similarity_score": rng.normal(0.2, 0.06, len(pool_uids) + 1).astype(np.float32)}
+    out = tmp_path_factory.mktemp("recaptioned")
+    for i, rows in enumerate(np.array_split(np.arange(len(pool_uids) + 1), 2)):
+        pq.write_table(pa.table({k: np.asarray(v)[rows] for k, v in table.items()}), out / f"{i:08d}.parquet")
+    return out, {k: np.asarray(v[:-1]) for k, v in table.items()}
+
+
+def _expected_from_source(cols, source, name):
+    """Rules over the recaptioned source: the generated captions of the images clip_score_l14_30pct leaves out, the
+    75% of them whose generated caption scores highest; the mixture adds the 30% with their alt-texts."""
+    raw = _keep_mask(cols, "clip_score_l14_30pct")
+    rest = ~np.isin(source["pool_uid"], cols["uid"][raw])
+    recaptioned = source["uid"][_top(source["clip_l14_similarity_score"], rest, 0.75 * rest.sum())]
+    uids = [*recaptioned, *(cols["uid"][raw] if name == "clip_score_l14_30pct_plus_recaptioned" else [])]
+    return np.array(sorted(uid_to_pair(u) for u in uids), dtype=UID_DTYPE)
+
+
 def _expected(cols, name):
     if name == "devil_in_the_details":  # a mixture: each uid as many times as the parts that keep it
         parts = [_keep_mask(cols, "devil_cross_modality"), _keep_mask(cols, "devil_target_aligned")]
@@ -228,10 +257,11 @@ DETERMINISTIC = [name for name in ALL_RULES if not ALL_RULES[name].random]
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
-def test_strategy_matches_numpy(pool, name):
+def test_strategy_matches_numpy(pool, recaptioned, name):
     metadata_dir, feature_dir, cols = pool
-    got = select_uids(metadata_dir, name, feature_dirs=[feature_dir])
-    expected = _expected(cols, name)
+    source_dir, source = recaptioned
+    got = select_uids(metadata_dir, name, feature_dirs=[feature_dir], external_dirs={"recaptioned": source_dir})
+    expected = (_expected_from_source(cols, source, name) if "recaptioned" in name else _expected(cols, name))
     assert expected is not None, f"test has no reference computation for {name}"
     assert got.dtype == UID_DTYPE
     np.testing.assert_array_equal(got, expected)
@@ -311,6 +341,13 @@ union = ["big_english_cats", "dfn_30pct"]
 
 [byod_cats_twice_plus_curated]
 mixture = [{from = "big_english_cats", upsample = 2}, {from = "source:curated"}]
+
+[below_top_l14]
+outside = "clip_score_l14_30pct"
+
+[curated_outside_top_dfn]
+source = "curated"
+outside = "dfn_30pct"
 '''
 
 
@@ -339,6 +376,10 @@ def test_strategies_declared_in_a_file_are_computed(pool, tmp_path, monkeypatch)
     mixed = run("byod_cats_twice_plus_curated")  # every cat twice, every downloaded curated sample once
     expected = uids_to_array([*cols["uid"][expected_cats], *cols["uid"][expected_cats], *curated])
     np.testing.assert_array_equal(mixed, expected)
+    below = ~_keep_mask(cols, "clip_score_l14_30pct")
+    np.testing.assert_array_equal(run("below_top_l14"), uids_to_array(cols["uid"][below]))
+    with pytest.raises(ValueError, match="'curated' has no `pool_uid` column"):
+        run("curated_outside_top_dfn")  # `outside` matches a source's rows to pool images, which these are not
 
 
 @pytest.mark.parametrize("text, message", [
@@ -348,6 +389,8 @@ def test_strategies_declared_in_a_file_are_computed(pool, tmp_path, monkeypatch)
     ("[x]\nfraction = 1.5\nrandom = true", "fraction must be in"),
     ("[x]\nintersect = ['no_filter', 'nope']", "unknown strategies \\['nope'\\]"),
     ("[x\n", "not valid TOML"),
+    ("[x]\nsource = 'mine'\nunion = ['no_filter']", "`source` names an external source"),
+    ("[x]\nsource = '../elsewhere'", "`source` names an external source"),
 ])
 def test_bad_strategy_files_are_named(tmp_path, text, message):
     from datacomp_assets.core.strategies import load_registry

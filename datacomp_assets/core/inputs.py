@@ -50,7 +50,8 @@ INPUTS = {
     "clip_l14_checkpoint": UserInput(
         "clip_l14_checkpoint",
         "an open_clip checkpoint of OpenAI's CLIP ViT-L/14 (the model behind the metadata's clip_l14_* columns), of "
-        "the architecture named by clip_l14_architecture: it re-scores images with their text masked or flipped",
+        "the architecture named by clip_l14_architecture: it re-scores images with their text masked or flipped, and "
+        "scores generated captions",
         "open_clip's ViT-L-14 'openai' weights (open_clip.create_model_and_transforms('ViT-L-14', "
         "pretrained='openai') downloads them; save the state_dict)",
         ("tmars_score", "text_area_share", "flipped_score", "sieve_score")),
@@ -58,7 +59,7 @@ INPUTS = {
         "captioner_checkpoint",
         "an open_clip checkpoint of a CoCa captioner, of the architecture named by captioner_architecture: SIEVE "
         "samples 8 captions of each downloaded image with it (its sentence encoder is clip_l14_checkpoint's text "
-        "tower)",
+        "tower), recaptioning one",
         "open_clip's coca_ViT-L-14 'mscoco_finetuned_laion2B-s13B-b90k' weights (open_clip.create_model_and_transforms("
         "'coca_ViT-L-14', pretrained='mscoco_finetuned_laion2B-s13B-b90k') downloads them; save the state_dict)",
         ("sieve_score", "generated_caption")),

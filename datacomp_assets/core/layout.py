@@ -25,6 +25,7 @@ class Asset:
     POOL_METADATA = "pool_metadata"
     POOL_FEATURES = "pool_features"
     IMAGE_SCORES = "image_scores"
+    RECAPTIONED_SOURCE = "recaptioned_source"
     EVAL_SUITE = "eval_suite"
     SUBSET = "subset"
     CHECKPOINT = "checkpoint"
@@ -126,9 +127,11 @@ class Layout:
         return self.external_source(scale, name) / "shards"
 
     def external_source_dirs(self, scale: str) -> dict[str, Path]:
-        """Each bring-your-own-data source's folder, by name."""
+        """Each bring-your-own-data source's shard folder, by name (a url list's shards are in its `shards/`,
+        beside its index)."""
         root = self.external_sources(scale)
-        return {d.name: d for d in sorted(root.iterdir()) if d.is_dir()} if root.exists() else {}
+        folders = sorted(d for d in root.iterdir() if d.is_dir()) if root.exists() else []
+        return {d.name: d / "shards" if (d / "shards").is_dir() else d for d in folders}
 
     # ---------------------------------------------------------------- metadata and features
 

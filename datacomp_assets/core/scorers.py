@@ -49,6 +49,8 @@ def captioner_recipe(scale: ScaleConfig) -> ScaleConfig:
 # horizontally flipped image (The Devil Is in the Details: a flip breaks the reading of text, not the seeing);
 # SIEVE's best match between the alt-text and the captioner's captions of the image (filtering/sieve.py).
 IMAGE_SCORERS = ("dfn", "tmars", "flipped", "sieve")
+# The bring-your-own-data source of the pool's images with the captioner's captions (filtering/recaption.py).
+RECAPTIONED_SOURCE = "recaptioned"
 # The CLIP each scorer runs: the DFN, or the model behind the `clip_l14_*` columns (OpenAI's L/14; at tiny the
 # L/14 scorer trained here), whose text tower is SIEVE's sentence encoder (SIEVE also runs the captioner).
 SCORER_MODEL = {"dfn": "dfn", "tmars": "l14", "flipped": "l14", "sieve": "l14"}

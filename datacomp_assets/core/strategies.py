@@ -3,7 +3,9 @@
 A strategy is one of:
 - a rule: a SQL predicate `where` over the view `pool` (every `<metadata_dir>/*.parquet`, joined on uid
   with any per-sample feature tables), optionally ranked by `order_by` keeping the top `fraction` of the
-  candidates, or sampled uniformly (`random`), optionally only among another strategy's uids (`within`);
+  candidates, or sampled uniformly (`random`), optionally only among another strategy's uids (`within`) or
+  only outside them (`outside`); with `source`, the rule runs over an external source's rows instead of the
+  pool (`within` and `outside` then match a derived source's `pool_uid`: the pool image it was made from);
 - a set operation over other strategies: `intersect` or `union` (each uid once);
 - a `mixture`: other strategies' uids and external sources' samples, each repeated `upsample` times
   (bring your own data; a repeated uid is trained on that many times).
@@ -46,6 +48,8 @@ class Strategy:
     fraction_of: str = "candidates"     # or "pool": `fraction` counts rows of the whole pool
     random: bool = False                # a seeded uniform sample of `fraction` of the candidates
     within: str | None = None           # candidates are only this strategy's uids
+    outside: str | None = None          # candidates are only uids this strategy does not keep
+    source: str | None = None           # the rule's rows are this external source's, not the pool's
     intersect: tuple[str, ...] = ()
     union: tuple[str, ...] = ()
     mixture: tuple[tuple[str, int], ...] = ()  # (strategy name or "source:<name>", times each uid)
@@ -55,12 +59,13 @@ class Strategy:
     def parts(self) -> tuple[str, ...]:
         """Strategies this one is built from."""
         mixed = tuple(name for name, _ in self.mixture if not name.startswith(SOURCE_PREFIX))
-        return (*((self.within,) if self.within else ()), *self.intersect, *self.union, *mixed)
+        return (*(p for p in (self.within, self.outside) if p), *self.intersect, *self.union, *mixed)
 
     @property
     def expected_fraction(self) -> float | None:
         """The share of the pool it keeps by construction (None when that depends on the data)."""
-        if self.intersect or self.union or self.mixture or self.within or self.where.strip() != "true":
+        if (self.intersect or self.union or self.mixture or self.within or self.outside or self.source
+                or self.where.strip() != "true"):
             return None
         if self.fraction is None:
             return None if self.order_by else 1.0
@@ -117,6 +122,10 @@ def parse_strategies(table: Mapping, where: str) -> dict[str, Strategy]:
             raise ValueError(f"{where}: [{name}] `random` and `order_by` need a `fraction`")
         if sum(map(bool, (strategy.intersect, strategy.union, strategy.mixture))) > 1:
             raise ValueError(f"{where}: [{name}] takes one of intersect, union or mixture")
+        if strategy.source is not None and (strategy.intersect or strategy.union or strategy.mixture
+                                            or not NAME_PATTERN.fullmatch(strategy.source)):
+            raise ValueError(f"{where}: [{name}] `source` names an external source (lowercase letters, digits "
+                             "and _) and goes with a rule, not with intersect, union or mixture")
         check_expression(strategy.where, "SELECT uid FROM pool WHERE ({})", f"{where}: [{name}] `where`")
         if strategy.order_by:
             check_expression(strategy.order_by, "SELECT ({}) FROM pool", f"{where}: [{name}] `order_by`")
@@ -205,15 +214,25 @@ def strategy_identifiers(name: str) -> set[str]:
     if name.startswith(SOURCE_PREFIX):
         return set()
     strategy = get_strategy(name)
-    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", f"{strategy.where} {strategy.order_by or ''}"))
+    # A rule over an external source reads the source's columns, not the pool's.
+    rule = "" if strategy.source else f"{strategy.where} {strategy.order_by or ''}"
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", rule))
     for part in strategy.parts:
         words |= strategy_identifiers(part)
     return words
 
 
-def track(name: str) -> str:
-    """"byod" when the strategy mixes in samples from outside the pool, else "filtering"."""
+def sources_read(name: str) -> set[str]:
+    """The external sources whose samples the strategy (or a strategy it is built from) keeps."""
     strategy = get_strategy(name)
-    if any(part.startswith(SOURCE_PREFIX) for part, _ in strategy.mixture):
-        return "byod"
-    return "byod" if any(track(p) == "byod" for p in strategy.parts) else "filtering"
+    own = {part.removeprefix(SOURCE_PREFIX) for part, _ in strategy.mixture if part.startswith(SOURCE_PREFIX)}
+    if strategy.source:
+        own.add(strategy.source)
+    # `within` and `outside` only narrow a rule: their uids are not kept.
+    kept_parts = set(strategy.parts) - {strategy.within, strategy.outside}
+    return own.union(*(sources_read(p) for p in kept_parts))
+
+
+def track(name: str) -> str:
+    """"byod" when the strategy keeps samples from outside the pool, else "filtering"."""
+    return "byod" if sources_read(name) else "filtering"

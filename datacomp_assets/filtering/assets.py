@@ -6,12 +6,13 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.lineage import code_revision, file_sha256, verified_version, write_lineage
 from datacomp_assets.core.strategies import (
-    STRATEGIES, expected_fraction, strategy_definition, strategy_identifiers, strategy_version, track)
+    STRATEGIES, expected_fraction, sources_read, strategy_definition, strategy_identifiers, strategy_version, track)
 from datacomp_assets.core.uids import (
     arrow_uids_to_array, isin_sorted, load_subset, save_subset, sort_uids, union_sorted, unique_sorted)
 from datacomp_assets.filtering.selection import select_uids
@@ -170,6 +171,59 @@ def image_scores(context: dg.AssetExecutionContext, storage: StorageResource,
         return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)), **models, **summary})
 
 
+@dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="1", pool="gpu",
+          deps=[Asset.POOL_SHARDS, Asset.POOL_METADATA, Asset.CAPTIONER_MODEL, Asset.SCORER_MODELS])
+def recaptioned_source(context: dg.AssetExecutionContext, storage: StorageResource,
+                       accelerator: AcceleratorResource) -> dg.MaterializeResult:
+    """The pool's images with the captioner's captions, one each, as a bring-your-own-data source with uids of its own
+    (`external_sources/recaptioned/`; `pool_uid` names the pool image), and the L/14 score of each image with its
+    generated caption (`clip_l14_similarity_score`), so a rule with `source = "recaptioned"` can filter them.
+    Recaptioning, the bring-your-own-data track's leading method (Nguyen et al. 2023)."""
+    import duckdb
+
+    from datacomp_assets.core.models import Scorer, load_model
+    from datacomp_assets.core.scorers import RECAPTIONED_SOURCE
+    from datacomp_assets.filtering.recaption import write_recaptioned_source
+    from datacomp_assets.filtering.sieve import generated_captions, shard_seed
+
+    with storage.writing(context):
+        scale, layout = get_scale(context.partition_key), storage.layout
+        device = accelerator.placement(scale.precision).device
+        l14_name, l14_checkpoint = scoring_model(scale, layout, "l14")
+        l14 = Scorer("l14", *load_model(l14_name, l14_checkpoint, device), device)
+        captioner_name, captioner_checkpoint = scoring_model(scale, layout, "captioner")
+        captioner, preprocess, tokenizer = load_model(captioner_name, captioner_checkpoint, device)
+        metadata_dir = layout.pool_metadata(scale.name)
+        pool = sort_uids(arrow_uids_to_array(duckdb.sql(
+            f"select uid from read_parquet('{metadata_dir}/*.parquet')").to_arrow_table().column("uid").combine_chunks()))
+
+        def in_pool(uids: list[str]) -> np.ndarray:  # the safety steps' removals stay removed
+            return isin_sorted(arrow_uids_to_array(pa.array(uids, pa.string())), pool)
+
+        def caption(shard: str):
+            return lambda images: [captions[0] for captions in generated_captions(
+                captioner, tokenizer, preprocess, images, 1, shard_seed(scale.seed, shard), device=device)]
+
+        def score(images, captions) -> np.ndarray:
+            image, text = l14.embed(images, captions)
+            return (image * text).sum(axis=1)
+
+        out = layout.external_source(scale.name, RECAPTIONED_SOURCE)
+        summary = write_recaptioned_source(layout.pool_shards(scale.name), out, in_pool, caption, score,
+                                           context.log.info)
+        examples = duckdb.sql(f"select alt_text, caption, clip_l14_similarity_score from "
+                              f"read_parquet('{out}/*.parquet') order by uid limit 8").fetchall()
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(out)), "captioner": captioner_name,
+            "captioner_checkpoint_path": str(captioner_checkpoint), "scorer": l14_name, **summary,
+            "examples": dg.MetadataValue.md("| alt-text | generated caption | L/14 score |\n|---|---|---|\n" + "\n".join(
+                f"| {_cell(a)} | {_cell(c)} | {s:.3f} |" for a, c, s in examples))})
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def image_preparation(scorer: str):
     """What is done to the images before the scorer sees them (None: scored as downloaded)."""
     from datacomp_assets.filtering import text_masking
@@ -217,7 +271,8 @@ def strategy_definitions() -> dg.DataVersionsByPartition:
                 dg.AssetDep(Asset.POOL_METADATA, partition_mapping=by_scale),
                 dg.AssetDep(Asset.POOL_FEATURES, partition_mapping=by_scale),
                 dg.AssetDep(Asset.IMAGE_SCORES, partition_mapping=reading_image_scores),
-                dg.AssetDep(Asset.EXTERNAL_SOURCES, partition_mapping=by_scale)],
+                dg.AssetDep(Asset.EXTERNAL_SOURCES, partition_mapping=by_scale),
+                dg.AssetDep(Asset.RECAPTIONED_SOURCE, partition_mapping=by_scale)],
           code_version="4")
 def subset(context: dg.AssetExecutionContext, storage: StorageResource,
            pool_source: PoolSourceResource) -> dg.MaterializeResult:
@@ -292,7 +347,7 @@ def subset_is_valid(context: dg.AssetCheckExecutionContext, storage: StorageReso
     pool = uid_array(f"select uid from read_parquet('{metadata_dir}/*.parquet')")
     allowed = pool
     for source, directory in layout.external_source_dirs(scale.name).items():
-        if f"source:{source}" in {name for name, _ in STRATEGIES[strategy].mixture}:
+        if source in sources_read(strategy):
             allowed = union_sorted(allowed, uid_array(
                 f"select uid from read_parquet('{directory}/*.parquet') where status = 'success'"))
     outside = int((~isin_sorted(uids, allowed)).sum())

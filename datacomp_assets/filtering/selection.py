@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import duckdb
@@ -180,43 +180,64 @@ class PoolQuery:
     def _component(self, name: str, times: int) -> np.ndarray:
         if name.startswith(SOURCE_PREFIX):
             source = name.removeprefix(SOURCE_PREFIX)
-            directory = (self.external_dirs or {}).get(source)
-            if directory is None:
-                raise ValueError(f"external source {source!r} is not available; known: {sorted(self.external_dirs or {})}")
-            uids = _uid_halves(self.con, f"SELECT uid FROM read_parquet('{_parquet_glob(directory)}') "
+            uids = _uid_halves(self.con, f"SELECT uid FROM read_parquet('{_parquet_glob(self._source_dir(source))}') "
                                          "WHERE status = 'success'")
         else:
             uids = unique_sorted(self.uids_of(name))
         return np.repeat(uids, times)
 
+    def _source_dir(self, source: str):
+        directory = (self.external_dirs or {}).get(source)
+        if directory is None:
+            raise ValueError(f"external source {source!r} is not available; known: {sorted(self.external_dirs or {})}")
+        return directory
+
     def _rule(self, s: Strategy) -> np.ndarray:
+        if not s.source:
+            return self._ranked(self.con, s, key="uid")
+        directory = self._source_dir(s.source)
+        columns = parquet_columns(directory)
+        if (s.within or s.outside) and "pool_uid" not in columns:
+            raise ValueError(f"external source {s.source!r} has no `pool_uid` column: `within` and `outside` "
+                             "need a source made from the pool's images")
+        con = connect_pool(directory)
+        try:
+            successful = "status = 'success'" if "status" in columns else "true"
+            return self._ranked(con, replace(s, where=f"({s.where}) AND {successful}"), key="pool_uid")
+        finally:
+            con.close()
+
+    def _ranked(self, con, s: Strategy, key: str) -> np.ndarray:
+        """The rule `s` over the view `pool` of `con`; `within` and `outside` match the `key` column against the
+        uids another strategy keeps from the pool."""
         where = resolve_thresholds(s.where, self.reference_scorers)
-        if s.within:
-            inside = unique_sorted(self.uids_of(s.within))
-            self.con.register("within_uids", pa.table({"uid": array_to_uids(inside)}))
-            where = f"({where}) AND uid IN (SELECT uid FROM within_uids)"
+        for part, table, operator in ((s.within, "within_uids", "IN"), (s.outside, "outside_uids", "NOT IN")):
+            if part:
+                con.register(table, pa.table({"uid": array_to_uids(unique_sorted(self.uids_of(part)))}))
+                where = f"({where}) AND {key} {operator} (SELECT uid FROM {table})"
         candidates = f"SELECT uid FROM pool WHERE {where}"
         if s.order_by:
             # Only the uid and the rank are kept, not the pool's columns: 12.8M rows stay a few hundred MB.
-            self.con.execute(f"CREATE OR REPLACE TEMP TABLE candidates AS SELECT uid, ({s.order_by}) AS rank_key "
-                             f"FROM pool WHERE ({where}) AND ({s.order_by}) IS NOT NULL")
-            n_candidates = self.con.execute("SELECT count(*) FROM candidates").fetchall()[0][0]
-            n_keep = s.fraction * (self._pool_rows() if s.fraction_of == "pool" else n_candidates)
+            con.execute(f"CREATE OR REPLACE TEMP TABLE candidates AS SELECT uid, ({s.order_by}) AS rank_key "
+                        f"FROM pool WHERE ({where}) AND ({s.order_by}) IS NOT NULL")
+            n_candidates = con.execute("SELECT count(*) FROM candidates").fetchall()[0][0]
+            n_keep = s.fraction * (_rows(con) if s.fraction_of == "pool" else n_candidates)
             if n_keep < n_candidates:  # the (1 - q) order statistic; ties at the threshold are all kept
                 q = round(1 - n_keep / n_candidates, 6)
                 candidates = ("SELECT uid FROM candidates WHERE rank_key >= "
                               f"(SELECT quantile_disc(rank_key, {q}) FROM candidates)")
             else:
                 candidates = "SELECT uid FROM candidates"
-        uids = sort_uids(_uid_halves(self.con, f"SELECT uid FROM ({candidates})"))
+        uids = sort_uids(_uid_halves(con, f"SELECT uid FROM ({candidates})"))
         if s.random:  # sorted first so that the sample does not depend on file order
-            n_keep = round(s.fraction * (self._pool_rows() if s.fraction_of == "pool" else len(uids)))
+            n_keep = round(s.fraction * (_rows(con) if s.fraction_of == "pool" else len(uids)))
             rng = np.random.default_rng(self.seed)
             uids = uids[np.sort(rng.choice(len(uids), size=min(n_keep, len(uids)), replace=False))]
         return uids
 
-    def _pool_rows(self) -> int:
-        return self.con.execute("SELECT count(*) FROM pool").fetchall()[0][0]
+
+def _rows(con) -> int:
+    return con.execute("SELECT count(*) FROM pool").fetchall()[0][0]
 
 
 def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int = 0,

@@ -20,12 +20,17 @@ from partitions import STRATEGY_DEFINITION, by_scale, scale_and_strategy, scale_
 from resources import AcceleratorResource, StorageResource
 
 
-def faces_in_pool(metadata_dir: Path) -> dict[str, list]:
-    """uid -> face boxes for the (few) pool samples with detected faces."""
+def faces_in_pool(metadata_dir: Path, source_dirs=()) -> dict[str, list]:
+    """uid -> face boxes for the (few) pool samples with detected faces, and for the samples of sources made from
+    the pool's images (a `pool_uid` column: the recaptioned source), which carry their pool image's faces."""
     import duckdb
 
-    rows = duckdb.sql(f"select uid, face_bboxes from read_parquet('{metadata_dir}/*.parquet') "
-                      "where len(face_bboxes) > 0").fetchall()
+    pool = f"read_parquet('{metadata_dir}/*.parquet')"
+    rows = duckdb.sql(f"select uid, face_bboxes from {pool} where len(face_bboxes) > 0").fetchall()
+    for directory in source_dirs:
+        if "pool_uid" in duckdb.sql(f"select * from read_parquet('{directory}/*.parquet') limit 0").columns:
+            rows += duckdb.sql(f"select s.uid, m.face_bboxes from read_parquet('{directory}/*.parquet') s "
+                               f"join {pool} m on s.pool_uid = m.uid where len(m.face_bboxes) > 0").fetchall()
     return dict(rows)
 
 
@@ -49,10 +54,9 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
             context.log.warning(f"the subset changed since {out} was trained; discarding its checkpoints")
             shutil.rmtree(logs, ignore_errors=True)
         write_lineage(out, {"subset_sha256": subset_sha256, "complete": False})
-        faces = faces_in_pool(layout.pool_metadata(scale.name))
-        shard_dirs = [layout.pool_shards(scale.name)]
-        if track(strategy) == "byod":
-            shard_dirs += list(layout.external_source_dirs(scale.name).values())
+        sources = list(layout.external_source_dirs(scale.name).values()) if track(strategy) == "byod" else []
+        faces = faces_in_pool(layout.pool_metadata(scale.name), sources)
+        shard_dirs = [layout.pool_shards(scale.name), *sources]
         shards = reshard(shard_dirs, uids, layout.train_shards(scale.name, strategy), scale.shard_size,
                          face_bboxes=faces)
         if shards.missing_uids:
