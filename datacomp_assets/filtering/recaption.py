@@ -5,7 +5,8 @@ Each pool image still in the pool (the safety steps' removals stay removed) beco
 same image bytes, one caption sampled by the captioner (nucleus sampling, top-p 0.9, as SIEVE samples), and a uid of
 its own derived from the pool uid, so that a subset can hold an image with its alt-text and, separately, with a
 generated caption. `pool_uid` records which pool image it is. `clip_l14_similarity_score` is the L/14 cosine of the
-image and the generated caption, so a rule over the source can filter generated captions as the paper does.
+image and the generated caption, so a rule over the source can filter generated captions as the paper does. A caption
+that decodes to nothing is written with the status `empty_caption`, so no rule keeps it.
 
 One tar and one parquet per pool shard, each written under a temporary name and renamed; a shard already written is
 kept, so an interrupted run resumes.
@@ -52,7 +53,7 @@ def write_recaptioned_source(shards_dir: str | os.PathLike, out_dir: str | os.Pa
         raise FileNotFoundError(f"no downloaded shards in {shards_dir}; materialize pool_shards first")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = skipped = 0
+    written = skipped = empty = 0
     t0 = time.perf_counter()
     for i, tar in enumerate(tars, 1):
         table_path = out_dir / f"{tar.stem}.parquet"
@@ -76,13 +77,16 @@ def write_recaptioned_source(shards_dir: str | os.PathLike, out_dir: str | os.Pa
             tmp.unlink(missing_ok=True)
         write_parquet_atomically(pa.table({
             "uid": pa.array(uids, pa.string()), "key": pa.array(keys, pa.string()),
-            "status": pa.array(["success"] * len(uids), pa.string()), "caption": pa.array(captions, pa.string()),
+            "status": pa.array(["success" if c.strip() else "empty_caption" for c in captions], pa.string()),
+            "caption": pa.array(captions, pa.string()),
             "pool_uid": pa.array(pool_uids, pa.string()), "alt_text": pa.array(alt_texts, pa.string()),
             "clip_l14_similarity_score": pa.array(np.asarray(scores, np.float32), pa.float32())}), table_path)
         written += len(uids)
+        empty += sum(not c.strip() for c in captions)
         log(f"recaptioned: shard {i}/{len(tars)}: {len(uids)} images")
     seconds = time.perf_counter() - t0
-    return {"shards": len(tars), "shards_skipped": skipped, "images_recaptioned": written, "seconds": round(seconds, 1),
+    return {"shards": len(tars), "shards_skipped": skipped, "images_recaptioned": written, "empty_captions": empty,
+            "seconds": round(seconds, 1),
             "images_per_second": round(written / seconds, 1) if written and seconds else 0.0}
 
 
