@@ -32,5 +32,9 @@ def test_external_sources_at_tiny(tmp_path, monkeypatch):
     assert len(list((root / "noisy").glob("*.tar"))) == 2
     stats = [json.loads(p.read_text()) for p in (root / "mine" / "shards").glob("*_stats.json")]
     assert sum(s["successes"] for s in stats) == 30
+    # Where a strategy and the training read each source's shards: a url list's are beside its index.
+    from datacomp_assets.core.layout import Layout
+    assert Layout(tmp_path / "data").external_source_dirs("tiny") == {"mine": root / "mine" / "shards",
+                                                                      "noisy": root / "noisy"}
     meta = result.asset_materializations_for_node("external_sources")[0].metadata
     assert meta["sources"].value == 2 and meta["samples"].value == 90

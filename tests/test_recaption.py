@@ -4,6 +4,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -95,3 +96,17 @@ def test_faces_of_a_pool_image_are_blurred_in_its_recaptioned_sample_too(tmp_pat
                              "pool_uid": ["a" * 32, "b" * 32]}), tmp_path / "source" / "0.parquet")
     faces = faces_in_pool(tmp_path / "metadata", [tmp_path / "source"])
     assert faces == {"a" * 32: box, recaptioned_uid("a" * 32): box}
+
+
+def test_a_paper_scale_recaptions_only_with_the_users_captioner_and_l14():
+    from datacomp_assets.core.scales import SCALES
+    from datacomp_assets.definitions import RESOURCES
+    from datacomp_assets.run import assets_needed, check_inputs
+
+    small, strategy = SCALES["small"], ["clip_score_l14_30pct_plus_recaptioned"]
+    names = [a.key.path[-1] for a in assets_needed(small, strategy, train=False)[0]]
+    assert {"pool_shards", "captioner_model", "recaptioned_source"} <= set(names)
+    assert names.index("recaptioned_source") > names.index("captioner_model")
+    with pytest.raises(FileNotFoundError, match="nothing was started") as failure:
+        check_inputs(small, strategy, RESOURCES, train=False)
+    assert "captioner_checkpoint" in str(failure.value) and "clip_l14_checkpoint" in str(failure.value)
