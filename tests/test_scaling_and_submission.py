@@ -21,6 +21,7 @@ def test_families_group_sizes_of_one_rule():
     assert family("clip_score_l14_30pct") == family("clip_score_b32_30pct") == "CLIP score"
     assert family("image_based_clip_score_l14_30pct") == "image-based"
     assert family("basic") == "basic"
+    assert family("clip_score_l14_30pct_plus_recaptioned") == "recaptioning"
 
 
 def test_rank_correlation_of_the_papers_small_and_medium_baselines():

@@ -28,6 +28,8 @@ def family(strategy: str) -> str:
     """The strategy family a point belongs to in Figure 2 (no filtering is the 100% random subset)."""
     if strategy == "no_filter" or strategy.startswith("random_"):
         return "random subset"
+    if "recaptioned" in strategy:
+        return "recaptioning"
     for prefix, name in (("clip_score_", "CLIP score"), ("image_based", "image-based"), ("text_based", "text-based"),
                          ("semdedup", "SemDeDup"), ("vas", "VAS"), ("dfn", "DFN"), ("metaclip", "MetaCLIP"),
                          ("hype", "HYPE"), ("devil", "Devil"), ("tmars", "T-MARS"), ("negclip", "negCLIPLoss"),
