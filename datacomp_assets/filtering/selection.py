@@ -211,10 +211,12 @@ class PoolQuery:
         """The rule `s` over the view `pool` of `con`; `within` and `outside` match the `key` column against the
         uids another strategy keeps from the pool."""
         where = resolve_thresholds(s.where, self.reference_scorers)
-        for part, table, operator in ((s.within, "within_uids", "IN"), (s.outside, "outside_uids", "NOT IN")):
-            if part:
-                con.register(table, pa.table({"uid": array_to_uids(unique_sorted(self.uids_of(part)))}))
-                where = f"({where}) AND {key} {operator} (SELECT uid FROM {table})"
+        # Both parts are computed before either is registered: computing one may register its own `within_uids`.
+        narrowing = [(table, operator, unique_sorted(self.uids_of(part))) for part, table, operator in
+                     ((s.within, "within_uids", "IN"), (s.outside, "outside_uids", "NOT IN")) if part]
+        for table, operator, uids in narrowing:
+            con.register(table, pa.table({"uid": array_to_uids(uids)}))
+            where = f"({where}) AND {key} {operator} (SELECT uid FROM {table})"
         candidates = f"SELECT uid FROM pool WHERE {where}"
         if s.order_by:
             # Only the uid and the rank are kept, not the pool's columns: 12.8M rows stay a few hundred MB.
