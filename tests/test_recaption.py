@@ -94,7 +94,8 @@ def test_faces_of_a_pool_image_are_blurred_in_its_recaptioned_sample_too(tmp_pat
                    tmp_path / "metadata" / "0.parquet")
     pq.write_table(pa.table({"uid": [recaptioned_uid("a" * 32), recaptioned_uid("b" * 32)],
                              "pool_uid": ["a" * 32, "b" * 32]}), tmp_path / "source" / "0.parquet")
-    faces = faces_in_pool(tmp_path / "metadata", [tmp_path / "source"])
+    (tmp_path / "tars_only").mkdir()  # a source of tars alone, as the tiny scale's noisy one
+    faces = faces_in_pool(tmp_path / "metadata", [tmp_path / "source", tmp_path / "tars_only"])
     assert faces == {"a" * 32: box, recaptioned_uid("a" * 32): box}
 
 
