@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 
 import dagster as dg
+import numpy as np
 
 from datacomp_assets.core.scales import SCALES
 from datacomp_assets.pool.assets import external_sources
@@ -32,6 +33,18 @@ def test_external_sources_at_tiny(tmp_path, monkeypatch):
     assert len(list((root / "noisy").glob("*.tar"))) == 2
     stats = [json.loads(p.read_text()) for p in (root / "mine" / "shards").glob("*_stats.json")]
     assert sum(s["successes"] for s in stats) == 30
+    # Each synthetic shard has img2dataset's table beside it, so a mixture can draw on the source.
+    import pyarrow.parquet as pq
+    from datacomp_assets.core.shards import iter_webdataset
+    from datacomp_assets.core.uids import uids_to_array
+    from datacomp_assets.filtering.selection import PoolQuery, connect_pool
+    noisy = root / "noisy"
+    in_tars = [json.loads(f["json"])["uid"] for t in sorted(noisy.glob("*.tar")) for _, f in iter_webdataset(t)]
+    in_tables = [u for t in sorted(noisy.glob("*.parquet")) for u in pq.read_table(t).column("uid").to_pylist()]
+    assert in_tables == in_tars and len(in_tars) == 60
+    con = connect_pool(noisy, readable=[noisy])
+    mixed = PoolQuery(con, "test", external_dirs={"noisy": noisy})._component("source:noisy", 2)
+    assert sorted(mixed.tolist()) == np.repeat(uids_to_array(in_tars), 2).tolist()
     # Where a strategy and the training read each source's shards: a url list's are beside its index.
     from datacomp_assets.core.layout import Layout
     assert Layout(tmp_path / "data").external_source_dirs("tiny") == {"mine": root / "mine" / "shards",

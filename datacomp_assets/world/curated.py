@@ -16,6 +16,9 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.shards import write_webdataset
 from datacomp_assets.world.web import WebConfig, encode_jpeg, render, sample
@@ -53,7 +56,8 @@ def write_curated_source(config: WebConfig, n: int, out_dir: str | Path, image_s
 
 def write_synthetic_source(config: WebConfig, n: int, out_dir: str | Path, image_size: int, shard_size: int,
                            processes: int = 2, *, namespace: str, noise: dict | None = None) -> dict:
-    """Write samples 0..n-1 of a namespace as webdataset shards (atomically); noise None: the config's."""
+    """Write samples 0..n-1 of a namespace as webdataset shards (atomically), each tar with img2dataset's table
+    beside it (uid, key, status, caption), so a strategy can mix the source in; noise None: the config's."""
     out_dir = Path(out_dir)
     tmp = temporary_sibling(out_dir)
     tmp.mkdir(parents=True)
@@ -63,11 +67,23 @@ def write_synthetic_source(config: WebConfig, n: int, out_dir: str | Path, image
         for k in range(shards):
             indices = range(k * shard_size, min(n, (k + 1) * shard_size))
             jobs = [(config, i, image_size, namespace, noise) for i in indices]
-            files = pool.imap(_sample_files, jobs, chunksize=64)
-            write_webdataset(tmp / f"{k:08d}.tar", files)
+            rows: list[tuple[str, str, str]] = []
+            write_webdataset(tmp / f"{k:08d}.tar", _recorded(pool.imap(_sample_files, jobs, chunksize=64), rows))
+            uids, keys, captions = zip(*rows) if rows else ((), (), ())
+            pq.write_table(pa.table({"uid": pa.array(uids, pa.string()), "key": pa.array(keys, pa.string()),
+                                     "status": pa.array(["success"] * len(rows), pa.string()),
+                                     "caption": pa.array(captions, pa.string())}), tmp / f"{k:08d}.parquet")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return {"samples": n, "shards": shards, "path": str(out_dir)}
+
+
+def _recorded(samples, rows: list):
+    """The samples as they are, each one's (uid, key, caption) appended to `rows` on the way."""
+    for key, files in samples:
+        meta = json.loads(files["json"])
+        rows.append((meta["uid"], key, meta["caption"]))
+        yield key, files
 
 
 # The tiny scale's bring-your-own-data stand-in: a second synthetic source from the same world (its own
