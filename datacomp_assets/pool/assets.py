@@ -70,7 +70,7 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
         return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=Group.POOL, code_version="1")
+@dg.asset(partitions_def=scale_partitions, group_name=Group.POOL, code_version="2")
 def curated_source(context: dg.AssetExecutionContext, storage: StorageResource,
                    pool_source: PoolSourceResource) -> dg.MaterializeResult:
     """A separate source of clean, balanced pairs (the miniature only): the scorers' and the DFN's training data."""
@@ -87,7 +87,7 @@ def curated_source(context: dg.AssetExecutionContext, storage: StorageResource,
 NOISY_SOURCE = "noisy"  # the miniature's bring-your-own-data stand-in, beside the user's sources
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=Group.POOL, code_version="1")
+@dg.asset(partitions_def=scale_partitions, group_name=Group.POOL, code_version="2")
 def external_sources(context: dg.AssetExecutionContext, storage: StorageResource, downloader: DownloaderResource,
                      pool_source: PoolSourceResource, external: ExternalSourcesResource) -> dg.MaterializeResult:
     """Bring-your-own-data sources beside the pool, as webdataset shards under `external_sources/<name>/`.
