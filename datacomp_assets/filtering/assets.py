@@ -193,9 +193,7 @@ def recaptioned_source(context: dg.AssetExecutionContext, storage: StorageResour
         l14 = Scorer("l14", *load_model(l14_name, l14_checkpoint, device), device)
         captioner_name, captioner_checkpoint = scoring_model(scale, layout, "captioner")
         captioner, preprocess, tokenizer = load_model(captioner_name, captioner_checkpoint, device)
-        metadata_dir = layout.pool_metadata(scale.name)
-        pool = sort_uids(arrow_uids_to_array(duckdb.sql(
-            f"select uid from read_parquet('{metadata_dir}/*.parquet')").to_arrow_table().column("uid").combine_chunks()))
+        pool = _uid_array(f"select uid from read_parquet('{layout.pool_metadata(scale.name)}/*.parquet')")
 
         def in_pool(uids: list[str]) -> np.ndarray:  # the safety steps' removals stay removed
             return isin_sorted(arrow_uids_to_array(pa.array(uids, pa.string())), pool)
@@ -317,6 +315,13 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         })
 
 
+def _uid_array(query: str) -> np.ndarray:
+    """The sorted uids of a DuckDB query, from Arrow's buffers (12.8M uids as Python strings would take 2 GB)."""
+    import duckdb
+
+    return sort_uids(arrow_uids_to_array(duckdb.sql(query).to_arrow_table().column("uid").combine_chunks()))
+
+
 def _scored_in_pool(scores_dir, metadata_dir) -> int:
     import duckdb
 
@@ -334,25 +339,20 @@ def _parquet_rows(directory) -> int:
                 description="A non-empty subset of the pool (and its declared sources), of the rule's size, "
                             "with no near-duplicate of an evaluation image")
 def subset_is_valid(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    import duckdb
-
     scale, strategy = scale_and_strategy(context)
     layout = storage.layout
     uids = unique_sorted(load_subset(layout.subset_file(scale.name, strategy)))
     metadata_dir = layout.pool_metadata(scale.name)
 
-    def uid_array(query: str) -> np.ndarray:  # from Arrow's buffers: 12.8M uids as Python strings take 2 GB
-        return sort_uids(arrow_uids_to_array(duckdb.sql(query).to_arrow_table().column("uid").combine_chunks()))
-
-    pool = uid_array(f"select uid from read_parquet('{metadata_dir}/*.parquet')")
+    pool = _uid_array(f"select uid from read_parquet('{metadata_dir}/*.parquet')")
     allowed = pool
     for source, directory in layout.external_source_dirs(scale.name).items():
         if source in sources_read(strategy):
-            allowed = union_sorted(allowed, uid_array(
+            allowed = union_sorted(allowed, _uid_array(
                 f"select uid from read_parquet('{directory}/*.parquet') where status = 'success'"))
     outside = int((~isin_sorted(uids, allowed)).sum())
     removed_dir = layout.removed_samples(scale.name)
-    eval_duplicates = uid_array(
+    eval_duplicates = _uid_array(
         f"select uid from read_parquet('{removed_dir}/*.parquet') where reason = 'eval_duplicate'"
     ) if any(removed_dir.glob("*.parquet")) else np.empty(0, uids.dtype)
     held_eval = int(isin_sorted(uids, eval_duplicates).sum())
