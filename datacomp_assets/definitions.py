@@ -17,8 +17,8 @@ from datacomp_assets.pool.assets import (  # noqa: E402
     curated_source, external_sources, pool_index, pool_shards, pool_shards_complete, pool_shards_match_injected_faults)
 from datacomp_assets.training.assets import checkpoint, checkpoint_loads  # noqa: E402
 from resources import (  # noqa: E402
-    AcceleratorResource, DownloaderResource, EvaluationDataResource, ExternalSourcesResource, PoolSourceResource,
-    PublishedMetadataResource, StorageResource, SyntheticWebResource)
+    AcceleratorResource, DownloaderResource, EngineResource, EvaluationDataResource, ExternalSourcesResource,
+    PoolSourceResource, PublishedMetadataResource, StorageResource, SyntheticWebResource)
 
 POOL_ASSETS = [pool_index, pool_shards, curated_source, external_sources, scorer_models, dfn_model, captioner_model,
                pool_metadata, eval_suite, pool_features]
@@ -43,6 +43,7 @@ RESOURCES = {
         published=PublishedMetadataResource(published_mirror_dir=from_environment(settings.DATACOMP_MIRROR))),
     "external": ExternalSourcesResource(),
     "eval_data": EvaluationDataResource(directory=from_environment(settings.DATACOMP_EVAL_DATA)),
+    "engine": EngineResource(ray_address=from_environment(settings.DATACOMP_RAY_ADDRESS)),
 }
 
 @dg.executor(name="multiprocess_freeing_orphaned_slots", config_schema=dg.multiprocess_executor.config_schema,
@@ -63,6 +64,14 @@ def multiprocess_freeing_orphaned_slots(init_context: dg.InitExecutorContext) ->
 # materializes in-process instead (and frees orphaned slots itself).
 EXECUTOR = multiprocess_freeing_orphaned_slots.configured({"max_concurrent": settings.max_concurrent_steps()},
                                                           name="bounded_multiprocess")
+if settings.ray_address():
+    from dagster_ray import ray_executor
+
+    # On a Ray cluster each step is a Ray job (dagster-ray): it runs on the cluster, and its logs and metadata
+    # reach the instance, which the nodes must share (PostgreSQL). The project's variables go with it.
+    EXECUTOR = ray_executor.configured(
+        {"ray": {"address": settings.ray_jobs_address(), "env_vars": settings.ray_job_environment()}},
+        name="ray_cluster")
 
 defs = dg.Definitions(assets=ALL_ASSETS, asset_checks=CHECKS, resources=RESOURCES, executor=EXECUTOR,
                       jobs=[strategy_job, evaluation_job], schedules=SCHEDULES, sensors=[evaluate_new_checkpoints])

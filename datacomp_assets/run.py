@@ -161,8 +161,9 @@ def check_inputs(scale, strategies: list[str], resources: dict, train: bool) -> 
     problems = []
     if train:
         try:
-            resources["accelerator"].training_placement(scale)  # a paper recipe on a CPU is refused
-        except ValueError as err:
+            # A paper recipe on a CPU is refused; a cluster out of reach too.
+            resources["accelerator"].training_placement(scale, resources["engine"].engine())
+        except (ValueError, ConnectionError) as err:
             problems.append(str(err))
     if scale.pool_source == "published":
         mirror = scale.mirror_dir or resources["pool_source"].published.published_mirror_dir

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from datacomp_assets.core.engine import Engine
 from datacomp_assets.core.scales import ScaleConfig
 from datacomp_assets.core.trainer import TrainJob, accumulation_steps
 
@@ -34,24 +35,30 @@ class AcceleratorResource(dg.ConfigurableResource):
     # takes about 2 GB at tiny. On GPUs they run in turn, each on every GPU.
     cpu_trainings_at_once: int = 3
 
-    def placement(self, scale_precision: str) -> Placement:
+    def placement(self, scale_precision: str, engine: Engine = Engine()) -> Placement:
+        """The device, processes and precision here, or on each node of the engine's Ray cluster."""
         import torch
 
+        if engine.on_ray:  # the cluster's nodes are what train, not the machine this step runs on
+            visible, where = engine.gpus_per_node(), f"on the nodes of {engine.describe()}"
+        else:
+            visible, where = torch.cuda.device_count() if torch.cuda.is_available() else 0, "here"
         device = self.device
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if visible else "cpu"
         if device == "cuda":
-            if not torch.cuda.is_available():
-                raise RuntimeError("accelerator.device is 'cuda' but no GPU is visible; set it to 'auto' or 'cpu'")
-            visible = torch.cuda.device_count()
+            if not visible:
+                raise RuntimeError(f"accelerator.device is 'cuda' but no GPU is visible {where}; set it to 'auto' "
+                                   "or 'cpu'")
             return Placement("cuda", self.gpus or visible, scale_precision)
         if device != "cpu":
             raise ValueError(f"accelerator.device must be auto, cuda or cpu, not {device!r}")
         return Placement("cpu", self.cpu_processes, "fp32", self.cpu_threads)
 
-    def training_placement(self, recipe: ScaleConfig) -> Placement:
-        """Where `recipe` trains, or a ValueError at once if it cannot train here as the benchmark fixes it."""
-        placement = self.placement(recipe.precision)
+    def training_placement(self, recipe: ScaleConfig, engine: Engine = Engine()) -> Placement:
+        """Where `recipe` trains (on each of `nodes` nodes), or a ValueError at once if it cannot train there as the
+        benchmark fixes it."""
+        placement = self.placement(recipe.precision, engine)
         if placement.device == "cpu":
             if recipe.requires_gpu and not self.allow_cpu_training:
                 raise ValueError(
@@ -68,7 +75,8 @@ class AcceleratorResource(dg.ConfigurableResource):
             # batch divided by the processes, as the recipe's global batch and steps stay the same.
             return placement
         try:
-            accum = accumulation_steps(recipe.global_batch, recipe.reference_gpus, placement.nproc)
+            accum = accumulation_steps(recipe.global_batch, recipe.reference_gpus,
+                                       placement.nproc * engine.training_nodes)
         except ValueError as err:
             raise ValueError(f"scale {recipe.name!r}: {err}") from None
         return replace(placement, accum_freq=accum)
@@ -83,9 +91,11 @@ class AcceleratorResource(dg.ConfigurableResource):
                  for job in wave] for wave in waves]
 
     def train_job(self, recipe: ScaleConfig, train_data: str, logs_dir: Path, name: str,
-                  seed: int | None = None) -> TrainJob:
-        """A training run of `recipe` (a scale's fixed recipe) on the devices this resource chooses."""
-        placement = self.training_placement(recipe)
+                  seed: int | None = None, engine: Engine = Engine()) -> TrainJob:
+        """A training run of `recipe` (a scale's fixed recipe) on the devices this resource chooses, on this
+        machine or on each of the engine's `training_nodes` nodes of a Ray cluster."""
+        placement = self.training_placement(recipe, engine)
         return TrainJob(recipe, train_data, logs_dir, name, device=placement.device, precision=placement.precision,
-                        nproc=placement.nproc, grad_checkpointing=placement.device == "cuda",
-                        threads=placement.threads, seed=seed, accum_freq=placement.accum_freq)
+                        nproc=placement.nproc, nodes=engine.training_nodes, ray_address=engine.ray_address,
+                        grad_checkpointing=placement.device == "cuda", threads=placement.threads, seed=seed,
+                        accum_freq=placement.accum_freq)

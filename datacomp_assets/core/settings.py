@@ -8,6 +8,7 @@ else calls `Variable.get()`. `docs/configuration.md` lists the same table (a tes
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +49,17 @@ DAGSTER_HOME = Variable(
 HF_HUB_OFFLINE = Variable(
     "HF_HUB_OFFLINE", "1", "Keep huggingface_hub offline (the default here); `0` lets the paper scales fetch "
     "published metadata and test sets from the Hub.")
+DATACOMP_RAY_ADDRESS = Variable(
+    "DATACOMP_RAY_ADDRESS", "", "A Ray cluster to run the heavy steps on (`ray.init`'s address: `<head>:6379`, "
+    "`ray://<head>:10001`, or `auto` on a node of the cluster); empty: this machine.")
+DATACOMP_RAY_JOBS_ADDRESS = Variable(
+    "DATACOMP_RAY_JOBS_ADDRESS", "", "The cluster's job API, where Dagster's steps are submitted; empty: "
+    "`http://<head>:8265`, the head of DATACOMP_RAY_ADDRESS.")
 NO_ALBUMENTATIONS_UPDATE = Variable(
     "NO_ALBUMENTATIONS_UPDATE", "1", "Stops albumentations (an img2dataset dependency) phoning home on import.")
 
 VARIABLES = (DATACOMP_HOME, DATACOMP_MIRROR, DATACOMP_EVAL_DATA, DATACOMP_STRATEGIES, DATACOMP_SCALES,
-             DATACOMP_MAX_CONCURRENT_STEPS,
+             DATACOMP_MAX_CONCURRENT_STEPS, DATACOMP_RAY_ADDRESS, DATACOMP_RAY_JOBS_ADDRESS,
              DATACOMP_GPU_SLOTS, DAGSTER_HOME, HF_HUB_OFFLINE, NO_ALBUMENTATIONS_UPDATE)
 
 
@@ -60,6 +67,42 @@ def apply_offline_defaults() -> None:
     """Offline unless told otherwise, for this process and the children it starts (img2dataset, the trainer)."""
     for variable in (HF_HUB_OFFLINE, NO_ALBUMENTATIONS_UPDATE):
         os.environ.setdefault(variable.name, variable.default)
+
+
+# Ray: no usage reports from an offline tool, every node's lines reach the driver (its de-duplication would hide a
+# rank's), and clusters on 127.0.0.1 stay there (Ray otherwise moves a node to the machine's outward address).
+RAY_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def apply_ray_defaults() -> None:
+    """Before `import ray`, in a process that drives or starts a cluster."""
+    for name, value in RAY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def ray_address() -> str:
+    return DATACOMP_RAY_ADDRESS.get().strip()
+
+
+def ray_jobs_address() -> str:
+    """The job API of the cluster DATACOMP_RAY_ADDRESS names (Ray's dashboard port on its head)."""
+    if DATACOMP_RAY_JOBS_ADDRESS.get():
+        return DATACOMP_RAY_JOBS_ADDRESS.get()
+    head = ray_address().removeprefix("ray://").rsplit(":", 1)[0]
+    return f"http://{'127.0.0.1' if head in ('', 'auto') else head}:8265"
+
+
+# Read by instance/dagster-postgres.yaml, in every process that opens the instance.
+INSTANCE_VARIABLES = ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB")
+
+
+def ray_job_environment() -> list[str]:
+    """What a step submitted as a Ray job needs of this process's environment: the project's variables and the
+    instance's that are set (names only: dagster-ray copies their values), and a PATH that finds this
+    interpreter's `dagster` (the job runs `dagster api execute_step`)."""
+    here = str(Path(sys.executable).parent)
+    names = [v.name for v in VARIABLES if v.is_set()] + [n for n in INSTANCE_VARIABLES if n in os.environ]
+    return names + [f"PATH={here}{os.pathsep}{os.environ.get('PATH', '')}"]
 
 
 def hub_offline() -> bool:

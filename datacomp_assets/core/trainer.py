@@ -1,7 +1,7 @@
 """Run open_clip's own trainer (`open_clip_train.main`) with the benchmark's fixed recipe.
 
-The trainer runs in a child process (`python -m datacomp_assets.core.open_clip_entry`, or torchrun
-for several processes) so that a crash, a kill or CUDA state never touches the orchestrator. Its log
+The trainer runs in a child process (`python -m datacomp_assets.core.open_clip_entry`, torchrun for several
+processes, or on a Ray cluster `python -m datacomp_assets.core.ray_training`, torchrun on each node) so that a crash, a kill or CUDA state never touches the orchestrator. Its log
 lines are streamed back and parsed for loss and throughput; only rank 0's output is streamed.
 
 A run killed at any point resumes from its latest readable checkpoint ("epoch") to the same samples seen:
@@ -50,7 +50,9 @@ class TrainJob:
     name: str
     device: str = "cpu"
     precision: str = "fp32"
-    nproc: int = 1              # processes (GPUs, or CPU processes on gloo)
+    nproc: int = 1              # processes per node (GPUs, or CPU processes on gloo)
+    nodes: int = 1              # nodes of the Ray cluster the run spans (with ray_address)
+    ray_address: str = ""       # a Ray cluster to train on; empty: this machine
     workers: int = 1
     seed: int | None = None     # defaults to the scale's seed
     grad_checkpointing: bool = False
@@ -58,15 +60,21 @@ class TrainJob:
     accum_freq: int = 1         # micro-batches per optimizer step (open_clip's --accum-freq), see accumulation_steps
 
     def __post_init__(self):
-        split = self.nproc * self.accum_freq
-        if self.nproc < 1 or self.accum_freq < 1 or self.scale.global_batch % split:
+        if self.nodes > 1 and not self.ray_address:
+            raise ValueError("a training across several nodes needs a Ray cluster (ray_address)")
+        split = self.world_size * self.accum_freq
+        if self.world_size < 1 or self.accum_freq < 1 or self.scale.global_batch % split:
             raise ValueError(f"the global batch {self.scale.global_batch} of scale {self.scale.name} does not split "
-                             f"evenly over {self.nproc} processes x {self.accum_freq} accumulation steps")
+                             f"evenly over {self.world_size} processes x {self.accum_freq} accumulation steps")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc
 
     @property
     def micro_batch(self) -> int:
         """Each process's batch per forward pass (open_clip's --batch-size)."""
-        return self.scale.global_batch // (self.nproc * self.accum_freq)
+        return self.scale.global_batch // (self.world_size * self.accum_freq)
 
     def argv(self) -> list[str]:
         s = self.scale
@@ -91,12 +99,16 @@ class TrainJob:
             args += ["--accum-freq", str(self.accum_freq)]
         if self.grad_checkpointing:
             args.append("--grad-checkpointing")
-        if self.nproc > 1 and self.device == "cpu":
+        if self.world_size > 1 and self.device == "cpu":
             args += ["--dist-backend", "gloo"]
         return args
 
     def command(self) -> list[str]:
         module = ["-m", "datacomp_assets.core.open_clip_entry"]
+        if self.ray_address:
+            return [sys.executable, "-m", "datacomp_assets.core.ray_training", "--address", self.ray_address,
+                    "--nodes", str(self.nodes), "--nproc", str(self.nproc), "--device", self.device,
+                    "--threads", str(self.threads), "--name", self.name, "--argv-file", str(self.argv_file)]
         if self.nproc > 1:
             # open_clip's flags go through a file, out of torchrun's parser's reach.
             return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -289,14 +301,15 @@ def _start(job: TrainJob, log: Callable[[str], None], progress, held: ExitStack)
     start_epoch = completed_epochs(job)
     if start_epoch >= job.scale.epochs:
         return TrainResult(job.final_checkpoint, 0.0, losses=read_curve(job.log_file), resumed_from_epoch=start_epoch)
-    if job.nproc > 1:
+    launched = job.nproc > 1 or bool(job.ray_address)  # by torchrun, whose parser must not see open_clip's flags
+    if launched:
         job.argv_file.write_text(json.dumps(job.argv()))
-    log(f"training {job.name}: {' '.join(job.command())} {' '.join(job.argv()) if job.nproc > 1 else ''}")
+    log(f"training {job.name}: {' '.join(job.command())} {' '.join(job.argv()) if launched else ''}")
     if start_epoch:
         log(f"resuming {job.name} from checkpoint epoch_{start_epoch}.pt")
     proc = held.enter_context(subprocess.Popen(
         job.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(job.threads),
-        start_new_session=True, pass_fds=(lock_fd,), preexec_fn=_die_with_parent))
+        start_new_session=True, pass_fds=(lock_fd,), preexec_fn=die_with_parent))
     return _Running(job, proc, TrainResult(job.final_checkpoint, 0.0, resumed_from_epoch=start_epoch), log, progress)
 
 
@@ -372,7 +385,7 @@ def _exclusive(lock_path: Path, wait_seconds: float) -> Iterator[int]:
         os.close(fd)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: ask Linux to kill it when the orchestrator dies (PR_SET_PDEATHSIG)."""
     if sys.platform.startswith("linux"):
         import ctypes

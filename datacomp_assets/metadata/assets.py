@@ -14,7 +14,7 @@ from datacomp_assets.core.scorers import (
 from datacomp_assets.core.shards import brace_pattern
 from datacomp_assets.core.trainer import train_in_waves
 from partitions import get_scale, on_synthetic_web, scale_partitions
-from resources import AcceleratorResource, PoolSourceResource, StorageResource
+from resources import AcceleratorResource, EngineResource, PoolSourceResource, StorageResource
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, deps=[Asset.CURATED_SOURCE], code_version="1",
@@ -97,11 +97,11 @@ def train_on_curated(context, storage: StorageResource, accelerator: Accelerator
                 dg.AssetDep(Asset.EVAL_SUITE, partition_mapping=on_synthetic_web)],
           code_version="3", pool="gpu")
 def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
-                  pool_source: PoolSourceResource) -> dg.MaterializeResult:
+                  pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
     """Per-sample features computed once: language, caption counts, embeddings and both CLIP scores.
 
     At a published pool (the paper's scales): DataComp's parquet and npz as they are, joined with the caption
-    features, file by file in parallel processes; no image is read and no model runs. At the synthetic web:
+    features, file by file in parallel processes (or Ray tasks, on a cluster); no image is read and no model runs. At the synthetic web:
     computed from the downloaded images by the scorer CLIPs, after the paper's safety steps (unsafe captions
     and near-duplicates of evaluation images leave the pool, each recorded with its reason under `removed/`)."""
     import duckdb
@@ -114,7 +114,7 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource, a
             from datacomp_assets.metadata.published import join_caption_features
 
             summary = join_caption_features(source.metadata_files(), out, processes=source.processes,
-                                            log=context.log.info)
+                                            log=context.log.info, engine=engine.engine())
         else:
             summary = metadata_from_images(context, scale, layout, accelerator, out)
         rows, en, b32, l14 = duckdb.sql(

@@ -5,14 +5,13 @@ For each `<metadata_dir>/<stem>.parquet` (reference schema; only `uid` and `text
 fastText lid.176 `language` and `language_score`, `num_words`, `num_chars`, `num_tokens`, and (optionally,
 it is the slow part) CLD3 `cld3_language`. Filters join these on uid (`select_uids(feature_dirs=[out_dir])`).
 
-Files are mapped over a process pool, one file per task. Each output is written under a temporary name and
+Files are mapped over a process pool or a Ray cluster's tasks, one file per task. Each output is written under a temporary name and
 renamed, so a reader never sees a partial file; an output that already exists with every needed column is
 skipped, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datacomp_assets.core.engine import Engine
 from datacomp_assets.core.files import write_parquet_atomically
 from datacomp_assets.core.schema import EXTRA_COLUMNS
 from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
@@ -66,7 +66,7 @@ def _features_of_file(task: tuple[str, str, bool]) -> tuple[str, int, float]:
 
 
 def compute_caption_features(metadata_dir: str | os.PathLike, out_dir: str | os.PathLike, processes: int = 2,
-                             cld3: bool = True, log: Callable[[str], None] = print) -> dict:
+                             cld3: bool = True, log: Callable[[str], None] = print, engine: Engine = Engine()) -> dict:
     """Write `<out_dir>/<stem>.parquet` (uid + caption features) for every `<metadata_dir>/<stem>.parquet`.
 
     `processes` worker processes (spawned: the caller's threads are not forked), one file per task; with
@@ -92,13 +92,8 @@ def compute_caption_features(metadata_dir: str | os.PathLike, out_dir: str | os.
         rows += n
         log(f"caption features: {name} ({n:,} rows, {n / max(seconds, 1e-9):,.0f} rows/s) [{count}/{len(tasks)}]")
 
-    if processes <= 1 or len(tasks) <= 1:
-        for count, task in enumerate(tasks, 1):
-            done(_features_of_file(task), count)
-    else:
-        with multiprocessing.get_context("spawn").Pool(min(processes, len(tasks))) as pool:
-            for count, result in enumerate(pool.imap_unordered(_features_of_file, tasks), 1):
-                done(result, count)
+    for count, result in enumerate(engine.map_unordered(_features_of_file, tasks, processes, "caption features"), 1):
+        done(result, count)
     seconds = time.perf_counter() - start
     return {"files": len(sources), "written": len(tasks), "skipped": skipped, "rows": rows,
             "seconds": seconds, "rows_per_second": rows / seconds if rows else 0.0}

@@ -4,13 +4,12 @@ The published files already hold what the miniature computes from images (OpenAI
 embeddings, face boxes, sha256), and DataComp removed unsafe and evaluation-duplicate samples before publishing.
 What filters still need is computed here once per caption: fastText language and its score, CLD3 language, and
 word, character and token counts. Each file is streamed in record batches (memory holds one batch per process,
-whatever the pool's size), files are mapped over worker processes, and a file already written is skipped, so an
+whatever the pool's size), files are mapped over worker processes or a Ray cluster's tasks, and a file already written is skipped, so an
 interrupted run resumes where it stopped. The npz beside each file is linked, not copied (75 GB at `small`).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datacomp_assets.core.engine import Engine
 from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.schema import FULL_SCHEMA, POOL_METADATA_SCHEMA, validate_metadata
 from datacomp_assets.metadata.caption_features import CAPTION_COLUMNS, caption_features
@@ -65,7 +65,7 @@ def _join_file(task: tuple[str, str]) -> tuple[str, int, float]:
 
 
 def join_caption_features(published_files: Sequence[Path], out_dir: str | os.PathLike, processes: int = 2,
-                          log: Callable[[str], None] = print) -> dict:
+                          log: Callable[[str], None] = print, engine: Engine = Engine()) -> dict:
     """Write `<out_dir>/<stem>.parquet` (published columns + caption features) and link `<stem>.npz` for every
     published parquet; returns counts and timings (files, written, skipped, rows, seconds, rows_per_second)."""
     if not published_files:
@@ -79,19 +79,10 @@ def join_caption_features(published_files: Sequence[Path], out_dir: str | os.Pat
     if skipped:
         log(f"pool_metadata: {skipped} of {len(published_files)} files already written, skipped")
     start, rows = time.perf_counter(), 0
-    results = map(_join_file, tasks)
-    pool = None
-    if processes > 1 and len(tasks) > 1:  # spawned: the caller's threads (Dagster's) are not forked
-        pool = multiprocessing.get_context("spawn").Pool(min(processes, len(tasks)))
-        results = pool.imap_unordered(_join_file, tasks)
-    try:
-        for count, (name, n, seconds) in enumerate(results, 1):
-            rows += n
-            log(f"pool_metadata: {name}: {n:,} rows, {n / max(seconds, 1e-9):,.0f} rows/s [{count}/{len(tasks)}]")
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    results = engine.map_unordered(_join_file, tasks, processes, step="pool_metadata")
+    for count, (name, n, seconds) in enumerate(results, 1):
+        rows += n
+        log(f"pool_metadata: {name}: {n:,} rows, {n / max(seconds, 1e-9):,.0f} rows/s [{count}/{len(tasks)}]")
     embeddings = sum(link_embeddings(s, out_dir / s.name) for s in published_files)
     seconds = time.perf_counter() - start
     return {"files": len(published_files), "written": len(tasks), "skipped": skipped, "rows_computed": rows,

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.progress import Progress
 from partitions import get_scale, scale_partitions
-from resources import DownloaderResource, ExternalSourcesResource, PoolSourceResource, StorageResource
+from resources import (
+    DownloaderResource, EngineResource, ExternalSourcesResource, PoolSourceResource, StorageResource)
 from resources.pool_source import count_table
 
 
@@ -26,12 +27,12 @@ def pool_index(context: dg.AssetExecutionContext, storage: StorageResource,
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.POOL, deps=[Asset.POOL_INDEX], code_version="2")
 def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, downloader: DownloaderResource,
-                pool_source: PoolSourceResource) -> dg.MaterializeResult:
+                pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
     """img2dataset downloads the index into webdataset shards (`NNNNNNNN.tar/.parquet/_stats.json`).
 
     Resumable: finished shards are kept, half-written ones are removed and fetched again. Every failure is
     counted by kind; where the pool has ground truth (`tiny`), the counts are checked against the faults the
-    web injected."""
+    web injected. On a Ray cluster (the `engine` resource), img2dataset's Ray distributor fetches the shards."""
     from datacomp_assets.pool.download import check_against_ground_truth, download_shards
 
     with storage.writing(context):
@@ -39,13 +40,13 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
         source = pool_source.for_scale(scale, layout)
         index, out = layout.pool_index_file(scale.name), layout.pool_shards(scale.name)
         urls = pq.read_metadata(index).num_rows
-        context.log.info(f"downloading {urls} urls into {out}")
+        context.log.info(f"downloading {urls} urls into {out} on {engine.engine().describe()}")
         with source.serving():
             summary = download_shards(index, out, image_size=scale.image_size, shard_size=scale.shard_size,
                                       processes=downloader.processes, threads=downloader.threads,
                                       timeout=downloader.timeout or scale.download_timeout, retries=downloader.retries,
                                       progress=Progress(context.log.info, "download", -(-urls // scale.shard_size),
-                                                        "shards"))
+                                                        "shards"), engine=engine.engine())
         context.log.info(f"downloaded {summary.successes}/{summary.count} images")
         metadata = {
             "path": dg.MetadataValue.path(str(out)),
@@ -89,7 +90,8 @@ NOISY_SOURCE = "noisy"  # the miniature's bring-your-own-data stand-in, beside t
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.POOL, code_version="2")
 def external_sources(context: dg.AssetExecutionContext, storage: StorageResource, downloader: DownloaderResource,
-                     pool_source: PoolSourceResource, external: ExternalSourcesResource) -> dg.MaterializeResult:
+                     pool_source: PoolSourceResource, external: ExternalSourcesResource,
+                     engine: EngineResource) -> dg.MaterializeResult:
     """Bring-your-own-data sources beside the pool, as webdataset shards under `external_sources/<name>/`.
 
     At `tiny`: a second, noisier synthetic source (half its captions mismatched); the curated source is
@@ -111,7 +113,7 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
             summary = download_shards(index["path"], shards, image_size=scale.image_size,
                                       shard_size=scale.shard_size, processes=downloader.processes,
                                       threads=downloader.threads, timeout=downloader.timeout or scale.download_timeout,
-                                      retries=downloader.retries)
+                                      retries=downloader.retries, engine=engine.engine())
             rows.append((name, index["rows"], summary.successes, str(shards)))
         root = layout.external_sources(scale.name)
         return dg.MaterializeResult(metadata={

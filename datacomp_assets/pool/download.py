@@ -2,7 +2,9 @@
 
 Settings follow the reference (keep_ratio_largest, resize only if bigger, jpg, webdataset, uid kept
 as an extra column, sha256 computed, and verified against the index's sha256 column when it has one, so
-a poisoned image is a counted failure). img2dataset's incremental mode skips every shard that already
+a poisoned image is a counted failure). On a Ray cluster img2dataset's own `ray` distributor fetches one shard per
+Ray task (a task whose node is lost is retried and rewrites the same shard); the shards folder must then be on a
+file system every node shares. img2dataset's incremental mode skips every shard that already
 has a ``_stats.json``, so calling ``download_shards`` again on the same folder resumes instead of
 starting over; shards an interrupted run left half-written are deleted first.
 """
@@ -26,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from datacomp_assets.core import settings
+from datacomp_assets.core.engine import Engine, ray_error_message
 
 # albumentations (pulled in by img2dataset) checks for updates over the network on import.
 settings.apply_offline_defaults()
@@ -249,10 +252,12 @@ def check_complete(summary: DownloadSummary, out_dir: Path, expected_shards: int
 
 def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: int, shard_size: int,
                     processes: int = 2, threads: int = 16, timeout: int = 10,
-                    retries: int = 2, progress: Callable[[int, str], None] | None = None) -> DownloadSummary:
-    """Fetch every URL of the index into out_dir as NNNNNNNN.tar/.parquet/_stats.json shards; raise
-    IncompleteDownload when any shard did not finish (the finished ones are kept for the next call).
-    `progress(shards finished, note)` is told as shards finish."""
+                    retries: int = 2, progress: Callable[[int, str], None] | None = None,
+                    engine: Engine = Engine()) -> DownloadSummary:
+    """Fetch every URL of the index into out_dir as NNNNNNNN.tar/.parquet/_stats.json shards, in `processes`
+    processes here or one Ray task per shard on the engine's cluster; raise IncompleteDownload when any shard did
+    not finish (the finished ones are kept for the next call). `progress(shards finished, note)` is told as shards
+    finish."""
     check_index(index_parquet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,6 +273,8 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
     start = time.perf_counter()
     columns = pq.read_schema(index_parquet).names
     watching = None
+    if engine.on_ray:
+        engine.connect()  # img2dataset's ray distributor submits to the cluster this process has joined
     try:
         if progress:
             watching = watch_shards(out_dir, progress)
@@ -285,7 +292,7 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
             timeout=timeout,
             retries=retries,
             enable_wandb=False,
-            distributor="multiprocessing",
+            distributor="ray" if engine.on_ray else "multiprocessing",
             incremental_mode="incremental",
         )
     except OSError as err:
@@ -293,6 +300,13 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
             raise
         raise IncompleteDownload(f"{out_dir}: the disk is full ({free_space(out_dir)}): {err}. Free space, then "
                                  "materialize again: finished shards are kept.") from err
+    except Exception as err:
+        if not engine.on_ray or not type(err).__module__.startswith("ray."):
+            raise
+        remove_unfinished_shards(out_dir)
+        raise IncompleteDownload(
+            f"{out_dir}: a download task failed on {engine.describe()}: {ray_error_message(err, 3)}. Materialize "
+            "again: finished shards are kept and only the rest is fetched.") from None
     finally:
         if watching:
             watching.set()

@@ -18,7 +18,7 @@ from datacomp_assets.core.trainer import TrainResult, train_in_waves
 from datacomp_assets.core.uids import load_subset
 from datacomp_assets.training.reshard import reshard
 from partitions import STRATEGY_DEFINITION, by_scale, scale_and_strategy, scale_strategy_partitions
-from resources import AcceleratorResource, StorageResource
+from resources import AcceleratorResource, EngineResource, StorageResource
 
 
 def faces_in_pool(metadata_dir: Path, source_dirs=()) -> dict[str, list]:
@@ -39,13 +39,14 @@ def faces_in_pool(metadata_dir: Path, source_dirs=()) -> dict[str, list]:
 @dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.TRAINING, code_version="2",
           deps=[STRATEGY_DEFINITION, Asset.SUBSET, dg.AssetDep(Asset.POOL_SHARDS, partition_mapping=by_scale)],
           pool="gpu")
-def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
-               accelerator: AcceleratorResource) -> dg.MaterializeResult:
+def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
+               engine: EngineResource) -> dg.MaterializeResult:
     """open_clip's trainer on exactly the subset's samples, with the scale's fixed recipe and budget, once per
     training seed of the scale. Killed and materialized again, each seed resumes from its latest checkpoint."""
     with storage.writing(context):
         scale, strategy = scale_and_strategy(context)
-        accelerator.training_placement(scale)  # a GPU scale on a CPU, or a batch no GPU count splits: fail now
+        # A GPU scale on a CPU, or a batch no GPU count splits: fail now.
+        accelerator.training_placement(scale, engine.engine())
         layout = storage.layout
         subset_file = layout.subset_file(scale.name, strategy)
         uids = load_subset(subset_file)
@@ -64,8 +65,8 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
         if shards.missing_uids:
             context.log.warning(f"{shards.missing_uids} subset uids have no downloaded image and are skipped")
 
-        jobs = [accelerator.train_job(scale, shards.shard_pattern, logs, seed_name(seed), seed=seed)
-                for seed in scale.seeds]
+        jobs = [accelerator.train_job(scale, shards.shard_pattern, logs, seed_name(seed), seed=seed,
+                                      engine=engine.engine()) for seed in scale.seeds]
         seeds_progress = Progress(context.log.info, f"training {len(jobs)} seeds", sum(j.samples_seen for j in jobs),
                                   "samples")
         runs: dict[int, TrainResult] = dict(zip(scale.seeds, train_in_waves(

@@ -1,0 +1,138 @@
+"""Where the heavy steps run: this machine's processes (the default), or a Ray cluster. Plain Python; no Dagster.
+
+Per-file work maps a module-level function over tasks, one file per task. Every task writes its output under a
+temporary name and renames it, so a task run twice (Ray retries the task of a worker or node it lost) writes the
+same file again: nothing is lost and nothing is duplicated. A task that fails names the step, the task and, on a
+cluster, the node it ran on. The reductions (thresholds, centroids, counts) stay with the caller.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from datacomp_assets.core import settings
+
+Task = TypeVar("Task")
+Result = TypeVar("Result")
+
+
+class TaskFailed(RuntimeError):
+    """A task of a step failed on the engine; the message names the step, the task and the node."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    ray_address: str = ""      # empty: this machine; else what `ray.init(address=...)` takes
+    task_retries: int = 3      # Ray's retries of a task whose worker or node died
+    training_nodes: int = 1    # nodes one training spans on the cluster (torchrun, c10d rendezvous)
+
+    @property
+    def on_ray(self) -> bool:
+        return bool(self.ray_address)
+
+    def describe(self) -> str:
+        return f"the Ray cluster at {self.ray_address}" if self.on_ray else "this machine"
+
+    def connect(self) -> None:
+        """Join the cluster as a driver (once per process)."""
+        settings.apply_ray_defaults()
+        import ray
+
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.ray_address, logging_level="warning", configure_logging=False)
+            except (ConnectionError, RuntimeError) as err:
+                raise ConnectionError(
+                    f"cannot reach the Ray cluster at {self.ray_address!r} ({err}). Start it (`ray start --head` on "
+                    f"the head node, or KubeRay), or unset {settings.DATACOMP_RAY_ADDRESS.name} (the `engine` "
+                    "resource's ray_address) to run on this machine") from err
+
+    def gpus_per_node(self) -> int:
+        """GPUs of the cluster's node with the fewest, among those that have any (0: no GPU in the cluster)."""
+        import ray
+
+        self.connect()
+        return int(min((n["Resources"].get("GPU", 0) for n in ray.nodes()
+                        if n["Alive"] and n["Resources"].get("GPU", 0)), default=0))
+
+    def map_unordered(self, work: Callable[[Task], Result], tasks: Iterable[Task], processes: int = 2,
+                      step: str = "") -> Iterator[Result]:
+        """`work(task)` for every task, results as they finish: on the cluster, one Ray task each; here, in
+        `processes` spawned processes (the caller may be a threaded Dagster process), or in this one if 1."""
+        tasks = list(tasks)
+        if not tasks:
+            return
+        if self.on_ray:
+            yield from self._ray_map(work, tasks, step)
+        elif processes <= 1 or len(tasks) == 1:
+            for task in tasks:
+                yield _named(work, task, step)
+        else:
+            with multiprocessing.get_context("spawn").Pool(min(processes, len(tasks))) as pool:
+                yield from pool.imap_unordered(_NamedWork(work, step), tasks)
+
+    def _ray_map(self, work: Callable[[Task], Result], tasks: list[Task], step: str) -> Iterator[Result]:
+        import ray
+
+        self.connect()
+        remote = ray.remote(num_cpus=1, max_retries=self.task_retries)(_named_on_node)
+        pending = {remote.remote(work, task, step): task for task in tasks}
+        try:
+            while pending:
+                (ready,), _ = ray.wait(list(pending), num_returns=1)
+                task = pending.pop(ready)
+                try:
+                    yield ray.get(ready)
+                except ray.exceptions.RayError as err:
+                    raise TaskFailed(f"{step}: task {task!r} failed: {ray_error_message(err, self.task_retries)}") \
+                        from None
+        finally:
+            for ref in pending:  # a failure, or a consumer that stopped early: nothing keeps running
+                ray.cancel(ref, force=True)
+
+
+def ray_error_message(err: BaseException, retries: int) -> str:
+    """What went wrong on the cluster, in one line that names the node where Ray says."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = err.cause if err.cause is not None else err
+        node = "" if isinstance(cause, TaskFailed) else f" on the node at {err.ip} (pid {err.pid})"
+        return f"{type(cause).__name__}{node}: {cause}"
+    if isinstance(err, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                        ray.exceptions.OwnerDiedError)):
+        return (f"its worker died {retries + 1} times (a node lost, or a process killed for memory); Ray says: "
+                f"{str(err).splitlines()[0]}")
+    return f"{type(err).__name__}: {err}"
+
+
+class _NamedWork:
+    """`work` for a process pool (picklable), failures named by step and task."""
+
+    def __init__(self, work: Callable, step: str):
+        self.work, self.step = work, step
+
+    def __call__(self, task: Any) -> Any:
+        return _named(self.work, task, self.step)
+
+
+def _named(work: Callable, task: Any, step: str) -> Any:
+    try:
+        return work(task)
+    except Exception as err:
+        raise TaskFailed(f"{step}: task {task!r} failed: {type(err).__name__}: {err}") from err
+
+
+def _named_on_node(work: Callable, task: Any, step: str) -> Any:
+    """Runs as a Ray task: `work(task)`, a failure named with the node it ran on."""
+    import ray
+
+    try:
+        return work(task)
+    except Exception as err:
+        context = ray.get_runtime_context()
+        raise TaskFailed(f"{step}: task {task!r} failed on node {context.get_node_id()[:12]} "
+                         f"({ray.util.get_node_ip_address()}): {type(err).__name__}: {err}") from err

@@ -1,0 +1,20 @@
+import dagster as dg
+
+from datacomp_assets.core.engine import Engine
+
+
+class EngineResource(dg.ConfigurableResource):
+    """Where the heavy steps run: this machine (the default, `ray_address` empty), or the Ray cluster at
+    `ray_address` (`<head>:6379`, `ray://<head>:10001`, or `auto` on a node of it). On a cluster the download is
+    img2dataset's Ray distributor, per-file metadata work is one Ray task per file, and each training spans
+    `training_nodes` nodes (torchrun on each, c10d rendezvous). Nothing else changes between the two."""
+
+    ray_address: str = ""
+    training_nodes: int = 1
+    task_retries: int = 3   # Ray's retries of a task whose worker or node was lost
+
+    def engine(self) -> Engine:
+        if self.training_nodes < 1 or (self.training_nodes > 1 and not self.ray_address):
+            raise ValueError(f"engine.training_nodes is {self.training_nodes}: it must be 1 on this machine, and at "
+                             "least 1 on a Ray cluster (set engine.ray_address)")
+        return Engine(self.ray_address.strip(), self.task_retries, self.training_nodes)

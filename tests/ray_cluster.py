@@ -1,0 +1,58 @@
+"""A real two-node Ray cluster on 127.0.0.1 for the tests (Ray's own `ray.cluster_utils.Cluster`), and a way to
+lose one of its nodes as a machine dies: its raylet and every worker process killed at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from datacomp_assets.core import settings
+
+OBJECT_STORE_BYTES = 80 * 2**20
+# A lost node is declared dead after about 1.5 s instead of Ray's default 15-30 s.
+FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+                      "health_check_timeout_ms": 500}
+
+
+def node_args(**extra) -> dict:
+    return {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": OBJECT_STORE_BYTES, **extra}
+
+
+@contextmanager
+def local_cluster(nodes: int = 2, dashboard: bool = False):
+    """A head and `nodes - 1` workers, one CPU each; with `dashboard`, the head serves Ray's job API (for
+    dagster-ray's executor). The nodes' workers find `dagster` and this project through this interpreter."""
+    settings.apply_ray_defaults()
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    import ray
+    from ray.cluster_utils import Cluster
+
+    head = node_args(include_dashboard=dashboard, dashboard_host="127.0.0.1", _system_config=FAST_HEALTH_CHECKS)
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(**node_args())
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def kill_node(cluster, node) -> int:
+    """Lose `node` as a machine dies: SIGKILL its raylet's worker processes, then the node. Returns how many worker
+    processes were killed."""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    workers = raylet.children(recursive=True)
+    for worker in workers:
+        try:
+            os.kill(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster.remove_node(node, allow_graceful=False)
+    return len(workers)
