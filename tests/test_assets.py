@@ -19,8 +19,8 @@ from datacomp_assets.run import run_scale
 from datacomp_assets.training.assets import faces_in_pool
 from datacomp_assets.world.web_server import free_port
 from resources import (
-    AcceleratorResource, DownloaderResource, PoolSourceResource, PublishedMetadataResource, StorageResource,
-    SyntheticWebResource)
+    AcceleratorResource, DownloaderResource, EngineResource, PoolSourceResource, PublishedMetadataResource,
+    StorageResource, SyntheticWebResource)
 from tests.miniature import MINIATURE
 
 
@@ -31,6 +31,7 @@ def miniature(tmp_path, monkeypatch):
         "storage": StorageResource(root=str(tmp_path / "data")),
         "accelerator": AcceleratorResource(device="cpu"),
         "downloader": DownloaderResource(processes=1, threads=8),
+        "engine": EngineResource(),
         "pool_source": PoolSourceResource(synthetic_web=SyntheticWebResource(port=free_port()),
                                           published=PublishedMetadataResource()),
     }

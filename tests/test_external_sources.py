@@ -11,8 +11,8 @@ from datacomp_assets.pool.assets import external_sources
 from datacomp_assets.world.web import WebConfig, sample
 from datacomp_assets.world.web_server import SyntheticWebServer, image_url
 from resources import (
-    DownloaderResource, ExternalSourcesResource, PoolSourceResource, PublishedMetadataResource, StorageResource,
-    SyntheticWebResource)
+    DownloaderResource, EngineResource, ExternalSourcesResource, PoolSourceResource, PublishedMetadataResource,
+    StorageResource, SyntheticWebResource)
 
 
 def test_external_sources_at_tiny(tmp_path, monkeypatch):
@@ -25,6 +25,7 @@ def test_external_sources_at_tiny(tmp_path, monkeypatch):
         result = dg.materialize([external_sources], partition_key="tiny", resources={
             "storage": StorageResource(root=str(tmp_path / "data")),
             "downloader": DownloaderResource(processes=1, threads=4),
+            "engine": EngineResource(),
             "pool_source": PoolSourceResource(synthetic_web=SyntheticWebResource(),
                                               published=PublishedMetadataResource()),
             "external": ExternalSourcesResource(url_lists={"mine": str(url_list)})})

@@ -87,6 +87,8 @@ class Engine:
                 try:
                     yield ray.get(ready)
                 except ray.exceptions.RayError as err:
+                    if isinstance(getattr(err, "cause", None), TaskFailed):  # already names the step and node
+                        raise TaskFailed(str(err.cause)) from None
                     raise TaskFailed(f"{step}: task {task!r} failed: {ray_error_message(err, self.task_retries)}") \
                         from None
         finally:

@@ -13,7 +13,6 @@ not 0. Materializing again resumes from the latest checkpoint (`--resume latest`
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -57,7 +56,7 @@ def _torchrun_on_node(command: list[str], env: dict[str, str]) -> tuple[str, str
 
     tail: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, **env}, preexec_fn=die_with_parent) as proc:
+                          env=settings.child_environment(**env), preexec_fn=die_with_parent) as proc:
         for line in proc.stdout:
             print(line, end="", flush=True)
             tail = (tail + [line.rstrip()])[-20:]
@@ -86,7 +85,7 @@ def train_on_cluster(address: str, nodes: int, nproc: int, device: str, run_id: 
         return 2
     on = [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i in range(nodes)]
     endpoint = ray.get(ray.remote(_free_endpoint).options(num_cpus=0, scheduling_strategy=on[0]).remote())
-    env = {name: os.environ[name] for name in FORWARDED_VARIABLES if name in os.environ}
+    env = settings.environment_of(FORWARDED_VARIABLES)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     task = ray.remote(_torchrun_on_node)

@@ -133,6 +133,11 @@ def dagster_home() -> Path:
     return home
 
 
+def environment_of(names: tuple[str, ...]) -> dict[str, str]:
+    """Those of `names` that are set in this process's environment, with their values."""
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
 def child_environment(**overrides: str) -> dict[str, str]:
     """The environment for a child process: this one's, offline by default, with `overrides`."""
     env = dict(os.environ)

@@ -1,8 +1,9 @@
 """Run open_clip's own trainer (`open_clip_train.main`) with the benchmark's fixed recipe.
 
 The trainer runs in a child process (`python -m datacomp_assets.core.open_clip_entry`, torchrun for several
-processes, or on a Ray cluster `python -m datacomp_assets.core.ray_training`, torchrun on each node) so that a crash, a kill or CUDA state never touches the orchestrator. Its log
-lines are streamed back and parsed for loss and throughput; only rank 0's output is streamed.
+processes, or on a Ray cluster `python -m datacomp_assets.core.ray_training`, torchrun on each node) so that a
+crash, a kill or CUDA state never touches the orchestrator. Its log lines are streamed back and parsed for loss
+and throughput; only rank 0's progress counts.
 
 A run killed at any point resumes from its latest readable checkpoint ("epoch") to the same samples seen:
 a checkpoint cut short by the kill is set aside, the child dies with its parent, and a lock held by every

@@ -20,13 +20,13 @@ from resources import AcceleratorResource, EngineResource, PoolSourceResource, S
 @dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, deps=[Asset.CURATED_SOURCE], code_version="1",
           pool="gpu")
 def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
-                  pool_source: PoolSourceResource) -> dg.MaterializeResult:
+                  pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
     """Two CLIPs of different sizes trained on the curated source; they stand in for OpenAI's B/32 and L/14."""
     with storage.writing(context):
         scale, layout = get_scale(context.partition_key), storage.layout
         pool_source.for_scale(scale, layout).require_miniature(Asset.SCORER_MODELS)
         recipes = {prefix: scorer_recipe(scale, prefix, scale.scorer_samples_seen) for prefix in SCORER_MODELS}
-        trained = train_on_curated(context, storage, accelerator, recipes, layout.scorer_models(scale.name))
+        trained = train_on_curated(context, storage, accelerator, engine, recipes, layout.scorer_models(scale.name))
         return dg.MaterializeResult(metadata={f"{prefix}_{k}": v for prefix, summary in trained.items()
                                               for k, v in summary.items()})
 
@@ -34,14 +34,14 @@ def scorer_models(context: dg.AssetExecutionContext, storage: StorageResource, a
 @dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, code_version="2", pool="gpu",
           deps=[dg.AssetDep(Asset.CURATED_SOURCE, partition_mapping=on_synthetic_web)])
 def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
-              pool_source: PoolSourceResource) -> dg.MaterializeResult:
+              pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
     """A data filtering network, whose scores filter the pool: at the synthetic web, a CLIP trained on the curated
     source only; at a published pool, the checkpoint the scale's `dfn_checkpoint` names (verified, hashed)."""
     with storage.writing(context):
         scale, layout = get_scale(context.partition_key), storage.layout
         if pool_source.for_scale(scale, layout).metadata_published:
             return users_checkpoint(scale, "dfn_checkpoint", scale.dfn_architecture)
-        trained = train_on_curated(context, storage, accelerator, {DFN_RUN: dfn_recipe(scale)},
+        trained = train_on_curated(context, storage, accelerator, engine, {DFN_RUN: dfn_recipe(scale)},
                                    layout.dfn_model(scale.name))
         return dg.MaterializeResult(metadata={"model": DFN_MODEL, **trained[DFN_RUN]})
 
@@ -49,7 +49,7 @@ def dfn_model(context: dg.AssetExecutionContext, storage: StorageResource, accel
 @dg.asset(partitions_def=scale_partitions, group_name=Group.METADATA, code_version="1", pool="gpu",
           deps=[dg.AssetDep(Asset.CURATED_SOURCE, partition_mapping=on_synthetic_web)])
 def captioner_model(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
-                    pool_source: PoolSourceResource) -> dg.MaterializeResult:
+                    pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
     """SIEVE's captioner, whose captions of each image are matched against its alt-text: at the synthetic web, a
     tiny CoCa trained on the curated source (open_clip's contrastive and captioning losses); at a published pool,
     the checkpoint the scale's `captioner_checkpoint` names (verified, hashed)."""
@@ -57,7 +57,7 @@ def captioner_model(context: dg.AssetExecutionContext, storage: StorageResource,
         scale, layout = get_scale(context.partition_key), storage.layout
         if pool_source.for_scale(scale, layout).metadata_published:
             return users_checkpoint(scale, "captioner_checkpoint", scale.captioner_architecture)
-        trained = train_on_curated(context, storage, accelerator, {CAPTIONER_RUN: captioner_recipe(scale)},
+        trained = train_on_curated(context, storage, accelerator, engine, {CAPTIONER_RUN: captioner_recipe(scale)},
                                    layout.captioner_model(scale.name))
         return dg.MaterializeResult(metadata={"model": CAPTIONER_MODEL, **trained[CAPTIONER_RUN]})
 
@@ -77,13 +77,14 @@ def users_checkpoint(scale: ScaleConfig, setting: str, architecture: str) -> dg.
         "model": architecture, "checkpoint_path": str(checkpoint), "checkpoint_sha256": sha256})
 
 
-def train_on_curated(context, storage: StorageResource, accelerator: AcceleratorResource,
+def train_on_curated(context, storage: StorageResource, accelerator: AcceleratorResource, engine: EngineResource,
                      recipes: dict[str, ScaleConfig], logs_dir) -> dict[str, dict]:
     """Train each recipe on the curated source's shards into `<logs_dir>/<name>`, together where the accelerator
     allows; returns each run's training summary by name."""
     curated = storage.layout.curated_source(context.partition_key)  # (recipe.name is the model's: "tiny-dfn")
     data = brace_pattern(curated, len(list(curated.glob("*.tar"))))
-    jobs = [accelerator.train_job(recipe, data, logs_dir, name) for name, recipe in recipes.items()]
+    jobs = [accelerator.train_job(recipe, data, logs_dir, name, engine=engine.engine())
+            for name, recipe in recipes.items()]
     progress = Progress(context.log.info, f"training {', '.join(recipes)}", sum(j.samples_seen for j in jobs),
                         "samples")
     results = train_in_waves(accelerator.in_waves(jobs), context.log.info, progress)

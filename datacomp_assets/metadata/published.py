@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from datacomp_assets.core.engine import Engine
 from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.schema import FULL_SCHEMA, POOL_METADATA_SCHEMA, validate_metadata
 from datacomp_assets.metadata.caption_features import CAPTION_COLUMNS, caption_features
 
@@ -79,7 +80,7 @@ def join_caption_features(published_files: Sequence[Path], out_dir: str | os.Pat
     if skipped:
         log(f"pool_metadata: {skipped} of {len(published_files)} files already written, skipped")
     start, rows = time.perf_counter(), 0
-    results = engine.map_unordered(_join_file, tasks, processes, step="pool_metadata")
+    results = engine.map_unordered(_join_file, tasks, processes, step=Asset.POOL_METADATA)
     for count, (name, n, seconds) in enumerate(results, 1):
         rows += n
         log(f"pool_metadata: {name}: {n:,} rows, {n / max(seconds, 1e-9):,.0f} rows/s [{count}/{len(tasks)}]")
