@@ -14,7 +14,9 @@ class EngineResource(dg.ConfigurableResource):
     task_retries: int = 3   # Ray's retries of a task whose worker or node was lost
 
     def engine(self) -> Engine:
-        if self.training_nodes < 1 or (self.training_nodes > 1 and not self.ray_address):
+        # Outside a run (the command line's checks before it starts) the address may still be an EnvVar.
+        address = self.ray_address.get_value() if isinstance(self.ray_address, dg.EnvVar) else self.ray_address
+        if self.training_nodes < 1 or (self.training_nodes > 1 and not address):
             raise ValueError(f"engine.training_nodes is {self.training_nodes}: it must be 1 on this machine, and at "
                              "least 1 on a Ray cluster (set engine.ray_address)")
-        return Engine(self.ray_address.strip(), self.task_retries, self.training_nodes)
+        return Engine((address or "").strip(), self.task_retries, self.training_nodes)

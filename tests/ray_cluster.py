@@ -26,6 +26,9 @@ def local_cluster(nodes: int = 2, dashboard: bool = False):
     """A head and `nodes - 1` workers, one CPU each; with `dashboard`, the head serves Ray's job API (for
     dagster-ray's executor). The nodes' workers find `dagster` and this project through this interpreter."""
     settings.apply_ray_defaults()
+    # Ray's test cluster otherwise moves its nodes to the machine's outward address and then cannot reach its own
+    # control server there (docs/measurements.md); `ray start` on one machine does not need it.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     import ray
     from ray.cluster_utils import Cluster

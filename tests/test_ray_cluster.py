@@ -233,3 +233,14 @@ def test_dagster_runs_each_step_as_a_ray_job_recorded_in_postgresql(cluster, pos
     join_caption_features(sorted(mirror.glob("*.parquet")), local, processes=1, log=lambda _: None)
     for path in sorted(local.glob("*.parquet")):
         assert pq.read_table(tmp_path / "data" / "rehearsal" / "pool_metadata" / path.name).equals(pq.read_table(path))
+
+
+def test_a_cluster_out_of_reach_stops_the_main_command_before_anything_starts(tmp_path):
+    env = {**os.environ, "DATACOMP_HOME": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path / "dagster"),
+           "DATACOMP_RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "datacomp_assets.run", "--scale", "tiny"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and time.monotonic() - started < 60
+    assert "cannot reach the Ray cluster at" in run.stderr and "DATACOMP_RAY_ADDRESS" in run.stderr, run.stderr
+    assert "nothing was started" in run.stderr and not (tmp_path / "data" / "tiny").exists()

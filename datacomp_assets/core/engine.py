@@ -9,6 +9,7 @@ cluster, the node it ran on. The reductions (thresholds, centroids, counts) stay
 from __future__ import annotations
 
 import multiprocessing
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,14 +42,19 @@ class Engine:
         settings.apply_ray_defaults()
         import ray
 
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self.ray_address, logging_level="warning", configure_logging=False)
-            except (ConnectionError, RuntimeError) as err:
-                raise ConnectionError(
-                    f"cannot reach the Ray cluster at {self.ray_address!r} ({err}). Start it (`ray start --head` on "
-                    f"the head node, or KubeRay), or unset {settings.DATACOMP_RAY_ADDRESS.name} (the `engine` "
-                    "resource's ray_address) to run on this machine") from err
+        if ray.is_initialized():
+            return
+        try:
+            # Ray itself retries an address where nothing listens for minutes; a closed port is known at once.
+            _reachable(self.ray_address)
+            # What tasks print stays in Ray's logs on each node (the dashboard shows them): forwarded, it would
+            # bypass the run's log and land in the middle of the terminal's progress lines.
+            ray.init(address=self.ray_address, logging_level="warning", configure_logging=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as err:
+            raise ConnectionError(
+                f"cannot reach the Ray cluster at {self.ray_address!r} ({err}). Start it (`ray start --head` on "
+                f"the head node, or KubeRay), or unset {settings.DATACOMP_RAY_ADDRESS.name} (the `engine` "
+                "resource's ray_address) to run on this machine") from err
 
     def gpus_per_node(self) -> int:
         """GPUs of the cluster's node with the fewest, among those that have any (0: no GPU in the cluster)."""
@@ -94,6 +100,18 @@ class Engine:
         finally:
             for ref in pending:  # a failure, or a consumer that stopped early: nothing keeps running
                 ray.cancel(ref, force=True)
+
+
+def _reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Raise ConnectionError unless something listens at `address` (`host:port` or `ray://host:port`; `auto`, which
+    Ray resolves itself, is not checked)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"nothing answers at {host}:{port}: {err}") from None
 
 
 def ray_error_message(err: BaseException, retries: int) -> str:

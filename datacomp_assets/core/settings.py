@@ -69,9 +69,9 @@ def apply_offline_defaults() -> None:
         os.environ.setdefault(variable.name, variable.default)
 
 
-# Ray: no usage reports from an offline tool, every node's lines reach the driver (its de-duplication would hide a
-# rank's), and clusters on 127.0.0.1 stay there (Ray otherwise moves a node to the machine's outward address).
-RAY_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray: no usage reports from an offline tool, and every node's lines reach the driver (its de-duplication would
+# hide a rank's).
+RAY_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 def apply_ray_defaults() -> None:
