@@ -5,6 +5,7 @@ and through Dagster, each step is a Ray job (dagster-ray's executor) whose event
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -128,25 +129,32 @@ def test_a_failed_task_names_the_step_the_file_and_the_node(cluster, tmp_path):
                                  engine=Engine(cluster.address))
 
 
+def run_mean_loss(job: TrainJob) -> float:
+    """The run's mean contrastive loss, as open_clip's last progress line gives it (less noisy than the last batch)."""
+    return float(re.findall(r"Contrastive_loss: [\d.]+ \(([\d.]+)\)", job.log_file.read_text())[-1])
+
+
 def test_one_training_across_two_nodes_sees_the_same_samples_as_on_one(cluster, downloads, tmp_path):
-    """2 nodes x 1 CPU process on gloo (torchrun on each node, c10d rendezvous) against one process here: the same
-    recipe and samples seen, and a final loss within the local seeds' spread."""
+    """2 nodes x 1 CPU process on gloo (torchrun on each node, c10d rendezvous) against one process here: one world
+    of two processes, the same recipe and samples seen, and a mean loss within the local seeds' noise."""
     root, _, _ = downloads
     recipe = replace(MINIATURE, samples_seen=512)
     data = brace_pattern(root / "local", len(list((root / "local").glob("*.tar"))))
-    local = [train(TrainJob(recipe, data, tmp_path, f"local_{seed}", seed=seed, threads=1), log=lambda *_: None)
-             for seed in (0, 1, 2)]
+    local = [TrainJob(recipe, data, tmp_path, f"local_{seed}", seed=seed, threads=1) for seed in (0, 1, 2)]
+    local_results = [train(job, log=lambda *_: None) for job in local]
     job = TrainJob(recipe, data, tmp_path, "cluster", seed=0, nodes=2, nproc=1, threads=1,
                    ray_address=cluster.address)
     assert job.micro_batch * job.world_size == recipe.global_batch
-    lines = []
-    on_ray = train(job, log=lambda *_: None, progress=lambda seen, note: lines.append(seen))
+    seen = []
+    on_ray = train(job, log=lambda *_: None, progress=lambda samples, note: seen.append(samples))
     assert on_ray.checkpoint == job.final_checkpoint and on_ray.checkpoint.exists()
-    assert on_ray.losses[-1][0] == local[0].losses[-1][0] == job.samples_seen  # the same samples seen
-    assert lines and lines[-1] == job.samples_seen  # rank 0's progress reached the driver through Ray
-    finals = [r.final_loss for r in local]
-    spread = max(finals) - min(finals)
-    assert abs(on_ray.final_loss - statistics.mean(finals)) <= max(2 * spread, 0.1), (on_ray.final_loss, finals)
+    assert "total 2" in job.log_file.read_text()  # open_clip's world: one process on each node
+    assert on_ray.losses[-1][0] == local_results[0].losses[-1][0] == job.samples_seen  # the same samples seen
+    assert seen and seen[-1] == job.samples_seen  # rank 0's progress reached the trainer, to the last line
+    # The noise: 0.094, the standard deviation of five local seeds' mean losses at this recipe (2026-11-29).
+    means = [run_mean_loss(j) for j in local]
+    noise = max(statistics.stdev(means), 0.1)
+    assert abs(run_mean_loss(job) - statistics.mean(means)) <= 3 * noise, (run_mean_loss(job), means)
     # Materialized again, the finished run is not started again.
     assert train(job, log=lambda *_: None).resumed_from_epoch == recipe.epochs
 

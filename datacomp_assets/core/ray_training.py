@@ -3,10 +3,10 @@ at a c10d rendezvous on the first node.
 
 `python -m datacomp_assets.core.ray_training --address A --nodes N --nproc P --device D --name RUN --argv-file F`
 is the trainer's child process on a cluster (`trainer.TrainJob.command`). A placement group reserves N distinct
-nodes with P CPUs (and P GPUs on CUDA) each, so GPUs are requested per training, not per machine. Every node's
-torchrun output reaches this process's output through Ray, so the trainer reads rank 0's progress as it does on
-one machine, and the recipe, the flags and the checkpoints (written by rank 0 into the shared logs folder) are the
-same. A node that fails ends the run: its line names the node, the other nodes are stopped, and the exit code is
+nodes with P CPUs (and P GPUs on CUDA) each, so GPUs are requested per training, not per machine. Rank 0 writes
+open_clip's log and checkpoints into the shared logs folder; this process follows that log and prints its new lines,
+so the trainer reads rank 0's progress as it does on one machine (Ray's forwarding of task output is best effort
+and may drop the last lines). The recipe, the flags and the checkpoints are the same. A node that fails ends the run: its line names the node, the other nodes are stopped, and the exit code is
 not 0. Materializing again resumes from the latest checkpoint (`--resume latest`), as on one machine.
 """
 
@@ -48,8 +48,8 @@ def _free_endpoint() -> str:
 
 
 def _torchrun_on_node(command: list[str], env: dict[str, str]) -> tuple[str, str, int, list[str]]:
-    """Runs as a Ray task: torchrun, its output printed line by line (Ray forwards it to the driver); returns
-    (node id, node address, exit code, last lines)."""
+    """Runs as a Ray task: torchrun, its output kept in the node's Ray logs; returns (node id, node address, exit
+    code, last lines)."""
     import ray
 
     from datacomp_assets.core.trainer import die_with_parent
@@ -59,12 +59,30 @@ def _torchrun_on_node(command: list[str], env: dict[str, str]) -> tuple[str, str
                           env=settings.child_environment(**env), preexec_fn=die_with_parent) as proc:
         for line in proc.stdout:
             print(line, end="", flush=True)
-            tail = (tail + [line.rstrip()])[-20:]
+            tail = (tail + [line.rstrip()])[-40:]
     return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), proc.returncode, tail
 
 
+class LogFollower:
+    """The lines appended to a file since this was made, each time it is called (the file may not exist yet)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.pending = path, path.stat().st_size if path.exists() else 0, b""
+
+    def __call__(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as log:
+            log.seek(self.offset)
+            data = log.read()
+        self.offset += len(data)
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for line in lines:
+            print(line.decode(errors="replace"), flush=True)
+
+
 def train_on_cluster(address: str, nodes: int, nproc: int, device: str, run_id: str, argv_file: str,
-                     threads: int = 0) -> int:
+                     log_file: str, threads: int = 0) -> int:
     """Run the training; return 0, or the exit code of the first node that failed (after a line naming it)."""
     settings.apply_ray_defaults()
     import ray
@@ -73,7 +91,8 @@ def train_on_cluster(address: str, nodes: int, nproc: int, device: str, run_id: 
 
     from datacomp_assets.core.engine import ray_error_message
 
-    ray.init(address=address, logging_level="warning", configure_logging=False)
+    ray.init(address=address, logging_level="warning", configure_logging=False, log_to_driver=False)
+    follow = LogFollower(Path(log_file))
     bundle = node_bundle(nproc, device)
     group = placement_group([bundle] * nodes, strategy="STRICT_SPREAD")
     if not group.wait(PLACEMENT_TIMEOUT_S):
@@ -97,7 +116,11 @@ def train_on_cluster(address: str, nodes: int, nproc: int, device: str, run_id: 
     pending = list(refs)
     try:
         while pending:
-            (ready,), pending = ray.wait(pending, num_returns=1)
+            ready_now, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            follow()
+            if not ready_now:
+                continue
+            ready = ready_now[0]
             try:
                 node_id, node_ip, code, tail = ray.get(ready)
             except ray.exceptions.RayError as err:
@@ -110,6 +133,7 @@ def train_on_cluster(address: str, nodes: int, nproc: int, device: str, run_id: 
                 return code
         return 0
     finally:
+        follow()  # what rank 0 wrote last
         for ref in pending:
             ray.cancel(ref, force=True)
         remove_placement_group(group)
@@ -124,9 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--name", required=True)
     parser.add_argument("--argv-file", required=True)
+    parser.add_argument("--log-file", required=True, help="open_clip's out.log, which rank 0 writes")
     args = parser.parse_args(argv)
     sys.exit(train_on_cluster(args.address, args.nodes, args.nproc, args.device, args.name,
-                              str(Path(args.argv_file).resolve()), args.threads))
+                              str(Path(args.argv_file).resolve()), args.log_file, args.threads))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ class TrainJob:
         if self.ray_address:
             return [sys.executable, "-m", "datacomp_assets.core.ray_training", "--address", self.ray_address,
                     "--nodes", str(self.nodes), "--nproc", str(self.nproc), "--device", self.device,
-                    "--threads", str(self.threads), "--name", self.name, "--argv-file", str(self.argv_file)]
+                    "--threads", str(self.threads), "--name", self.name, "--argv-file", str(self.argv_file),
+                    "--log-file", str(self.log_file)]
         if self.nproc > 1:
             # open_clip's flags go through a file, out of torchrun's parser's reach.
             return [sys.executable, "-m", "torch.distributed.run", "--standalone",
