@@ -15,6 +15,7 @@ one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -63,6 +64,20 @@ def measure(work, engines: dict[str, Engine], repeats: int) -> dict[str, list[fl
     return seconds
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """img2dataset and its worker processes print to file descriptor 1; stdout is for the JSON alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--urls", type=int, default=2400)
@@ -76,9 +91,10 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cluster-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        ensure_metadata(work / "metadata", args.captions, args.files, processes=cores)
+        with stdout_to_stderr():
+            ensure_metadata(work / "metadata", args.captions, args.files, processes=cores)
         start = time.perf_counter()
-        with local_cluster(nodes=cores) as cluster, SyntheticWebServer(WEB) as web:
+        with stdout_to_stderr(), local_cluster(nodes=cores) as cluster, SyntheticWebServer(WEB) as web:
             cluster_start = time.perf_counter() - start
             engines = {"local": Engine(), "ray": Engine(cluster.address)}
             engines["ray"].connect()
