@@ -24,7 +24,8 @@ def node_args(**extra) -> dict:
 @contextmanager
 def local_cluster(nodes: int = 2, dashboard: bool = False):
     """A head and `nodes - 1` workers, one CPU each; with `dashboard`, the head serves Ray's job API (for
-    dagster-ray's executor). The nodes' workers find `dagster` and this project through this interpreter."""
+    dagster-ray's executor) at `cluster.jobs_address`. The nodes' workers find `dagster` and this project through
+    this interpreter."""
     settings.apply_ray_defaults()
     # Ray's test cluster otherwise moves its nodes to the machine's outward address and then cannot reach its own
     # control server there (docs/measurements.md); `ray start` on one machine does not need it.
@@ -33,8 +34,13 @@ def local_cluster(nodes: int = 2, dashboard: bool = False):
     import ray
     from ray.cluster_utils import Cluster
 
-    head = node_args(include_dashboard=dashboard, dashboard_host="127.0.0.1", _system_config=FAST_HEALTH_CHECKS)
+    from datacomp_assets.world.web_server import free_port
+
+    jobs_port = free_port()  # not Ray's 8265, which a cluster of the user's may hold
+    head = node_args(include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=jobs_port,
+                     _system_config=FAST_HEALTH_CHECKS)
     cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
+    cluster.jobs_address = f"http://127.0.0.1:{jobs_port}"
     try:
         for _ in range(nodes - 1):
             cluster.add_node(**node_args())

@@ -203,7 +203,7 @@ def test_dagster_runs_each_step_as_a_ray_job_recorded_in_postgresql(cluster, pos
     shutil.copy(ROOT / "instance" / "dagster-postgres.yaml", home / "dagster.yaml")
     env = {**os.environ, **dagster_pg_env(postgres_server), "DATACOMP_SCALES": str(tmp_path / "scales.toml"),
            "DATACOMP_HOME": str(tmp_path / "data"), "DAGSTER_HOME": str(home), "DATACOMP_MIRROR": "",
-           "DATACOMP_RAY_ADDRESS": cluster.address}
+           "DATACOMP_RAY_ADDRESS": cluster.address, "DATACOMP_RAY_JOBS_ADDRESS": cluster.jobs_address}
     subprocess.run([sys.executable, "-m", "datacomp_assets.instance"], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     with web.serve():
@@ -252,3 +252,42 @@ def test_a_cluster_out_of_reach_stops_the_main_command_before_anything_starts(tm
     assert run.returncode != 0 and time.monotonic() - started < 60
     assert "cannot reach the Ray cluster at" in run.stderr and "DATACOMP_RAY_ADDRESS" in run.stderr, run.stderr
     assert "nothing was started" in run.stderr and not (tmp_path / "data" / "tiny").exists()
+
+
+def test_a_training_killed_on_the_cluster_resumes_from_its_last_checkpoint(cluster, downloads, tmp_path):
+    """The launcher (the trainer's child, Ray's driver) is SIGKILLed once the first of two checkpoints is written:
+    its Ray tasks and their torchrun die with it, and training again resumes from that checkpoint."""
+    import psutil
+
+    root, _, _ = downloads
+    recipe = replace(MINIATURE, samples_seen=1024, epochs=2)
+    data = brace_pattern(root / "local", len(list((root / "local").glob("*.tar"))))
+    job = TrainJob(recipe, data, tmp_path, "killed", nodes=2, threads=1, ray_address=cluster.address)
+
+    def kill_launcher_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while not (job.checkpoint_dir / "epoch_1.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the checkpoint written whole (a cut one would be set aside anyway)
+        for child in psutil.Process().children(recursive=True):
+            if "datacomp_assets.core.ray_training" in " ".join(child.cmdline()):
+                child.kill()
+
+    killer = threading.Thread(target=kill_launcher_after_first_checkpoint)
+    killer.start()
+    with pytest.raises(RuntimeError, match="open_clip training of killed failed"):
+        train(job, log=lambda *_: None)
+    killer.join()
+    assert not job.final_checkpoint.exists()
+    resumed = train(job, log=lambda *_: None)
+    assert resumed.resumed_from_epoch == 1 and job.final_checkpoint.exists()
+    assert resumed.losses[-1][0] == job.samples_seen
+
+
+def test_a_training_that_fails_on_the_cluster_names_the_node(cluster, downloads, tmp_path):
+    root, _, _ = downloads
+    data = brace_pattern(root / "local", len(list((root / "local").glob("*.tar"))))
+    job = TrainJob(replace(MINIATURE, model="no-such-architecture"), data, tmp_path, "broken", nodes=2, threads=1,
+                   ray_address=cluster.address)
+    with pytest.raises(RuntimeError, match=r"torchrun on node \d of 2 \(node \w+, 127\.0\.0\.1\) exited with code"):
+        train(job, log=lambda *_: None)

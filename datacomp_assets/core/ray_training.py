@@ -127,9 +127,10 @@ def train_on_cluster(address: str, nodes: int, nproc: int, device: str, run_id: 
                 print(f"training {run_id}: node {rank_of[ready]} of {nodes} was lost: "
                       f"{ray_error_message(err, 0)}", flush=True)
                 return 1
-            if code != 0:
+            if code != 0:  # its last lines, then the line that names it (the trainer keeps the end of the output)
+                print("\n".join(tail[-20:]), flush=True)
                 print(f"training {run_id}: torchrun on node {rank_of[ready]} of {nodes} (node {node_id[:12]}, "
-                      f"{node_ip}) exited with code {code}; its last lines:\n" + "\n".join(tail), flush=True)
+                      f"{node_ip}) exited with code {code}; its last lines are above", flush=True)
                 return code
         return 0
     finally:
