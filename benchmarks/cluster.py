@@ -31,6 +31,7 @@ for path in (ROOT, ROOT / "benchmarks"):  # tests.ray_cluster and filters.py, wh
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: tests/ray_cluster.py
 
 from datacomp_assets.core.engine import Engine  # noqa: E402
 from datacomp_assets.metadata.caption_features import compute_caption_features  # noqa: E402

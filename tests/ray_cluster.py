@@ -11,6 +11,7 @@ from pathlib import Path
 
 from datacomp_assets.core import settings
 
+LOOPBACK_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 OBJECT_STORE_BYTES = 80 * 2**20
 # A lost node is declared dead after about 1.5 s instead of Ray's default 15-30 s.
 FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
@@ -28,8 +29,15 @@ def local_cluster(nodes: int = 2, dashboard: bool = False):
     this interpreter."""
     settings.apply_ray_defaults()
     # Ray's test cluster otherwise moves its nodes to the machine's outward address and then cannot reach its own
-    # control server there (docs/measurements.md); `ray start` on one machine does not need it.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # control server there (docs/measurements.md); `ray start` on one machine does not need it. Ray reads it once,
+    # when first imported: tests/conftest.py sets it, and benchmarks/cluster.py.
+    os.environ.setdefault(LOOPBACK_CLUSTER, "0")
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            raise RuntimeError(f"ray was imported before {LOOPBACK_CLUSTER}=0 was set; a cluster on 127.0.0.1 would "
+                               "hang. Set it before anything imports ray (img2dataset does)")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     import ray
     from ray.cluster_utils import Cluster
