@@ -51,6 +51,7 @@ REFERENCE_SETTINGS = {
     "compute_hash": "sha256",
 }
 SHARD_FILE = re.compile(r"^(\d+)\.(tar|parquet)$")
+RAY_TASK_RETRIES = 3  # img2dataset's Ray task has Ray's defaults: a task whose worker dies is run 3 more times
 
 FAILURE_KINDS = ("dead_link", "refused", "timeout", "decode", "hash_mismatch", "other")
 # The failure each injected web fault must produce (None: the download must succeed).
@@ -305,7 +306,7 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
             raise
         remove_unfinished_shards(out_dir)
         raise IncompleteDownload(
-            f"{out_dir}: a download task failed on {engine.describe()}: {ray_error_message(err, 3)}. Materialize "
+            f"{out_dir}: a download task failed on {engine.describe()}: {ray_error_message(err, RAY_TASK_RETRIES)}. Materialize "
             "again: finished shards are kept and only the rest is fetched.") from None
     finally:
         if watching:
