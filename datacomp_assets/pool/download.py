@@ -306,8 +306,8 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
             raise
         remove_unfinished_shards(out_dir)
         raise IncompleteDownload(
-            f"{out_dir}: a download task failed on {engine.describe()}: {ray_error_message(err, RAY_TASK_RETRIES)}. Materialize "
-            "again: finished shards are kept and only the rest is fetched.") from None
+            f"{out_dir}: a download task failed on {engine.describe()}: {ray_error_message(err, RAY_TASK_RETRIES)}. "
+            "Materialize again: finished shards are kept and only the rest is fetched.") from None
     finally:
         if watching:
             watching.set()
