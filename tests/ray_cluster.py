@@ -4,6 +4,7 @@ lose one of its nodes as a machine dies: its raylet and every worker process kil
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -55,8 +56,10 @@ def local_cluster(nodes: int = 2, dashboard: bool = False):
         cluster.wait_for_nodes()
         yield cluster
     finally:
+        session = cluster.head_node.get_session_dir_path()
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(session, ignore_errors=True)  # its logs, under /tmp/ray: a few MB a session
 
 
 def kill_node(cluster, node) -> int:
