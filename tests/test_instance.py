@@ -25,7 +25,7 @@ import yaml
 
 from datacomp_assets.dagster_private import engine_event_data
 from datacomp_assets.instance import GPU_POOL, configure_instance, free_orphaned_slots
-from tests.postgres_server import PostgresUnavailable, connect, dagster_pg_env, running_server
+from tests.postgres_server import connect, dagster_pg_env
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCE_YAML = ROOT / "instance" / "dagster.yaml"
@@ -33,15 +33,6 @@ POSTGRES_YAML = ROOT / "instance" / "dagster-postgres.yaml"
 
 
 # ---------------------------------------------------------------------------------------------- the server
-
-
-@pytest.fixture(scope="module")
-def postgres_server():
-    try:
-        with running_server() as server:
-            yield server
-    except PostgresUnavailable as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ from datacomp_assets.world.published_mirror import write_mirror_from_index
 from datacomp_assets.world.web import WebConfig
 from datacomp_assets.world.web_server import SyntheticWebServer, free_port
 from resources import SyntheticWebResource
-from tests.miniature import MINIATURE
-from tests.postgres_server import PostgresUnavailable, dagster_pg_env, running_server
+from tests.miniature import MINIATURE, REHEARSAL_SCALE
+from tests.postgres_server import dagster_pg_env
 from tests.ray_cluster import kill_node, local_cluster, node_args
 from tests.test_caption_features import reference_files
 
@@ -159,34 +159,12 @@ def test_one_training_across_two_nodes_sees_the_same_samples_as_on_one(cluster, 
     assert train(job, log=lambda *_: None).resumed_from_epoch == recipe.epochs
 
 
-REHEARSAL = """
-[rehearsal]  # the published code path over a 400-pair mirror of the loopback web, the miniature's recipe
-inherit = "tiny"
-pool_source = "published"
-pool_size = 400
-samples_seen = 256
-global_batch = 64
-epochs = 1
-warmup = 2
-shard_size = 200
-seeds = [0]
-mirror_dir = "mirror"
-"""
 
 
 def materialize(selection: str, partition: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
                            "datacomp_assets.definitions", "--select", selection, "--partition", partition],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture
-def postgres_server():
-    try:
-        with running_server() as server:
-            yield server
-    except PostgresUnavailable as err:
-        pytest.skip(str(err))
 
 
 def test_dagster_runs_each_step_as_a_ray_job_recorded_in_postgresql(cluster, postgres_server, tmp_path):
@@ -197,7 +175,7 @@ def test_dagster_runs_each_step_as_a_ray_job_recorded_in_postgresql(cluster, pos
     index = write_pool_index(web.web_config(), 400, web.base_url, tmp_path / "web_index", processes=1)
     mirror = tmp_path / "mirror"
     write_mirror_from_index(Path(index["path"]), Path(index["ground_truth_path"]), mirror, files=2)
-    (tmp_path / "scales.toml").write_text(REHEARSAL)
+    (tmp_path / "scales.toml").write_text(REHEARSAL_SCALE)
     home = tmp_path / "dagster"
     home.mkdir()
     shutil.copy(ROOT / "instance" / "dagster-postgres.yaml", home / "dagster.yaml")

@@ -25,6 +25,7 @@ from datacomp_assets.world.index import write_pool_index
 from datacomp_assets.world.published_mirror import write_mirror_from_index
 from datacomp_assets.world.web_server import free_port
 from resources import SyntheticWebResource
+from tests.miniature import REHEARSAL_SCALE
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = 400
@@ -33,21 +34,9 @@ METADATA_ONLY = ["no_filter", "basic", "clip_score_b32_30pct", "clip_score_l14_3
                  "image_based_clip_score_l14_30pct", "metaclip", "semdedup_clip_score_l14_30pct",
                  "vas_clip_score_b32_45pct"]
 
-SCALE_FILE = """
-[rehearsal]  # a 400-pair rehearsal of a paper scale: the published code path, the miniature's recipe
-inherit = "tiny"
-pool_source = "published"
-pool_size = 400
-samples_seen = 256
-global_batch = 64
-epochs = 1
-warmup = 2
-shard_size = 200
-seeds = [0]
-eval_suite_scale = 0.04
+SCALE_FILE = REHEARSAL_SCALE + """eval_suite_scale = 0.04
 metaclip_t_override = 20
 kmeans_clusters = 16
-mirror_dir = "mirror"
 imagenet_embeddings = "inputs/imagenet_l14.npy"
 metaclip_entries = "inputs/metaclip_entries.txt"
 dfn_checkpoint = "inputs/dfn.pt"
