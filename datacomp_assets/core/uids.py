@@ -85,15 +85,20 @@ def _pairs_from_hex(raw: np.ndarray, uid_at) -> np.ndarray:
 
 
 def sort_uids(arr: np.ndarray) -> np.ndarray:
-    """Sorted by (high, low), as np.sort on the structured array.
+    """Sorted by (high, low), as np.sort on the structured array."""
+    return arr[sort_order(arr)]
+
+
+def sort_order(arr: np.ndarray) -> np.ndarray:
+    """The permutation that sorts `arr` by (high, low).
 
     Sorting on the high half alone is 2x faster than lexsort on both; uids are random, so two distinct uids
     almost never share a high half (a repeat of one uid is fine either way). When some do, lexsort decides."""
-    out = arr[np.argsort(arr["f0"], kind="stable")]
-    hi, lo = out["f0"], out["f1"]
+    order = np.argsort(arr["f0"], kind="stable")
+    hi, lo = arr["f0"][order], arr["f1"][order]
     if ((hi[1:] == hi[:-1]) & (lo[1:] < lo[:-1])).any():
-        out = arr[np.lexsort((arr["f1"], arr["f0"]))]
-    return out
+        order = np.lexsort((arr["f1"], arr["f0"]))
+    return order
 
 
 def unique_sorted(arr: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from datacomp_assets.core.inputs import INPUTS
 from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.strategies import (
     SCORE_COLUMNS, SOURCE_PREFIX, THRESHOLD_PLACEHOLDER, Strategy, get_strategy, strategy_identifiers)
+from datacomp_assets.core.uid_index import UidIndex, metadata_parquet, uid_index
 from datacomp_assets.core.uids import (
     UID_DTYPE, array_to_uids, arrow_uids_to_array, intersect_sorted, sort_uids, union_sorted, unique_sorted)
 
@@ -38,6 +39,9 @@ COLUMN_SOURCES = {
                     "the downloaded images; at a published pool the files named by the scale's "
                     "`captioner_checkpoint` and `clip_l14_checkpoint` settings)"),
 }
+
+# The pool view's row numbering, which the uid index reads.
+FILE_INDEX, ROW_NUMBER = "_file_index", "_row_number"
 
 # Reference score thresholds are on OpenAI CLIP's cosine scale. Where the scorers are other models (the
 # tiny scale's stand-ins), a threshold is carried over as the share of the pool it keeps on CommonPool.
@@ -92,10 +96,12 @@ def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | o
     con = sandboxed_connection([metadata_dir, *feature_dirs, *readable])
 
     columns = parquet_columns(metadata_dir)
+    files = ", ".join(_sql_string(str(path.resolve())) for path in metadata_parquet(metadata_dir))
     # isfinite, not isnan: DuckDB 2.0 folds isnan() to false from parquet min/max statistics, which leave NaN out.
     nan_to_null = [f"CASE WHEN isfinite({c}) THEN {c} END AS {c}" for c in SCORE_COLUMNS.values() if c in columns]
     replace = f" REPLACE ({', '.join(nan_to_null)})" if nan_to_null else ""
-    select, joins = [f"m.*{replace}"], []
+    # Each row's file and row number (DuckDB numbers the files in list order, as the uid index does).
+    select, joins = [f"m.*{replace}", f"m.file_index AS {FILE_INDEX}", f"m.file_row_number AS {ROW_NUMBER}"], []
     for i, directory in enumerate(feature_dirs):
         new = [c for c in parquet_columns(directory) if c not in columns]
         if needed is not None and not needed & set(new):
@@ -104,7 +110,7 @@ def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | o
         select += [f"f{i}.{c}" for c in new]
         joins.append(f"LEFT JOIN read_parquet('{_parquet_glob(directory)}') f{i} USING (uid)")
     con.execute(f"CREATE VIEW pool AS SELECT {', '.join(select)} "
-                f"FROM read_parquet('{_parquet_glob(metadata_dir)}') m {' '.join(joins)}")
+                f"FROM read_parquet([{files}]) m {' '.join(joins)}")
     return con
 
 
@@ -144,6 +150,7 @@ class PoolQuery:
     seed: int = 0
     reference_scorers: bool = False
     external_dirs: Mapping[str, str | os.PathLike] | None = None
+    index: UidIndex | None = None  # the pool's; without it, kept uids are parsed from their strings and sorted
 
     def run(self, name: str, strategy: Strategy) -> np.ndarray:
         try:
@@ -194,7 +201,7 @@ class PoolQuery:
 
     def _rule(self, s: Strategy) -> np.ndarray:
         if not s.source:
-            return self._ranked(self.con, s, key="uid")
+            return self._ranked(self.con, s, key="uid", index=self.index)
         directory = self._source_dir(s.source)
         columns = parquet_columns(directory)
         if (s.within or s.outside) and "pool_uid" not in columns:
@@ -207,9 +214,10 @@ class PoolQuery:
         finally:
             con.close()
 
-    def _ranked(self, con, s: Strategy, key: str) -> np.ndarray:
+    def _ranked(self, con, s: Strategy, key: str, index: UidIndex | None = None) -> np.ndarray:
         """The rule `s` over the view `pool` of `con`; `within` and `outside` match the `key` column against the
-        uids another strategy keeps from the pool."""
+        uids another strategy keeps from the pool. With the pool's `index`, kept rows are read as (file, row)
+        numbers and looked up in it; otherwise their `key` uids are parsed and sorted."""
         where = resolve_thresholds(s.where, self.reference_scorers)
         # Both parts are computed before either is registered: computing one may register its own `within_uids`.
         narrowing = [(table, operator, unique_sorted(self.uids_of(part))) for part, table, operator in
@@ -217,20 +225,19 @@ class PoolQuery:
         for table, operator, uids in narrowing:
             con.register(table, pa.table({"uid": array_to_uids(uids)}))
             where = f"({where}) AND {key} {operator} (SELECT uid FROM {table})"
-        candidates = f"SELECT uid FROM pool WHERE {where}"
         if s.order_by:
-            # Only the uid and the rank are kept, not the pool's columns: 12.8M rows stay a few hundred MB.
-            con.execute(f"CREATE OR REPLACE TEMP TABLE candidates AS SELECT uid, ({s.order_by}) AS rank_key "
-                        f"FROM pool WHERE ({where}) AND ({s.order_by}) IS NOT NULL")
-            n_candidates = con.execute("SELECT count(*) FROM candidates").fetchall()[0][0]
+            where = f"({where}) AND ({s.order_by}) IS NOT NULL"
+            n_candidates = con.execute(f"SELECT count(*) FROM pool WHERE {where}").fetchall()[0][0]
             n_keep = s.fraction * (_rows(con) if s.fraction_of == "pool" else n_candidates)
             if n_keep < n_candidates:  # the (1 - q) order statistic; ties at the threshold are all kept
                 q = round(1 - n_keep / n_candidates, 6)
-                candidates = ("SELECT uid FROM candidates WHERE rank_key >= "
-                              f"(SELECT quantile_disc(rank_key, {q}) FROM candidates)")
-            else:
-                candidates = "SELECT uid FROM candidates"
-        uids = sort_uids(_uid_halves(con, f"SELECT uid FROM ({candidates})"))
+                where = (f"{where} AND ({s.order_by}) >= "
+                         f"(SELECT quantile_disc(({s.order_by}), {q}) FROM pool WHERE {where})")
+        if index is None:
+            uids = sort_uids(_uid_halves(con, f"SELECT uid FROM pool WHERE {where}"))
+        else:
+            rows = con.sql(f"SELECT {FILE_INDEX}, {ROW_NUMBER} FROM pool WHERE {where}").to_arrow_reader(1 << 20)
+            uids = index.subset((batch.column(0).to_numpy(), batch.column(1).to_numpy()) for batch in rows)
         if s.random:  # sorted first so that the sample does not depend on file order
             n_keep = round(s.fraction * (_rows(con) if s.fraction_of == "pool" else len(uids)))
             rng = np.random.default_rng(self.seed)
@@ -252,10 +259,11 @@ def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int =
     thresholds apply as they are. `external_dirs`: downloaded external sources a mixture may draw from.
     """
     strategy = get_strategy(strategy_name)
+    index = uid_index(metadata_dir)
     con = connect_pool(metadata_dir, feature_dirs, needed=strategy_identifiers(strategy_name),
                        readable=list((external_dirs or {}).values()))
     try:
-        return PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs).run(
+        return PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs, index).run(
             strategy_name, strategy)
     finally:
         con.close()
