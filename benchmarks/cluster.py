@@ -34,7 +34,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: tests/ray_cluster.py
 
 from datacomp_assets.core.engine import Engine  # noqa: E402
-from datacomp_assets.metadata.caption_features import compute_caption_features  # noqa: E402
+from datacomp_assets.core.caption_features import compute_caption_features  # noqa: E402
 from datacomp_assets.pool.download import download_shards  # noqa: E402
 from datacomp_assets.world.index import write_pool_index  # noqa: E402
 from datacomp_assets.world.web import WebConfig  # noqa: E402

@@ -260,7 +260,7 @@ def timed(fn, *args) -> dict:
 # ---------------------------------------------------------------- step 1: caption features
 
 def ours_caption_features(metadata_dir: str, out_dir: str, processes: int) -> dict:
-    from datacomp_assets.metadata.caption_features import compute_caption_features
+    from datacomp_assets.core.caption_features import compute_caption_features
 
     shutil.rmtree(out_dir, ignore_errors=True)
     return compute_caption_features(metadata_dir, out_dir, processes=processes, cld3=True, log=lambda _: None)
@@ -271,7 +271,7 @@ def _bare_language_file(path: str) -> dict:
     import fasttext
     import gcld3
 
-    from datacomp_assets.metadata.language import lid_model_path
+    from datacomp_assets.core.language import lid_model_path
 
     start = time.perf_counter()
     model = fasttext.load_model(str(lid_model_path()))

@@ -167,7 +167,7 @@ def _bare_language_file(path: str) -> int:
     import gcld3
     import pyarrow.parquet as pq
 
-    from datacomp_assets.metadata.language import lid_model_path
+    from datacomp_assets.core.language import lid_model_path
 
     model = fasttext.load_model(str(lid_model_path()))
     identifier = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)

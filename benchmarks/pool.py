@@ -33,7 +33,7 @@ from datacomp_assets.core.scales import SCALES  # noqa: E402
 from datacomp_assets.core.scorers import SCORER_MODELS  # noqa: E402
 from datacomp_assets.core.shards import read_downloaded  # noqa: E402
 from datacomp_assets.metadata.build import detect_faces  # noqa: E402
-from datacomp_assets.metadata.language import caption_stats, identify_languages  # noqa: E402
+from datacomp_assets.core.language import caption_stats, identify_languages  # noqa: E402
 from datacomp_assets.metadata.safety import image_fingerprints  # noqa: E402
 from datacomp_assets.pool.download import check_against_ground_truth, download_shards  # noqa: E402
 from datacomp_assets.world.index import write_pool_index  # noqa: E402

@@ -12,7 +12,7 @@ from datacomp_assets.core.schema import (
     validate_metadata,
     write_metadata_shard,
 )
-from datacomp_assets.metadata.language import caption_stats, identify_languages
+from datacomp_assets.core.language import caption_stats, identify_languages
 
 
 def test_identify_languages_top1_labels():

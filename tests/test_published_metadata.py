@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datacomp_assets.core.schema import FULL_SCHEMA, POOL_METADATA_SCHEMA
-from datacomp_assets.metadata.caption_features import caption_features
+from datacomp_assets.core.caption_features import caption_features
 from datacomp_assets.metadata.published import join_caption_features
 from datacomp_assets.world.published_mirror import write_synthetic_mirror
 

@@ -12,7 +12,7 @@ import pytest
 
 from datacomp_assets.core.published import PublishedSource, fetch_published_metadata
 from datacomp_assets.core.schema import NPZ_KEYS, POOL_METADATA_SCHEMA
-from datacomp_assets.metadata.language import identify_languages
+from datacomp_assets.core.language import identify_languages
 from datacomp_assets.world import published_mirror
 from datacomp_assets.world.index import write_pool_index
 from datacomp_assets.world.published_mirror import write_mirror_from_index, write_synthetic_mirror

@@ -24,7 +24,7 @@ from dagster_postgres import PostgresRunStorage
 from datacomp_assets.core.engine import Engine, TaskFailed
 from datacomp_assets.core.shards import brace_pattern
 from datacomp_assets.core.trainer import TrainJob, train
-from datacomp_assets.metadata.caption_features import compute_caption_features
+from datacomp_assets.core.caption_features import compute_caption_features
 from datacomp_assets.metadata.published import join_caption_features
 from datacomp_assets.pool.download import download_shards, summarize_shards
 from datacomp_assets.world.index import write_pool_index

@@ -20,7 +20,7 @@ import pytest
 
 from datacomp_assets.core.layout import Layout
 from datacomp_assets.core.uids import load_subset, uids_to_array
-from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
+from datacomp_assets.core.language import caption_stats, identify_languages, identify_languages_cld3
 from datacomp_assets.world.index import write_pool_index
 from datacomp_assets.world.published_mirror import write_mirror_from_index
 from datacomp_assets.world.web_server import free_port

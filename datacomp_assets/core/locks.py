@@ -53,3 +53,22 @@ def exclusive(lock_file: Path, artifact: str, holder: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def waiting_for(lock_file: Path, holder: str, log=print) -> Iterator[None]:
+    """Hold `lock_file` for a `with` block, waiting (and saying so) while another process holds it: for shared
+    caches that a second writer should complete, not refuse (the caption feature store)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for {_holder(fd) or 'another process'} to finish writing {lock_file.parent}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} (pid {os.getpid()} on {socket.gethostname()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -27,7 +27,7 @@ POOL_METADATA_SCHEMA = pa.schema([
     ("sha256", pa.string()),
 ])
 
-# Features beyond the reference columns (see metadata/language.py for how they are computed).
+# Features beyond the reference columns (see core/language.py for how they are computed).
 EXTRA_COLUMNS = pa.schema([
     ("language", pa.string()),
     ("language_score", pa.float32()),

@@ -21,10 +21,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.files import replace_atomically
 from datacomp_assets.core.uids import UID_DTYPE, arrow_uids_to_array, sort_order
 
 INDEX_DIR = "uid_index"
+
+
+def describe_files(files: list[Path]) -> list[dict]:
+    """Each file's name, rows, size and modification time: what an index (or a cache) was made from."""
+    return [_describe(path) for path in files]
 
 
 def _describe(path: Path) -> dict:
@@ -86,17 +91,15 @@ def write_uid_index(metadata_dir: str | os.PathLike) -> UidIndex:
     directory.mkdir(exist_ok=True)
     (directory / "files.json").unlink(missing_ok=True)
     for name, array in (("uids.npy", index.sorted_uids), ("rank.npy", index.rank)):
-        tmp = temporary_sibling(directory / name)
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, directory / name)
-        finally:
-            tmp.unlink(missing_ok=True)
-    description = temporary_sibling(directory / "files.json")
-    description.write_text(json.dumps([_describe(path) for path in index.files]))
-    os.replace(description, directory / "files.json")
+        replace_atomically(lambda tmp: _save(tmp, array), directory / name)
+    description = json.dumps(describe_files(index.files))
+    replace_atomically(lambda tmp: tmp.write_text(description), directory / "files.json")
     return index
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object stops np.save from appending ".npy"
+        np.save(f, array)
 
 
 def load_uid_index(metadata_dir: str | os.PathLike) -> UidIndex | None:
@@ -105,7 +108,7 @@ def load_uid_index(metadata_dir: str | os.PathLike) -> UidIndex | None:
     files = metadata_parquet(metadata_dir)
     try:
         described = json.loads((directory / "files.json").read_text())
-        if described != [_describe(path) for path in files]:
+        if described != describe_files(files):
             return None
         sorted_uids = np.load(directory / "uids.npy", mmap_mode="r")
         rank = np.load(directory / "rank.npy", mmap_mode="r")

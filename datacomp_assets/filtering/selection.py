@@ -6,9 +6,11 @@ keeps them (DuckDB orders NaN above every number) and quantiles ignore them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +23,8 @@ from datacomp_assets.core.inputs import INPUTS
 from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.strategies import (
     SCORE_COLUMNS, SOURCE_PREFIX, THRESHOLD_PLACEHOLDER, Strategy, get_strategy, strategy_identifiers)
-from datacomp_assets.core.uid_index import UidIndex, metadata_parquet, uid_index
+from datacomp_assets.core.caption_features import GROUPS, CaptionFeatureStore
+from datacomp_assets.core.uid_index import UidIndex, describe_files, metadata_parquet, uid_index
 from datacomp_assets.core.uids import (
     UID_DTYPE, array_to_uids, arrow_uids_to_array, intersect_sorted, sort_uids, union_sorted, unique_sorted)
 
@@ -88,13 +91,19 @@ def sandboxed_connection(readable: Sequence[str | os.PathLike]) -> duckdb.DuckDB
 
 def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | os.PathLike] = (),
                  needed: set[str] | None = None, readable: Sequence[str | os.PathLike] = ()):
-    """A sandboxed DuckDB connection with the view `pool`: the metadata parquet files (NaN scores as NULL),
-    left-joined on uid with each feature directory's parquet files (columns the metadata already has are not
-    repeated). `needed`: the identifiers the queries will use; a feature directory with none of them is not
-    joined (a join on 12.8M uids costs more than the rest of a simple rule). `readable`: further directories
-    the queries may read (external sources)."""
+    """A sandboxed DuckDB connection with the view `pool` (see `create_pool_view`). `readable`: further
+    directories the queries may read (external sources, the caption feature store)."""
     con = sandboxed_connection([metadata_dir, *feature_dirs, *readable])
+    create_pool_view(con, metadata_dir, feature_dirs, needed)
+    return con
 
+
+def create_pool_view(con, metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | os.PathLike] = (),
+                     needed: set[str] | None = None) -> set[str]:
+    """(Re)define the view `pool`: the metadata parquet files (NaN scores as NULL), left-joined on uid with each
+    feature directory's parquet files (columns the metadata already has are not repeated). `needed`: the
+    identifiers the queries will use; a feature directory with none of them is not joined (a join on 12.8M uids
+    costs more than the rest of a simple rule). Returns the view's columns."""
     columns = parquet_columns(metadata_dir)
     files = ", ".join(_sql_string(str(path.resolve())) for path in metadata_parquet(metadata_dir))
     # isfinite, not isnan: DuckDB 2.0 folds isnan() to false from parquet min/max statistics, which leave NaN out.
@@ -109,9 +118,41 @@ def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | o
         columns += new
         select += [f"f{i}.{c}" for c in new]
         joins.append(f"LEFT JOIN read_parquet('{_parquet_glob(directory)}') f{i} USING (uid)")
-    con.execute(f"CREATE VIEW pool AS SELECT {', '.join(select)} "
+    con.execute(f"CREATE OR REPLACE VIEW pool AS SELECT {', '.join(select)} "
                 f"FROM read_parquet([{files}]) m {' '.join(joins)}")
-    return con
+    return set(columns)
+
+
+def conjuncts(con, where: str) -> list[tuple[str, set[str]]]:
+    """The top-level AND terms of a WHERE clause, each with the column names it reads, by DuckDB's own parser
+    (a clause that is not an AND is one term)."""
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [f"SELECT 1 FROM pool WHERE {where}"])
+                      .fetchall()[0][0])
+    if tree.get("error"):
+        raise ValueError(f"not a valid condition: {where!r}: {tree.get('error_message', '')}")
+    node = tree["statements"][0]["node"]
+
+    def terms(expression: dict) -> list[dict]:
+        if expression.get("type") == "CONJUNCTION_AND":
+            return [t for child in expression["children"] for t in terms(child)]
+        return [expression]
+
+    out = []
+    for term in terms(node["where_clause"]):
+        node["where_clause"] = term
+        sql = con.execute("SELECT json_deserialize_sql(?::JSON)", [json.dumps(tree)]).fetchall()[0][0]
+        out.append((sql.split(" WHERE ", 1)[1], _column_refs(term)))
+    return out
+
+
+def _column_refs(tree) -> set[str]:
+    if isinstance(tree, list):
+        return {name for item in tree for name in _column_refs(item)}
+    if not isinstance(tree, dict):
+        return set()
+    if tree.get("class") == "COLUMN_REF":
+        return {tree["column_names"][-1]}
+    return {name for value in tree.values() for name in _column_refs(value)}
 
 
 def resolve_thresholds(sql: str, reference_scorers: bool) -> str:
@@ -143,6 +184,28 @@ def _uid_halves(con, query: str) -> np.ndarray:
 
 
 @dataclass
+class PoolView:
+    """How the view `pool` is made: so that it can be made again once the caption feature store holds more."""
+    metadata_dir: str | os.PathLike
+    feature_dirs: Sequence[str | os.PathLike] = ()
+    needed: set[str] | None = None
+    store: CaptionFeatureStore | None = None
+
+    def __post_init__(self) -> None:
+        self.base_columns = set(parquet_columns(self.metadata_dir)).union(
+            *(parquet_columns(d) for d in self.feature_dirs))
+
+    def create(self, con) -> None:
+        groups = [self.store.group_dir(g) for g in GROUPS if self.store.has(g)] if self.store else []
+        create_pool_view(con, self.metadata_dir, [*self.feature_dirs, *groups], self.needed)
+
+    def groups_to_compute(self, columns_read: set[str]) -> list[str]:
+        """The caption feature groups (cheapest first) of columns read that neither the metadata nor a feature
+        directory has."""
+        return [g for g in GROUPS if any(c in columns_read and c not in self.base_columns for c in GROUPS[g])]
+
+
+@dataclass
 class PoolQuery:
     """Everything a strategy can be computed from: the pool view, external sources, the seed."""
     con: duckdb.DuckDBPyConnection
@@ -151,6 +214,7 @@ class PoolQuery:
     reference_scorers: bool = False
     external_dirs: Mapping[str, str | os.PathLike] | None = None
     index: UidIndex | None = None  # the pool's; without it, kept uids are parsed from their strings and sorted
+    view: PoolView | None = None   # with a caption feature store: the caption features a rule reads, on demand
 
     def run(self, name: str, strategy: Strategy) -> np.ndarray:
         try:
@@ -225,6 +289,8 @@ class PoolQuery:
         for table, operator, uids in narrowing:
             con.register(table, pa.table({"uid": array_to_uids(uids)}))
             where = f"({where}) AND {key} {operator} (SELECT uid FROM {table})"
+        if index is not None:
+            self._compute_caption_features(con, where, s.order_by)
         if s.order_by:
             where = f"({where}) AND ({s.order_by}) IS NOT NULL"
             n_candidates = con.execute(f"SELECT count(*) FROM pool WHERE {where}").fetchall()[0][0]
@@ -245,25 +311,77 @@ class PoolQuery:
         return uids
 
 
+    def _compute_caption_features(self, con, where: str, order_by: str | None) -> None:
+        """Compute the caption features the rule reads and the pool lacks, group by group (cheapest first), each
+        on the rows that pass the rule's terms already computable and that the store does not hold yet."""
+        view = self.view
+        if view is None or view.store is None:
+            return  # a missing column is then named by the query
+        terms = conjuncts(con, where)
+        read = set().union(*(columns for _, columns in terms))
+        groups = view.groups_to_compute(read | (conjuncts(con, order_by)[0][1] if order_by else set()))
+        on_demand = {c for g in groups for c in GROUPS[g]}
+        ready: set[str] = set()
+        for group in groups:
+            prefilter = " AND ".join(f"({sql})" for sql, columns in terms if not columns & (on_demand - ready))
+            with view.store.lock(group):
+                held = (f" AND uid NOT IN (SELECT uid FROM read_parquet('{_parquet_glob(view.store.group_dir(group))}'))"
+                        if view.store.has(group) else "")
+                rows = self._matching_rows(con, f"({prefilter or 'true'}){held}")
+                view.store.compute(group, [(path, np.flatnonzero(rows[a:b]).astype(np.int32)) for path, a, b in
+                                           zip(self.index.files, self.index.starts[:-1], self.index.starts[1:])])
+            ready |= set(GROUPS[group])
+            view.create(con)
+
+    def _matching_rows(self, con, where: str) -> np.ndarray:
+        """The pool's rows (in index order) where `where` holds, as a boolean mask."""
+        mask = np.zeros(self.index.rows, dtype=bool)
+        for batch in con.sql(f"SELECT {FILE_INDEX}, {ROW_NUMBER} FROM pool WHERE {where}").to_arrow_reader(1 << 20):
+            mask[self.index.starts[batch.column(0).to_numpy()] + batch.column(1).to_numpy()] = True
+        return mask
+
+
 def _rows(con) -> int:
     return con.execute("SELECT count(*) FROM pool").fetchall()[0][0]
 
 
 def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int = 0,
                 feature_dirs: Sequence[str | os.PathLike] = (), reference_scorers: bool = False,
-                external_dirs: Mapping[str, str | os.PathLike] | None = None) -> np.ndarray:
+                external_dirs: Mapping[str, str | os.PathLike] | None = None,
+                caption_features: CaptionFeatureStore | None = None) -> np.ndarray:
     """The uids the strategy keeps from the pool in `metadata_dir`, as a sorted `u8,u8` array.
 
     `feature_dirs`: parquet directories of per-sample features (uid + columns) joined to the metadata.
     `reference_scorers`: the scores come from OpenAI's CLIP models (the paper's scales), so reference
     thresholds apply as they are. `external_dirs`: downloaded external sources a mixture may draw from.
+    `caption_features`: where caption features the metadata lacks are computed on demand, and kept.
     """
     strategy = get_strategy(strategy_name)
+    with pool_query(metadata_dir, strategy_identifiers(strategy_name), feature_dirs, caption_features, seed,
+                    reference_scorers, external_dirs) as query:
+        return query.run(strategy_name, strategy)
+
+
+def rows_where(metadata_dir: str | os.PathLike, where: str, feature_dirs: Sequence[str | os.PathLike] = (),
+               caption_features: CaptionFeatureStore | None = None) -> np.ndarray:
+    """A boolean mask over the pool's rows (files in name order, rows in file order): where `where` holds, with
+    the caption features it reads computed on demand."""
+    with pool_query(metadata_dir, None, feature_dirs, caption_features) as query:
+        query._compute_caption_features(query.con, where, None)
+        return query._matching_rows(query.con, f"({where}) IS TRUE")
+
+
+@contextmanager
+def pool_query(metadata_dir: str | os.PathLike, needed: set[str] | None, feature_dirs: Sequence = (),
+               caption_features: CaptionFeatureStore | None = None, seed: int = 0, reference_scorers: bool = False,
+               external_dirs: Mapping[str, str | os.PathLike] | None = None) -> Iterator[PoolQuery]:
     index = uid_index(metadata_dir)
-    con = connect_pool(metadata_dir, feature_dirs, needed=strategy_identifiers(strategy_name),
-                       readable=list((external_dirs or {}).values()))
+    store = caption_features.for_pool(describe_files(index.files)) if caption_features else None
+    con = sandboxed_connection([metadata_dir, *feature_dirs, *(external_dirs or {}).values(),
+                                *([store.directory] if store else [])])
     try:
-        return PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs, index).run(
-            strategy_name, strategy)
+        view = PoolView(metadata_dir, feature_dirs, needed, store)
+        view.create(con)
+        yield PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs, index, view)
     finally:
         con.close()

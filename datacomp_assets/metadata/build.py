@@ -26,7 +26,7 @@ from datacomp_assets.core.layout import REMOVED_DIR
 from datacomp_assets.core.models import Scorer
 from datacomp_assets.core.schema import FULL_SCHEMA, write_metadata_shard
 from datacomp_assets.core.shards import read_downloaded
-from datacomp_assets.metadata.language import caption_stats, identify_languages, identify_languages_cld3
+from datacomp_assets.core.language import caption_stats, identify_languages, identify_languages_cld3
 from datacomp_assets.metadata.safety import find_eval_duplicates, image_fingerprints, unsafe_text_mask
 
 

@@ -22,7 +22,7 @@ from datacomp_assets.core.engine import Engine
 from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.schema import FULL_SCHEMA, POOL_METADATA_SCHEMA, validate_metadata
-from datacomp_assets.metadata.caption_features import CAPTION_COLUMNS, caption_features
+from datacomp_assets.core.caption_features import CAPTION_COLUMNS, caption_features
 
 BATCH_ROWS = 65_536
 

@@ -1,0 +1,203 @@
+"""Caption features of a metadata set (plain Python; no Dagster): fastText lid.176 `language` and
+`language_score`, CLD3 `cld3_language`, and `num_words`, `num_chars`, `num_tokens` (metadata schema's EXTRA_COLUMNS).
+
+Two ways to compute them:
+- `CaptionFeatureStore`: on demand. A rule that reads a column asks for it on the rows that pass its cheaper
+  conditions (the LAION-2B filter's CLD3 only where the CLIP score passes, as the reference does); the values
+  are kept, one parquet part per metadata file and request, under `<store>/<group>/`, and rows already there are
+  never computed again. Filters join the groups on uid.
+- `compute_caption_features`: every column for every row, `<out_dir>/<stem>.parquet` per metadata file
+  (benchmarks and the cluster's throughput check).
+
+Files are mapped over a process pool or a Ray cluster's tasks, one file per task. Each output is written under a
+temporary name and renamed, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datacomp_assets.core.engine import Engine
+from datacomp_assets.core.files import replace_atomically, write_parquet_atomically
+from datacomp_assets.core.schema import EXTRA_COLUMNS
+from datacomp_assets.core.language import caption_stats, identify_languages, identify_languages_cld3
+from datacomp_assets.core.locks import waiting_for
+
+# Column groups, each computed by one pass over the captions, cheapest first.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "counts": ("num_words", "num_chars", "num_tokens"),
+    "fasttext": ("language", "language_score"),
+    "cld3": ("cld3_language",),
+}
+GROUP_OF = {column: group for group, columns in GROUPS.items() for column in columns}
+CAPTION_COLUMNS = ("language", "language_score", "cld3_language", "num_words", "num_chars", "num_tokens")
+
+
+def feature_schema(cld3: bool = True) -> pa.Schema:
+    """uid plus the caption feature columns, typed as in EXTRA_COLUMNS."""
+    names = [c for c in CAPTION_COLUMNS if cld3 or c != "cld3_language"]
+    return pa.schema([pa.field("uid", pa.string())] + [EXTRA_COLUMNS.field(name) for name in names])
+
+
+def group_features(group: str, text) -> dict[str, pa.Array]:
+    """One group's columns for the captions `text` (Arrow strings), typed as in EXTRA_COLUMNS."""
+    if group == "counts":
+        values = caption_stats(text)
+    elif group == "fasttext":
+        values = dict(zip(GROUPS[group], identify_languages(text)))
+    elif group == "cld3":
+        values = {"cld3_language": identify_languages_cld3(text)}
+    else:
+        raise ValueError(f"unknown caption feature group {group!r}; known: {', '.join(GROUPS)}")
+    return {name: pa.array(values[name], EXTRA_COLUMNS.field(name).type) for name in GROUPS[group]}
+
+
+def caption_features(table: pa.Table, cld3: bool = True) -> pa.Table:
+    """The features of one table with `uid` and `text` columns (rows in the same order)."""
+    text = table.column("text")
+    columns = {"uid": table.column("uid")}
+    for group in GROUPS:
+        if cld3 or group != "cld3":
+            columns.update(group_features(group, text))
+    schema = feature_schema(cld3)
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+
+
+def _is_done(path: Path, schema: pa.Schema) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return set(schema.names) <= set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowInvalid):  # unreadable: recompute it
+        return False
+
+
+
+def _features_of_file(task: tuple[str, str, bool]) -> tuple[str, int, float]:
+    source, target, cld3 = task
+    start = time.perf_counter()
+    table = pq.read_table(source, columns=["uid", "text"])
+    write_parquet_atomically(caption_features(table, cld3), Path(target))
+    return Path(source).name, table.num_rows, time.perf_counter() - start
+
+
+def compute_caption_features(metadata_dir: str | os.PathLike, out_dir: str | os.PathLike, processes: int = 2,
+                             cld3: bool = True, log: Callable[[str], None] = print, engine: Engine = Engine()) -> dict:
+    """Write `<out_dir>/<stem>.parquet` (uid + caption features) for every `<metadata_dir>/<stem>.parquet`.
+
+    `processes` worker processes (spawned: the caller's threads are not forked), one file per task; with
+    `processes=1` everything runs in this process. Outputs already there with every needed column are kept.
+    Returns counts and timings: files, written, skipped, rows (of the written files), seconds, rows_per_second.
+    """
+    metadata_dir, out_dir = Path(metadata_dir), Path(out_dir)
+    sources = sorted(metadata_dir.glob("*.parquet"))
+    if not sources:
+        raise FileNotFoundError(f"no parquet files in {metadata_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema = feature_schema(cld3)
+    tasks = [(str(s), str(out_dir / s.name), cld3) for s in sources if not _is_done(out_dir / s.name, schema)]
+    skipped = len(sources) - len(tasks)
+    if skipped:
+        log(f"caption features: {skipped} of {len(sources)} files already written, skipped")
+    start = time.perf_counter()
+    rows = 0
+
+    def done(result: tuple[str, int, float], count: int) -> None:
+        nonlocal rows
+        name, n, seconds = result
+        rows += n
+        log(f"caption features: {name} ({n:,} rows, {n / max(seconds, 1e-9):,.0f} rows/s) [{count}/{len(tasks)}]")
+
+    for count, result in enumerate(engine.map_unordered(_features_of_file, tasks, processes, "caption features"), 1):
+        done(result, count)
+    seconds = time.perf_counter() - start
+    return {"files": len(sources), "written": len(tasks), "skipped": skipped, "rows": rows,
+            "seconds": seconds, "rows_per_second": rows / seconds if rows else 0.0}
+
+
+# ---------------------------------------------------------------- on demand
+
+def _compute_part(task: tuple[str, str, str, object]) -> tuple[str, int, float]:
+    """One metadata file's rows `rows` (ascending row numbers): uid and the group's columns, to `target`."""
+    source, target, group, rows = task
+    start = time.perf_counter()
+    table = pq.read_table(source, columns=["uid", "text"]).take(pa.array(rows))
+    features = {"uid": table.column("uid"), **group_features(group, table.column("text"))}
+    write_parquet_atomically(pa.table(features, schema=group_schema(group)), Path(target))
+    return Path(source).name, table.num_rows, time.perf_counter() - start
+
+
+def group_schema(group: str) -> pa.Schema:
+    return pa.schema([pa.field("uid", pa.string())] + [EXTRA_COLUMNS.field(name) for name in GROUPS[group]])
+
+
+class CaptionFeatureStore:
+    """Caption features computed on demand and kept: `<directory>/<group>/<metadata stem>.<part>.parquet`, each
+    part holding uid and the group's columns for the rows one request computed.
+
+    The store belongs to one pool: `pool.json` describes the metadata files it was computed from (names, rows,
+    sizes, modification times), and a store whose pool changed is emptied before use. One writer per group at a
+    time (a second waits), so a row is computed once even when two subsets ask at the same moment."""
+
+    def __init__(self, directory: str | os.PathLike, engine: Engine = Engine(), processes: int = 2,
+                 log: Callable[[str], None] = print):
+        self.directory, self.engine, self.processes, self.log = Path(directory), engine, processes, log
+
+    def group_dir(self, group: str) -> Path:
+        return self.directory / group
+
+    def has(self, group: str) -> bool:
+        return any(self.group_dir(group).glob("*.parquet"))
+
+    def parts(self, group: str) -> int:
+        return len(list(self.group_dir(group).glob("*.parquet")))
+
+    def for_pool(self, description: list[dict]) -> CaptionFeatureStore:
+        """This store, emptied first if it was computed from other metadata files than those `description` lists."""
+        record = self.directory / "pool.json"
+        try:
+            current = json.loads(record.read_text())
+        except (OSError, ValueError):
+            current = None
+        if current != description:
+            if any(self.has(group) for group in GROUPS):
+                self.log(f"caption features: the pool's metadata changed; emptying {self.directory}")
+            for group in GROUPS:
+                shutil.rmtree(self.group_dir(group), ignore_errors=True)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            replace_atomically(lambda tmp: tmp.write_text(json.dumps(description)), record)
+        return self
+
+    def lock(self, group: str):
+        return waiting_for(self.group_dir(group) / ".lock", f"caption features ({group})", self.log)
+
+    def compute(self, group: str, rows_by_file: list[tuple[Path, object]]) -> dict:
+        """Compute `group` for the given rows of each metadata file (ascending row numbers) and add them to the
+        store as new parts. The caller holds `lock(group)` and asks only for rows the store lacks."""
+        directory = self.group_dir(group)
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = {path.name for path in directory.glob("*.parquet")}
+        tasks = []
+        for source, rows in rows_by_file:
+            if len(rows):
+                part = next(k for k in range(len(existing) + 1) if f"{source.stem}.{k}.parquet" not in existing)
+                tasks.append((str(source), str(directory / f"{source.stem}.{part}.parquet"), group, rows))
+        total = sum(len(task[3]) for task in tasks)
+        start, done = time.perf_counter(), 0
+        if total:
+            self.log(f"caption features: {group} ({', '.join(GROUPS[group])}) for {total:,} rows of "
+                     f"{len(tasks)} files")
+        for count, (name, n, seconds) in enumerate(
+                self.engine.map_unordered(_compute_part, tasks, self.processes, f"caption features ({group})"), 1):
+            done += n
+            self.log(f"caption features: {group}: {name}: {n:,} rows, {n / max(seconds, 1e-9):,.0f} rows/s "
+                     f"[{count}/{len(tasks)}]")
+        return {"group": group, "rows": done, "files": len(tasks), "seconds": time.perf_counter() - start}
