@@ -117,9 +117,21 @@ def test_num_words_column_is_preferred(tmp_path):
     assert _table(audit_subset(tmp_path / "meta", _subset([0]))["caption_words"]) == [(">10", 1, 1)]
 
 
-def test_missing_columns_are_named(tmp_path):
+def test_languages_come_from_the_caption_feature_store_when_the_metadata_has_none(tmp_path):
     _write_pool(tmp_path / "meta", drop=("language",))
-    with pytest.raises(ValueError, match=r"00000\.parquet.*'language'"):
+    assert _table(audit_subset(tmp_path / "meta", _subset([1]))["language"]) == [("(not computed)", len(ROWS), 1)]
+    # the store holds the languages of the rows some rule needed (here rows 0-3)
+    (tmp_path / "fasttext").mkdir()
+    pq.write_table(pa.table({"uid": [_uid(i) for i in range(4)], "language": [ROWS[i][0] for i in range(4)]}),
+                   tmp_path / "fasttext" / "00000.0.parquet")
+    audit = audit_subset(tmp_path / "meta", _subset([1]), language_dir=tmp_path / "fasttext")
+    assert sum(r["pool"] for r in audit["language"]) == len(ROWS)
+    assert ("(not computed)", len(ROWS) - 4, 0) in _table(audit["language"])
+
+
+def test_missing_columns_are_named(tmp_path):
+    _write_pool(tmp_path / "meta", drop=("original_width",))
+    with pytest.raises(ValueError, match=r"00000\.parquet.*'original_width'"):
         audit_subset(tmp_path / "meta", _subset([1]))
     truth = _write_pool(tmp_path / "meta2")
     with pytest.raises(ValueError, match=r"'topic'.*meta2"):

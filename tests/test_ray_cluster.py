@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from dagster_postgres import PostgresRunStorage
@@ -24,8 +25,8 @@ from dagster_postgres import PostgresRunStorage
 from datacomp_assets.core.engine import Engine, TaskFailed
 from datacomp_assets.core.shards import brace_pattern
 from datacomp_assets.core.trainer import TrainJob, train
-from datacomp_assets.core.caption_features import compute_caption_features
-from datacomp_assets.metadata.published import join_caption_features
+from datacomp_assets.core.caption_features import CaptionFeatureStore, compute_caption_features
+from datacomp_assets.filtering.selection import select_uids
 from datacomp_assets.pool.download import download_shards, summarize_shards
 from datacomp_assets.world.index import write_pool_index
 from datacomp_assets.world.published_mirror import write_mirror_from_index
@@ -118,6 +119,12 @@ def test_caption_features_on_the_cluster_match_the_local_engine(cluster, tmp_pat
     assert summary["written"] == 2
     for path in sorted((tmp_path / "local").glob("*.parquet")):
         assert pq.read_table(tmp_path / "ray" / path.name).equals(pq.read_table(path)), path.name
+    # on demand: the basic rule's features computed by Ray tasks, the same subset as computed here
+    on_ray = CaptionFeatureStore(tmp_path / "store_ray", engine=Engine(cluster.address), log=lambda _: None)
+    here = CaptionFeatureStore(tmp_path / "store_local", processes=1, log=lambda _: None)
+    kept = select_uids(tmp_path / "meta", "basic", caption_features=on_ray)
+    assert len(kept) and np.array_equal(kept, select_uids(tmp_path / "meta", "basic", caption_features=here))
+    assert on_ray.parts("fasttext") == 2
 
 
 def test_a_failed_task_names_the_step_the_file_and_the_node(cluster, tmp_path):
@@ -214,11 +221,9 @@ def test_dagster_runs_each_step_as_a_ray_job_recorded_in_postgresql(cluster, pos
             assert metadata("pool_metadata", "rehearsal")["rows"] == 400
             assert metadata("checkpoint", "rehearsal|no_filter")["samples_seen"] == 256
 
-    # The caption features the cluster joined are the local engine's, row for row.
-    local = tmp_path / "local_metadata"
-    join_caption_features(sorted(mirror.glob("*.parquet")), local, processes=1, log=lambda _: None)
-    for path in sorted(local.glob("*.parquet")):
-        assert pq.read_table(tmp_path / "data" / "rehearsal" / "pool_metadata" / path.name).equals(pq.read_table(path))
+    # pool_metadata links the published files as they are
+    for path in sorted(mirror.glob("*.parquet")):
+        assert (tmp_path / "data" / "rehearsal" / "pool_metadata" / path.name).resolve() == path.resolve()
 
 
 def test_a_cluster_out_of_reach_stops_the_main_command_before_anything_starts(tmp_path):

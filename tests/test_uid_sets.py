@@ -34,3 +34,36 @@ def test_arrow_uids_parse_fast_and_name_a_bad_one():
     assert np.array_equal(arrow_uids_to_array(pa.array(array_to_uids(arr))), arr)
     with pytest.raises(ValueError, match="not a 32-char hex uid: 0123456789abcdefg"):
         arrow_uids_to_array(pa.array(["0123456789abcdefg123456789abcdef"]))
+
+
+def write_pool(directory, arr, files=3):
+    import pyarrow.parquet as pq
+
+    directory.mkdir(exist_ok=True)
+    for i, part in enumerate(np.array_split(arr, files)):
+        pq.write_table(pa.table({"uid": array_to_uids(part), "x": np.arange(len(part))}), directory / f"{i:04d}.parquet")
+
+
+def test_the_uid_index_gives_the_sorted_uids_of_any_rows_and_is_rebuilt_when_the_pool_changes(tmp_path):
+    from datacomp_assets.core.uid_index import load_uid_index, uid_index, write_uid_index
+
+    rng = np.random.default_rng(1)
+    pool = uids(rng, 3_000, shared_high=30)
+    pool[100] = pool[2_500]  # a uid twice in the pool: both rows are kept
+    write_pool(tmp_path / "meta", pool)
+    assert load_uid_index(tmp_path / "meta") is None
+    index = write_uid_index(tmp_path / "meta")
+    assert load_uid_index(tmp_path / "meta") is not None
+
+    rows = np.sort(rng.choice(3_000, 1_200, replace=False))
+    rows = np.union1d(rows, [100, 2_500])
+    file_index = np.searchsorted(index.starts, rows, side="right") - 1
+    pairs = (file_index.astype(np.uint64), rows - index.starts[file_index])
+    half = len(rows) // 2  # in two batches, out of order, one pair repeated
+    batches = [(pairs[0][half:], pairs[1][half:]), (pairs[0][:half + 1], pairs[1][:half + 1])]
+    assert np.array_equal(index.subset(batches), sort_uids(pool[rows]))
+    assert np.array_equal(index.subset([(file_index.astype(np.uint64)[:0], rows[:0])]), pool[:0])
+
+    write_pool(tmp_path / "meta", pool[::-1])  # the same names, other contents: the written index is stale
+    assert load_uid_index(tmp_path / "meta") is None
+    assert np.array_equal(uid_index(tmp_path / "meta").sorted_uids[uid_index(tmp_path / "meta").rank], pool[::-1])

@@ -162,6 +162,11 @@ class CaptionFeatureStore:
 
     def for_pool(self, description: list[dict]) -> CaptionFeatureStore:
         """This store, emptied first if it was computed from other metadata files than those `description` lists."""
+        with waiting_for(self.directory / ".lock", "caption features (pool)", self.log):
+            self._empty_unless(description)
+        return self
+
+    def _empty_unless(self, description: list[dict]) -> None:
         record = self.directory / "pool.json"
         try:
             current = json.loads(record.read_text())
@@ -174,7 +179,6 @@ class CaptionFeatureStore:
                 shutil.rmtree(self.group_dir(group), ignore_errors=True)
             self.directory.mkdir(parents=True, exist_ok=True)
             replace_atomically(lambda tmp: tmp.write_text(json.dumps(description)), record)
-        return self
 
     def lock(self, group: str):
         return waiting_for(self.group_dir(group) / ".lock", f"caption features ({group})", self.log)

@@ -49,6 +49,7 @@ class Group:
 # File names that writers below the stages (the synthetic world's index writer) share with the layout.
 INDEX_FILE = "index.parquet"
 GROUND_TRUTH_FILE = "ground_truth.parquet"
+CAPTION_FEATURES_DIR = "caption_features"  # beside the assets: a cache the rules fill, not an asset
 REMOVED_DIR = "removed"  # beside the pool metadata: what the safety steps removed, and why
 
 
@@ -150,6 +151,11 @@ class Layout:
     def removed_samples(self, scale: str) -> Path:
         """Samples the safety steps took out of the pool, with the reason, one parquet per shard."""
         return self.pool_metadata(scale) / REMOVED_DIR
+
+    def caption_features(self, scale: str) -> Path:
+        """Caption features the metadata lacks (a published pool's), computed on demand by the rules that read them
+        and kept for the next (`core.caption_features.CaptionFeatureStore`)."""
+        return self.root / scale / CAPTION_FEATURES_DIR
 
     def pool_features(self, scale: str) -> Path:
         return self.asset_dir(scale, Asset.POOL_FEATURES)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datacomp_assets.core.files import replace_atomically
@@ -73,8 +74,11 @@ def build_uid_index(metadata_dir: str | os.PathLike) -> UidIndex:
     files = metadata_parquet(metadata_dir)
     parts = []
     for path in files:
-        column = pq.read_table(path, columns=["uid"]).column("uid")
-        parts.append(arrow_uids_to_array(column.combine_chunks()) if len(column) else np.empty(0, UID_DTYPE))
+        try:
+            column = pq.read_table(path, columns=["uid"]).column("uid")
+            parts.append(arrow_uids_to_array(column.combine_chunks()) if len(column) else np.empty(0, UID_DTYPE))
+        except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+            raise ValueError(f"{path}: cannot read its uids: {err}") from None
     uids = np.concatenate(parts)
     order = sort_order(uids)
     rank = np.empty(len(uids), dtype=np.int32 if len(uids) < 2**31 else np.int64)

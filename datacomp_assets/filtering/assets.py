@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from datacomp_assets.core.caption_features import CaptionFeatureStore
 from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.lineage import code_revision, file_sha256, verified_version, write_lineage
 from datacomp_assets.core.strategies import (
@@ -20,7 +21,7 @@ from datacomp_assets.core.scorers import IMAGE_SCORERS, SCORER_MODEL, image_scor
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, on_synthetic_web, reading_image_scores, scale_and_scorer,
     scale_and_strategy, scale_partitions, scale_scorer_partitions, scale_strategy_partitions, strategy_partitions)
-from resources import AcceleratorResource, PoolSourceResource, StorageResource
+from resources import AcceleratorResource, EngineResource, PoolSourceResource, StorageResource
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="2", pool="gpu",
@@ -28,7 +29,7 @@ from resources import AcceleratorResource, PoolSourceResource, StorageResource
                 *(dg.AssetDep(a, partition_mapping=on_synthetic_web)
                   for a in (Asset.SCORER_MODELS, Asset.EVAL_SUITE, Asset.CURATED_SOURCE))])
 def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
-                  pool_source: PoolSourceResource) -> dg.MaterializeResult:
+                  pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
     """Per-sample columns the filters beyond the metadata read: caption concepts and repeats, k-means clusters and
     the target clusters, SemDeDup similarities, density-pruning quotas, VAS, NormSim, negCLIPLoss and HYPE scores,
     MetaCLIP keep probabilities. Metadata only: no image.
@@ -37,7 +38,9 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
     MetaCLIP's entries, HYPE's heads) are files named in the scale's configuration; a column whose file is not
     configured is left out (a rule reading it then names the file), and a configured file that is missing fails
     at once. At the synthetic web, HYPE's heads are trained here on the curated source."""
-    from datacomp_assets.filtering.features import FeatureSettings, compute_pool_features, vocabulary_from_classnames
+    from datacomp_assets.filtering.features import (
+        IMAGE_BASED_CAPTIONS, FeatureSettings, compute_pool_features, vocabulary_from_classnames)
+    from datacomp_assets.filtering.selection import rows_where
     from datacomp_assets.filtering.image_based import proportional_k
 
     with storage.writing(context):
@@ -54,8 +57,12 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
             metaclip_t=scale.metaclip_t, clusters=min(n_pool, scale.kmeans_clusters or proportional_k(n_pool)),
             seed=scale.seed, kmeans_max_points=scale.kmeans_max_points)
         out = layout.pool_features(scale.name)
+        # the image-based baseline clusters only captions that pass its caption terms (fastText on demand)
+        captioned = rows_where(metadata_dir, IMAGE_BASED_CAPTIONS,
+                               caption_features=caption_feature_store(context, layout, scale, source, engine))
         summary = compute_pool_features(metadata_dir, out, settings, inputs["target_embeddings"],
-                                        inputs["vas_targets"], context.log.info, hype_heads=inputs["hype_heads"])
+                                        inputs["vas_targets"], context.log.info, hype_heads=inputs["hype_heads"],
+                                        captioned=captioned)
         if inputs["left_out"]:
             context.log.warning("left out (no input configured): " + "; ".join(inputs["left_out"]))
         return dg.MaterializeResult(metadata={
@@ -273,7 +280,7 @@ def strategy_definitions() -> dg.DataVersionsByPartition:
                 dg.AssetDep(Asset.RECAPTIONED_SOURCE, partition_mapping=by_scale)],
           code_version="4")
 def subset(context: dg.AssetExecutionContext, storage: StorageResource,
-           pool_source: PoolSourceResource) -> dg.MaterializeResult:
+           pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
     """The strategy's rule applied to the pool metadata: the uids a CLIP will be trained on, and an audit of
     who is in and who is out."""
     from datacomp_assets.filtering.audit import audit_markdown, audit_subset
@@ -287,14 +294,16 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         t0 = time.perf_counter()
         scored = [layout.image_scores(scale.name, scorer) for scorer in IMAGE_SCORERS]
         feature_dirs = [d for d in (layout.pool_features(scale.name), *scored) if d.exists()]
+        store = caption_feature_store(context, layout, scale, source, engine)
         uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=feature_dirs,
                            reference_scorers=source.reference_scorers,
-                           external_dirs=layout.external_source_dirs(scale.name))
+                           external_dirs=layout.external_source_dirs(scale.name), caption_features=store)
         seconds = time.perf_counter() - t0
         path = layout.subset_file(scale.name, strategy)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_subset(uids, path)
-        audit = audit_subset(metadata_dir, uids, ground_truth_path=source.ground_truth())
+        audit = audit_subset(metadata_dir, uids, ground_truth_path=source.ground_truth(),
+                             language_dir=store.group_dir("fasttext"))
         overall = audit["overall"][0]
         subset_sha256 = file_sha256(path)
         write_lineage(path.parent, {"subset_sha256": subset_sha256, "strategy": strategy,
@@ -313,6 +322,12 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
             "audit": dg.MetadataValue.md(audit_markdown(audit)),
             "seconds": round(seconds, 2),
         })
+
+
+def caption_feature_store(context, layout, scale, source, engine: EngineResource) -> CaptionFeatureStore:
+    """Where the caption features a published pool's metadata lacks are computed, when a rule first reads them."""
+    return CaptionFeatureStore(layout.caption_features(scale.name), engine=engine.engine(),
+                               processes=source.processes, log=context.log.info)
 
 
 def _uid_array(query: str) -> np.ndarray:

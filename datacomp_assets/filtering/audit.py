@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -22,10 +23,10 @@ import pyarrow.parquet as pq
 
 from datacomp_assets.core.uids import UID_DTYPE, sort_uids, unique_sorted
 
-REQUIRED_COLUMNS = ("uid", "text", "original_width", "original_height", "language")
+REQUIRED_COLUMNS = ("uid", "text", "original_width", "original_height")
 TRUTH_COLUMNS = ("uid", "kind", "object")
 TOP_GROUPS = 12  # categorical dimensions: the largest groups, then one OTHER row for the rest
-OTHER, MISSING = "(other)", "(missing)"
+OTHER, MISSING, NOT_COMPUTED = "(other)", "(missing)", "(not computed)"
 
 # Ordered dimensions: (name, SQL label expression over the row alias `m`, labels in display order).
 # least()/greatest() skip NULLs, so a missing width or height must be caught first.
@@ -99,13 +100,16 @@ def _top_groups(counts: dict[str, tuple[int, int]]) -> list[dict]:
 
 def audit_subset(metadata_dir: str | os.PathLike, subset: np.ndarray,
                  ground_truth_path: str | os.PathLike | None = None,
-                 concept_column: str | None = None) -> dict[str, list[dict]]:
+                 concept_column: str | None = None,
+                 language_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
     """The kept share of the pool per group, for each dimension.
 
     Returns {dimension: [{"group", "pool", "kept", "kept_share"}, ...]}. Categorical dimensions (language,
     concept, ground_truth_kind, ground_truth_object) list their largest groups first, the tail as "(other)";
     bucketed ones (caption_words, image_min_side, aspect_ratio) list buckets in order, empty ones left out.
-    NULL labels group as "(missing)", as do pool rows absent from the ground truth. `concept` and the
+    NULL labels group as "(missing)", as do pool rows absent from the ground truth. Without a `language` column in
+    the metadata, languages come from the parquet files of `language_dir` (uid, language: the caption feature
+    store's, which holds the rows some rule needed), and rows it lacks group as "(not computed)". `concept` and the
     ground-truth dimensions appear only when asked for. "overall" is one row for the whole pool, with
     `kept_unique` (distinct subset uids, in the pool or not) and `kept_with_repeats` (the subset's length).
     Subset uids not in the pool count in neither `pool` nor `kept`.
@@ -116,7 +120,15 @@ def audit_subset(metadata_dir: str | os.PathLike, subset: np.ndarray,
     # num_words is the basic filter's own count; without it, count the same words in SQL.
     words = "m.num_words" if "num_words" in columns else f"len(regexp_extract_all(coalesce(m.text, ''), '{_WORD}'))"
 
-    labels = {"language": f"coalesce(m.language, '{MISSING}')"}
+    language_join = ""
+    if "language" in columns:
+        labels = {"language": f"coalesce(m.language, '{MISSING}')"}
+    elif language_dir is not None and any(Path(language_dir).glob("*.parquet")):
+        labels = {"language": f"coalesce(f.language, '{NOT_COMPUTED}')"}
+        language_join = (f"LEFT JOIN read_parquet({_quote_path(Path(language_dir) / '*.parquet')}) f "
+                         f"ON f.uid = m.uid")
+    else:
+        labels = {"language": f"'{NOT_COMPUTED}'"}
     labels.update({name: expr.format(words=words) for name, expr, _ in _BUCKETED})
     if concept_column:
         labels["concept"] = f"coalesce(CAST(m.{_quote_ident(concept_column)} AS VARCHAR), '{MISSING}')"
@@ -143,7 +155,7 @@ def audit_subset(metadata_dir: str | os.PathLike, subset: np.ndarray,
         ), labelled AS (
             SELECT {', '.join(f'{expr} AS d{i}' for i, expr in enumerate(labels.values()))},
                    k.hi IS NOT NULL AS is_kept
-            FROM m LEFT JOIN kept k ON m._hi = k.hi AND m._lo = k.lo {truth_join}
+            FROM m LEFT JOIN kept k ON m._hi = k.hi AND m._lo = k.lo {truth_join} {language_join}
         )
         SELECT {', '.join(f'd{i}' for i in range(len(names)))}, count(*) AS pool, count_if(is_kept) AS kept
         FROM labelled

@@ -84,6 +84,7 @@ def entries_from_captions(texts: Iterable[str], min_count: int, extra: Iterable[
 # The image-based baseline clusters only the pool whose captions pass this (upstream's
 # image_based_clustering.py); its rule in strategies.toml repeats the same caption conditions.
 CAPTION_COLUMNS = ("language", "num_tokens", "num_chars")
+IMAGE_BASED_CAPTIONS = "language = 'en' AND num_tokens > 1 AND num_chars > 5"
 EMBEDDING_KEY = "l14_img"
 TEXT_EMBEDDING_KEY = "l14_txt"  # negCLIPLoss and HYPE pair it with the image's
 
@@ -127,11 +128,11 @@ class MetadataFile:
         return embeddings
 
 
-def metadata_files(metadata_dir: str | os.PathLike) -> list[MetadataFile]:
-    """The metadata's parquet files in pool order, each checked for the caption columns and its embeddings."""
+def metadata_files(metadata_dir: str | os.PathLike, caption_columns: bool = False) -> list[MetadataFile]:
+    """The metadata's parquet files in pool order, each checked for its embeddings (and the caption columns)."""
     files, start = [], 0
     for path in sorted(Path(metadata_dir).glob("*.parquet")):
-        missing = [c for c in CAPTION_COLUMNS if c not in pq.read_schema(path).names]
+        missing = [c for c in CAPTION_COLUMNS if caption_columns and c not in pq.read_schema(path).names]
         if missing:
             raise ValueError(f"{path} lacks the caption features {missing}: pool_features needs them "
                              "(materialize pool_metadata again)")
@@ -163,7 +164,8 @@ class FeatureSettings:
 
 def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: FeatureSettings,
                           target_embeddings: np.ndarray | None, vas_targets: np.ndarray | None,
-                          log: Callable[[str], None] = print, hype_heads: Path | None = None) -> dict:
+                          log: Callable[[str], None] = print, hype_heads: Path | None = None,
+                          captioned: np.ndarray | None = None) -> dict:
     """Write `<out_dir>/<stem>.parquet` (uid + the feature columns) for every metadata file.
 
     Streamed in bounded memory: the L/14 embeddings are copied once into float16 scratch files (removed at the
@@ -172,10 +174,15 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
     embeddings. `target_embeddings`: L/14 image embeddings of ImageNet's training images (or the tiny analogue's);
     None leaves `in_target_cluster` and `normsim` out. `vas_targets`: VAS's target embeddings; None leaves
     `vas_score` out. `settings.metaclip_entries` None leaves the MetaCLIP columns out; `hype_heads` None the HYPE
-    columns; metadata without L/14 text embeddings leaves negCLIPLoss and HYPE out.
+    columns; metadata without L/14 text embeddings leaves negCLIPLoss and HYPE out. `captioned`: per pool row,
+    whether its caption passes IMAGE_BASED_CAPTIONS (`selection.rows_where`, which computes the caption features a
+    published pool lacks); None reads them from the metadata.
     """
-    files = metadata_files(metadata_dir)
+    given = captioned is not None
+    files = metadata_files(metadata_dir, caption_columns=not given)
     n = files[-1].rows.stop
+    if given and len(captioned) != n:
+        raise ValueError(f"captioned: {len(captioned)} rows for a pool of {n}")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -192,19 +199,20 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
                                   else [])
         scratch_files = {key: _scratch_file(scratch / f"{key}.npy", n, files[0].embedding_shape(key)[1])
                          for key in keys}
-        captioned = np.zeros(n, dtype=bool)
+        captioned = np.array(captioned, dtype=bool) if given else np.zeros(n, dtype=bool)
         caption_hashes = np.zeros(n, dtype=np.uint64)
         matcher = metaclip.build_matcher(settings.metaclip_entries) if settings.metaclip_entries else None
         counts = np.zeros(len(matcher.entries) if matcher else 0, dtype=np.int64)
         # Pass 1: embeddings to scratch (plain writes: a memory map would keep every written page resident), the
         # caption filter, caption hashes, MetaCLIP's entry counts.
         for file in files:
-            table = pq.read_table(file.parquet, columns=["text", *CAPTION_COLUMNS])
+            table = pq.read_table(file.parquet, columns=["text", *([] if given else CAPTION_COLUMNS)])
             for key, (path, offset, width) in scratch_files.items():
                 with open(path, "r+b") as writer:
                     writer.seek(offset + file.rows.start * width * 2)
                     writer.write(np.ascontiguousarray(file.embeddings(key), dtype=np.float16).tobytes())
-            captioned[file.rows] = passes_image_based_captions(table)
+            if not given:
+                captioned[file.rows] = passes_image_based_captions(table)
             caption_hashes[file.rows] = caption_hash(table["text"].to_pylist())
             if matcher:
                 counts += metaclip.count_shard(table["text"].to_pylist(), matcher)

@@ -13,6 +13,7 @@ from datacomp_assets.core.scorers import (
     scorer_recipe)
 from datacomp_assets.core.shards import brace_pattern
 from datacomp_assets.core.trainer import train_in_waves
+from datacomp_assets.core.uid_index import write_uid_index
 from partitions import get_scale, on_synthetic_web, scale_partitions
 from resources import AcceleratorResource, EngineResource, PoolSourceResource, StorageResource
 
@@ -96,15 +97,16 @@ def train_on_curated(context, storage: StorageResource, accelerator: Accelerator
                 dg.AssetDep(Asset.POOL_SHARDS, partition_mapping=on_synthetic_web),
                 dg.AssetDep(Asset.SCORER_MODELS, partition_mapping=on_synthetic_web),
                 dg.AssetDep(Asset.EVAL_SUITE, partition_mapping=on_synthetic_web)],
-          code_version="3", pool="gpu")
+          code_version="4", pool="gpu")
 def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
-                  pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
-    """Per-sample features computed once: language, caption counts, embeddings and both CLIP scores.
+                  pool_source: PoolSourceResource) -> dg.MaterializeResult:
+    """Per-sample metadata: captions, image sizes, embeddings and both CLIP scores, and the pool's sorted uid index.
 
-    At a published pool (the paper's scales): DataComp's parquet and npz as they are, joined with the caption
-    features, file by file in parallel processes (or Ray tasks, on a cluster); no image is read and no model runs. At the synthetic web:
-    computed from the downloaded images by the scorer CLIPs, after the paper's safety steps (unsafe captions
-    and near-duplicates of evaluation images leave the pool, each recorded with its reason under `removed/`)."""
+    At a published pool (the paper's scales): DataComp's parquet and npz as they are, linked; no image is read and
+    no model runs, and caption features (languages, word counts) are computed later, by the rules that read them,
+    on the rows they need. At the synthetic web: computed from the downloaded images by the scorer CLIPs, with the
+    caption features, after the paper's safety steps (unsafe captions and near-duplicates of evaluation images
+    leave the pool, each recorded with its reason under `removed/`)."""
     import duckdb
 
     with storage.writing(context):
@@ -112,15 +114,15 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource, a
         source = pool_source.for_scale(scale, layout)
         out = layout.pool_metadata(scale.name)
         if source.metadata_published:
-            from datacomp_assets.metadata.published import join_caption_features
+            from datacomp_assets.metadata.published import link_published_metadata
 
-            summary = join_caption_features(source.metadata_files(), out, processes=source.processes,
-                                            log=context.log.info, engine=engine.engine())
+            summary = link_published_metadata(source.metadata_files(), out, log=context.log.info)
         else:
             summary = metadata_from_images(context, scale, layout, accelerator, out)
-        rows, en, b32, l14 = duckdb.sql(
-            f"select count(*), avg((language = 'en')::int), avg(clip_b32_similarity_score), "
-            f"avg(clip_l14_similarity_score) from read_parquet('{out}/*.parquet')").fetchall()[0]
+            write_uid_index(out)
+        rows, b32, l14 = duckdb.sql(
+            f"select count(*), avg(clip_b32_similarity_score), avg(clip_l14_similarity_score) "
+            f"from read_parquet('{out}/*.parquet')").fetchall()[0]
         # The pool's version: every subset, checkpoint and score downstream records it in its lineage.
         manifest = file_manifest(sorted(out.glob("*.parquet")))
         pool_version = manifest_version(manifest)
@@ -128,7 +130,7 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource, a
                             "code_revision": code_revision()})
         return dg.MaterializeResult(data_version=dg.DataVersion(pool_version[:16]), metadata={
             "path": dg.MetadataValue.path(str(out)), "pool_version": pool_version,
-            "rows": rows, "english_fraction": en,
+            "rows": rows,
             "mean_clip_b32_similarity_score": b32, "mean_clip_l14_similarity_score": l14,
             **{k: round(v, 1) if k == "seconds" else v for k, v in summary.items() if v is not None},
         })
