@@ -36,6 +36,7 @@ class SyntheticWebPool:
     # carried over as pool shares rather than read literally.
     reference_scorers = False
     metadata_published = False  # the metadata is computed here, from the downloaded images
+    processes = 1  # the miniature's metadata has its caption features: a rule never computes them
 
     def __init__(self, web: SyntheticWebResource, scale: ScaleConfig, layout: Layout):
         self.web, self.scale, self.layout = web, scale, layout
@@ -94,7 +95,7 @@ class PublishedPool:
 
     @property
     def processes(self) -> int:
-        """Worker processes for per-file work over the metadata (caption features)."""
+        """Worker processes for per-file work over the metadata (caption features, on demand)."""
         return self.published.processes or os.cpu_count() or 1
 
     def metadata_files(self) -> list[Path]:

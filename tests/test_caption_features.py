@@ -135,3 +135,40 @@ def test_without_a_store_a_rule_names_the_missing_feature(tmp_path):
     reference_files(tmp_path / "meta")
     with pytest.raises(ValueError, match="basic.*'language'"):
         select_uids(tmp_path / "meta", "basic")
+
+
+def test_two_subsets_asking_at_once_compute_each_row_once(tmp_path):
+    import threading
+
+    from datacomp_assets.core.caption_features import CaptionFeatureStore
+
+    reference_files(tmp_path / "meta")
+    results, errors = [], []
+
+    def run(rule: str) -> None:
+        try:  # one store object each, as two Dagster steps would have
+            store = CaptionFeatureStore(tmp_path / "store", processes=1, log=lambda _: None)
+            results.append((rule, select_uids(tmp_path / "meta", rule, caption_features=store)))
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=("basic",)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert np.array_equal(results[0][1], results[1][1])
+    store_rows(CaptionFeatureStore(tmp_path / "store"), "fasttext")  # fails on a row computed twice
+
+
+def test_a_rule_is_split_into_its_terms_by_duckdbs_parser():
+    import duckdb
+
+    from datacomp_assets.filtering.selection import conjuncts
+
+    con = duckdb.connect()
+    terms = conjuncts(con, "language = 'en' AND (num_words > 2 OR x BETWEEN 1 AND 2) AND "
+                           "b >= (SELECT quantile_disc(c, 0.7) FROM pool)")
+    assert [columns for _, columns in terms] == [{"language"}, {"num_words", "x"}, {"b", "c"}]
+    assert terms[1][0] == "((num_words > 2) OR (x BETWEEN 1 AND 2))"

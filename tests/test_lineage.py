@@ -73,7 +73,8 @@ def test_a_missing_metadata_file_fails_the_subset(tmp_path, monkeypatch):
     from datacomp_assets.core.layout import Layout
     from datacomp_assets.core.lineage import file_manifest, manifest_version
     from datacomp_assets.filtering.assets import subset
-    from resources import PoolSourceResource, PublishedMetadataResource, StorageResource, SyntheticWebResource
+    from resources import (
+        EngineResource, PoolSourceResource, PublishedMetadataResource, StorageResource, SyntheticWebResource)
 
     layout = Layout(tmp_path / "data")
     metadata, features = layout.pool_metadata("tiny"), layout.pool_features("tiny")
@@ -87,7 +88,7 @@ def test_a_missing_metadata_file_fails_the_subset(tmp_path, monkeypatch):
         pq.write_table(pa.table({"uid": uids, "dfn_score": [0.5] * 10}), features / f"{shard:08d}.parquet")
     manifest = file_manifest(sorted(metadata.glob("*.parquet")))
     write_lineage(metadata, {"pool_version": manifest_version(manifest), "manifest": manifest})
-    resources = {"storage": StorageResource(root=str(tmp_path / "data")),
+    resources = {"storage": StorageResource(root=str(tmp_path / "data")), "engine": EngineResource(),
                  "pool_source": PoolSourceResource(synthetic_web=SyntheticWebResource(),
                                                    published=PublishedMetadataResource())}
     key = dg.MultiPartitionKey({"scale": "tiny", "strategy": "no_filter"})

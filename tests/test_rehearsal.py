@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -94,10 +95,19 @@ def test_a_declared_scale_runs_the_published_path_from_pool_index_to_the_leaderb
     for strategy in TRAINED:
         assert re.search(rf"\| {strategy} \|", board), board
         assert (data / "eval_results" / strategy).exists()
-    # The metadata is the published files joined with caption features, their embeddings linked, not copied.
+    # The metadata is the published files, linked, not copied, with the pool's uid index.
     metadata = pq.read_table(sorted((data / "pool_metadata").glob("*.parquet")))
-    assert metadata.num_rows == POOL and {"language", "cld3_language", "num_tokens"} <= set(metadata.column_names)
+    assert metadata.num_rows == POOL and "language" not in metadata.column_names
     assert all(p.is_symlink() for p in (data / "pool_metadata").glob("*.npz"))
+    assert all(p.is_symlink() for p in (data / "pool_metadata").glob("*.parquet"))
+    assert (data / "pool_metadata" / "uid_index" / "uids.npy").exists()
+    # image_based's caption terms needed counts and fastText (pool_features): computed on demand, each row once
+    fasttext = pq.read_table(sorted((data / "caption_features" / "fasttext").glob("*.parquet")))
+    assert 0 < fasttext.num_rows < POOL and len(set(fasttext["uid"].to_pylist())) == fasttext.num_rows
+    # laion2b (one of the subsets) computed CLD3 on its candidates only: the rows whose B/32 score passes
+    cld3 = pq.read_table(sorted((data / "caption_features" / "cld3").glob("*.parquet")))
+    candidates = metadata.filter(pc.greater_equal(metadata["clip_b32_similarity_score"], 0.28))
+    assert 0 < cld3.num_rows < POOL and sorted(cld3["uid"].to_pylist()) == sorted(candidates["uid"].to_pylist())
     # No scorer CLIP was trained and no curated source built: the published scores were used as they are.
     for miniature_only in ("scorer_models", "curated_source"):
         assert not (data / miniature_only).exists()

@@ -150,6 +150,7 @@ class CaptionFeatureStore:
     def __init__(self, directory: str | os.PathLike, engine: Engine = Engine(), processes: int = 2,
                  log: Callable[[str], None] = print):
         self.directory, self.engine, self.processes, self.log = Path(directory), engine, processes, log
+        self.computed: list[dict] = []  # what this object's requests computed: group, rows, files, seconds
 
     def group_dir(self, group: str) -> Path:
         return self.directory / group
@@ -204,4 +205,7 @@ class CaptionFeatureStore:
             done += n
             self.log(f"caption features: {group}: {name}: {n:,} rows, {n / max(seconds, 1e-9):,.0f} rows/s "
                      f"[{count}/{len(tasks)}]")
-        return {"group": group, "rows": done, "files": len(tasks), "seconds": time.perf_counter() - start}
+        summary = {"group": group, "rows": done, "files": len(tasks), "seconds": time.perf_counter() - start}
+        if done:
+            self.computed.append(summary)
+        return summary

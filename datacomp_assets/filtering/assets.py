@@ -321,6 +321,7 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
             "kept_fraction": overall["kept_share"],
             "audit": dg.MetadataValue.md(audit_markdown(audit)),
             "seconds": round(seconds, 2),
+            **{f"caption_features_{c['group']}_rows": c["rows"] for c in store.computed},
         })
 
 

@@ -93,9 +93,16 @@ def connect_pool(metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | o
                  needed: set[str] | None = None, readable: Sequence[str | os.PathLike] = ()):
     """A sandboxed DuckDB connection with the view `pool` (see `create_pool_view`). `readable`: further
     directories the queries may read (external sources, the caption feature store)."""
-    con = sandboxed_connection([metadata_dir, *feature_dirs, *readable])
+    con = sandboxed_connection([*pool_directories(metadata_dir), *feature_dirs, *readable])
     create_pool_view(con, metadata_dir, feature_dirs, needed)
     return con
+
+
+def pool_directories(metadata_dir: str | os.PathLike) -> list[Path]:
+    """The metadata directory and the directories its files link into (a published pool's mirror): DuckDB's
+    sandbox checks the file a link points to."""
+    linked = {path.resolve().parent for path in Path(metadata_dir).glob("*.parquet") if path.is_symlink()}
+    return [Path(metadata_dir), *sorted(linked)]
 
 
 def create_pool_view(con, metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | os.PathLike] = (),
@@ -105,7 +112,7 @@ def create_pool_view(con, metadata_dir: str | os.PathLike, feature_dirs: Sequenc
     identifiers the queries will use; a feature directory with none of them is not joined (a join on 12.8M uids
     costs more than the rest of a simple rule). Returns the view's columns."""
     columns = parquet_columns(metadata_dir)
-    files = ", ".join(_sql_string(str(path.resolve())) for path in metadata_parquet(metadata_dir))
+    files = ", ".join(_sql_string(os.path.abspath(path)) for path in metadata_parquet(metadata_dir))
     # isfinite, not isnan: DuckDB 2.0 folds isnan() to false from parquet min/max statistics, which leave NaN out.
     nan_to_null = [f"CASE WHEN isfinite({c}) THEN {c} END AS {c}" for c in SCORE_COLUMNS.values() if c in columns]
     replace = f" REPLACE ({', '.join(nan_to_null)})" if nan_to_null else ""
@@ -128,8 +135,8 @@ def conjuncts(con, where: str) -> list[tuple[str, set[str]]]:
     (a clause that is not an AND is one term)."""
     tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [f"SELECT 1 FROM pool WHERE {where}"])
                       .fetchall()[0][0])
-    if tree.get("error"):
-        raise ValueError(f"not a valid condition: {where!r}: {tree.get('error_message', '')}")
+    if tree.get("error"):  # (an expression the serializer does not know): one term, reading every word in it
+        return [(where, set(re.findall(r"\w+", where)))]
     node = tree["statements"][0]["node"]
 
     def terms(expression: dict) -> list[dict]:
@@ -317,9 +324,11 @@ class PoolQuery:
         view = self.view
         if view is None or view.store is None:
             return  # a missing column is then named by the query
+        # every word of the rule, a superset of the columns it reads: most rules need no caption feature
+        groups = view.groups_to_compute(set(re.findall(r"\w+", f"{where} {order_by or ''}")))
+        if not groups:
+            return
         terms = conjuncts(con, where)
-        read = set().union(*(columns for _, columns in terms))
-        groups = view.groups_to_compute(read | (conjuncts(con, order_by)[0][1] if order_by else set()))
         on_demand = {c for g in groups for c in GROUPS[g]}
         ready: set[str] = set()
         for group in groups:
@@ -377,7 +386,7 @@ def pool_query(metadata_dir: str | os.PathLike, needed: set[str] | None, feature
                external_dirs: Mapping[str, str | os.PathLike] | None = None) -> Iterator[PoolQuery]:
     index = uid_index(metadata_dir)
     store = caption_features.for_pool(describe_files(index.files)) if caption_features else None
-    con = sandboxed_connection([metadata_dir, *feature_dirs, *(external_dirs or {}).values(),
+    con = sandboxed_connection([*pool_directories(metadata_dir), *feature_dirs, *(external_dirs or {}).values(),
                                 *([store.directory] if store else [])])
     try:
         view = PoolView(metadata_dir, feature_dirs, needed, store)
