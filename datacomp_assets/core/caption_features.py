@@ -181,6 +181,25 @@ class CaptionFeatureStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             replace_atomically(lambda tmp: tmp.write_text(json.dumps(description)), record)
 
+    def covers(self, group: str, condition: str) -> bool:
+        """Whether `group` is held for every row where `condition` holds (recorded by `record_cover`): checking
+        it row by row is a join of the pool with the store, which costs more than the rule."""
+        try:
+            return condition in json.loads((self.group_dir(group) / "covers.json").read_text())
+        except (OSError, ValueError):
+            return False
+
+    def record_cover(self, group: str, condition: str) -> None:
+        """Record that every row where `condition` holds has `group` (the caller holds `lock(group)`)."""
+        path = self.group_dir(group) / "covers.json"
+        try:
+            covers = json.loads(path.read_text())
+        except (OSError, ValueError):
+            covers = []
+        covers = [*covers, condition]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(lambda tmp: tmp.write_text(json.dumps(covers)), path)
+
     def lock(self, group: str):
         return waiting_for(self.group_dir(group) / ".lock", f"caption features ({group})", self.log)
 

@@ -332,13 +332,21 @@ class PoolQuery:
         on_demand = {c for g in groups for c in GROUPS[g]}
         ready: set[str] = set()
         for group in groups:
-            prefilter = " AND ".join(f"({sql})" for sql, columns in terms if not columns & (on_demand - ready))
+            prefilter = " AND ".join(f"({sql})" for sql, columns in terms
+                                     if not columns & (on_demand - ready)) or "true"
+            # A condition over the pool's own columns means the same rows next time; one that reads another
+            # strategy's uids (within, outside) may not, so it is checked row by row every time.
+            stable = not (set(re.findall(r"\w+", prefilter)) & {"within_uids", "outside_uids"})
             with view.store.lock(group):
-                held = (f" AND uid NOT IN (SELECT uid FROM read_parquet('{_parquet_glob(view.store.group_dir(group))}'))"
-                        if view.store.has(group) else "")
-                rows = self._matching_rows(con, f"({prefilter or 'true'}){held}")
-                view.store.compute(group, [(path, np.flatnonzero(rows[a:b]).astype(np.int32)) for path, a, b in
-                                           zip(self.index.files, self.index.starts[:-1], self.index.starts[1:])])
+                if not (stable and view.store.covers(group, prefilter)):
+                    directory = view.store.group_dir(group)
+                    held = (f" AND uid NOT IN (SELECT uid FROM read_parquet('{_parquet_glob(directory)}'))"
+                            if view.store.has(group) else "")
+                    rows = self._matching_rows(con, f"({prefilter}){held}")
+                    view.store.compute(group, [(path, np.flatnonzero(rows[a:b]).astype(np.int32)) for path, a, b in
+                                               zip(self.index.files, self.index.starts[:-1], self.index.starts[1:])])
+                    if stable:
+                        view.store.record_cover(group, prefilter)
             ready |= set(GROUPS[group])
             view.create(con)
 
