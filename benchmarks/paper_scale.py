@@ -166,7 +166,8 @@ def bare_queries(metadata_dir: str, features_dir: str, store_dir: str, pool_rows
     """Each rule as one hand-written DuckDB query (thresholds as the reference's), over the metadata, pool_features
     and the caption features the pipeline's rules stored (the rows each needed)."""
     m, f = f"read_parquet('{metadata_dir}/*.parquet')", f"read_parquet('{features_dir}/*.parquet')"
-    counts, fasttext, cld3 = (f"read_parquet('{store_dir}/{group}/*.parquet')" for group in ("counts", "fasttext", "cld3"))
+    counts, fasttext, cld3 = (f"read_parquet('{store_dir}/{group}/*.parquet') AS {group}"
+                              for group in ("counts", "fasttext", "cld3"))
     captions = f"{m} AS m JOIN {counts} USING (uid) JOIN {fasttext} USING (uid)"
     l14_top = f"clip_l14_similarity_score >= (SELECT quantile_disc(clip_l14_similarity_score, 0.7) FROM {m})"
     image_based = "language = 'en' AND num_tokens > 1 AND num_chars > 5 AND in_target_cluster"
@@ -180,12 +181,12 @@ def bare_queries(metadata_dir: str, features_dir: str, store_dir: str, pool_rows
         "clip_score_b32_30pct": f"""SELECT uid FROM {m} WHERE clip_b32_similarity_score >=
                                     (SELECT quantile_disc(clip_b32_similarity_score, 0.7) FROM {m})""",
         "clip_score_l14_30pct": f"SELECT uid FROM {m} WHERE {l14_top}",
-        "laion2b": f"""SELECT uid FROM {m} JOIN {cld3} USING (uid)
+        "laion2b": f"""SELECT uid FROM {m} AS m JOIN {cld3} USING (uid)
                        WHERE cld3_language = 'en' AND clip_b32_similarity_score >= 0.28""",
-        "text_based": f"SELECT uid FROM {m} JOIN {fasttext} USING (uid) JOIN {f} USING (uid) "
+        "text_based": f"SELECT uid FROM {m} AS m JOIN {fasttext} USING (uid) JOIN {f} AS f USING (uid) "
                       "WHERE language = 'en' AND text_concept IS NOT NULL",
-        "image_based": f"SELECT uid FROM {captions} JOIN {f} USING (uid) WHERE {image_based}",
-        "image_based_clip_score_l14_30pct": f"SELECT uid FROM {captions} JOIN {f} USING (uid) "
+        "image_based": f"SELECT uid FROM {captions} JOIN {f} AS f USING (uid) WHERE {image_based}",
+        "image_based_clip_score_l14_30pct": f"SELECT uid FROM {captions} JOIN {f} AS f USING (uid) "
                                             f"WHERE {image_based} AND {l14_top}",
     }
 
@@ -214,8 +215,8 @@ def bare_kmeans(metadata_dir: str, store_dir: str, k: int, max_points: int, seed
 
     start = time.perf_counter()
     files = sorted(Path(metadata_dir).glob("*.parquet"))
-    passing = duckdb.sql(f"""SELECT uid FROM read_parquet('{store_dir}/counts/*.parquet')
-                             JOIN read_parquet('{store_dir}/fasttext/*.parquet') USING (uid)
+    passing = duckdb.sql(f"""SELECT uid FROM read_parquet('{store_dir}/counts/*.parquet') AS counts
+                             JOIN read_parquet('{store_dir}/fasttext/*.parquet') AS fasttext USING (uid)
                              WHERE language = 'en' AND num_tokens > 1 AND num_chars > 5""").to_arrow_table()
     masks = [pc.is_in(pq.read_table(path, columns=["uid"])["uid"], value_set=passing["uid"]).to_numpy()
              for path in files]
@@ -567,8 +568,6 @@ def main() -> None:
                         help="files of the bench_13m mirror (default: 26 at 12.8M rows, proportionally fewer, >= 2); "
                              "bench_1m gets proportionally fewer, at least 2")
     parser.add_argument("--clusters", type=int, default=1000, help="bench_1m's kmeans_clusters")
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
-                        help="processes of the bare language baseline (the pipeline's default: every core)")
     parser.add_argument("--scales", nargs="+", default=[SCALE_1M, SCALE_13M], choices=[SCALE_1M, SCALE_13M])
     parser.add_argument("--work-dir", default="/tmp/datacomp_paper_scale")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (mirrors reused next run)")
