@@ -1,7 +1,8 @@
 """The pool metadata format: one parquet per shard plus an .npz of embeddings in the same row order.
 
-The parquet columns follow the reference (DataComp's published metadata); the extra feature columns
-are what our filters need, computed once here so that filtering is a pure table query.
+The parquet columns follow the reference (DataComp's published metadata); the extra caption feature columns are
+what our filters need: written with the metadata at the synthetic web, computed on demand at a published pool
+(`core.caption_features`).
 """
 
 from __future__ import annotations
