@@ -37,13 +37,15 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "fasttext": ("language", "language_score"),
     "cld3": ("cld3_language",),
 }
-GROUP_OF = {column: group for group, columns in GROUPS.items() for column in columns}
 CAPTION_COLUMNS = ("language", "language_score", "cld3_language", "num_words", "num_chars", "num_tokens")
 
 
 def feature_schema(cld3: bool = True) -> pa.Schema:
     """uid plus the caption feature columns, typed as in EXTRA_COLUMNS."""
-    names = [c for c in CAPTION_COLUMNS if cld3 or c != "cld3_language"]
+    return _schema([c for c in CAPTION_COLUMNS if cld3 or c != "cld3_language"])
+
+
+def _schema(names) -> pa.Schema:
     return pa.schema([pa.field("uid", pa.string())] + [EXTRA_COLUMNS.field(name) for name in names])
 
 
@@ -78,7 +80,6 @@ def _is_done(path: Path, schema: pa.Schema) -> bool:
         return set(schema.names) <= set(pq.read_schema(path).names)
     except (OSError, pa.ArrowInvalid):  # unreadable: recompute it
         return False
-
 
 
 def _features_of_file(task: tuple[str, str, bool]) -> tuple[str, int, float]:
@@ -131,12 +132,8 @@ def _compute_part(task: tuple[str, str, str, object]) -> tuple[str, int, float]:
     start = time.perf_counter()
     table = pq.read_table(source, columns=["uid", "text"]).take(pa.array(rows))
     features = {"uid": table.column("uid"), **group_features(group, table.column("text"))}
-    write_parquet_atomically(pa.table(features, schema=group_schema(group)), Path(target))
+    write_parquet_atomically(pa.table(features, schema=_schema(GROUPS[group])), Path(target))
     return Path(source).name, table.num_rows, time.perf_counter() - start
-
-
-def group_schema(group: str) -> pa.Schema:
-    return pa.schema([pa.field("uid", pa.string())] + [EXTRA_COLUMNS.field(name) for name in GROUPS[group]])
 
 
 class CaptionFeatureStore:

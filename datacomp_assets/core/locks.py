@@ -12,7 +12,7 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,38 +37,40 @@ def exclusive(lock_file: Path, artifact: str, holder: str) -> Iterator[None]:
     """Hold `lock_file` for the duration of a `with` block, or raise ArtifactLocked naming who holds it.
 
     `holder` (a run id, say) is written into the file, for the message a second writer gets."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held_by = _holder(fd) or "another process"
-            raise ArtifactLocked(
-                f"{artifact} is being written by {held_by}; materialize it again once that has finished, or stop "
-                f"that process (its lock, {lock_file}, is released the moment it exits)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})"
-                  .encode(), 0)
+    def refuse(fd: int) -> None:
+        raise ArtifactLocked(
+            f"{artifact} is being written by {_holder(fd) or 'another process'}; materialize it again once that has "
+            f"finished, or stop that process (its lock, {lock_file}, is released the moment it exits)") from None
+
+    with _locked(lock_file, holder, refuse):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 @contextmanager
 def waiting_for(lock_file: Path, holder: str, log=print) -> Iterator[None]:
     """Hold `lock_file` for a `with` block, waiting (and saying so) while another process holds it: for shared
     caches that a second writer should complete, not refuse (the caption feature store)."""
+    def wait(fd: int) -> None:
+        log(f"waiting for {_holder(fd) or 'another process'} to finish writing {lock_file.parent}")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    with _locked(lock_file, holder, wait):
+        yield
+
+
+@contextmanager
+def _locked(lock_file: Path, holder: str, when_held: Callable[[int], None]) -> Iterator[None]:
+    """flock `lock_file`; if another process holds it, `when_held(fd)` raises or takes the lock by waiting."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"waiting for {_holder(fd) or 'another process'} to finish writing {lock_file.parent}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            when_held(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{holder} (pid {os.getpid()} on {socket.gethostname()})".encode(), 0)
+        os.pwrite(fd, f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})"
+                  .encode(), 0)
         yield
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock

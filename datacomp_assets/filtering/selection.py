@@ -106,11 +106,11 @@ def pool_directories(metadata_dir: str | os.PathLike) -> list[Path]:
 
 
 def create_pool_view(con, metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | os.PathLike] = (),
-                     needed: set[str] | None = None) -> set[str]:
+                     needed: set[str] | None = None) -> None:
     """(Re)define the view `pool`: the metadata parquet files (NaN scores as NULL), left-joined on uid with each
     feature directory's parquet files (columns the metadata already has are not repeated). `needed`: the
     identifiers the queries will use; a feature directory with none of them is not joined (a join on 12.8M uids
-    costs more than the rest of a simple rule). Returns the view's columns."""
+    costs more than the rest of a simple rule)."""
     columns = parquet_columns(metadata_dir)
     files = ", ".join(_sql_string(os.path.abspath(path)) for path in metadata_parquet(metadata_dir))
     # isfinite, not isnan: DuckDB 2.0 folds isnan() to false from parquet min/max statistics, which leave NaN out.
@@ -127,7 +127,6 @@ def create_pool_view(con, metadata_dir: str | os.PathLike, feature_dirs: Sequenc
         joins.append(f"LEFT JOIN read_parquet('{_parquet_glob(directory)}') f{i} USING (uid)")
     con.execute(f"CREATE OR REPLACE VIEW pool AS SELECT {', '.join(select)} "
                 f"FROM read_parquet([{files}]) m {' '.join(joins)}")
-    return set(columns)
 
 
 def conjuncts(con, where: str) -> list[tuple[str, set[str]]]:
@@ -316,7 +315,6 @@ class PoolQuery:
             rng = np.random.default_rng(self.seed)
             uids = uids[np.sort(rng.choice(len(uids), size=min(n_keep, len(uids)), replace=False))]
         return uids
-
 
     def _compute_caption_features(self, con, where: str, order_by: str | None) -> None:
         """Compute the caption features the rule reads and the pool lacks, group by group (cheapest first), each
