@@ -43,6 +43,9 @@ DATACOMP_MAX_CONCURRENT_STEPS = Variable(
     "DATACOMP_MAX_CONCURRENT_STEPS", "2", "Steps a UI, backfill or schedule run executes at once.")
 DATACOMP_GPU_SLOTS = Variable(
     "DATACOMP_GPU_SLOTS", "1", "Slots of the instance's `gpu` pool (`python -m datacomp_assets.instance`).")
+DATACOMP_RULE_TIME_LIMIT_S = Variable(
+    "DATACOMP_RULE_TIME_LIMIT_S", "", "Seconds a strategy's rule may run before it is stopped (`0`: no limit); "
+    "empty: 60 s per million pool rows, at least 600 s.")
 DAGSTER_HOME = Variable(
     "DAGSTER_HOME", ".dagster_home", "Dagster's instance directory (runs, event logs, schedules); relative to "
     "the working directory.")
@@ -60,7 +63,7 @@ NO_ALBUMENTATIONS_UPDATE = Variable(
 
 VARIABLES = (DATACOMP_HOME, DATACOMP_MIRROR, DATACOMP_EVAL_DATA, DATACOMP_STRATEGIES, DATACOMP_SCALES,
              DATACOMP_MAX_CONCURRENT_STEPS, DATACOMP_RAY_ADDRESS, DATACOMP_RAY_JOBS_ADDRESS,
-             DATACOMP_GPU_SLOTS, DAGSTER_HOME, HF_HUB_OFFLINE, NO_ALBUMENTATIONS_UPDATE)
+             DATACOMP_GPU_SLOTS, DATACOMP_RULE_TIME_LIMIT_S, DAGSTER_HOME, HF_HUB_OFFLINE, NO_ALBUMENTATIONS_UPDATE)
 
 
 def apply_offline_defaults() -> None:
@@ -124,6 +127,22 @@ def max_concurrent_steps() -> int:
 
 def gpu_slots() -> int:
     return int(DATACOMP_GPU_SLOTS.get())
+
+
+def rule_time_limit_s() -> float | None:
+    """DATACOMP_RULE_TIME_LIMIT_S: seconds, 0 for no limit; None when unset (the rule's runner scales its default
+    with the pool). A value that is not a number of seconds is one line naming the variable."""
+    text = DATACOMP_RULE_TIME_LIMIT_S.get().strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"{DATACOMP_RULE_TIME_LIMIT_S.name}={text!r}: not a number of seconds; set it to a "
+                         "number >= 0 (0: no limit), or unset it for the default")
+    return seconds
 
 
 def dagster_home() -> Path:

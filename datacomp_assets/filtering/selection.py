@@ -10,7 +10,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from datacomp_assets.core.caption_features import GROUPS, CaptionFeatureStore
 from datacomp_assets.core.uid_index import UidIndex, describe_files, metadata_parquet, uid_index
 from datacomp_assets.core.uids import (
     UID_DTYPE, array_to_uids, arrow_uids_to_array, intersect_sorted, sort_uids, union_sorted, unique_sorted)
+from datacomp_assets.filtering.time_limit import RuleClock, rule_time_limit
 
 # Where a column a rule reads comes from, for the error when it is missing.
 COLUMN_SOURCES = {
@@ -221,6 +222,7 @@ class PoolQuery:
     external_dirs: Mapping[str, str | os.PathLike] | None = None
     index: UidIndex | None = None  # the pool's; without it, kept uids are parsed from their strings and sorted
     view: PoolView | None = None   # with a caption feature store: the caption features a rule reads, on demand
+    clock: RuleClock | None = None  # the rule's time limit: interrupts the connections it watches
 
     def run(self, name: str, strategy: Strategy) -> np.ndarray:
         try:
@@ -279,8 +281,9 @@ class PoolQuery:
                              "need a source made from the pool's images")
         con = connect_pool(directory)
         try:
-            successful = "status = 'success'" if "status" in columns else "true"
-            return self._ranked(con, replace(s, where=f"({s.where}) AND {successful}"), key="pool_uid")
+            with self.clock.watch(con) if self.clock else nullcontext():
+                successful = "status = 'success'" if "status" in columns else "true"
+                return self._ranked(con, replace(s, where=f"({s.where}) AND {successful}"), key="pool_uid")
         finally:
             con.close()
 
@@ -373,7 +376,7 @@ def select_uids(metadata_dir: str | os.PathLike, strategy_name: str, seed: int =
     """
     strategy = get_strategy(strategy_name)
     with pool_query(metadata_dir, strategy_identifiers(strategy_name), feature_dirs, caption_features, seed,
-                    reference_scorers, external_dirs) as query:
+                    reference_scorers, external_dirs, rule=f"strategy {strategy_name!r}") as query:
         return query.run(strategy_name, strategy)
 
 
@@ -381,7 +384,7 @@ def rows_where(metadata_dir: str | os.PathLike, where: str, feature_dirs: Sequen
                caption_features: CaptionFeatureStore | None = None) -> np.ndarray:
     """A boolean mask over the pool's rows (files in name order, rows in file order): where `where` holds, with
     the caption features it reads computed on demand."""
-    with pool_query(metadata_dir, None, feature_dirs, caption_features) as query:
+    with pool_query(metadata_dir, None, feature_dirs, caption_features, rule=f"the rule {where!r}") as query:
         query._compute_caption_features(query.con, where, None)
         return query._matching_rows(query.con, f"({where}) IS TRUE")
 
@@ -389,14 +392,25 @@ def rows_where(metadata_dir: str | os.PathLike, where: str, feature_dirs: Sequen
 @contextmanager
 def pool_query(metadata_dir: str | os.PathLike, needed: set[str] | None, feature_dirs: Sequence = (),
                caption_features: CaptionFeatureStore | None = None, seed: int = 0, reference_scorers: bool = False,
-               external_dirs: Mapping[str, str | os.PathLike] | None = None) -> Iterator[PoolQuery]:
+               external_dirs: Mapping[str, str | os.PathLike] | None = None,
+               rule: str = "the rule") -> Iterator[PoolQuery]:
+    """The pool's query, its connection watched by the rule's time limit (`time_limit`): a rule that overruns
+    fails as RuleTimeLimitExceeded, naming `rule`, whatever error the interrupt raised where it struck."""
     index = uid_index(metadata_dir)
     store = caption_features.for_pool(describe_files(index.files)) if caption_features else None
     con = sandboxed_connection([*pool_directories(metadata_dir), *feature_dirs, *(external_dirs or {}).values(),
                                 *([store.directory] if store else [])])
+    clock = RuleClock(*rule_time_limit(index.rows))
     try:
-        view = PoolView(metadata_dir, feature_dirs, needed, store)
-        view.create(con)
-        yield PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs, index, view)
+        with clock, clock.watch(con):
+            try:
+                view = PoolView(metadata_dir, feature_dirs, needed, store)
+                view.create(con)
+                yield PoolQuery(con, os.fspath(metadata_dir), seed, reference_scorers, external_dirs, index, view,
+                                clock)
+            except Exception:
+                if clock.expired:
+                    raise clock.overran(f"{os.fspath(metadata_dir)}: {rule}") from None
+                raise
     finally:
         con.close()
