@@ -99,5 +99,5 @@ def test_a_missing_metadata_file_fails_the_subset(tmp_path, monkeypatch):
     result = dg.materialize([subset], partition_key=key, resources=resources, raise_on_error=False)
     assert not result.success
     message = next(e for e in result.all_events if e.is_step_failure).event_specific_data.error.to_string()
-    assert "00000001.parquet is missing" in message and "Materialize the asset that wrote it again" in message
+    assert "00000001.parquet is missing" in message and "Materialize pool_metadata (tiny) again" in message
     assert len(np.load(layout.subset_file("tiny", "no_filter"))) == 30  # the old subset stands

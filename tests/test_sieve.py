@@ -164,7 +164,8 @@ def test_caption_shards_are_written_atomically_and_resume(captioner, tmp_path):
 
     summary = write_shard_scores(shards, out, "sieve_score", scoring, log=lambda _: None)
     assert calls == ["00000000", "00000001"] and summary["images_scored"] == 5
-    assert sorted(p.name for p in out.iterdir()) == ["00000000.parquet", "00000001.parquet"]  # no temporary left
+    assert sorted(p.name for p in out.iterdir()) == ["00000000.parquet", "00000001.parquet",  # no temporary left
+                                                     "_manifest.json"]  # (their manifest)
     first = pq.read_table(out / "00000001.parquet")
     assert first.column_names == ["uid", "sieve_score", "generated_caption"]
     assert str(first.schema.field("generated_caption").type) == "string"

@@ -41,14 +41,30 @@ def files_sha256(paths) -> str:
     return h.hexdigest()
 
 
-def file_manifest(paths) -> dict[str, dict]:
-    """Name -> size and sha256 of each file (one directory's), hashed in parallel threads."""
+def file_manifest(paths, recorded: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Name -> size, modification time (ns) and sha256 of each file (one directory's), hashed in parallel threads.
+
+    A file whose size and modification time are those `recorded` (a previous manifest) keeps its recorded hash
+    unread, so recording a directory again costs a hash of only the files written since."""
     from concurrent.futures import ThreadPoolExecutor
 
-    paths = [Path(p) for p in paths]
+    paths, recorded = [Path(p) for p in paths], recorded or {}
+    stats = [p.stat() for p in paths]
+
+    def digest(i: int) -> str:
+        entry = recorded.get(paths[i].name)
+        return entry["sha256"] if entry and stat_unchanged(entry, stats[i]) else file_sha256(paths[i])
+
     with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(file_sha256, paths))
-    return {p.name: {"size": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
+        digests = list(pool.map(digest, range(len(paths))))
+    return {p.name: {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": d}
+            for p, st, d in zip(paths, stats, digests)}
+
+
+def stat_unchanged(entry: dict, stat: os.stat_result) -> bool:
+    """Whether a file's size and modification time are those its manifest entry records (any rewrite, even of the
+    same size, sets the modification time); an entry recorded without a time never is."""
+    return entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns
 
 
 def manifest_version(manifest: dict[str, dict]) -> str:
@@ -60,18 +76,34 @@ def manifest_version(manifest: dict[str, dict]) -> str:
 
 
 def manifest_differences(directory: str | os.PathLike, manifest: dict[str, dict], pattern: str) -> list[str]:
-    """How the files of `directory` matching `pattern` differ from `manifest`: missing, added or resized files.
-    Cheap (names and sizes, no hashing), so every reader can afford it."""
-    present = {p.name: p.stat().st_size for p in Path(directory).glob(pattern)}
+    """How the files of `directory` matching `pattern` differ from `manifest`: missing, added, resized or rewritten
+    files. Cheap enough for every reader: a file of the recorded size and modification time is not read; one whose
+    time changed (or was not recorded) is hashed again, and named only when its content differs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    present = {}
+    for path in Path(directory).glob(pattern):
+        try:
+            present[path.name] = (path, path.stat())
+        except FileNotFoundError:  # a link whose file is gone
+            pass
+    resized = [name for name, entry in sorted(manifest.items())
+               if name in present and present[name][1].st_size != entry["size"]]
+    touched = [name for name, entry in sorted(manifest.items()) if name in present and name not in resized
+               and not stat_unchanged(entry, present[name][1])]
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        digests = dict(zip(touched, pool.map(file_sha256, [present[name][0] for name in touched])))
     return ([f"{name} is missing" for name in sorted(set(manifest) - set(present))]
             + [f"{name} was added" for name in sorted(set(present) - set(manifest))]
-            + [f"{name} has {present[name]} bytes, not {entry['size']}" for name, entry in sorted(manifest.items())
-               if name in present and present[name] != entry["size"]])
+            + [f"{name} has {present[name][1].st_size} bytes, not {manifest[name]['size']}" for name in resized]
+            + [f"{name} was rewritten (same size, sha256 {digest[:12]}, not {manifest[name]['sha256'][:12]})"
+               for name, digest in digests.items() if digest != manifest[name]["sha256"]])
 
 
-def verified_version(directory: str | os.PathLike, pattern: str = "*.parquet") -> str:
+def verified_version(directory: str | os.PathLike, pattern: str = "*.parquet",
+                     what_to_do: str = "Materialize the asset that wrote it again.") -> str:
     """The version `directory`'s lineage records, once its files are checked against the recorded manifest;
-    ValueError naming what changed when they are not the files that version hashed."""
+    ValueError naming what changed, and `what_to_do`, when they are not the files that version hashed."""
     record = read_lineage(directory)
     version = record.get("pool_version", "unknown")
     manifest = record.get("manifest")
@@ -81,7 +113,7 @@ def verified_version(directory: str | os.PathLike, pattern: str = "*.parquet") -
     if differences:
         shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
         raise ValueError(f"{directory} no longer holds the files of version {version[:12]} recorded in its "
-                         f"{LINEAGE_FILE}: {shown}. Materialize the asset that wrote it again.")
+                         f"{LINEAGE_FILE}: {shown}. {what_to_do}")
     return version
 
 

@@ -52,7 +52,11 @@ def validate_metadata(path_or_table: str | os.PathLike | pa.Table, *, require_ex
     if isinstance(path_or_table, pa.Table):
         where, names = "table", set(path_or_table.column_names)
     else:
-        where, names = str(path_or_table), set(pq.read_schema(path_or_table).names)
+        where = str(path_or_table)
+        try:
+            names = set(pq.read_schema(path_or_table).names)
+        except (OSError, pa.ArrowException) as err:
+            raise ValueError(f"{where}: is not a readable parquet file ({str(err).splitlines()[0]})") from None
     required = FULL_SCHEMA.names if require_extra else POOL_METADATA_SCHEMA.names
     missing = [name for name in required if name not in names]
     if missing:

@@ -10,22 +10,32 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
+STATS_SUFFIX = "_stats.json"  # img2dataset's table of a finished shard: NNNNNNNN_stats.json beside NNNNNNNN.tar
+
+
+class BrokenShard(ValueError):
+    """A webdataset shard that cannot be read to its end, or holds fewer samples than its writer counted."""
+
 
 def iter_webdataset(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {extension: bytes}) for each sample of a webdataset tar, in order."""
-    with tarfile.open(tar_path) as tar:
-        key, files = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.partition(".")
-            if stem != key and files:
+    try:
+        with tarfile.open(tar_path) as tar:
+            key, files = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                stem, _, ext = member.name.partition(".")
+                if stem != key and files:
+                    yield key, files
+                    files = {}
+                key = stem
+                files[ext] = tar.extractfile(member).read()
+            if files:
                 yield key, files
-                files = {}
-            key = stem
-            files[ext] = tar.extractfile(member).read()
-        if files:
-            yield key, files
+    except tarfile.ReadError as e:  # a bare ReadError names no file
+        raise BrokenShard(f"{tar_path} is cut short mid-member or is not a tar ({e}); materialize the asset that "
+                          "wrote it again") from None
 
 
 def write_webdataset(tar_path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
@@ -67,3 +77,46 @@ def read_downloaded(tar_path: Path) -> tuple[list[dict], list[Image.Image]]:
         records.append(meta)
         images.append(Image.open(io.BytesIO(files["jpg"])).convert("RGB"))
     return records, images
+
+
+def shard_problem(tar_path: str | Path) -> str | None:
+    """What is wrong with a finished webdataset shard, or None when it is whole.
+
+    A shard is whole when its tar reads to its end, ends with the end-of-archive blocks every finished tar has (a
+    file cut at a member boundary reads cleanly but lacks them), and, where img2dataset's table sits beside it
+    (`NNNNNNNN_stats.json`), holds as many samples as that table counts. Only the member headers are read (tarfile
+    seeks past each member's data), so checking a pool's shards costs a small part of reading them."""
+    path = Path(tar_path)
+    expected = None
+    stats = path.with_name(path.stem + STATS_SUFFIX)
+    if stats.exists():
+        try:
+            expected = int(json.loads(stats.read_text())["successes"])
+        except (ValueError, KeyError, TypeError) as e:
+            return f"has an unreadable {stats.name} ({type(e).__name__}: {e})"
+    if not path.is_file():
+        return "is missing"
+    keys = set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    keys.add(member.name.partition(".")[0])
+            end = tar.offset  # where the end-of-archive blocks begin (the file's end, when they are cut off)
+    except tarfile.ReadError as e:
+        return f"is cut short mid-member or is not a tar ({e})"
+    if expected is not None and len(keys) < expected:
+        return f"holds {len(keys):,} of the {expected:,} samples its {stats.name} counts"
+    if expected is not None and len(keys) > expected:
+        return f"holds {len(keys):,} samples, more than the {expected:,} its {stats.name} counts"
+    if path.stat().st_size < end + 2 * tarfile.BLOCKSIZE:
+        return "is cut short after its last member (it lacks the end-of-archive blocks)"
+    return None
+
+
+def check_shards(tar_paths: Iterable[str | Path], fix: str) -> None:
+    """Raise BrokenShard naming every shard that is not whole (see `shard_problem`) and what to do (`fix`)."""
+    problems = [f"{path} {problem}" for path in tar_paths if (problem := shard_problem(path))]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise BrokenShard(f"{shown}. {fix}")

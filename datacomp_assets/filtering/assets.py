@@ -11,7 +11,8 @@ from PIL import Image
 
 from datacomp_assets.core.caption_features import CaptionFeatureStore
 from datacomp_assets.core.layout import Asset, Group
-from datacomp_assets.core.lineage import code_revision, file_sha256, verified_version, write_lineage
+from datacomp_assets.core.integrity import verified_values_version, verify_table
+from datacomp_assets.core.lineage import code_revision, file_sha256, write_lineage
 from datacomp_assets.core.strategies import (
     STRATEGIES, expected_fraction, sources_read, strategy_definition, strategy_identifiers, strategy_version, track)
 from datacomp_assets.core.uids import (
@@ -48,7 +49,7 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
         source = pool_source.for_scale(scale, layout)
         t0 = time.perf_counter()
         metadata_dir = layout.pool_metadata(scale.name)
-        verified_version(metadata_dir)
+        verified_values_version(metadata_dir, REDO.format(f"{Asset.POOL_METADATA} ({scale.name})"))
         inputs = (feature_inputs_of_published(scale) if source.metadata_published
                   else feature_inputs_of_miniature(scale, layout, accelerator, context.log.info))
         n_pool = _parquet_rows(metadata_dir)
@@ -290,7 +291,9 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         layout = storage.layout
         source = pool_source.for_scale(scale, layout)
         metadata_dir = layout.pool_metadata(scale.name)
-        pool_version = verified_version(metadata_dir)  # the files it reads are the version it records
+        # the files it reads are the version it records, and hold the values that were checked when written
+        pool_version = verified_values_version(metadata_dir, REDO.format(f"{Asset.POOL_METADATA} ({scale.name})"))
+        verify_tables_read(layout, scale.name, strategy)
         t0 = time.perf_counter()
         scored = [layout.image_scores(scale.name, scorer) for scorer in IMAGE_SCORERS]
         feature_dirs = [d for d in (layout.pool_features(scale.name), *scored) if d.exists()]
@@ -323,6 +326,22 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
             "seconds": round(seconds, 2),
             **{f"caption_features_{c['group']}_rows": c["rows"] for c in store.computed},
         })
+
+
+# What a refused table's message says to do: its writer, materialized again, redoes the files that fail the check.
+REDO = "Materialize {} again: it computes again (at a published pool, checks again) the files that fail this check."
+
+
+def verify_tables_read(layout, scale: str, strategy: str) -> None:
+    """The tables of per-sample values beside the metadata that the strategy's rule reads are those their writers
+    recorded (or, where none was recorded, hold valid values): a file that is not is named before any is read."""
+    reads = strategy_identifiers(strategy)
+    tables = {layout.pool_features(scale): f"{Asset.POOL_FEATURES} ({scale})",
+              **{layout.image_scores(scale, scorer): f"{Asset.IMAGE_SCORES} ({scale}|{scorer})"
+                 for scorer in IMAGE_SCORERS if image_score_column(scorer) in reads}}
+    for directory, asset in tables.items():
+        if directory.exists():
+            verify_table(directory, REDO.format(asset))
 
 
 def caption_feature_store(context, layout, scale, source, engine: EngineResource) -> CaptionFeatureStore:

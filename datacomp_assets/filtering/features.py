@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datacomp_assets.core.files import write_parquet_atomically
+from datacomp_assets.core.integrity import record_table, require_valid
 from datacomp_assets.filtering import hyperbolic, image_based, metaclip, negclip, prototypes, semdedup, vas
 
 _WORD = re.compile(r"[a-z]+")
@@ -236,7 +237,13 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
                     metaclip.keep_probabilities(matches, counts, settings.metaclip_t), pa.float32())
                 features["metaclip_draw"] = pa.array(metaclip.shard_rng(settings.seed, i).random(len(texts)),
                                                      pa.float32())
-            write_parquet_atomically(pa.table(features), out_dir / file.parquet.name)
+            table = pa.table(features)
+            require_valid(table, str(out_dir / file.parquet.name), "Not written: the pool's embeddings (its .npz "
+                          "files) or an input file of the scale's give values that are not finite numbers.")
+            write_parquet_atomically(table, out_dir / file.parquet.name)
+        for stale in set(out_dir.glob("*.parquet")) - {out_dir / f.parquet.name for f in files}:
+            stale.unlink()  # the features of a metadata file no longer in the pool, which a rule would join
+        record_table(out_dir, [out_dir / f.parquet.name for f in files])  # the manifest readers check
         lap("write")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

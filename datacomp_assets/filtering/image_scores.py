@@ -3,8 +3,10 @@
 A score is the cosine of the model's image and caption embeddings, of the image as downloaded (the data filtering
 network) or as a `prepare` step changed it (T-MARS masks its text, The Devil Is in the Details flips it), or any
 other function of a shard's images and captions (SIEVE's, filtering/sieve.py). One parquet per pool shard (uid +
-the score column + any extra columns), written under a temporary name and renamed; a shard already scored is
-kept, so an interrupted run resumes. Memory holds one shard's images.
+the score column + any extra columns), its values checked (each uid once, finite scores in range) and written under
+a temporary name and renamed; a shard already scored is kept, so an interrupted run resumes, unless it is not what
+was written (its manifest, the directory's `_manifest.json`, says so) or its values are wrong: then it is scored
+again. Memory holds one shard's images.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pyarrow as pa
 from PIL import Image
 
 from datacomp_assets.core.files import write_parquet_atomically
+from datacomp_assets.core.integrity import RecordedTable, record_table, require_valid
 from datacomp_assets.core.models import Scorer
 from datacomp_assets.core.shards import read_downloaded
 
@@ -52,18 +55,27 @@ def write_shard_scores(shards_dir: str | os.PathLike, out_dir: str | os.PathLike
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scored, skipped, t0 = 0, 0, time.perf_counter()
+    recorded = RecordedTable(out_dir)
     for i, tar in enumerate(tars, 1):
         target = out_dir / f"{tar.stem}.parquet"
         if target.exists():
-            skipped += 1
-            continue
+            redo = recorded.reason_to_redo(target)
+            if redo is None:
+                skipped += 1
+                continue
+            log(f"{column}: {target}: {redo}; scoring shard {tar.name} again")  # never kept
         records, images = read_downloaded(tar)
         scores, extra = score(tar.stem, records, images)
-        write_parquet_atomically(pa.table({"uid": pa.array([r["uid"] for r in records], pa.string()),
-                                           column: pa.array(scores, pa.float32()),
-                                           **{name: pa.array(values) for name, values in extra.items()}}), target)
+        table = pa.table({"uid": pa.array([r["uid"] for r in records], pa.string()),
+                          column: pa.array(scores, pa.float32()),
+                          **{name: pa.array(values) for name, values in extra.items()}})
+        require_valid(table, f"{target} (the scores of {tar})", "Not written: check the scoring model's checkpoint "
+                      "(a cosine that is not a finite number in [-1, 1]) and the shard (a repeated uid).")
+        write_parquet_atomically(table, target)
         scored += len(records)
         log(f"{column}: shard {i}/{len(tars)}: {len(records)} images")
+    # The manifest readers check before every read (only the files written here are hashed).
+    record_table(out_dir, out_dir.glob("*.parquet"), {"column": column})
     seconds = time.perf_counter() - t0
     return {"shards": len(tars), "shards_skipped": skipped, "images_scored": scored, "seconds": round(seconds, 1),
             "images_per_second": round(scored / seconds, 1) if scored and seconds else 0.0}

@@ -6,6 +6,7 @@ import dagster as dg
 from datacomp_assets.core.layout import Asset, Group, Layout
 from datacomp_assets.core.inputs import require_input
 from datacomp_assets.core.progress import Progress
+from datacomp_assets.core.integrity import VALUES_CHECKED, recorded_manifest, require_unique_pool
 from datacomp_assets.core.lineage import code_revision, file_manifest, file_sha256, manifest_version, write_lineage
 from datacomp_assets.core.scales import ScaleConfig
 from datacomp_assets.core.scorers import (
@@ -119,15 +120,17 @@ def pool_metadata(context: dg.AssetExecutionContext, storage: StorageResource, a
             summary = link_published_metadata(source.metadata_files(), out, log=context.log.info)
         else:
             summary = metadata_from_images(context, scale, layout, accelerator, out)
-            write_uid_index(out)
+            require_unique_pool(write_uid_index(out), f"Materialize {Asset.POOL_SHARDS} again: two of its shards "
+                                                      "hold the same sample.")
         rows, b32, l14 = duckdb.sql(
             f"select count(*), avg(clip_b32_similarity_score), avg(clip_l14_similarity_score) "
             f"from read_parquet('{out}/*.parquet')").fetchall()[0]
         # The pool's version: every subset, checkpoint and score downstream records it in its lineage.
-        manifest = file_manifest(sorted(out.glob("*.parquet")))
+        # (only files written since the last record are hashed; each file's values were checked on the way here)
+        manifest = file_manifest(sorted(out.glob("*.parquet")), recorded=recorded_manifest(out))
         pool_version = manifest_version(manifest)
         write_lineage(out, {"pool_version": pool_version, "rows": rows, "manifest": manifest,
-                            "code_revision": code_revision()})
+                            VALUES_CHECKED: True, "code_revision": code_revision()})
         return dg.MaterializeResult(data_version=dg.DataVersion(pool_version[:16]), metadata={
             "path": dg.MetadataValue.path(str(out)), "pool_version": pool_version,
             "rows": rows,

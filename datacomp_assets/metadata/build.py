@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datacomp_assets.core.files import write_parquet_atomically
-from datacomp_assets.core.layout import REMOVED_DIR
+from datacomp_assets.core.integrity import RecordedTable, file_problems, require_valid
+from datacomp_assets.core.layout import REMOVED_DIR, Asset
 from datacomp_assets.core.models import Scorer
 from datacomp_assets.core.schema import FULL_SCHEMA, write_metadata_shard
 from datacomp_assets.core.shards import read_downloaded
@@ -107,12 +108,20 @@ def write_removed(records: list[dict], reasons: list, similarity: np.ndarray, pa
     return len(rows)
 
 
-def _is_current(stem: Path) -> bool:
-    """A shard written before, with every column of today's schema (an older build is redone)."""
+def _reason_to_redo(stem: Path, recorded: RecordedTable) -> str | None:
+    """None when a shard written before may be kept: with every column of today's schema (an older build is
+    redone), and its content the one pool_metadata recorded (or, unrecorded, its values valid); else why not
+    ("" when it was never written)."""
     parquet = stem.with_suffix(".parquet")
     if not (parquet.exists() and stem.with_suffix(".npz").exists()):
-        return False
-    return set(FULL_SCHEMA.names) <= set(pq.read_schema(parquet).names)
+        return ""
+    try:
+        names = pq.read_schema(parquet).names
+    except (OSError, pa.ArrowException):
+        return file_problems(parquet)[0]  # "is not a readable parquet file (...)"
+    if not set(FULL_SCHEMA.names) <= set(names):
+        return "written by an older build, without today's columns"
+    return recorded.reason_to_redo(parquet)
 
 
 def build_pool_metadata(shards_dir: str | Path, out_dir: str | Path, scorers: list[Scorer],
@@ -127,16 +136,23 @@ def build_pool_metadata(shards_dir: str | Path, out_dir: str | Path, scorers: li
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, skipped, t0 = 0, 0, time.perf_counter()
+    recorded = RecordedTable(out_dir)
     for i, tar in enumerate(tars):
         stem = out_dir / tar.stem
-        if _is_current(stem):
+        redo = _reason_to_redo(stem, recorded)
+        if redo is None:
             skipped += 1
             continue
+        if redo:  # a file that is not what was written is computed again, never kept
+            log(f"metadata shard {tar.stem}.parquet: {redo}; computing it again")
         records, images = read_downloaded(tar)
         reasons, similarity = removal_reasons(records, images, eval_fingerprints, duplicate_threshold)
         write_removed(records, reasons, similarity, out_dir / REMOVED_DIR / f"{tar.stem}.parquet")
         kept = [i for i, r in enumerate(reasons) if r is None]
         table, embeddings = shard_metadata([records[i] for i in kept], [images[i] for i in kept], scorers)
+        require_valid(table, f"{stem}.parquet (from {tar})", f"Not written: materialize {Asset.POOL_SHARDS} and "
+                      f"{Asset.SCORER_MODELS} again (a repeated uid comes from the shard, a score that is not a finite "
+                      "number in [-1, 1] from a scorer).")
         write_metadata_shard(table, embeddings, stem)
         rows += table.num_rows
         note = f"{table.num_rows} rows kept, {len(records) - len(kept)} removed"

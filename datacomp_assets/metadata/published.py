@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from datacomp_assets.core.integrity import RecordedTable, file_problems, require_unique_pool
+from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.schema import validate_metadata
 from datacomp_assets.core.uid_index import write_uid_index
 
@@ -30,9 +32,16 @@ def link_published_metadata(published_files: Sequence[Path], out_dir: str | os.P
     published are removed) and write the pool's uid index; returns counts and timings."""
     if not published_files:
         raise FileNotFoundError("no published metadata files; materialize pool_index first")
-    for source in published_files:
-        validate_metadata(source)  # a malformed file fails here, naming it, before anything is linked
     out_dir = Path(out_dir)
+    recorded = RecordedTable(out_dir)
+    for source in published_files:  # a malformed file fails here, naming it, before anything is linked
+        # Values (each uid once, finite scores in range) are read only from files not recorded as they are now.
+        problems = [] if recorded.unchanged(source) else file_problems(source)
+        if problems:
+            raise ValueError(f"{source.resolve()}: {'; '.join(problems)}: not the file DataComp published. Replace "
+                             f"it with the published file (download it again), then materialize "
+                             f"{Asset.POOL_METADATA} again.")
+        validate_metadata(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     names = {source.name for source in published_files}
@@ -48,6 +57,8 @@ def link_published_metadata(published_files: Sequence[Path], out_dir: str | os.P
             embeddings += 1
     linked = time.perf_counter()
     index = write_uid_index(out_dir)
+    require_unique_pool(index, f"Replace the published file that repeats it with the file DataComp published "
+                               f"(download it again), then materialize {Asset.POOL_METADATA} again.")
     log(f"pool_metadata: {len(published_files)} files linked; uid index of {index.rows:,} rows written in "
         f"{time.perf_counter() - linked:.1f} s")
     return {"files": len(published_files), "embedding_files": embeddings, "rows_indexed": index.rows,

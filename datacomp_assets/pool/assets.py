@@ -33,12 +33,14 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
     Resumable: finished shards are kept, half-written ones are removed and fetched again. Every failure is
     counted by kind; where the pool has ground truth (`tiny`), the counts are checked against the faults the
     web injected. On a Ray cluster (the `engine` resource), img2dataset's Ray distributor fetches the shards."""
-    from datacomp_assets.pool.download import check_against_ground_truth, download_shards
+    from datacomp_assets.pool.download import check_against_ground_truth, download_shards, remove_damaged_shards
 
     with storage.writing(context):
         scale, layout = get_scale(context.partition_key), storage.layout
         source = pool_source.for_scale(scale, layout)
         index, out = layout.pool_index_file(scale.name), layout.pool_shards(scale.name)
+        for tar, problem in remove_damaged_shards(out).items():  # img2dataset would skip them as finished
+            context.log.warning(f"{tar} {problem}: removed, to be fetched again")
         urls = pq.read_metadata(index).num_rows
         context.log.info(f"downloading {urls} urls into {out} on {engine.engine().describe()}")
         with source.serving():
@@ -46,7 +48,7 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
                                       processes=downloader.processes, threads=downloader.threads,
                                       timeout=downloader.timeout or scale.download_timeout, retries=downloader.retries,
                                       progress=Progress(context.log.info, "download", -(-urls // scale.shard_size),
-                                                        "shards"), engine=engine.engine())
+                                                        "shards"), engine=engine.engine(), log=context.log.warning)
         context.log.info(f"downloaded {summary.successes}/{summary.count} images")
         metadata = {
             "path": dg.MetadataValue.path(str(out)),
@@ -96,7 +98,7 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
 
     At `tiny`: a second, noisier synthetic source (half its captions mismatched); the curated source is
     the other. At every scale: each url list named in the `external` resource, downloaded by img2dataset."""
-    from datacomp_assets.pool.download import download_shards
+    from datacomp_assets.pool.download import download_shards, remove_damaged_shards
     from datacomp_assets.pool.external import ExternalSource, prepare_external_index
 
     with storage.writing(context):
@@ -110,10 +112,12 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
             source = ExternalSource(name, url_list, url_col=external.url_col, caption_col=external.caption_col)
             index = prepare_external_index(source, layout.external_index_file(scale.name, name))
             shards = layout.external_shards(scale.name, name)
+            for tar, problem in remove_damaged_shards(shards).items():
+                context.log.warning(f"{tar} {problem}: removed, to be fetched again")
             summary = download_shards(index["path"], shards, image_size=scale.image_size,
                                       shard_size=scale.shard_size, processes=downloader.processes,
                                       threads=downloader.threads, timeout=downloader.timeout or scale.download_timeout,
-                                      retries=downloader.retries, engine=engine.engine())
+                                      retries=downloader.retries, engine=engine.engine(), log=context.log.warning)
             rows.append((name, index["rows"], summary.successes, str(shards)))
         root = layout.external_sources(scale.name)
         return dg.MaterializeResult(metadata={
@@ -125,18 +129,25 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
 
 
 @dg.asset_check(asset=pool_shards, blocking=True,
-                description="Every expected shard finished and every url of the index is accounted for")
+                description="Every expected shard finished, every url of the index is accounted for, and every "
+                            "shard's tar is whole and holds the samples its _stats.json counts")
 def pool_shards_complete(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    from datacomp_assets.pool.download import summarize_shards
+    from datacomp_assets.pool.download import damaged_shards, summarize_shards
 
     scale, layout = get_scale(context.partition_key), storage.layout
     urls = pq.read_metadata(layout.pool_index_file(scale.name)).num_rows
     summary = summarize_shards(layout.pool_shards(scale.name))
     expected_shards = -(-urls // scale.shard_size)
+    damaged = damaged_shards(layout.pool_shards(scale.name))
+    described = "; ".join(f"{tar} {problem}" for tar, problem in list(damaged.items())[:5])
+    if len(damaged) > 5:
+        described += f"; and {len(damaged) - 5} more"
     return dg.AssetCheckResult(
-        passed=summary.shards >= expected_shards and summary.count >= urls,
+        passed=summary.shards >= expected_shards and summary.count >= urls and not damaged,
+        description=f"{described}. Materialize pool_shards again: a damaged shard is fetched again." if damaged
+        else None,
         metadata={"shards": summary.shards, "expected_shards": expected_shards, "urls_accounted_for": summary.count,
-                  "urls": urls})
+                  "urls": urls, "damaged_shards": dg.MetadataValue.json({t.name: p for t, p in damaged.items()})})
 
 
 @dg.asset_check(asset=pool_shards, description="Where the pool has ground truth (tiny): every download failure "

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from datacomp_assets.core import settings
 from datacomp_assets.core.engine import Engine, ray_error_message
+from datacomp_assets.core.shards import STATS_SUFFIX, shard_problem
 
 # albumentations (pulled in by img2dataset) checks for updates over the network on import.
 settings.apply_offline_defaults()
@@ -188,6 +189,24 @@ def remove_unfinished_shards(out_dir: str | Path) -> list[str]:
         shutil.rmtree(out_dir / "_tmp")
         removed.append("_tmp")
     return removed
+
+
+def damaged_shards(out_dir: str | Path) -> dict[Path, str]:
+    """Each finished shard (one with a `_stats.json`) whose tar is not whole, and what is wrong with it: missing,
+    cut short, or holding fewer samples than its table counts (`core.shards.shard_problem`: headers only)."""
+    tars = [stats.with_name(stats.name.removesuffix(STATS_SUFFIX) + ".tar")
+            for stats in sorted(Path(out_dir).glob(f"*{STATS_SUFFIX}"))]
+    return {tar: problem for tar in tars if (problem := shard_problem(tar))}
+
+
+def remove_damaged_shards(out_dir: str | Path) -> dict[Path, str]:
+    """Delete the files of every damaged shard (tar, parquet, `_stats.json`), so that img2dataset's incremental mode
+    fetches it again; returns what was wrong with each."""
+    damaged = damaged_shards(out_dir)
+    for tar in damaged:
+        for path in (tar, tar.with_suffix(".parquet"), tar.with_name(tar.stem + STATS_SUFFIX)):
+            path.unlink(missing_ok=True)
+    return damaged
 
 
 def check_index(index_parquet: str | Path) -> None:

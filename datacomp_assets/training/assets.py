@@ -56,14 +56,18 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, acce
             # Resuming would continue a model of the old subset: start over.
             context.log.warning(f"the subset changed since {out} was trained; discarding its checkpoints")
             shutil.rmtree(logs, ignore_errors=True)
-        write_lineage(out, {"subset_sha256": subset_sha256, "complete": False})
+            # Its record named the checkpoints just discarded. Name what the new ones train on, so that a killed run
+            # resumes them. A record of checkpoints that stand is kept until the record of their replacement is
+            # complete (a failed run leaves a finished checkpoint's record as it was).
+            write_lineage(out, {"subset_sha256": subset_sha256, "complete": False})
         sources = list(layout.external_source_dirs(scale.name).values()) if track(strategy) == "byod" else []
         faces = faces_in_pool(layout.pool_metadata(scale.name), sources)
         shard_dirs = [layout.pool_shards(scale.name), *sources]
         shards = reshard(shard_dirs, uids, layout.train_shards(scale.name, strategy), scale.shard_size,
                          face_bboxes=faces)
         if shards.missing_uids:
-            context.log.warning(f"{shards.missing_uids} subset uids have no downloaded image and are skipped")
+            context.log.warning(f"{shards.missing_uids} subset uids have no downloaded image in "
+                                f"{', '.join(map(str, shard_dirs))} and are skipped")
 
         jobs = [accelerator.train_job(scale, shards.shard_pattern, logs, seed_name(seed), seed=seed,
                                       engine=engine.engine()) for seed in scale.seeds]

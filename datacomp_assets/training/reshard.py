@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from datacomp_assets.core.files import temporary_sibling
-from datacomp_assets.core.shards import brace_pattern, iter_webdataset
+from datacomp_assets.core.shards import brace_pattern, check_shards, iter_webdataset
 from datacomp_assets.core.uids import array_to_uids
 from datacomp_assets.training.faces import blur_faces
 
@@ -64,6 +64,10 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
     total = sum(wanted.values())
     if total == 0:
         raise ValueError("the subset is empty: nothing to train on")
+    # A pool shard cut short would silently train on fewer samples, or fail half-way naming no file: check every
+    # one (headers only) before writing anything.
+    check_shards(pool_tars, fix="Materialize pool_shards again (it fetches a damaged shard again), or for a shard "
+                                "outside the pool, the asset that wrote it.")
     # Enough shards for shard sampling with replacement to mix, never more than the shard size.
     per_shard = max(1, min(shard_size, -(-total // min_shards)))
 
