@@ -349,3 +349,31 @@ def test_a_uid_in_two_published_files_is_named_with_both(published):
     assert not refused.success
     assert (f"uid {first['uid'][2].as_py()} in {mirror[0].name} row 2 and {mirror[1].name} row 7"
             in refused.error)
+
+
+# ---------------------------------------------------------------- the caption feature store (a published pool's)
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["manifest", "a store from before manifests"])
+def test_a_changed_caption_feature_part_is_named_and_computed_again_never_read(tmp_path, recorded):
+    from datacomp_assets.core.caption_features import CaptionFeatureStore
+    from datacomp_assets.filtering.selection import select_uids
+    from tests.test_caption_features import reference_files
+
+    reference_files(tmp_path / "meta")
+    logged = []
+    store = CaptionFeatureStore(tmp_path / "store", processes=1, log=logged.append)
+    kept = select_uids(tmp_path / "meta", "basic", caption_features=store)
+    assert len(kept)
+    part = sorted(store.group_dir("fasttext").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    if recorded:  # another language for every row: a rule reading it would keep none of them
+        rewrite(part, table.set_column(1, "language", pa.array(["xx"] * table.num_rows)))
+    else:
+        (store.group_dir("fasttext") / "_manifest.json").unlink(missing_ok=True)
+        rewrite(part, table.set_column(2, "language_score", pa.array([np.nan] * table.num_rows, pa.float32())))
+
+    again = select_uids(tmp_path / "meta", "basic", caption_features=store)
+    assert any(str(store.group_dir("fasttext")) in line and part.name in line and "emptying it" in line
+               for line in logged)
+    assert np.array_equal(again, kept)  # computed again, not read
+    assert pq.read_table(part).equals(table)

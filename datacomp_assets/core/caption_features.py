@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 
 from datacomp_assets.core.engine import Engine
 from datacomp_assets.core.files import replace_atomically, write_parquet_atomically
+from datacomp_assets.core.integrity import record_table, require_valid, table_record, value_problems
+from datacomp_assets.core.lineage import manifest_differences
 from datacomp_assets.core.schema import EXTRA_COLUMNS
 from datacomp_assets.core.language import caption_stats, identify_languages, identify_languages_cld3
 from datacomp_assets.core.locks import waiting_for
@@ -131,8 +133,11 @@ def _compute_part(task: tuple[str, str, str, object]) -> tuple[str, int, float]:
     source, target, group, rows = task
     start = time.perf_counter()
     table = pq.read_table(source, columns=["uid", "text"]).take(pa.array(rows))
-    features = {"uid": table.column("uid"), **group_features(group, table.column("text"))}
-    write_parquet_atomically(pa.table(features, schema=_schema(GROUPS[group])), Path(target))
+    features = pa.table({"uid": table.column("uid"), **group_features(group, table.column("text"))},
+                        schema=_schema(GROUPS[group]))
+    require_valid(features, target, f"Not written: the rows of {source} hold a uid twice, or the language "
+                                    "identifier gave a probability that is not a finite number in [0, 1].")
+    write_parquet_atomically(features, Path(target))
     return Path(source).name, table.num_rows, time.perf_counter() - start
 
 
@@ -141,7 +146,8 @@ class CaptionFeatureStore:
     part holding uid and the group's columns for the rows one request computed.
 
     The store belongs to one pool: `pool.json` describes the metadata files it was computed from (names, rows,
-    sizes, modification times), and a store whose pool changed is emptied before use. One writer per group at a
+    sizes, modification times), and a store whose pool changed is emptied before use; so is a group whose parts are
+    not those its `_manifest.json` records (`core.integrity`). One writer per group at a
     time (a second waits), so a row is computed once even when two subsets ask at the same moment."""
 
     def __init__(self, directory: str | os.PathLike, engine: Engine = Engine(), processes: int = 2,
@@ -162,7 +168,29 @@ class CaptionFeatureStore:
         """This store, emptied first if it was computed from other metadata files than those `description` lists."""
         with waiting_for(self.directory / ".lock", "caption features (pool)", self.log):
             self._empty_unless(description)
+        for group in GROUPS:
+            with self.lock(group):
+                self._empty_group_unless_recorded(group)
         return self
+
+    def _empty_group_unless_recorded(self, group: str) -> None:
+        """Empty a group whose parts are not those the store wrote (a part changed, added or missing, by its
+        manifest; or, in a store written before manifests, a part with bad values), naming them: its features are
+        then computed again on demand, never read. An older store's valid parts are recorded as they are."""
+        directory = self.group_dir(group)
+        if not self.has(group):
+            return
+        try:
+            manifest = table_record(directory).get("manifest")
+        except ValueError:  # an unreadable record: the parts cannot be trusted
+            manifest = {}
+        problems = (manifest_differences(directory, manifest, "*.parquet") if manifest is not None
+                    else value_problems(directory))
+        if problems:
+            self.log(f"caption features: {directory}: {'; '.join(problems[:5])}; emptying it, to compute again")
+            shutil.rmtree(directory)
+        elif manifest is None:
+            record_table(directory, directory.glob("*.parquet"), {"group": group})
 
     def _empty_unless(self, description: list[dict]) -> None:
         record = self.directory / "pool.json"
@@ -221,6 +249,8 @@ class CaptionFeatureStore:
             done += n
             self.log(f"caption features: {group}: {name}: {n:,} rows, {n / max(seconds, 1e-9):,.0f} rows/s "
                      f"[{count}/{len(tasks)}]")
+        if tasks:  # the parts' manifest, which `for_pool` checks (only the new parts are hashed)
+            record_table(directory, directory.glob("*.parquet"), {"group": group})
         summary = {"group": group, "rows": done, "files": len(tasks), "seconds": time.perf_counter() - start}
         if done:
             self.computed.append(summary)
