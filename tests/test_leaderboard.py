@@ -55,6 +55,7 @@ def test_each_track_is_ranked_apart_and_every_row_shows_its_lineage():
     mine.track = "byod"
     basic = entry("basic", [0.39, 0.40, 0.395])
     basic.lineage = {"subset_sha256": "a" * 64, "pool_version": "b" * 64, "strategy_version": "c" * 16,
+                     "scale_version": "e" * 16,
                      "checkpoints": {"seed_0": {"path": "/x/epoch_2.pt", "sha256": "d" * 64}},
                      "code_revision": "0123abcd", "consistent": False}
     entries = [entry("no_filter", [0.33, 0.335, 0.334]), basic, mine]
@@ -62,7 +63,8 @@ def test_each_track_is_ranked_apart_and_every_row_shows_its_lineage():
     filtering, byod = text.split("### Bring-your-own-data track")
     assert "| 1 | basic |" in filtering and "| 2 | no_filter |" in filtering and "my_web_crawl" not in filtering
     assert "| 1 | my_web_crawl |" in byod  # first in its own track, not above the filtering rows
-    lineage_row = ("| basic | aaaaaaaaaaaa | dddddddddddd | bbbbbbbbbbbb | cccccccccccccccc | 0123abcd | "
+    lineage_row = ("| basic | aaaaaaaaaaaa | dddddddddddd | bbbbbbbbbbbb | cccccccccccccccc | eeeeeeeeeeeeeeee | "
+                   "0123abcd | "
                    "**no: re-materialize** |")
     assert lineage_row in filtering
     rows = board_rows(entries)
@@ -79,7 +81,8 @@ def test_a_truncated_checkpoint_is_not_consistent(tmp_path):
 
     from datacomp_assets.core.layout import Layout, seed_name
     from datacomp_assets.core.lineage import file_sha256, files_sha256, write_lineage
-    from datacomp_assets.core.scales import SCALES
+    from datacomp_assets.core.scales import SCALES, scale_version
+    from datacomp_assets.core.strategies import strategy_version
     from datacomp_assets.core.uids import save_subset, uids_to_array
     from datacomp_assets.leaderboard.assets import lineage_of
 
@@ -87,7 +90,7 @@ def test_a_truncated_checkpoint_is_not_consistent(tmp_path):
     subset = layout.subset_file("tiny", "basic")
     subset.parent.mkdir(parents=True)
     save_subset(np.sort(uids_to_array([f"{i:032x}" for i in range(5)])), subset)
-    write_lineage(subset.parent, {"subset_sha256": file_sha256(subset)})
+    write_lineage(subset.parent, {"subset_sha256": file_sha256(subset), "strategy_version": strategy_version("basic")})
     checkpoints = {}
     for seed in scale.seeds:
         path = layout.seed_checkpoint("tiny", "basic", seed, scale.epochs)
@@ -98,7 +101,8 @@ def test_a_truncated_checkpoint_is_not_consistent(tmp_path):
         results.parent.mkdir(parents=True)
         results.write_text('{"key": "objects", "metrics": {"main_metric": 0.5}}\n')
     write_lineage(layout.checkpoint_dir("tiny", "basic"), {"subset_sha256": file_sha256(subset),
-                                                         "checkpoints": checkpoints})
+                                                         "checkpoints": checkpoints,
+                                                         "scale_version": scale_version(scale)})
     write_lineage(layout.eval_results_dir("tiny", "basic"), {
         "checkpoints": {name: c["sha256"] for name, c in checkpoints.items()},
         "results_sha256": files_sha256(layout.results_file("tiny", "basic", s) for s in scale.seeds)})

@@ -3,16 +3,19 @@
 The registry is `scales.toml` beside this file plus any files named in `$DATACOMP_SCALES` (os.pathsep-separated,
 read by `settings`). `tiny` is this project's miniature: the same formats and recipe, sized to run offline on a
 2-core CPU. The paper's scales are exactly the reference's: a user's file may point them at local files (the
-published metadata's mirror, the downloaded shards, the inputs a method needs), never change their recipe. Any
-other section declares a new scale (`inherit = "small"` starts from another scale's settings), such as a 1%
-rehearsal of `small` on a workstation.
+published metadata's mirror, the downloaded shards, the inputs a method needs), never change their recipe. A
+user's file changes `tiny`'s recipe only with `override = true` in its table, which changes the scale's version
+(`scale_version`) and marks the leaderboard. Any other section declares a new scale (`inherit = "small"` starts
+from another scale's settings), such as a 1% rehearsal of `small` on a workstation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -72,6 +75,8 @@ class ScaleConfig:
     eval_suite_scale: float = 1.0  # size of the tiny evaluation suite (tests shrink it)
     metaclip_t_override: float = 0.0  # MetaCLIP's t (pairs kept per entry); 0: its 20,000 per 400M pairs, scaled
     target_images_per_class: int = 50  # training images of the ImageNet analogue per class
+    # A user's file changed this built-in scale's recipe on purpose (`override = true`; never a paper scale's)
+    override: bool = False
 
     @property
     def metaclip_t(self) -> float:
@@ -125,8 +130,11 @@ def _scale_from(name: str, spec: Mapping, base: ScaleConfig | None, where: str) 
     return scale
 
 
-def parse_scales(table: Mapping, where: str, registry: Mapping[str, ScaleConfig]) -> dict[str, ScaleConfig]:
-    """Scales from a TOML table (`[name]` sections); errors name the file and the scale."""
+def parse_scales(table: Mapping, where: str, registry: Mapping[str, ScaleConfig],
+                 builtin: Collection[str] = ()) -> dict[str, ScaleConfig]:
+    """Scales from a TOML table (`[name]` sections); errors name the file and the scale. The `builtin` scales'
+    recipes are the project's: a user's file may change `tiny`'s only with `override = true`, and never a paper
+    scale's."""
     from datacomp_assets.core.strategies import NAME_PATTERN
 
     out: dict[str, ScaleConfig] = {}
@@ -142,19 +150,44 @@ def parse_scales(table: Mapping, where: str, registry: Mapping[str, ScaleConfig]
                 raise ValueError(
                     f"{where}: [{name}] may not change {fixed}: the paper's recipes are fixed by the benchmark. "
                     f"Declare a scale of your own instead (e.g. [my_{name}] with inherit = \"{name}\").")
+        override = spec.get("override", False)
+        if not isinstance(override, bool):
+            raise ValueError(f"{where}: [{name}] override must be true or false, not {override!r}")
+        recipe = sorted(set(spec) - LOCATION_FIELDS - {"override"})
+        if name in builtin and recipe and not override:
+            raise ValueError(
+                f"{where}: [{name}] changes the built-in scale's recipe ({recipe}): declare a scale of your own "
+                f"instead ([my_{name}] with inherit = \"{name}\"), or add `override = true` to [{name}] to change "
+                "it on purpose (its version changes and the leaderboard marks it)")
+        if override and name not in builtin:
+            raise ValueError(f"{where}: [{name}] sets `override = true`, but {name!r} is not a built-in scale; "
+                             "remove that line (a scale of your own needs no marker)")
         base = known.get(name)
         if "inherit" in spec:
             if spec["inherit"] not in known:
                 raise ValueError(f"{where}: [{name}] inherits unknown scale {spec['inherit']!r}; "
                                  f"known: {', '.join(known)}")
             base = known[spec["inherit"]]
-        out[name] = _scale_from(name, spec, base, where)
+        scale = _scale_from(name, spec, base, where)
+        # Marked once overridden, whatever later files amend; a scale inheriting from it is the user's own.
+        override = override or (name in builtin and base is not None and base.name == name and base.override)
+        out[name] = replace(scale, override=override)
     return out
+
+
+def scale_version(scale: ScaleConfig) -> str:
+    """A short hash of the scale's recipe: every setting except its name and where its files are (those a user may
+    set on any scale). Each checkpoint records it, so the leaderboard can tell a model trained under another recipe;
+    an override is part of it, so an overridden scale never shares the built-in's version."""
+    recipe = {f.name: getattr(scale, f.name) for f in fields(ScaleConfig)
+              if f.name != "name" and f.name not in LOCATION_FIELDS}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_registry(extra_files: Sequence[str | os.PathLike] = ()) -> dict[str, ScaleConfig]:
     """The shipped scales plus those declared (or pointed at local files) in `extra_files`."""
     registry: dict[str, ScaleConfig] = {}
+    builtin: tuple[str, ...] = ()  # the shipped file's scales, once it is read
     for path in (REGISTRY_FILE, *extra_files):
         path = Path(path)
         try:
@@ -163,7 +196,8 @@ def load_registry(extra_files: Sequence[str | os.PathLike] = ()) -> dict[str, Sc
             raise FileNotFoundError(f"scale file {path} does not exist (named in $DATACOMP_SCALES?)") from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: not valid TOML: {err}") from None
-        registry.update(parse_scales(table, str(path.resolve()), registry))
+        registry.update(parse_scales(table, str(path.resolve()), registry, builtin))
+        builtin = builtin or tuple(registry)
     return registry
 
 

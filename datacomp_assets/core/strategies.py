@@ -11,15 +11,17 @@ A strategy is one of:
   (bring your own data; a repeated uid is trained on that many times).
 
 The registry is `strategies.toml` beside this file plus any files named in `$DATACOMP_STRATEGIES`
-(os.pathsep-separated, read by `settings`); every registered strategy is a partition, is trained and evaluated,
-and has a leaderboard row, except a `building_block`: a named stage of a longer method that other strategies are
-built from, never trained on its own (`BUILDING_BLOCKS`). The paper's sweeps (`SWEEPS`) can be selected by name
-without being registered.
+(os.pathsep-separated, read by `settings`): a user's file adds strategies under new names, and replaces a built-in
+(or an earlier file's) only where its table says `override = true`. Every registered strategy is a partition, is
+trained and evaluated, and has a leaderboard row, except a `building_block`: a named stage of a longer method that
+other strategies are built from, never trained on its own (`BUILDING_BLOCKS`). The paper's sweeps (`SWEEPS`) can be
+selected by name without being registered.
 The filtering stage runs the rules (`filtering.selection`).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -54,12 +56,19 @@ class Strategy:
     union: tuple[str, ...] = ()
     mixture: tuple[tuple[str, int], ...] = ()  # (strategy name or "source:<name>", times each uid)
     building_block: bool = False        # only a part of other strategies: not a partition, not trained
+    override: bool = False              # a user's file replaces the built-in of this name on purpose
 
     @property
     def parts(self) -> tuple[str, ...]:
         """Strategies this one is built from."""
-        mixed = tuple(name for name, _ in self.mixture if not name.startswith(SOURCE_PREFIX))
-        return (*(p for p in (self.within, self.outside) if p), *self.intersect, *self.union, *mixed)
+        return tuple(part for _, part in self.references)
+
+    @property
+    def references(self) -> tuple[tuple[str, str], ...]:
+        """(setting, strategy name) for each strategy this one is built from, for errors that name the setting."""
+        mixed = tuple(("mixture", name) for name, _ in self.mixture if not name.startswith(SOURCE_PREFIX))
+        return (*((key, p) for key, p in (("within", self.within), ("outside", self.outside)) if p),
+                *(("intersect", p) for p in self.intersect), *(("union", p) for p in self.union), *mixed)
 
     @property
     def expected_fraction(self) -> float | None:
@@ -110,9 +119,10 @@ def parse_strategies(table: Mapping, where: str) -> dict[str, Strategy]:
         if unknown:
             raise ValueError(f"{where}: [{name}] has unknown settings {sorted(unknown)}; known: {sorted(known)}")
         spec = dict(spec)
+        check_types(spec, f"{where}: [{name}]")
         for key in ("intersect", "union"):
             spec[key] = tuple(spec.get(key, ()))
-        spec["mixture"] = tuple((str(m["from"]), int(m.get("upsample", 1))) for m in spec.get("mixture", ()))
+        spec["mixture"] = tuple((m["from"], m.get("upsample", 1)) for m in spec.get("mixture", ()))
         strategy = Strategy(**spec)
         if strategy.fraction is not None and not 0 < strategy.fraction <= 1:
             raise ValueError(f"{where}: [{name}] fraction must be in (0, 1], got {strategy.fraction}")
@@ -131,6 +141,49 @@ def parse_strategies(table: Mapping, where: str) -> dict[str, Strategy]:
             check_expression(strategy.order_by, "SELECT ({}) FROM pool", f"{where}: [{name}] `order_by`")
         out[name] = strategy
     return out
+
+
+# What each setting holds. TOML gives a string where a number was meant (`fraction = "0.5"`) without complaint,
+# and the mistake would surface later as a TypeError naming nothing: check each value's type on reading.
+TEXT_SETTINGS = ("description", "where", "fraction_of", "order_by", "within", "outside", "source")
+FLAG_SETTINGS = ("random", "building_block", "override")
+MIXTURE_KEYS = ("from", "upsample")
+
+
+def check_types(spec: Mapping, place: str) -> None:
+    """Each setting of one strategy's table is of its kind; `place` is "<file>: [<name>]"."""
+    for key in TEXT_SETTINGS:
+        if key in spec and not isinstance(spec[key], str):
+            raise ValueError(f"{place} `{key}` must be text (a quoted TOML string), not {spec[key]!r}")
+    for key in FLAG_SETTINGS:
+        if key in spec and not isinstance(spec[key], bool):
+            raise ValueError(f"{place} `{key}` must be true or false, not {spec[key]!r}")
+    fraction = spec.get("fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))):
+        raise ValueError(f"{place} `fraction` must be a number in (0, 1] (e.g. fraction = 0.5, no quotes), "
+                         f"not {fraction!r}")
+    for key in ("intersect", "union"):
+        names = spec.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{place} `{key}` must be a list of strategy names "
+                             f"(e.g. {key} = [\"basic\", \"no_filter\"]), not {names!r}")
+    mixture = spec.get("mixture", [])
+    if not isinstance(mixture, list):
+        raise ValueError(f"{place} `mixture` must be a list of tables "
+                         f"(e.g. mixture = [{{ from = \"basic\", upsample = 2 }}]), not {mixture!r}")
+    for i, part in enumerate(mixture, 1):
+        entry = f"{place} `mixture` entry {i}"
+        if not isinstance(part, Mapping):
+            raise ValueError(f"{entry} must be a table like {{ from = \"basic\", upsample = 2 }}, not {part!r}")
+        unknown = sorted(set(part) - set(MIXTURE_KEYS))
+        if unknown:
+            raise ValueError(f"{entry} has unknown keys {unknown}; known: {list(MIXTURE_KEYS)}")
+        if not isinstance(part.get("from"), str):
+            raise ValueError(f"{entry} needs `from`: a strategy's name or \"{SOURCE_PREFIX}<external source>\"")
+        upsample = part.get("upsample", 1)
+        if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
+            raise ValueError(f"{entry}: upsample must be a whole number >= 1 (times each uid is repeated), "
+                             f"not {upsample!r}")
 
 
 def check_expression(text: str, template: str, what: str) -> None:
@@ -152,8 +205,11 @@ def check_expression(text: str, template: str, what: str) -> None:
 
 
 def load_registry(extra_files: Sequence[str | os.PathLike] = ()) -> dict[str, Strategy]:
-    """The shipped strategies plus those in `extra_files`; every referenced strategy must exist."""
+    """The shipped strategies plus those in `extra_files`. A user's file adds strategies; it replaces one defined
+    before it (built-in or in an earlier file) only where its table says `override = true`. Every referenced
+    strategy must exist, and none may be built from itself."""
     registry: dict[str, Strategy] = {}
+    defined_in: dict[str, str] = {}  # strategy -> the file that defines it
     for path in (REGISTRY_FILE, *extra_files):
         path = Path(path)
         try:
@@ -162,12 +218,66 @@ def load_registry(extra_files: Sequence[str | os.PathLike] = ()) -> dict[str, St
             raise FileNotFoundError(f"strategy file {path} does not exist (named in $DATACOMP_STRATEGIES?)") from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: not valid TOML: {err}") from None
-        registry.update(parse_strategies(table, str(path)))
-    for name, strategy in registry.items():
-        missing = [p for p in strategy.parts if p not in registry and p not in SWEEPS]
-        if missing:
-            raise ValueError(f"strategy {name!r} is built from unknown strategies {missing}")
+        parsed = parse_strategies(table, str(path))
+        if path != REGISTRY_FILE:
+            for name, strategy in parsed.items():
+                check_replacement(name, strategy, str(path), defined_in)
+        registry.update(parsed)
+        defined_in.update(dict.fromkeys(parsed, str(path)))
+    check_references(registry, defined_in)
     return registry
+
+
+def check_replacement(name: str, strategy: Strategy, path: str, defined_in: Mapping[str, str]) -> None:
+    """A user's strategy takes a name already taken only when it says so: a silent replacement would change what a
+    leaderboard row named `basic` means."""
+    if name in defined_in or name in SWEEPS:
+        if strategy.override:
+            return
+        if name not in defined_in:
+            what = f"one of the paper's sweeps, {name!r}"
+        elif defined_in[name] == str(REGISTRY_FILE):
+            what = f"the built-in strategy {name!r}"
+        else:
+            what = f"the strategy {name!r} of {defined_in[name]}"
+        raise ValueError(f"{path}: [{name}] redefines {what}; give yours a new name (e.g. [my_{name}]), or add "
+                         f"`override = true` to [{name}] to replace it on purpose (its version changes and the "
+                         "leaderboard marks the row)")
+    if strategy.override:
+        raise ValueError(f"{path}: [{name}] sets `override = true`, but there is no strategy {name!r} to override; "
+                         "remove that line (a new strategy needs no marker)")
+
+
+def check_references(registry: Mapping[str, Strategy], defined_in: Mapping[str, str]) -> None:
+    """Every strategy a strategy is built from exists, and no strategy is built from itself (which would recurse
+    without end when its version or its rule is worked out)."""
+    for name, strategy in registry.items():
+        unknown = [(key, part) for key, part in strategy.references if part not in registry and part not in SWEEPS]
+        if unknown:
+            key = unknown[0][0]  # one setting at a time, named
+            missing = [part for k, part in unknown if k == key]
+            close = difflib.get_close_matches(missing[0], [*registry, *SWEEPS], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{defined_in[name]}: [{name}] `{key}` names unknown strategies {missing}{hint}; "
+                             "correct the name, or define that strategy in a strategy file")
+    done: set[str] = set()
+
+    def visit(name: str, trail: list[tuple[str, str]]) -> None:
+        # trail: (strategy, the setting that leads on) from the first strategy visited down to this one
+        if name in done:
+            return
+        on_trail = [n for n, _ in trail]
+        if name in on_trail:
+            cycle = trail[on_trail.index(name):]
+            steps = " -> ".join(f"[{n}] `{key}`" for n, key in cycle)
+            raise ValueError(f"{defined_in[name]}: [{name}] is built from itself: {steps} -> [{name}]; remove one "
+                             "of these references")
+        for key, part in registry[name].references if name in registry else ():
+            visit(part, [*trail, (name, key)])
+        done.add(name)
+
+    for name in registry:
+        visit(name, [])
 
 
 _REGISTRY = load_registry(settings.strategy_files())
@@ -206,6 +316,18 @@ def strategy_version(name: str) -> str:
         definition = {**definition, "parts": {part: strategy_version(part) for part in parts}}
     text = json.dumps(definition, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def overrides(name: str) -> list[str]:
+    """The strategies, this one or those it is built from, that a user's file replaced on purpose
+    (`override = true`): the leaderboard marks the row, since it no longer measures the built-in rule."""
+    if name.startswith(SOURCE_PREFIX):
+        return []
+    strategy = get_strategy(name)
+    found = [name] if strategy.override else []
+    for part in strategy.parts:
+        found += [n for n in overrides(part) if n not in found]
+    return found
 
 
 def strategy_identifiers(name: str) -> set[str]:

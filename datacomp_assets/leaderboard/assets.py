@@ -11,7 +11,8 @@ from datacomp_assets.core.figures import png_markdown
 from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
 from datacomp_assets.core.lineage import file_sha256, files_sha256, read_lineage
 from datacomp_assets.core.results import aggregate, read_results
-from datacomp_assets.core.strategies import STRATEGIES, get_strategy, track
+from datacomp_assets.core.scales import scale_version
+from datacomp_assets.core.strategies import STRATEGIES, get_strategy, overrides, strategy_version, track
 from datacomp_assets.leaderboard.scaling import (
     PAPER_IMAGENET, correlation_png, correlations_markdown, imagenet_scores, rank_correlations, size_vs_average_png)
 from datacomp_assets.leaderboard.submission import PUBLIC_SCALES, export_submission
@@ -42,8 +43,14 @@ def lineage_of(layout: Layout, scale_name: str, strategy: str) -> dict:
                       and _holds(layout.subset_file(scale_name, strategy), subset.get("subset_sha256"))
                       and all(_holds(Path(c["path"]), c["sha256"]) for c in checkpoints.values())
                       and all(r.is_file() for r in results)
-                      and files_sha256(results) == scores.get("results_sha256"))
+                      and files_sha256(results) == scores.get("results_sha256")
+                      # ... and they were made under today's rule and recipe (an override since breaks it)
+                      and subset.get("strategy_version") == strategy_version(strategy)
+                      and ckpt.get("scale_version") == scale_version(get_scale(scale_name)))
     return {"subset_path": str(layout.subset_file(scale_name, strategy)),
+            # what the checkpoints were trained on, by their own record (not the scale file's budget)
+            "samples_seen": ckpt.get("samples_seen"), "scale_version": ckpt.get("scale_version", ""),
+            "scale_override": get_scale(scale_name).override, "overrides": overrides(strategy),
             "subset_sha256": subset.get("subset_sha256", ""), "pool_version": subset.get("pool_version", ""),
             "strategy_version": subset.get("strategy_version", ""), "checkpoints": checkpoints,
             "results_sha256": scores.get("results_sha256", ""),
@@ -62,14 +69,15 @@ def collect_entries(layout: Layout, scale_name: str) -> list[Entry]:
             continue
         group_scores = [aggregate(list(rows.values())) for rows in seeds.values()]
         groups = {g: statistics.mean(s[g] for s in group_scores) for g in group_scores[0] if g != "average"}
+        lineage = lineage_of(layout, scale_name, strategy)
         entries.append(Entry(
-            strategy, len(np.load(subset, mmap_mode="r")), scale.samples_seen,
+            strategy, len(np.load(subset, mmap_mode="r")), lineage["samples_seen"],
             {seed: {k: r["metrics"]["main_metric"] for k, r in rows.items()} for seed, rows in seeds.items()},
-            groups=groups, track=track(strategy), lineage=lineage_of(layout, scale_name, strategy)))
+            groups=groups, track=track(strategy), lineage=lineage))
     return entries
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=Group.LEADERBOARD, code_version="2",
+@dg.asset(partitions_def=scale_partitions, group_name=Group.LEADERBOARD, code_version="3",
           deps=[dg.AssetDep(Asset.EVAL_RESULTS, partition_mapping=by_scale)])
 def leaderboard(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """Strategies ranked by average zero-shot score (mean over seeds, with its spread), with dataset size,

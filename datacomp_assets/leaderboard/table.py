@@ -16,7 +16,7 @@ SIGNIFICANCE = 0.05  # one-sided Welch t-test over seeds
 class Entry:
     strategy: str
     dataset_size: int
-    samples_seen: int
+    samples_seen: int | None                 # by the checkpoints' own record; None where it has none
     seed_tasks: dict[int, dict[str, float]]  # seed -> task key -> main metric
     groups: dict[str, float] = field(default_factory=dict)  # group -> mean over seeds
     track: str = "filtering"                 # or "byod": samples from outside the pool are mixed in
@@ -76,7 +76,8 @@ def to_markdown(entries: list[Entry]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, e in enumerate(ranked, 1):
         beats = beyond_noise(e, ranked[i]) if i < len(ranked) else None
-        cells = [str(i), e.strategy, e.track, str(e.dataset_size), str(e.samples_seen), str(len(e.seed_averages)),
+        cells = [str(i), _marked(e), e.track, str(e.dataset_size),
+                 "unknown" if e.samples_seen is None else str(e.samples_seen), str(len(e.seed_averages)),
                  f"{e.average:.4f}", f"{e.std:.4f}", {True: "yes", False: "within noise", None: ""}[beats],
                  *(f"{e.groups[g]:.4f}" if g in e.groups else "" for g in groups),
                  *(f"{e.tasks[t]:.4f}" if t in e.tasks else "" for t in tasks)]
@@ -97,17 +98,29 @@ def board_markdown(entries: list[Entry]) -> str:
 
 
 def lineage_markdown(entries: list[Entry]) -> str:
-    """Where each row came from: short hashes of its subset, checkpoints and pool, and the code revision."""
+    """Where each row came from: short hashes of its subset, checkpoints and pool, the versions of the strategy and
+    of the scale's recipe it was made under (marked where a user's file overrode them), and the code revision."""
     lines = ["| strategy | subset sha256 | checkpoint sha256 (per seed) | pool version | strategy version | "
-             "code revision | consistent |", "|---|---|---|---|---|---|---|"]
+             "scale version | code revision | consistent |", "|---|---|---|---|---|---|---|---|"]
     for e in rank(entries):
         lin = e.lineage
         ckpts = ", ".join(c["sha256"][:12] for c in lin.get("checkpoints", {}).values())
         consistent = {True: "yes", False: "**no: re-materialize**", None: "unknown"}[lin.get("consistent")]
+        strategy_version = lin.get("strategy_version", "")
+        if lin.get("overrides"):
+            strategy_version += f" (override: {', '.join(lin['overrides'])})"
+        scale_version = lin.get("scale_version", "") + (" (override)" if lin.get("scale_override") else "")
         lines.append(f"| {e.strategy} | {lin.get('subset_sha256', '')[:12]} | {ckpts} | "
-                     f"{lin.get('pool_version', '')[:12]} | {lin.get('strategy_version', '')} | "
+                     f"{lin.get('pool_version', '')[:12]} | {strategy_version} | {scale_version} | "
                      f"{lin.get('code_revision', '')} | {consistent} |")
     return "\n".join(lines)
+
+
+def _marked(e: Entry) -> str:
+    """The strategy's name, marked where a user's file overrode its rule or the scale's recipe on purpose: the row
+    does not measure the built-in one."""
+    overridden = e.lineage.get("overrides") or e.lineage.get("scale_override")
+    return f"{e.strategy} (override)" if overridden else e.strategy
 
 
 def board_rows(entries: list[Entry]) -> list[dict]:

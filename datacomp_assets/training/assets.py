@@ -13,6 +13,7 @@ from datacomp_assets.core.layout import Asset, Group, seed_name
 from datacomp_assets.core.lineage import (
     code_revision, file_sha256, made_from_other_input, read_lineage, text_sha256, write_lineage)
 from datacomp_assets.core.progress import Progress
+from datacomp_assets.core.scales import scale_version
 from datacomp_assets.core.strategies import track
 from datacomp_assets.core.trainer import TrainResult, train_in_waves
 from datacomp_assets.core.uids import load_subset
@@ -52,14 +53,17 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, acce
         uids = load_subset(subset_file)
         subset_sha256 = file_sha256(subset_file)
         out, logs = layout.checkpoint_dir(scale.name, strategy), layout.training_logs(scale.name, strategy)
-        if made_from_other_input(out, "subset_sha256", subset_sha256):
-            # Resuming would continue a model of the old subset: start over.
-            context.log.warning(f"the subset changed since {out} was trained; discarding its checkpoints")
+        recipe = scale_version(scale)
+        if (made_from_other_input(out, "subset_sha256", subset_sha256)
+                or made_from_other_input(out, "scale_version", recipe)):
+            # Resuming would continue a model of the old subset or recipe (an override since): start over.
+            context.log.warning(f"the subset or the scale's recipe changed since {out} was trained; "
+                                "discarding its checkpoints")
             shutil.rmtree(logs, ignore_errors=True)
             # Its record named the checkpoints just discarded. Name what the new ones train on, so that a killed run
             # resumes them. A record of checkpoints that stand is kept until the record of their replacement is
             # complete (a failed run leaves a finished checkpoint's record as it was).
-            write_lineage(out, {"subset_sha256": subset_sha256, "complete": False})
+            write_lineage(out, {"subset_sha256": subset_sha256, "scale_version": recipe, "complete": False})
         sources = list(layout.external_source_dirs(scale.name).values()) if track(strategy) == "byod" else []
         faces = faces_in_pool(layout.pool_metadata(scale.name), sources)
         shard_dirs = [layout.pool_shards(scale.name), *sources]
@@ -88,7 +92,8 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, acce
             "pool_version": read_lineage(subset_file.parent).get("pool_version", "unknown"),
             "checkpoints": {name: {"path": meta["checkpoint_path"], "sha256": meta["checkpoint_sha256"]}
                             for name, meta in per_seed.items()},
-            "model": scale.model, "samples_seen": samples_seen, "complete": True, "code_revision": code_revision()})
+            "model": scale.model, "samples_seen": samples_seen, "scale_version": recipe,
+            "complete": True, "code_revision": code_revision()})
         return dg.MaterializeResult(data_version=dg.DataVersion(text_sha256(hashes)[:16]), metadata={
             "subset_sha256": subset_sha256,
             "model": scale.model, "seeds": list(scale.seeds), "samples_seen": samples_seen,
