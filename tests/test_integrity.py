@@ -377,3 +377,40 @@ def test_a_changed_caption_feature_part_is_named_and_computed_again_never_read(t
                for line in logged)
     assert np.array_equal(again, kept)  # computed again, not read
     assert pq.read_table(part).equals(table)
+
+
+# ---------------------------------------------------------------- an external source: the recaptioned one
+
+def test_nan_scores_in_the_recaptioned_source_are_refused_and_its_writer_recaptions_the_shard(pool):
+    from datacomp_assets.core.scorers import RECAPTIONED_SOURCE
+    from datacomp_assets.filtering.recaption import write_recaptioned_source
+
+    layout, resources = pool
+    out = layout.external_source("tiny", RECAPTIONED_SOURCE)
+    scorer = StandInScorer("l14")
+
+    def recaption():  # recaptioned_source's body, with stand-ins for its captioner and its L/14
+        return write_recaptioned_source(
+            layout.pool_shards("tiny"), out, lambda uids: np.ones(len(uids), bool),
+            lambda shard: lambda images: [f"a generated caption {k}" for k in range(len(images))],
+            lambda images, captions: (lambda i, t: (i * t).sum(axis=1))(*scorer.embed(images, captions)),
+            log=lambda _: None)
+
+    strategy = "clip_score_l14_30pct_plus_recaptioned"
+    assert materialize(resources, "pool_metadata", scale="tiny").success
+    recaption()
+    assert materialize(resources, "subset", scale="tiny", strategy=strategy).success
+    before = subset_uids(layout, strategy)
+    bad = out / "00000000.parquet"
+    table = pq.read_table(bad)
+    column = table.schema.get_field_index("clip_l14_similarity_score")
+    rewrite(bad, table.set_column(column, "clip_l14_similarity_score",
+                                  pa.array([np.nan] * table.num_rows, pa.float32())))
+
+    refused = materialize(resources, "subset", scale="tiny", strategy=strategy)
+    assert not refused.success and str(out) in refused.error and "00000000.parquet" in refused.error
+    assert "Materialize recaptioned_source (tiny) again" in refused.error
+    assert recaption()["shards_skipped"] == 1  # the advice, followed: the bad shard is recaptioned
+    assert pq.read_table(bad).equals(table)
+    assert materialize(resources, "subset", scale="tiny", strategy=strategy).success
+    assert np.array_equal(subset_uids(layout, strategy), before)

@@ -176,6 +176,13 @@ def record_table(directory: str | os.PathLike, files: Iterable[str | os.PathLike
     return manifest
 
 
+def check_and_record_table(directory: str | os.PathLike, what_to_do: str, record: dict | None = None) -> dict:
+    """For a writer that does not check each file as it writes it: every file's values (ValueError naming those that
+    fail, and `what_to_do`), then `record_table`."""
+    _refuse(directory, value_problems(directory), what_to_do)
+    return record_table(directory, Path(directory).glob("*.parquet"), record)
+
+
 def verify_table(directory: str | os.PathLike, what_to_do: str, pattern: str = "*.parquet") -> None:
     """Before a table is read: ValueError naming each file that is not the one recorded (missing, added, rewritten),
     or, where no record says its values were checked, each file whose values are wrong; then `what_to_do`."""

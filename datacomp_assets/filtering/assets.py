@@ -11,14 +11,15 @@ from PIL import Image
 
 from datacomp_assets.core.caption_features import CaptionFeatureStore
 from datacomp_assets.core.layout import Asset, Group
-from datacomp_assets.core.integrity import verified_values_version, verify_table
+from datacomp_assets.core.integrity import table_record, verified_values_version, verify_table
 from datacomp_assets.core.lineage import code_revision, file_sha256, write_lineage
 from datacomp_assets.core.strategies import (
     STRATEGIES, expected_fraction, sources_read, strategy_definition, strategy_identifiers, strategy_version, track)
 from datacomp_assets.core.uids import (
     arrow_uids_to_array, isin_sorted, load_subset, save_subset, sort_uids, union_sorted, unique_sorted)
 from datacomp_assets.filtering.selection import select_uids
-from datacomp_assets.core.scorers import IMAGE_SCORERS, SCORER_MODEL, image_score_column
+from datacomp_assets.core.scorers import (
+    IMAGE_SCORERS, RECAPTIONED_SOURCE, SCORER_MODEL, image_score_column)
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, on_synthetic_web, reading_image_scores, scale_and_scorer,
     scale_and_strategy, scale_partitions, scale_scorer_partitions, scale_strategy_partitions, strategy_partitions)
@@ -190,7 +191,6 @@ def recaptioned_source(context: dg.AssetExecutionContext, storage: StorageResour
     import duckdb
 
     from datacomp_assets.core.models import Scorer, load_model
-    from datacomp_assets.core.scorers import RECAPTIONED_SOURCE
     from datacomp_assets.filtering.recaption import write_recaptioned_source
     from datacomp_assets.filtering.sieve import generated_captions, shard_seed
 
@@ -339,6 +339,12 @@ def verify_tables_read(layout, scale: str, strategy: str) -> None:
     tables = {layout.pool_features(scale): f"{Asset.POOL_FEATURES} ({scale})",
               **{layout.image_scores(scale, scorer): f"{Asset.IMAGE_SCORES} ({scale}|{scorer})"
                  for scorer in IMAGE_SCORERS if image_score_column(scorer) in reads}}
+    # The external sources whose writers record a manifest (the recaptioned source, the miniature's noisy one); a
+    # url list's download is resumed shard by shard, so materializing it again would not fetch a bad file again.
+    for name, directory in layout.external_source_dirs(scale).items():
+        if name in sources_read(strategy) and "manifest" in table_record(directory):
+            writer = Asset.RECAPTIONED_SOURCE if name == RECAPTIONED_SOURCE else Asset.EXTERNAL_SOURCES
+            tables[directory] = f"{writer} ({scale})"
     for directory, asset in tables.items():
         if directory.exists():
             verify_table(directory, REDO.format(asset))

@@ -27,6 +27,7 @@ import pyarrow as pa
 from PIL import Image
 
 from datacomp_assets.core.files import temporary_sibling, write_parquet_atomically
+from datacomp_assets.core.integrity import RecordedTable, record_table, require_valid
 from datacomp_assets.core.scorers import RECAPTIONED_SOURCE
 from datacomp_assets.core.shards import iter_webdataset, write_webdataset
 
@@ -55,11 +56,15 @@ def write_recaptioned_source(shards_dir: str | os.PathLike, out_dir: str | os.Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     written = skipped = empty = 0
     t0 = time.perf_counter()
+    recorded = RecordedTable(out_dir)
     for i, tar in enumerate(tars, 1):
         table_path = out_dir / f"{tar.stem}.parquet"
         if table_path.exists():  # the parquet is written last: its presence means the shard is complete
-            skipped += 1
-            continue
+            redo = recorded.reason_to_redo(table_path)
+            if redo is None:
+                skipped += 1
+                continue
+            log(f"recaptioned: {table_path}: {redo}; recaptioning shard {tar.name} again")  # never kept
         pool_uids, alt_texts, jpgs = _downloaded_in_pool(tar, in_pool)
         images = [Image.open(io.BytesIO(jpg)).convert("RGB") for jpg in jpgs]
         captions = caption(tar.stem)(images) if images else []
@@ -75,15 +80,19 @@ def write_recaptioned_source(shards_dir: str | os.PathLike, out_dir: str | os.Pa
             os.replace(tmp, out_dir / tar.name)
         finally:
             tmp.unlink(missing_ok=True)
-        write_parquet_atomically(pa.table({
+        table = pa.table({
             "uid": pa.array(uids, pa.string()), "key": pa.array(keys, pa.string()),
             "status": pa.array(["success" if c.strip() else "empty_caption" for c in captions], pa.string()),
             "caption": pa.array(captions, pa.string()),
             "pool_uid": pa.array(pool_uids, pa.string()), "alt_text": pa.array(alt_texts, pa.string()),
-            "clip_l14_similarity_score": pa.array(np.asarray(scores, np.float32), pa.float32())}), table_path)
+            "clip_l14_similarity_score": pa.array(np.asarray(scores, np.float32), pa.float32())})
+        require_valid(table, f"{table_path} (from {tar})", "Not written: check the L/14 scorer's checkpoint (a "
+                      "cosine that is not a finite number in [-1, 1]) and the shard (a repeated uid).")
+        write_parquet_atomically(table, table_path)
         written += len(uids)
         empty += sum(not c.strip() for c in captions)
         log(f"recaptioned: shard {i}/{len(tars)}: {len(uids)} images")
+    record_table(out_dir, out_dir.glob("*.parquet"))  # the manifest a subset checks before it reads the source
     seconds = time.perf_counter() - t0
     return {"shards": len(tars), "shards_skipped": skipped, "images_recaptioned": written, "empty_captions": empty,
             "seconds": round(seconds, 1),

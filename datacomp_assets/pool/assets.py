@@ -99,6 +99,7 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
     At `tiny`: a second, noisier synthetic source (half its captions mismatched); the curated source is
     the other. At every scale: each url list named in the `external` resource, downloaded by img2dataset."""
     from datacomp_assets.pool.download import download_shards, remove_damaged_shards
+    from datacomp_assets.core.integrity import check_and_record_table
     from datacomp_assets.pool.external import ExternalSource, prepare_external_index
 
     with storage.writing(context):
@@ -106,7 +107,8 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
         rows = []
         noisy_dir = layout.external_source(scale.name, NOISY_SOURCE)
         noisy = pool_source.for_scale(scale, layout).write_noisy_source(noisy_dir)
-        if noisy is not None:
+        if noisy is not None:  # (written whole each time, so materializing again redoes a file that fails a check)
+            check_and_record_table(noisy_dir, "Not recorded: the synthetic web's noisy source repeats a uid.")
             rows.append((NOISY_SOURCE, noisy["samples"], noisy["samples"], str(noisy_dir)))
         for name, url_list in external.url_lists.items():
             source = ExternalSource(name, url_list, url_col=external.url_col, caption_col=external.caption_col)
