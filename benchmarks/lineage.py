@@ -1,9 +1,12 @@
-"""What lineage costs: hashing an artifact (lineage.file_sha256) against only reading it, same file, same run.
+"""What lineage costs: hashing an artifact (lineage.file_sha256) against only reading it, same file, same run; and
+checking a table's manifest before a read (lineage.manifest_differences) against a bare stat of its files.
 
-    .venv/bin/python benchmarks/lineage.py [--mb 512] [--repeats 3]
+    .venv/bin/python benchmarks/lineage.py [--mb 512] [--repeats 3] [--files 2000]
 
 Every subset, checkpoint and pool version is hashed once per materialization; this says how much that adds
-to reading the bytes anyway, and the projected seconds per GB. Prints one JSON object.
+to reading the bytes anyway, and the projected seconds per GB. Every read of a table of per-sample values checks
+its manifest first; on unchanged files that is a stat per file (no byte is read), which this compares with the
+stat alone, over `--files` files (a paper scale's pool has thousands). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from datacomp_assets.core.lineage import file_sha256
+from datacomp_assets.core.lineage import file_manifest, file_sha256, manifest_differences
 
 
 def read_only(path: Path) -> int:
@@ -33,10 +36,28 @@ def timed(fn, path: Path) -> float:
     return time.perf_counter() - t0
 
 
+def manifest_check(files: int, repeats: int) -> dict:
+    """Seconds to check `files` unchanged files against their manifest, and to only stat them (medians)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        for i in range(files):
+            (directory / f"{i:08d}.parquet").write_bytes(os.urandom(4096))
+        manifest = file_manifest(sorted(directory.glob("*.parquet")))
+        stats, checks = [], []
+        for _ in range(repeats):
+            stats.append(timed(lambda d: [p.stat() for p in d.glob("*.parquet")], directory))
+            checks.append(timed(lambda d: manifest_differences(d, manifest, "*.parquet"), directory))
+            assert manifest_differences(directory, manifest, "*.parquet") == []
+    stat_s, check_s = statistics.median(stats), statistics.median(checks)
+    return {"manifest_files": files, "bare_stat_ms": round(1000 * stat_s, 2),
+            "manifest_check_unchanged_ms": round(1000 * check_s, 2), "check_over_stat": round(check_s / stat_s, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=512, help="size of the test file")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--files", type=int, default=2000, help="files in the table whose manifest is checked")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "artifact.bin"
@@ -53,6 +74,7 @@ def main() -> None:
         "file_mb": args.mb, "repeats": args.repeats,
         "read_mb_per_s": round(args.mb / read_s, 1), "sha256_mb_per_s": round(args.mb / hash_s, 1),
         "sha256_seconds_per_gb": round(1024 * hash_s / args.mb, 2), "hash_over_read": round(hash_s / read_s, 2),
+        **manifest_check(args.files, args.repeats),
     }, indent=2))
 
 
