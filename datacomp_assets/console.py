@@ -48,6 +48,7 @@ class RunConsole(logging.Handler):
         self.partition = ""  # the partition being materialized, for the step lines
         self.timings: list[StepTiming] = []
         self.failure: tuple[str, str] | None = None  # (step, error) of the first failed step
+        self.log_failed = False  # the log file could not be written (said once)
         self.bars = Progress(TextColumn("  {task.description}"), BarColumn(bar_width=24),
                              TextColumn("{task.fields[count]}"), TimeElapsedColumn(), TextColumn("ETA"),
                              TimeRemainingColumn(), console=terminal, transient=True,
@@ -55,9 +56,8 @@ class RunConsole(logging.Handler):
         self.running: dict[str, tuple[TaskID, float]] = {}  # step key -> (its bar, its start)
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.append_to_log(record)
         try:
-            with open(self.log_file, "a") as f:
-                f.write(self.format(record) + "\n")
             meta = getattr(record, "dagster_meta", None) or {}
             event, step = meta.get("dagster_event"), meta.get("step_key")
             kind = event.event_type_value if event is not None else None
@@ -72,6 +72,18 @@ class RunConsole(logging.Handler):
                 self.say(f"  [yellow]! {escape(self.label(step or ''))}: {escape(str(message))}[/]")
         except Exception:  # a display problem must never fail the run
             self.handleError(record)
+
+    def append_to_log(self, record: logging.LogRecord) -> None:
+        """The record in the log file. A log that cannot be written (a full disk) is said once, and the terminal
+        goes on showing the steps: the failed step is still named, and the events stay in the instance (the UI)."""
+        try:
+            with open(self.log_file, "a") as f:
+                f.write(self.format(record) + "\n")
+        except OSError as err:
+            if not self.log_failed:
+                self.log_failed = True
+                self.say(f"  [yellow]! the log {escape(str(self.log_file))} cannot be written "
+                         f"({escape(err.strerror or str(err))}); the run's events are in the UI (bin/ui)[/]")
 
     def start(self, step: str) -> None:
         task = self.bars.add_task(escape(self.label(step)), total=None, count="", visible=step not in self.quiet_steps)
@@ -108,11 +120,13 @@ class RunConsole(logging.Handler):
 
 
 def error_message(failure) -> str:
-    """The error of a failed step (Dagster's StepFailureData) as a user reads it: the innermost cause's message."""
+    """The error of a failed step (Dagster's StepFailureData) as a user reads it: the step's own exception, under
+    Dagster's wrappers ("Error occurred while materializing ..."). Not its innermost cause: an error raised `from`
+    another is the clearer one (the storage resource's "the disk is full writing <path>" over a bare ENOSPC)."""
     info = getattr(failure, "error", None)
     if info is None:
         return str(failure)
-    while getattr(info, "cause", None) is not None:
+    while (info.cls_name or "").startswith("Dagster") and getattr(info, "cause", None) is not None:
         info = info.cause
     return info.message.strip()  # "RuntimeError: ...", as Python prints an exception
 

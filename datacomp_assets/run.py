@@ -9,6 +9,7 @@ stream goes to the run's log file (and the UI), or, with `--dagster-logs`, to th
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
 import sys
 import time
@@ -19,7 +20,8 @@ import dagster as dg
 
 from datacomp_assets.core import settings
 
-# The errors a user can fix (a scale or strategy name, a strategy file, a missing input): one line, no traceback.
+# The errors a user can fix (a scale or strategy name, a strategy file, a missing input, a home directory that is
+# a file or read-only): one line, no traceback. main() also gives one line to a full disk and an unwritable instance.
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 # With no --strategies: the paper's story in one short run. No filtering, a random tenth, the paper's basic
@@ -204,6 +206,7 @@ def run_with_console(scale: str, strategies: list[str], command: str, subsets_on
     from partitions import get_scale
 
     config, layout = get_scale(scale), RESOURCES["storage"].layout  # an unknown scale fails here, in one line
+    settings.usable_directory(settings.DATACOMP_HOME, layout.root)  # a file or read-only: one line, here
     check_inputs(config, strategies, RESOURCES, train=not subsets_only)  # before anything is written
     log_file = layout.run_log(scale, time.strftime("%Y%m%d-%H%M%S"))
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +231,9 @@ def run_with_console(scale: str, strategies: list[str], command: str, subsets_on
             console.say(f"  Full log: {log_file}\n  In the UI: bin/ui, then the failed run under Runs")
             console.say(f"  To resume (what finished is kept): {command}")
             raise SystemExit(1) from None
+        except Exception:  # main() prints one line; the traceback is kept in the log
+            append_traceback(log_file)
+            raise
         write_timings(console, log_file)
         console.say(f"\nDone in {clock(time.perf_counter() - t0)}.\n")
         if subsets_only:
@@ -249,11 +255,44 @@ def indented_excerpt(text: str, head: int = 4, tail: int = 8) -> str:
 
 
 def write_timings(console, log_file: Path) -> None:
-    """Each step's wall time, next to the log (`<log>.steps.json`): where this run's time went."""
+    """Each step's wall time, next to the log (`<log>.steps.json`): where this run's time went. A nicety: a disk
+    that cannot take it (full, say) gets a warning line, never a traceback in place of the run's outcome."""
     import json
     from dataclasses import asdict
 
-    log_file.with_suffix(".steps.json").write_text(json.dumps([asdict(t) for t in console.timings], indent=1))
+    from rich.markup import escape
+
+    timings = log_file.with_suffix(".steps.json")
+    try:
+        timings.write_text(json.dumps([asdict(t) for t in console.timings], indent=1))
+    except OSError as err:
+        console.say(f"  [yellow]! the step timings were not written to {escape(str(timings))}: "
+                    f"{escape(err.strerror or str(err))}[/]")
+
+
+def append_traceback(log_file: Path) -> None:
+    """The exception being handled, with its traceback, at the end of the run's log (if the disk takes it)."""
+    import traceback
+
+    try:
+        with open(log_file, "a") as f:
+            traceback.print_exc(file=f)
+    except OSError:
+        pass
+
+
+def error_line(err: Exception) -> str:
+    """What main() prints for an error that stops the command: the error and what to do, on one line."""
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(err, OperationalError):  # Dagster's instance storage (sqlite under DAGSTER_HOME, or PostgreSQL)
+        why = str(err.orig).splitlines()[0]
+        fix = ("free space there, or set DAGSTER_HOME to a directory with room" if "disk is full" in why else
+               "check the storage that DAGSTER_HOME's dagster.yaml names (docs/instance.md)")
+        return f"Dagster's instance (DAGSTER_HOME={settings.DAGSTER_HOME.get()}) cannot be written: {why}; {fix}"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"{err}; free space, then run the command again"
+    return str(err)
 
 
 def main(argv=None) -> None:
@@ -268,19 +307,21 @@ def main(argv=None) -> None:
                         help="also print Dagster's event stream (every event, DEBUG included) to the terminal")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
-    settings.dagster_home()  # record runs where `bin/ui` (dagster dev) will find them
     # Dagster's notes that some partition mappings are in beta: true, known, and not the user's concern.
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     command = shlex.join([Path(sys.executable).relative_to(Path.cwd()).as_posix()
                           if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable,
                           "-m", "datacomp_assets.run", *(argv if argv is not None else sys.argv[1:])])
+    from sqlalchemy.exc import OperationalError  # already imported by Dagster
+
     try:
+        settings.dagster_home()  # record runs where `bin/ui` (dagster dev) will find them; a bad one fails here
         run_with_console(args.scale, chosen_strategies(args.strategies), command, subsets_only=args.subsets_only,
                          dagster_logs=args.dagster_logs)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, OSError, OperationalError) as err:
         if args.traceback:
             raise
-        sys.exit(f"error: {err}\n(run again with --traceback for the full traceback)")
+        sys.exit(f"error: {error_line(err)}\n(run again with --traceback for the full traceback)")
 
 
 if __name__ == "__main__":

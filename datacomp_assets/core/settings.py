@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,10 +147,38 @@ def rule_time_limit_s() -> float | None:
 
 
 def dagster_home() -> Path:
-    """$DAGSTER_HOME, set to `.dagster_home` under the working directory when unset, and created."""
+    """$DAGSTER_HOME, set to `.dagster_home` under the working directory when unset, and created (or
+    UnusableDirectory, naming it)."""
     home = Path(os.environ.setdefault(DAGSTER_HOME.name, str(Path.cwd() / DAGSTER_HOME.default)))
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+    return usable_directory(DAGSTER_HOME, home)
+
+
+class UnusableDirectory(ValueError):
+    """A directory setting this process cannot write in: the variable, the path, why, and what to do."""
+
+
+def usable_directory(variable: Variable, path: str | os.PathLike) -> Path:
+    """`path` (the value of `variable`) as a directory this process can write in, created if missing.
+
+    Checked up front, so a home that is a file, lies under a file or is read-only is one line naming the variable
+    instead of a traceback from whichever library first writes there (sqlite's, for DAGSTER_HOME). Writability is
+    probed by creating a file: permission bits do not stop root, a read-only mount does."""
+    path = Path(path)
+    fix = f"set {variable.name} to a writable directory"
+    if path.exists() and not path.is_dir():
+        raise UnusableDirectory(f"{variable.name}={path}: a file, not a directory; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker else err.strerror
+        raise UnusableDirectory(f"{variable.name}={path}: cannot be created, {why}; {fix}") from err
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UnusableDirectory(f"{variable.name}={path}: not writable ({err.strerror}); {fix}") from err
+    return path
 
 
 def environment_of(names: tuple[str, ...]) -> dict[str, str]:
