@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -15,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datacomp_assets.core.layout import Layout
-from datacomp_assets.core.lineage import file_sha256, write_lineage
-from datacomp_assets.core.scales import SCALES
+from datacomp_assets.core.layout import Layout, seed_name
+from datacomp_assets.core.lineage import file_sha256, files_sha256, read_lineage, write_lineage
+from datacomp_assets.core.scales import SCALES, scale_version
+from datacomp_assets.core.strategies import strategy_version
 from datacomp_assets.core.shards import write_webdataset
 from datacomp_assets.core.uids import save_subset, uids_to_array
 from datacomp_assets.training.reshard import reshard
@@ -185,3 +187,69 @@ def test_a_failed_reshard_leaves_the_checkpoints_record_as_it_was(tmp_path):
     assert record.read_bytes() == before
     failure = next(e for e in result.all_events if e.is_step_failure).event_specific_data.error
     assert "00000001.tar is cut short mid-member" in failure.to_string()
+
+
+# ------------------------------------------------------------------ row 11: lineage relative to the data root
+
+def finished_tree(root: Path, record_path) -> Layout:
+    """The records and files the board reads for tiny/basic (subset, checkpoints, scores), each checkpoint's path
+    recorded as `record_path(layout, path)` says."""
+    layout, scale = Layout(root), SCALES["tiny"]
+    subset = layout.subset_file("tiny", "basic")
+    subset.parent.mkdir(parents=True)
+    save_subset(np.sort(uids_to_array([f"{i:032x}" for i in range(5)])), subset)
+    write_lineage(subset.parent, {"subset_sha256": file_sha256(subset), "strategy_version": strategy_version("basic")})
+    checkpoints = {}
+    for seed in scale.seeds:
+        path = layout.seed_checkpoint("tiny", "basic", seed, scale.epochs)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(bytes(range(256)) * 100 + bytes([seed]))
+        checkpoints[seed_name(seed)] = {"path": record_path(layout, path), "sha256": file_sha256(path)}
+        results = layout.results_file("tiny", "basic", seed)
+        results.parent.mkdir(parents=True)
+        results.write_text('{"key": "objects", "metrics": {"main_metric": 0.5}}\n')
+    write_lineage(layout.checkpoint_dir("tiny", "basic"), {"subset_sha256": file_sha256(subset),
+                                                         "scale_version": scale_version(scale),
+                                                         "checkpoints": checkpoints})
+    write_lineage(layout.eval_results_dir("tiny", "basic"), {
+        "checkpoints": {name: c["sha256"] for name, c in checkpoints.items()},
+        "results_sha256": files_sha256(layout.results_file("tiny", "basic", s) for s in scale.seeds)})
+    return layout
+
+
+def delete_a_checkpoint(layout: Layout) -> None:
+    scale = SCALES["tiny"]
+    layout.seed_checkpoint("tiny", "basic", scale.seeds[-1], scale.epochs).unlink()
+
+
+def test_a_copied_tree_is_checked_against_its_own_files(tmp_path):
+    from datacomp_assets.core.lineage import path_in_record
+    from datacomp_assets.leaderboard.assets import lineage_of
+
+    original = finished_tree(tmp_path / "original", lambda layout, path: path_in_record(path, layout.root))
+    record = read_lineage(original.checkpoint_dir("tiny", "basic"))["checkpoints"]["seed_0"]["path"]
+    epochs = SCALES["tiny"].epochs
+    assert record == f"tiny/checkpoint/basic/logs/seed_0/checkpoints/epoch_{epochs}.pt"  # relative to the data root
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    copy = Layout(tmp_path / "copy")
+    assert lineage_of(copy, "tiny", "basic")["consistent"] is True
+    delete_a_checkpoint(copy)
+    assert lineage_of(copy, "tiny", "basic")["consistent"] is False
+    assert lineage_of(original, "tiny", "basic")["consistent"] is True
+
+    (tmp_path / "original").rename(tmp_path / "moved")  # a moved tree holds by its own files
+    assert lineage_of(Layout(tmp_path / "moved"), "tiny", "basic")["consistent"] is True
+
+
+def test_an_old_record_with_absolute_paths_is_read_against_the_copys_own_files(tmp_path):
+    """Records written before paths were relative name the original's files: a copy reads them in its own tree."""
+    from datacomp_assets.leaderboard.assets import lineage_of
+
+    original = finished_tree(tmp_path / "original", lambda layout, path: str(path))  # as the old writer did
+    assert lineage_of(original, "tiny", "basic")["consistent"] is True
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    copy = Layout(tmp_path / "copy")
+    assert lineage_of(copy, "tiny", "basic")["consistent"] is True
+    delete_a_checkpoint(copy)
+    assert lineage_of(copy, "tiny", "basic")["consistent"] is False
+    assert lineage_of(original, "tiny", "basic")["consistent"] is True

@@ -148,6 +148,30 @@ def made_from_other_input(directory: str | os.PathLike, key: str, current: str) 
     return recorded is not None and recorded != current
 
 
+def path_in_record(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """How a record names a file: relative to the data root (`tiny/checkpoint/basic/logs/...`), so a tree copied or
+    moved elsewhere is checked against its own files. A file outside the root keeps its absolute path."""
+    path, root = Path(path).absolute(), Path(root).absolute()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def path_from_record(recorded: str, root: str | os.PathLike, record_dir: str | os.PathLike) -> Path:
+    """The file a record (in `record_dir`, under the data root `root`) names: a relative path is the root's.
+
+    An absolute path, as records written before paths were relative have, that runs through the record's own folder
+    as the tree then had it (`<old root>/tiny/checkpoint/basic/logs/...`) is read in this tree instead, so an old
+    tree that was copied or moved is checked against its own files too, never the original's. Any other absolute
+    path names a file outside the tree, and is read where it is."""
+    path, root = Path(recorded), Path(root).absolute()
+    if not path.is_absolute():
+        return root / path
+    folder = Path(record_dir).absolute().relative_to(root).parts
+    for start in range(len(path.parts) - len(folder), 0, -1):  # the last place the folder appears
+        if path.parts[start:start + len(folder)] == folder:
+            return root.joinpath(*path.parts[start:])
+    return path
+
+
 def code_revision() -> str:
     """The project's git commit (with `+dirty` for uncommitted changes), or "unknown" outside a checkout."""
     root = Path(__file__).resolve().parent.parent

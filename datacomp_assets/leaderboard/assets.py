@@ -9,7 +9,7 @@ import numpy as np
 
 from datacomp_assets.core.figures import png_markdown
 from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
-from datacomp_assets.core.lineage import file_sha256, files_sha256, read_lineage
+from datacomp_assets.core.lineage import file_sha256, files_sha256, path_from_record, path_in_record, read_lineage
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.scales import scale_version
 from datacomp_assets.core.strategies import STRATEGIES, get_strategy, overrides, strategy_version, track
@@ -31,7 +31,8 @@ def lineage_of(layout: Layout, scale_name: str, strategy: str) -> dict:
     trained on the current subset and the scores are of the current checkpoints, by the records, and the files
     on disk are the ones the records hashed (a truncated or replaced checkpoint breaks the chain)."""
     subset = read_lineage(layout.subset_dir(scale_name, strategy))
-    ckpt = read_lineage(layout.checkpoint_dir(scale_name, strategy))
+    ckpt_dir = layout.checkpoint_dir(scale_name, strategy)
+    ckpt = read_lineage(ckpt_dir)
     scores = read_lineage(layout.eval_results_dir(scale_name, strategy))
     checkpoints = ckpt.get("checkpoints", {})
     consistent = None
@@ -41,13 +42,15 @@ def lineage_of(layout: Layout, scale_name: str, strategy: str) -> dict:
         consistent = (ckpt.get("subset_sha256") == subset.get("subset_sha256")
                       and scores.get("checkpoints") == {seed: c["sha256"] for seed, c in checkpoints.items()}
                       and _holds(layout.subset_file(scale_name, strategy), subset.get("subset_sha256"))
-                      and all(_holds(Path(c["path"]), c["sha256"]) for c in checkpoints.values())
+                      # (read in this tree: a copied or moved tree is checked against its own files)
+                      and all(_holds(path_from_record(c["path"], layout.root, ckpt_dir), c["sha256"])
+                              for c in checkpoints.values())
                       and all(r.is_file() for r in results)
                       and files_sha256(results) == scores.get("results_sha256")
                       # ... and they were made under today's rule and recipe (an override since breaks it)
                       and subset.get("strategy_version") == strategy_version(strategy)
                       and ckpt.get("scale_version") == scale_version(get_scale(scale_name)))
-    return {"subset_path": str(layout.subset_file(scale_name, strategy)),
+    return {"subset_path": path_in_record(layout.subset_file(scale_name, strategy), layout.root),
             # what the checkpoints were trained on, by their own record (not the scale file's budget)
             "samples_seen": ckpt.get("samples_seen"), "scale_version": ckpt.get("scale_version", ""),
             "scale_override": get_scale(scale_name).override, "overrides": overrides(strategy),

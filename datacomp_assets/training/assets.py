@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from datacomp_assets.core.figures import loss_curve_png, png_markdown
 from datacomp_assets.core.layout import Asset, Group, seed_name
 from datacomp_assets.core.lineage import (
-    code_revision, file_sha256, made_from_other_input, read_lineage, text_sha256, write_lineage)
+    code_revision, file_sha256, made_from_other_input, path_in_record, read_lineage, text_sha256, write_lineage)
 from datacomp_assets.core.progress import Progress
 from datacomp_assets.core.scales import scale_version
 from datacomp_assets.core.strategies import track
@@ -90,8 +90,8 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, acce
         write_lineage(out, {
             "subset_sha256": subset_sha256,
             "pool_version": read_lineage(subset_file.parent).get("pool_version", "unknown"),
-            "checkpoints": {name: {"path": meta["checkpoint_path"], "sha256": meta["checkpoint_sha256"]}
-                            for name, meta in per_seed.items()},
+            "checkpoints": {name: {"path": path_in_record(meta["checkpoint_path"], layout.root),
+                                   "sha256": meta["checkpoint_sha256"]} for name, meta in per_seed.items()},
             "model": scale.model, "samples_seen": samples_seen, "scale_version": recipe,
             "complete": True, "code_revision": code_revision()})
         return dg.MaterializeResult(data_version=dg.DataVersion(text_sha256(hashes)[:16]), metadata={
