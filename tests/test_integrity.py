@@ -235,7 +235,7 @@ def nan_score(table):
 
 
 @pytest.mark.parametrize("recorded_by_old_code", [False, True], ids=["refused by size", "recorded by old code"])
-@pytest.mark.parametrize("damage, named", [(duplicate_uid, "1 uids appear more than once (uid 0000000000000001"),
+@pytest.mark.parametrize("damage, named", [(duplicate_uid, "1 uid appears more than once (uid 0000000000000001"),
                                            (nan_score, "1 clip_b32_similarity_score values are not finite")],
                          ids=["duplicate uid", "NaN score"])
 def test_a_bad_metadata_file_is_computed_again_never_recorded(pool, damage, named, recorded_by_old_code):
@@ -310,7 +310,7 @@ def published(pool, tmp_path, monkeypatch):
     return layout, resources, mirror
 
 
-@pytest.mark.parametrize("damage, named", [(duplicate_uid, "uids appear more than once"),
+@pytest.mark.parametrize("damage, named", [(duplicate_uid, "1 uid appears more than once"),
                                            (nan_score, "clip_b32_similarity_score values are not finite"),
                                            (None, "is not a readable parquet file")],
                          ids=["duplicate uid", "NaN score", "garbage"])

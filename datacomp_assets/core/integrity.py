@@ -60,7 +60,7 @@ def table_problems(table: pa.Table) -> list[str]:
         repeated = counts.filter(pc.greater(counts.field("counts"), 1))
         if len(repeated):
             example = repeated[0].as_py()
-            problems.append(f"{len(repeated):,} uids appear more than once (uid {example['values']} "
+            problems.append(f"{_uids_appear(len(repeated))} more than once (uid {example['values']} "
                             f"{example['counts']} times)")
     for field in table.schema:
         if not pa.types.is_floating(field.type):
@@ -77,6 +77,10 @@ def table_problems(table: pa.Table) -> list[str]:
                 problems.append(f"{int(outside.sum()):,} {field.name} values lie outside [{low:g}, {high:g}] "
                                 f"(e.g. {values[outside][0]:g})")
     return problems
+
+
+def _uids_appear(n: int) -> str:
+    return "1 uid appears" if n == 1 else f"{n:,} uids appear"
 
 
 def file_problems(path: str | os.PathLike) -> list[str]:
@@ -105,7 +109,7 @@ def require_unique_pool(index: UidIndex, what_to_do: str) -> None:
     rows = np.flatnonzero(np.isin(index.rank, repeated[:1] + np.arange(2)))  # the pool rows of the first pair
     where = [f"{index.files[f].name} row {row - index.starts[f]}" for row in rows
              for f in [int(np.searchsorted(index.starts, row, side="right")) - 1]]
-    raise ValueError(f"{index.files[0].parent}: {len(repeated):,} uids appear more than once in the pool (uid "
+    raise ValueError(f"{index.files[0].parent}: {_uids_appear(len(repeated))} more than once in the pool (uid "
                      f"{array_to_uids(index.sorted_uids[repeated[:1]])[0]} in {' and '.join(where)}). {what_to_do}")
 
 
