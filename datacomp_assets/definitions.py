@@ -1,8 +1,11 @@
 """The one Definitions object of the code location (`dagster dev`, `dagster asset materialize`)."""
 
-from datacomp_assets.core import settings
+from datacomp_assets.core import processes, settings
 
 settings.apply_offline_defaults()  # before img2dataset or huggingface_hub is imported
+# Each step process of the multiprocess executor loads this module first: it dies with the run's process, so a
+# killed run leaves no step running and holding its artifact's lock. (A no-op in the run's own process.)
+processes.die_with_the_run()
 
 import dagster as dg  # noqa: E402
 

@@ -6,9 +6,11 @@ default limit; a limit for one named pool lives in the instance's storage, set h
 
     python -m datacomp_assets.instance [--gpu-slots N]    # the instance of $DAGSTER_HOME
 
-It also frees the slots of runs that can no longer release them (`free_orphaned_slots`): the daemon's run
-monitoring frees those of failed and cancelled runs, but only while a daemon runs, and a run whose process was
-killed (SIGKILL, out of memory) stays STARTED and keeps its slot, so the next run waits for it forever.
+It also marks failed the runs whose processes are gone (`fail_runs_whose_processes_are_gone`) and frees the slots
+of runs that can no longer release them (`free_orphaned_slots`): a run whose process was killed (SIGKILL, out of
+memory) stays STARTED, and keeps its slot, so the next run would wait for it forever; the daemon's run monitoring
+frees the slots of failed and cancelled runs, but only while a daemon runs. Every run of the code location, and the
+main command, call `free_orphaned_slots` first, so a killed run is marked failed by the next one.
 """
 
 from __future__ import annotations
@@ -67,32 +69,41 @@ def _run_pids(instance: dg.DagsterInstance, run_id: str) -> set[int]:
     return pids
 
 
-def free_orphaned_slots(instance: dg.DagsterInstance, check_pids: bool | None = None) -> list[str]:
-    """Free the pool slots held by finished runs, and by STARTED runs whose recorded processes are all gone
-    (those are marked failed first). Returns the run ids whose slots were freed.
-
-    Process ids mean something only on the machine that ran the run: by default they are checked only for a
+def _checks_pids(instance: dg.DagsterInstance, check_pids: bool | None) -> bool:
+    """Process ids mean something only on the machine that ran the run: by default they are checked only for a
     SQLite instance (local by construction), not for a PostgreSQL one that several machines may share."""
+    return is_sqlite_event_log_storage(instance.event_log_storage) if check_pids is None else check_pids
+
+
+def fail_runs_whose_processes_are_gone(instance: dg.DagsterInstance, check_pids: bool | None = None) -> list[str]:
+    """Mark failed the STARTED runs whose recorded processes are all gone (killed with their steps, which die with
+    them: core.processes), so that the UI and the next run do not take them for running. Returns their ids."""
+    if not _checks_pids(instance, check_pids):
+        return []
+    failed = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        pids = _run_pids(instance, run.run_id)
+        if not pids or any(_alive(pid) for pid in pids):
+            continue
+        instance.report_run_failed(run, message=f"the run's processes {sorted(pids)} are gone (killed?); marked "
+                                                "failed by a later run, and its pool slots freed")
+        failed.append(run.run_id)
+    return failed
+
+
+def free_orphaned_slots(instance: dg.DagsterInstance, check_pids: bool | None = None) -> list[str]:
+    """Mark failed the STARTED runs whose processes are all gone, then free the pool slots held by finished runs.
+    Returns the run ids whose slots were freed."""
+    fail_runs_whose_processes_are_gone(instance, check_pids)
     storage = instance.event_log_storage
     if not storage.supports_global_concurrency_limits:
         return []
-    if check_pids is None:
-        check_pids = is_sqlite_event_log_storage(storage)
     freed = []
     for run_id in sorted(storage.get_concurrency_run_ids()):
         run = instance.get_run_by_id(run_id)
         if run is None or run.is_finished:  # SUCCESS, FAILURE or CANCELED
-            pass
-        elif run.status == dg.DagsterRunStatus.STARTED and check_pids:
-            pids = _run_pids(instance, run_id)
-            if not pids or any(_alive(pid) for pid in pids):
-                continue
-            instance.report_run_failed(run, message=f"the run's processes {sorted(pids)} are gone (killed?); "
-                                                    "its pool slots were freed")
-        else:
-            continue
-        storage.free_concurrency_slots_for_run(run_id)
-        freed.append(run_id)
+            storage.free_concurrency_slots_for_run(run_id)
+            freed.append(run_id)
     return freed
 
 
@@ -104,6 +115,8 @@ def main(argv=None) -> None:
     home = settings.dagster_home()
     with dg.DagsterInstance.get() as instance:
         changed = configure_instance(instance, args.gpu_slots)
+        for run_id in fail_runs_whose_processes_are_gone(instance):
+            print(f"marked run {run_id} failed: its processes are gone")
         for run_id in free_orphaned_slots(instance):
             print(f"freed the pool slots of run {run_id}, which had ended or whose process was gone")
         print(f"{home}: pool {GPU_POOL} has {args.gpu_slots} slot(s)"
