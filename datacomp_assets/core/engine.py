@@ -8,13 +8,13 @@ cluster, the node it ran on. The reductions (thresholds, centroids, counts) stay
 
 from __future__ import annotations
 
-import multiprocessing
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from datacomp_assets.core import settings
+from datacomp_assets.core.processes import spawn_pool
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")
@@ -77,7 +77,7 @@ class Engine:
             for task in tasks:
                 yield _named(work, task, step)
         else:
-            with multiprocessing.get_context("spawn").Pool(min(processes, len(tasks))) as pool:
+            with spawn_pool(min(processes, len(tasks)), step or "a process pool") as pool:
                 yield from pool.imap_unordered(_NamedWork(work, step), tasks)
 
     def _ray_map(self, work: Callable[[Task], Result], tasks: list[Task], step: str) -> Iterator[Result]:

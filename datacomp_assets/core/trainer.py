@@ -30,6 +30,7 @@ from typing import Callable
 
 from datacomp_assets.core import settings
 from datacomp_assets.core.layout import run_checkpoint, run_checkpoint_dir
+from datacomp_assets.core.processes import restore_default_signals
 from datacomp_assets.core.scales import ScaleConfig
 
 LOG_LINE = re.compile(
@@ -311,7 +312,7 @@ def _start(job: TrainJob, log: Callable[[str], None], progress, held: ExitStack)
         log(f"resuming {job.name} from checkpoint epoch_{start_epoch}.pt")
     proc = held.enter_context(subprocess.Popen(
         job.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(job.threads),
-        start_new_session=True, pass_fds=(lock_fd,), preexec_fn=die_with_parent))
+        start_new_session=True, pass_fds=(lock_fd,), preexec_fn=_prepare_trainer))
     return _Running(job, proc, TrainResult(job.final_checkpoint, 0.0, resumed_from_epoch=start_epoch), log, progress)
 
 
@@ -393,6 +394,13 @@ def die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _prepare_trainer() -> None:
+    """In the trainer's process, before exec: it dies with the orchestrator, and starts with the default SIGINT and
+    SIGTERM even when a backgrounded run ignores both (core.processes), so that it can be stopped."""
+    die_with_parent()
+    restore_default_signals()
 
 
 def _child_env(threads: int = 0) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import re
 import shutil
 import signal
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from datacomp_assets.core import settings
+from datacomp_assets.core import processes, settings
 from datacomp_assets.core.engine import Engine, ray_error_message
 from datacomp_assets.core.shards import STATS_SUFFIX, shard_problem
 
@@ -220,18 +221,25 @@ def check_index(index_parquet: str | Path) -> None:
             raise ValueError(f"pool index {path} lacks the required column {column!r}")
 
 
-def _run_img2dataset(**kwargs) -> None:
+def _run_img2dataset(finished: Callable[[], bool], log: Callable[[str], None], **kwargs) -> None:
+    """img2dataset.download(**kwargs), its pool's workers started with the default SIGINT and SIGTERM (a
+    backgrounded run ignores both, and its workers would ignore the SIGTERM of the pool's terminate(), whose join
+    then waits forever), and, once `finished()` (every shard written), workers left after a grace period killed."""
     import img2dataset  # late: a slow import (opencv, albumentations, wandb)
 
     if threading.current_thread() is not threading.main_thread():
         # img2dataset installs a SIGINT handler, which Python only allows on the main thread.
         raise RuntimeError("download_shards must run on the main thread (img2dataset sets signal handlers)")
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        img2dataset.download(**kwargs)
-    finally:
-        # img2dataset's handler would otherwise outlive the call and sys.exit(0) on Ctrl-C.
-        signal.signal(signal.SIGINT, previous)
+    # The workers are the children started during the call (no other code here starts any: it is the main thread).
+    workers = processes.new_children({p.pid for p in multiprocessing.active_children()})
+    reaper = processes.Reaper("img2dataset's download pool", workers, log).arm_when(finished)
+    with processes.children_get_default_signals(), reaper:
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            img2dataset.download(**kwargs)
+        finally:
+            # img2dataset's handler would otherwise outlive the call and sys.exit(0) on Ctrl-C.
+            signal.signal(signal.SIGINT, previous)
 
 
 class IncompleteDownload(RuntimeError):
@@ -273,11 +281,11 @@ def check_complete(summary: DownloadSummary, out_dir: Path, expected_shards: int
 def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: int, shard_size: int,
                     processes: int = 2, threads: int = 16, timeout: int = 10,
                     retries: int = 2, progress: Callable[[int, str], None] | None = None,
-                    engine: Engine = Engine()) -> DownloadSummary:
+                    engine: Engine = Engine(), log: Callable[[str], None] = processes.to_stderr) -> DownloadSummary:
     """Fetch every URL of the index into out_dir as NNNNNNNN.tar/.parquet/_stats.json shards, in `processes`
     processes here or one Ray task per shard on the engine's cluster; raise IncompleteDownload when any shard did
     not finish (the finished ones are kept for the next call). `progress(shards finished, note)` is told as shards
-    finish."""
+    finish; `log` gets a line if the pool's workers had to be killed after every shard was written."""
     check_index(index_parquet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +307,7 @@ def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: 
         if progress:
             watching = watch_shards(out_dir, progress)
         _run_img2dataset(
+            lambda: len(list(out_dir.glob("*_stats.json"))) >= expected_shards, log,
             url_list=str(Path(index_parquet).resolve()),
             output_folder=str(out_dir.resolve()),
             **REFERENCE_SETTINGS,

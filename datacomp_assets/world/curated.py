@@ -10,7 +10,6 @@ to read, so the pool's text-only images score high by CLIP score, which is what 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 from dataclasses import replace
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.processes import spawn_pool
 from datacomp_assets.core.shards import write_webdataset
 from datacomp_assets.world.web import WebConfig, encode_jpeg, render, sample
 
@@ -62,8 +62,8 @@ def write_synthetic_source(config: WebConfig, n: int, out_dir: str | Path, image
     tmp = temporary_sibling(out_dir)
     tmp.mkdir(parents=True)
     shards = -(-n // shard_size)
-    # spawn, not fork: strategies run in threads, and a fork taken while another thread holds a lock hangs
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    # spawned, not forked: strategies run in threads, and a fork taken while another thread holds a lock hangs
+    with spawn_pool(processes, f"writing the {namespace} source") as pool:
         for k in range(shards):
             indices = range(k * shard_size, min(n, (k + 1) * shard_size))
             jobs = [(config, i, image_size, namespace, noise) for i in indices]

@@ -7,7 +7,6 @@ read it by accident; only tests and audits open it.
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections import Counter
 from functools import partial
@@ -18,6 +17,7 @@ import pyarrow as pa
 
 from datacomp_assets.core.files import write_parquet_atomically
 from datacomp_assets.core.layout import GROUND_TRUTH_FILE, INDEX_FILE
+from datacomp_assets.core.processes import spawn_pool
 from datacomp_assets.world.web import WebConfig, crawled_sha256, ground_truth, sample
 from datacomp_assets.world.web_server import image_url
 
@@ -65,8 +65,7 @@ def crawl_sha256s(config: WebConfig, n: int, namespace: str = "pool", processes:
     work = partial(_sha256_of, config=config, namespace=namespace)
     if processes <= 1 or n < 1000:  # a pool's start-up costs more than it saves on small pools
         return [work(i) for i in range(n)]
-    # spawn, not fork: the caller may be a threaded Dagster process.
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    with spawn_pool(processes, "hashing the pool's images") as pool:
         return pool.map(work, range(n), chunksize=250)
 
 
