@@ -77,8 +77,11 @@ def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, ac
                 # Lines already written score an earlier checkpoint: skipping them as done would be wrong.
                 context.log.warning(f"seed {seed}: {ckpt} changed since it was scored; scoring it again")
                 results.unlink()
-            scored[seed_name(seed)] = ckpt_sha256
-            write_lineage(out, {"checkpoints": scored, "complete": False})
+            if scored.get(seed_name(seed)) != ckpt_sha256:
+                # Reset the record only when a seed's scores are about to be replaced: a failed run over unchanged
+                # checkpoints must leave the finished record (and the board's consistency) as it was.
+                scored[seed_name(seed)] = ckpt_sha256
+                write_lineage(out, {"checkpoints": scored, "complete": False})
             context.log.info(f"seed {seed}: evaluating {ckpt}")
             per_seed[seed] = evaluate_checkpoint(
                 scale.model, ckpt, suite_root, results, device=device, progress=context.log.info, registry=registry,
