@@ -206,8 +206,8 @@ def run_with_console(scale: str, strategies: list[str], command: str, subsets_on
     from partitions import get_scale
 
     config, layout = get_scale(scale), RESOURCES["storage"].layout  # an unknown scale fails here, in one line
-    settings.usable_directory(settings.DATACOMP_HOME, layout.root)  # a file or read-only: one line, here
     check_inputs(config, strategies, RESOURCES, train=not subsets_only)  # before anything is written
+    settings.usable_directory(settings.DATACOMP_HOME, layout.root)  # a file or read-only: one line, here
     log_file = layout.run_log(scale, time.strftime("%Y%m%d-%H%M%S"))
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

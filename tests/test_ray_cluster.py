@@ -251,7 +251,14 @@ def test_a_training_killed_on_the_cluster_resumes_from_its_last_checkpoint(clust
         deadline = time.monotonic() + 300
         while not (job.checkpoint_dir / "epoch_1.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(0.5)  # the checkpoint written whole (a cut one would be set aside anyway)
+        # open_clip writes epoch_N.pt in place: wait until it is whole (its size steady for a second). On loaded cores
+        # a fixed pause could kill the run mid-write, and the cut checkpoint would be set aside (resume from 0).
+        size, steady_since = -1, time.monotonic()
+        while time.monotonic() - steady_since < 1.0 and time.monotonic() < deadline:
+            now = (job.checkpoint_dir / "epoch_1.pt").stat().st_size
+            if now != size:
+                size, steady_since = now, time.monotonic()
+            time.sleep(0.1)
         for child in psutil.Process().children(recursive=True):
             if "datacomp_assets.core.ray_training" in " ".join(child.cmdline()):
                 child.kill()
