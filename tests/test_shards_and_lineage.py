@@ -217,9 +217,18 @@ def finished_tree(root: Path, record_path) -> Layout:
     return layout
 
 
-def delete_a_checkpoint(layout: Layout) -> None:
+def a_copy_is_checked_against_its_own_files(tmp_path: Path, original: Layout) -> None:
+    """Copy `tmp_path/original` to `tmp_path/copy` and delete a checkpoint there: the copy's board sees it, the
+    original's does not."""
+    from datacomp_assets.leaderboard.assets import lineage_of
+
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    copy = Layout(tmp_path / "copy")
+    assert lineage_of(copy, "tiny", "basic")["consistent"] is True
     scale = SCALES["tiny"]
-    layout.seed_checkpoint("tiny", "basic", scale.seeds[-1], scale.epochs).unlink()
+    copy.seed_checkpoint("tiny", "basic", scale.seeds[-1], scale.epochs).unlink()
+    assert lineage_of(copy, "tiny", "basic")["consistent"] is False
+    assert lineage_of(original, "tiny", "basic")["consistent"] is True
 
 
 def test_a_copied_tree_is_checked_against_its_own_files(tmp_path):
@@ -230,12 +239,7 @@ def test_a_copied_tree_is_checked_against_its_own_files(tmp_path):
     record = read_lineage(original.checkpoint_dir("tiny", "basic"))["checkpoints"]["seed_0"]["path"]
     epochs = SCALES["tiny"].epochs
     assert record == f"tiny/checkpoint/basic/logs/seed_0/checkpoints/epoch_{epochs}.pt"  # relative to the data root
-    shutil.copytree(tmp_path / "original", tmp_path / "copy")
-    copy = Layout(tmp_path / "copy")
-    assert lineage_of(copy, "tiny", "basic")["consistent"] is True
-    delete_a_checkpoint(copy)
-    assert lineage_of(copy, "tiny", "basic")["consistent"] is False
-    assert lineage_of(original, "tiny", "basic")["consistent"] is True
+    a_copy_is_checked_against_its_own_files(tmp_path, original)
 
     (tmp_path / "original").rename(tmp_path / "moved")  # a moved tree holds by its own files
     assert lineage_of(Layout(tmp_path / "moved"), "tiny", "basic")["consistent"] is True
@@ -247,9 +251,4 @@ def test_an_old_record_with_absolute_paths_is_read_against_the_copys_own_files(t
 
     original = finished_tree(tmp_path / "original", lambda layout, path: str(path))  # as the old writer did
     assert lineage_of(original, "tiny", "basic")["consistent"] is True
-    shutil.copytree(tmp_path / "original", tmp_path / "copy")
-    copy = Layout(tmp_path / "copy")
-    assert lineage_of(copy, "tiny", "basic")["consistent"] is True
-    delete_a_checkpoint(copy)
-    assert lineage_of(copy, "tiny", "basic")["consistent"] is False
-    assert lineage_of(original, "tiny", "basic")["consistent"] is True
+    a_copy_is_checked_against_its_own_files(tmp_path, original)
