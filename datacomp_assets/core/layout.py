@@ -210,6 +210,14 @@ class Layout:
         """One seed's scores, in the reference's `eval_results.jsonl` format."""
         return self.eval_results_dir(scale, strategy) / seed_name(seed) / "eval_results.jsonl"
 
+    def eval_samples_file(self, scale: str, strategy: str, seed: int) -> Path:
+        """Beside it: the per-sample outcomes each task's main metric is computed from (evaluation/noise.py)."""
+        return self.results_file(scale, strategy, seed).with_name("eval_samples.npz")
+
+    def eval_noise_file(self, scale: str, strategy: str, seed: int) -> Path:
+        """Beside it: the bootstrap intervals of the seed's scores, which the leaderboard reads."""
+        return self.results_file(scale, strategy, seed).with_name("eval_noise.json")
+
     def submission_dir(self, scale: str, strategy: str) -> Path:
         return self.asset_dir(scale, Asset.SUBMISSION, strategy)
 

@@ -14,6 +14,7 @@ from datacomp_assets.core.progress import Progress
 from datacomp_assets.core.lineage import code_revision, file_sha256, files_sha256, read_lineage, write_lineage
 from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
 from datacomp_assets.core.scales import ScaleConfig
+from datacomp_assets.evaluation.noise import write_noise
 from datacomp_assets.evaluation.reference import ensure_reference_suite
 from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
 from datacomp_assets.world.eval_suite import TASKS, build_suite
@@ -54,7 +55,7 @@ def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource,
         })
 
 
-@dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.EVALUATION, code_version="2",
+@dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.EVALUATION, code_version="3",
           deps=[STRATEGY_DEFINITION, Asset.CHECKPOINT, dg.AssetDep(Asset.EVAL_SUITE, partition_mapping=by_scale)],
           pool="gpu")
 def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
@@ -67,16 +68,18 @@ def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, ac
         suite_root, registry = suite_for(scale, layout, eval_data)
         out = layout.eval_results_dir(scale.name, strategy)
         scored = read_lineage(out).get("checkpoints", {})
-        per_seed = {}
+        per_seed, noise = {}, {}
         scored_tasks = Progress(context.log.info, "tasks scored", len(scale.seeds) * len(registry), "tasks")
         for i, seed in enumerate(scale.seeds):
             ckpt = layout.seed_checkpoint(scale.name, strategy, seed, scale.epochs)
             results = layout.results_file(scale.name, strategy, seed)
+            samples = layout.eval_samples_file(scale.name, strategy, seed)
             ckpt_sha256 = file_sha256(ckpt)
             if scored.get(seed_name(seed), ckpt_sha256) != ckpt_sha256 and results.exists():
                 # Lines already written score an earlier checkpoint: skipping them as done would be wrong.
                 context.log.warning(f"seed {seed}: {ckpt} changed since it was scored; scoring it again")
                 results.unlink()
+                samples.unlink(missing_ok=True)
             if scored.get(seed_name(seed)) != ckpt_sha256:
                 # Reset the record only when a seed's scores are about to be replaced: a failed run over unchanged
                 # checkpoints must leave the finished record (and the board's consistency) as it was.
@@ -85,12 +88,16 @@ def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, ac
             context.log.info(f"seed {seed}: evaluating {ckpt}")
             per_seed[seed] = evaluate_checkpoint(
                 scale.model, ckpt, suite_root, results, device=device, progress=context.log.info, registry=registry,
-                task_done=lambda n, note, before=i * len(registry): scored_tasks(before + n, f"seed {seed}, {note}"))
+                task_done=lambda n, note, before=i * len(registry): scored_tasks(before + n, f"seed {seed}, {note}"),
+                samples_file=samples)
+            averaged = [r["key"] for r in per_seed[seed] if r["metrics"].get("main_metric") is not None]
+            noise[seed] = write_noise(samples, layout.eval_noise_file(scale.name, strategy, seed), averaged)
         summaries = {seed: summarize(rows) for seed, rows in per_seed.items()}
         averages = [s["average"] for s in summaries.values()]
         task_means = {row["key"]: statistics.mean(r["metrics"]["main_metric"] for rows in per_seed.values()
                                                   for r in rows if r["key"] == row["key"])
-                      for row in next(iter(per_seed.values()))}
+                      for row in next(iter(per_seed.values()))
+                      if row["metrics"].get("main_metric") is not None}  # FairFace and UTKFace have none
         results_sha256 = files_sha256(layout.results_file(scale.name, strategy, seed) for seed in scale.seeds)
         write_lineage(out, {"checkpoints": scored, "results_sha256": results_sha256, "complete": True,
                             "code_revision": code_revision()})
@@ -100,6 +107,10 @@ def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, ac
             "average": statistics.mean(averages),
             "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
             "average_per_seed": dg.MetadataValue.json({seed_name(s): v["average"] for s, v in summaries.items()}),
+            # The 95% bootstrap interval over test samples (None where results predate the per-sample file).
+            "average_eval_noise_95": dg.MetadataValue.json({seed_name(s): n["average"] for s, n in noise.items()}),
+            "task_eval_noise_95": dg.MetadataValue.json(
+                {k: [v["low"], v["high"]] for k, v in noise[scale.seeds[0]]["tasks"].items()}),
             **{f"task/{k}": v for k, v in task_means.items()},
             "groups": dg.MetadataValue.json({seed_name(s): {k: v for k, v in summary.items() if k != "average"}
                                              for s, summary in summaries.items()}),

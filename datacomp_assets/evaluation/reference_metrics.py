@@ -2,7 +2,9 @@
 
 The reference harness computes them with the `wilds` package's metric classes (eval_utils/wilds_eval.py,
 eval_utils/fairness_eval.py) and scikit-learn (eval_utils/wino_eval.py); these functions do the same
-arithmetic and name their results with the same keys, so a results line reads like the reference's.
+arithmetic and name their results with the same keys, in the same order, so a results line reads like the
+reference's: the `wilds` metrics are float32 tensors turned into floats (so are their values here), a group with no
+sample is listed with NaN, and so is an empty WinoGAViL bucket.
 
 The WILDS and fairness test sets carry one metadata row per sample (the sample's `.npy` in the webdataset),
 whose columns are the evaluator's `_metadata_fields`, listed in METADATA_FIELDS. This module imports neither
@@ -23,24 +25,31 @@ METADATA_FIELDS = {
 }
 
 
+def float32_ratio(hits, n) -> float:
+    """hits / n as WILDS computes it: a float32 division (NaN for 0 / 0, as its group averages give)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.float32(hits) / np.float32(n))
+
+
 def group_eval(correct, groups, metric: str, field: str) -> dict[str, float]:
     """WILDS's `standard_group_eval` for an element-wise metric (accuracy, top-k accuracy).
 
     `correct` is 1/0 per sample, `groups` the value of `field` per sample. Returns the mean over all samples
-    (`<metric>_avg`), each group's mean and size (`<metric>_<field>:<g>`, `count_<field>:<g>`) and the worst
-    group's mean (`<metric>_wg`). Only groups that occur are listed (WILDS would also list, as NaN, the
-    unused values below the largest one); the worst group is taken over those, as in WILDS.
+    (`<metric>_avg`, 0 without samples), each group's mean and size (`<metric>_<field>:<g>`, `count_<field>:<g>`)
+    for every g from 0 to the largest value (WILDS's CombinatorialGrouper has that many groups; an empty one has
+    mean NaN and count 0.0), and the worst mean over the groups that have samples (`<metric>_wg`).
     """
     correct = np.asarray(correct, dtype=np.float64)
     groups = np.asarray(groups).astype(np.int64)
-    results = {f"{metric}_avg": float(correct.mean()) if correct.size else 0.0}
-    group_means = []
-    for g in np.unique(groups):
-        in_group = groups == g
-        group_means.append(float(correct[in_group].mean()))
-        results[f"{metric}_{field}:{g}"] = group_means[-1]
-        results[f"count_{field}:{g}"] = float(in_group.sum())
-    results[f"{metric}_wg"] = min(group_means) if group_means else 0.0
+    results = {f"{metric}_avg": float32_ratio(correct.sum(), correct.size) if correct.size else 0.0}
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    hits = np.bincount(groups, weights=correct, minlength=n_groups)
+    counts = np.bincount(groups, minlength=n_groups)
+    for g in range(n_groups):
+        results[f"{metric}_{field}:{g}"] = float32_ratio(hits[g], counts[g])
+        results[f"count_{field}:{g}"] = float(counts[g])
+    present = [results[f"{metric}_{field}:{g}"] for g in range(n_groups) if counts[g]]
+    results[f"{metric}_wg"] = min(present) if present else 0.0
     return results
 
 
@@ -56,10 +65,12 @@ def iwildcam_metrics(pred, labels) -> dict[str, float]:
 
     pred, labels = np.asarray(pred), np.asarray(labels)
     present = np.unique(labels)
+    # WILDS wraps scikit-learn's float64 in torch.tensor, a float32.
     return {
-        "acc_avg": float((pred == labels).mean()),
-        "recall-macro_all": float(recall_score(labels, pred, average="macro", labels=present, zero_division=0)),
-        "F1-macro_all": float(f1_score(labels, pred, average="macro", labels=present, zero_division=0)),
+        "acc_avg": float32_ratio((pred == labels).sum(), labels.size),
+        "recall-macro_all": float(np.float32(recall_score(labels, pred, average="macro", labels=present,
+                                                          zero_division=0))),
+        "F1-macro_all": float(np.float32(f1_score(labels, pred, average="macro", labels=present, zero_division=0))),
     }
 
 
@@ -81,7 +92,7 @@ def fmow_metrics(pred, labels, metadata) -> dict[str, float]:
     results["acc_worst_year"] = results.pop("acc_wg")
     by_region = group_eval(correct, column(metadata, "wilds/fmow", "region"), "acc", "region")
     del by_region["acc_avg"]
-    worst_region = by_region.pop("acc_wg")
+    worst_region = by_region.pop("acc_wg")  # over the regions with samples, as FMoWEvaluator's loop skips the rest
     return {**results, **by_region, "acc_worst_region": worst_region}
 
 
@@ -128,11 +139,25 @@ def jaccard(y_true, y_pred) -> float:
 
 
 def chosen_candidates(scores, n_associations: int) -> np.ndarray:
-    """The mask of the n best-scored candidates: the model is told how many associations to pick."""
+    """The mask of the n best-scored candidates (the model is told how many associations to pick), picked as
+    wino_eval.py picks them: np.argsort(scores)[-n:] (so n = 0 picks every candidate)."""
     chosen = np.zeros(len(scores), dtype=bool)
-    if n_associations:
-        chosen[np.argsort(scores)[-n_associations:]] = True
+    chosen[np.argsort(scores)[-n_associations:]] = True
     return chosen
+
+
+def winogavil_jaccards(scores: list, truths: list) -> tuple[np.ndarray, np.ndarray]:
+    """(Jaccard index of the chosen candidates, number of candidates) per instance."""
+    per_instance = np.array([jaccard(t, chosen_candidates(s, int(np.sum(t)))) for s, t in zip(scores, truths)])
+    return per_instance, np.array([len(t) for t in truths])
+
+
+WINOGAVIL_BUCKETS = {  # metric -> which instances it averages, by their number of candidates (wino_eval.py)
+    "avg_jaccard_score": lambda sizes: np.ones(len(sizes), dtype=bool),
+    "jaccard_score_5": lambda sizes: sizes == 5, "jaccard_score_6": lambda sizes: sizes == 6,
+    "jaccard_score_10": lambda sizes: sizes == 10, "jaccard_score_12": lambda sizes: sizes == 12,
+    "jaccard_score_5-6": lambda sizes: sizes <= 6, "jaccard_score_10-12": lambda sizes: sizes >= 10,
+}
 
 
 def winogavil_metrics(scores: list, truths: list) -> dict[str, float]:
@@ -140,11 +165,45 @@ def winogavil_metrics(scores: list, truths: list) -> dict[str, float]:
     candidates (5, 6, 10, 12, 5-6 and 10-12). Main metric: `jaccard_score_10-12`.
 
     scores[i] are the cue's similarities to instance i's candidate images; truths[i] marks its associations.
-    A bucket with no instance gets no key (the reference writes NaN).
+    A bucket with no instance is NaN, as the reference's mean of an empty array.
     """
-    per_instance = np.array([jaccard(t, chosen_candidates(s, int(np.sum(t)))) for s, t in zip(scores, truths)])
-    sizes = np.array([len(t) for t in truths])
-    buckets = {"avg_jaccard_score": sizes > 0, "jaccard_score_5": sizes == 5, "jaccard_score_6": sizes == 6,
-               "jaccard_score_10": sizes == 10, "jaccard_score_12": sizes == 12,
-               "jaccard_score_5-6": sizes <= 6, "jaccard_score_10-12": sizes >= 10}
-    return {name: float(per_instance[mask].mean()) for name, mask in buckets.items() if mask.any()}
+    per_instance, sizes = winogavil_jaccards(scores, truths)
+    return {name: _mean_or_nan(per_instance[bucket(sizes)]) for name, bucket in WINOGAVIL_BUCKETS.items()}
+
+
+def _mean_or_nan(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else float("nan")
+
+
+# ---------------------------------------------------------------- per-sample outcomes (for evaluation/noise.py)
+
+
+def classification_outcome(task_key: str, main_metric: str, logits, labels, metadata) -> dict[str, np.ndarray] | None:
+    """The per-sample outcomes a classification task's main metric is computed from, in noise.py's vocabulary:
+    "mean" of `values`; "group" means of `values` by `groups`, reduced by `reduce` ("mean" or "min"); or
+    "macro_f1" of `pred` against `labels`. None for a main metric it cannot resample."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    pred = logits.argmax(axis=1)
+    correct = pred == labels
+    if main_metric == "acc1":
+        return {"kind": np.array("mean"), "values": correct}
+    if main_metric == "mean_per_class_recall":
+        return {"kind": np.array("group"), "values": correct, "groups": labels, "reduce": np.array("mean")}
+    if main_metric == "F1-macro_all":
+        return {"kind": np.array("macro_f1"), "pred": pred, "labels": labels}
+    worst_group_field = {"acc_worst_region": "region", "acc_wg": "region", "acc_top5_wg": "income_ds"}
+    if main_metric in worst_group_field and task_key in METADATA_FIELDS:
+        if main_metric == "acc_top5_wg":
+            top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+            correct = (top5 == labels[:, None]).any(axis=1)
+        groups = column(metadata, task_key, worst_group_field[main_metric]).astype(np.int64)
+        return {"kind": np.array("group"), "values": correct, "groups": groups, "reduce": np.array("min")}
+    return None
+
+
+def winogavil_outcome(main_metric: str, scores: list, truths: list) -> dict[str, np.ndarray] | None:
+    """Per-instance Jaccard indices and whether the main metric's bucket counts them."""
+    if main_metric not in WINOGAVIL_BUCKETS:
+        return None
+    per_instance, sizes = winogavil_jaccards(scores, truths)
+    return {"kind": np.array("mean"), "values": per_instance, "mask": WINOGAVIL_BUCKETS[main_metric](sizes)}

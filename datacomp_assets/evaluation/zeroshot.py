@@ -13,6 +13,7 @@ This module imports no Dagster.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -24,17 +25,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datacomp_assets.core.models import encode_image_batches, encode_images
 from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.shards import iter_shard_samples
-from datacomp_assets.evaluation import hub_rows
+from datacomp_assets.evaluation import hub_rows, noise
 from datacomp_assets.evaluation.reference import MissingEvalData, missing_tasks, task_directory
-from datacomp_assets.evaluation.reference_metrics import metadata_metrics, winogavil_metrics
+from datacomp_assets.evaluation.reference_metrics import (
+    classification_outcome, metadata_metrics, winogavil_metrics, winogavil_outcome)
 from datacomp_assets.world.eval_suite import TASKS
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # the image keys clip_benchmark reads, in its order
 RECALL_AT = (1, 5, 10)  # the recall@k DataComp reports for retrieval
+# evaluate.py's --batch_size default. On CUDA the batch shapes pick the fp16 kernels, so they can move a near tie.
+REFERENCE_BATCH_SIZE = 64
 
 # ---------------------------------------------------------------- reading the test sets
 
@@ -49,7 +52,27 @@ def sample_image(sample: dict[str, bytes]) -> bytes:
 
 
 def decode_image(data: bytes) -> Image.Image:
+    """A webdataset image as clip_benchmark's loader decodes it: webdataset's "pil" handler converts to RGB on
+    reading, before the model's transform."""
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def hub_image(value) -> Image.Image:
+    """A Hub task's image as the `datasets` library hands it to DataComp's transform: in its own mode (palette,
+    RGBA, ...), so that open_clip's transform converts it to RGB after resizing, as the reference does."""
+    if isinstance(value, Image.Image):
+        return value
+    image = Image.open(io.BytesIO(value))
+    image.load()
+    return image
+
+
+def reference_autocast(device: str):
+    """fp16 autocast on CUDA where the reference runs under `torch.cuda.amp.autocast()` (the classifier's text
+    embeddings, retrieval, WinoGAViL); fp32 elsewhere, as there, since that autocast leaves CPU work alone."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def sample_label(sample: dict[str, bytes]) -> int:
@@ -74,85 +97,95 @@ def load_classification(task_dir: str | Path) -> tuple[list[Image.Image], list[i
             read_lines(task_dir / "zeroshot_classification_templates.txt"))
 
 
-def retrieval_examples(task_dir: str | Path) -> Iterator[tuple[bytes, list[str]]]:
-    """(encoded image, its captions) of a retrieval task: the nlphuji rows if the folder holds them, else
-    webdataset samples <key>.jpg + <key>.txt (captions, one per line)."""
+def retrieval_examples(task_dir: str | Path) -> Iterator[tuple[Image.Image, list[str]]]:
+    """(image, its captions) of a retrieval task, each image decoded as its reference loader decodes it: the
+    nlphuji rows if the folder holds them, else webdataset samples <key>.jpg + <key>.txt (captions, one per line)."""
     if hub_rows.has_rows(Path(task_dir)):
-        yield from hub_rows.retrieval_examples(Path(task_dir))
+        for image, captions in hub_rows.retrieval_examples(Path(task_dir)):
+            yield hub_image(image), captions
         return
     for s in iter_shard_samples(task_dir):
-        yield sample_image(s), [c for c in s["txt"].decode().split("\n") if c.strip()]
+        yield decode_image(sample_image(s)), [c for c in s["txt"].decode().split("\n") if c.strip()]
 
 
 # ---------------------------------------------------------------- metrics (pure functions of scores)
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """acc1, acc5 (only with at least 5 classes) and mean per-class recall (balanced accuracy)."""
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """acc1, acc5 and mean per-class recall, valued as DataComp's wds_eval.py values them: accuracies are
+    hits / n in float64 (clip_benchmark's `accuracy`), acc5 is None (a JSON null) with fewer than 5 classes, and
+    the recall is scikit-learn's balanced accuracy of the argmax, over the classes that occur in the labels."""
     labels = torch.as_tensor(labels)
-    n_classes = logits.shape[1]
-    metrics = {}
-    top = logits.topk(min(5, n_classes), dim=1).indices
-    metrics["acc1"] = (top[:, 0] == labels).float().mean().item()
-    if n_classes >= 5:
-        metrics["acc5"] = (top == labels[:, None]).any(dim=1).float().mean().item()
-    correct = (top[:, 0] == labels).float()
-    # Average over the classes that occur in the test set, as sklearn's balanced_accuracy_score does.
-    recalls = [correct[labels == c].mean().item() for c in labels.unique()]
+    n, n_classes = logits.shape
+    hits = logits.topk(min(5, n_classes), dim=1).indices == labels[:, None]
+    metrics = {"acc1": hits[:, 0].sum().item() / n,
+               "acc5": hits.any(dim=1).sum().item() / n if n_classes >= 5 else None}
+    correct = (logits.argmax(dim=1) == labels).numpy()
+    labels = labels.numpy()
+    recalls = [correct[labels == c].sum() / np.sum(labels == c) for c in np.unique(labels)]
     metrics["mean_per_class_recall"] = float(np.mean(recalls))
     return metrics
 
 
+def image_retrieval_hits(scores: torch.Tensor, text_to_image, k: int) -> torch.Tensor:
+    """Per caption: is its image among the k best-scored images? (scores[text, image]; text_to_image[t] is the
+    image caption t belongs to.)"""
+    return (scores.topk(k, dim=1).indices == torch.as_tensor(text_to_image)[:, None]).any(dim=1)
+
+
+def text_retrieval_hits(scores: torch.Tensor, text_to_image, k: int) -> torch.Tensor:
+    """Per image: is one of its captions among the k best-scored captions?"""
+    top_texts = scores.topk(k, dim=0).indices  # (k, images)
+    return (torch.as_tensor(text_to_image)[top_texts] == torch.arange(scores.shape[1])[None, :]).any(dim=0)
+
+
 def retrieval_metrics(scores: torch.Tensor, text_to_image: torch.Tensor,
                       recall_at: Iterable[int] = RECALL_AT) -> dict[str, float]:
-    """Recall@k both ways from scores[text, image]; text_to_image[t] is the image caption t belongs to.
-
-    Image retrieval: for each caption, is its image among the k best-scored images? Text retrieval: for each
-    image, is one of its captions among the k best-scored captions? (clip_benchmark's definitions.) A k larger
-    than the number of candidates is left out. `mean_recall@1` is DataComp's main metric.
-    """
-    text_to_image = torch.as_tensor(text_to_image)
+    """Recall@k both ways from scores[text, image], clip_benchmark's definitions and float32 means; a k larger
+    than the number of candidates is left out. `mean_recall@1` is DataComp's main metric (retr_eval.py)."""
     n_texts, n_images = scores.shape
     metrics = {}
     for k in recall_at:
         if k <= n_images:
-            hits = scores.topk(k, dim=1).indices == text_to_image[:, None]  # (texts, k)
-            metrics[f"image_retrieval_recall@{k}"] = hits.any(dim=1).float().mean().item()
+            metrics[f"image_retrieval_recall@{k}"] = image_retrieval_hits(scores, text_to_image, k).float().mean().item()
         if k <= n_texts:
-            top_texts = scores.topk(k, dim=0).indices  # (k, images)
-            hits = text_to_image[top_texts] == torch.arange(n_images)[None, :]
-            metrics[f"text_retrieval_recall@{k}"] = hits.any(dim=0).float().mean().item()
-    metrics["mean_recall@1"] = (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2
+            metrics[f"text_retrieval_recall@{k}"] = text_retrieval_hits(scores, text_to_image, k).float().mean().item()
+    metrics["mean_recall@1"] = 0.5 * (metrics["text_retrieval_recall@1"] + metrics["image_retrieval_recall@1"])
     return metrics
+
+
+def retrieval_outcome(scores: torch.Tensor, text_to_image) -> dict[str, np.ndarray]:
+    """Per-query hits@1 both ways, for resampling `mean_recall@1` over the test images (evaluation/noise.py)."""
+    return {"kind": np.array("retrieval"), "image_hits": image_retrieval_hits(scores, text_to_image, 1).numpy(),
+            "text_image": torch.as_tensor(text_to_image).numpy(),
+            "text_hits": text_retrieval_hits(scores, text_to_image, 1).numpy()}
 
 
 # ---------------------------------------------------------------- model side
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts: list[str], batch_size: int, device: str) -> torch.Tensor:
-    feats = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start:start + batch_size]).to(device)
-        feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-    return torch.cat(feats)
+def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: list[str], device: str) -> torch.Tensor:
+    """The (dim, classes) classifier on `device`, built as clip_benchmark builds it (one batch of prompts per
+    class; the normalised mean of their normalised embeddings), under its autocast."""
+    weights = []
+    with reference_autocast(device):
+        for classname in classnames:
+            tokens = tokenizer([template.format(c=classname) for template in templates]).to(device)
+            embedding = F.normalize(model.encode_text(tokens), dim=-1).mean(dim=0)
+            embedding /= embedding.norm()
+            weights.append(embedding)
+        return torch.stack(weights, dim=1).to(device)
 
 
-def class_embeddings(template_features: torch.Tensor) -> torch.Tensor:
-    """(classes, templates, dim) normalised prompt features -> (classes, dim) classifier, as CLIP builds it."""
-    return F.normalize(F.normalize(template_features, dim=-1).mean(dim=1), dim=-1)
-
-
-def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: list[str],
-                         batch_size: int, device: str) -> torch.Tensor:
-    prompts = [t.format(c=c) for c in classnames for t in templates]
-    feats = encode_texts(model, tokenizer, prompts, batch_size, device)
-    return class_embeddings(feats.view(len(classnames), len(templates), -1))
-
-
-def classify(image_features: torch.Tensor, classifier: torch.Tensor, labels) -> dict[str, float]:
-    """Metrics of zero-shot classification from normalised image features and class embeddings."""
-    return classification_metrics(100.0 * image_features @ classifier.T, torch.as_tensor(labels))
+@torch.no_grad()
+def classification_logits(model, classifier: torch.Tensor, image_batches: Iterable[torch.Tensor],
+                          device: str) -> torch.Tensor:
+    """Logits of preprocessed image batches, computed on `device` as clip_benchmark's run_classification does with
+    DataComp's amp=False: images in full precision on every device."""
+    logits = [(100. * F.normalize(model.encode_image(images.to(device)), dim=-1) @ classifier).float().cpu()
+              for images in image_batches]
+    return torch.cat(logits) if logits else torch.zeros(0, classifier.shape[1])
 
 
 class ClassificationSamples(torch.utils.data.IterableDataset):
@@ -205,9 +238,9 @@ class PreprocessedSets:
 PREPROCESSED = PreprocessedSets(room_bytes=512 * 2**20)
 
 
-def encode_classification_set(model, preprocess, task_dir: Path, batch_size: int, device: str,
-                              num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(normalised image features, labels, metadata rows) of every test sample."""
+def classification_set_logits(model, preprocess, classifier: torch.Tensor, task_dir: Path, batch_size: int,
+                               device: str, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(logits, labels, metadata rows) of every test sample."""
     def decode():
         yield from torch.utils.data.DataLoader(ClassificationSamples(task_dir, preprocess), batch_size=batch_size,
                                                num_workers=num_workers)
@@ -221,46 +254,45 @@ def encode_classification_set(model, preprocess, task_dir: Path, batch_size: int
             metadata.append(metadata_batch.numpy())
             yield image_batch
 
-    features = encode_image_batches(model, images(), device)
-    return features, torch.cat(labels), np.concatenate(metadata)
+    logits = classification_logits(model, classifier, images(), device)
+    return logits, torch.cat(labels), np.concatenate(metadata)
 
 
 def evaluate_classification(task, task_dir: Path, model, preprocess, tokenizer, batch_size: int, device: str,
-                            num_workers: int = 0) -> dict[str, float]:
+                            num_workers: int = 0) -> tuple[dict, dict | None]:
     classifier = zero_shot_classifier(model, tokenizer, read_lines(task_dir / "classnames.txt"),
-                                      read_lines(task_dir / "zeroshot_classification_templates.txt"),
-                                      batch_size, device)
-    features, labels, metadata = encode_classification_set(model, preprocess, task_dir, batch_size, device,
-                                                           num_workers)
-    logits = 100.0 * features @ classifier.T
+                                      read_lines(task_dir / "zeroshot_classification_templates.txt"), device)
+    logits, labels, metadata = classification_set_logits(model, preprocess, classifier, task_dir, batch_size,
+                                                         device, num_workers)
     metrics = classification_metrics(logits, labels)
     metrics.update(metadata_metrics(task.key, logits.numpy(), labels.numpy(), metadata))
-    return metrics
+    return metrics, classification_outcome(task.key, task.main_metric, logits.numpy(), labels.numpy(), metadata)
 
 
-def evaluate_retrieval(task_dir: Path, model, preprocess, tokenizer, batch_size: int, device: str) -> dict[str, float]:
+@torch.no_grad()
+def evaluate_retrieval(task_dir: Path, model, preprocess, tokenizer, batch_size: int, device: str) -> tuple[dict, dict]:
+    """As clip_benchmark's zeroshot_retrieval.evaluate: each batch of images and its captions embedded together,
+    under its autocast; the scores on the CPU."""
     def decode():
         batch: list[tuple[torch.Tensor, list[str]]] = []
-        for data, caps in retrieval_examples(task_dir):
-            batch.append((preprocess(decode_image(data)), caps))
+        for image, caps in retrieval_examples(task_dir):
+            batch.append((preprocess(image), caps))
             if len(batch) == batch_size:
                 yield torch.stack([image for image, _ in batch]), [caps for _, caps in batch]
                 batch = []
         if batch:
             yield torch.stack([image for image, _ in batch]), [caps for _, caps in batch]
 
-    captions: list[list[str]] = []
-
-    def images():
-        for image_batch, caption_batch in PREPROCESSED.batches((str(task_dir), repr(preprocess), batch_size), decode):
-            captions.extend(caption_batch)
-            yield image_batch
-
-    image_feats = encode_image_batches(model, images(), device)
-    texts = [c for caps in captions for c in caps]
-    text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-    text_feats = encode_texts(model, tokenizer, texts, batch_size, device)
-    return retrieval_metrics(text_feats @ image_feats.T, text_to_image)
+    image_embs, text_embs, text_to_image = [], [], []
+    for image_batch, caption_batch in PREPROCESSED.batches((str(task_dir), repr(preprocess), batch_size), decode):
+        tokens = tokenizer([c for caps in caption_batch for c in caps]).to(device)
+        with reference_autocast(device):
+            image_embs.append(F.normalize(model.encode_image(image_batch.to(device)), dim=-1).cpu())
+            text_embs.append(F.normalize(model.encode_text(tokens), dim=-1).cpu())
+        first = sum(len(batch) for batch in image_embs[:-1])
+        text_to_image += [first + i for i, caps in enumerate(caption_batch) for _ in caps]
+    scores = torch.cat(text_embs) @ torch.cat(image_embs).T
+    return retrieval_metrics(scores, torch.tensor(text_to_image)), retrieval_outcome(scores, text_to_image)
 
 
 def winogavil_prompt(cue: str) -> str:
@@ -269,31 +301,42 @@ def winogavil_prompt(cue: str) -> str:
     return f"An {cue}" if cue[:1] in ("a", "e", "i", "o", "u") else f"A {cue}"
 
 
-def evaluate_winogavil(task_dir: Path, model, preprocess, tokenizer, batch_size: int, device: str) -> dict[str, float]:
-    """Per instance: score the candidate images against the cue, pick as many as there are associations."""
+@torch.no_grad()
+def evaluate_winogavil(task, task_dir: Path, model, preprocess, tokenizer, batch_size: int,
+                       device: str) -> tuple[dict, dict]:
+    """Per instance: score the candidate images against the cue, pick as many as there are associations
+    (wino_eval.py: embeddings and scores under its autocast, so on CUDA the scores are fp16, ties included)."""
     scores, truths = [], []
     for cue, candidates, associations, images in hub_rows.winogavil_examples(task_dir):
-        image_feats = encode_images(model, preprocess, (decode_image(b) for b in images), batch_size, device)
-        text_feats = encode_texts(model, tokenizer, [winogavil_prompt(cue)], batch_size, device)
-        scores.append((text_feats @ image_feats.T)[0].numpy())
+        pixels = torch.stack([preprocess(hub_image(image)) for image in images]).to(device)
+        tokens = tokenizer([winogavil_prompt(cue)]).to(device)
+        with reference_autocast(device):
+            # open_clip's encode_*(normalize=True), which wino_eval.py calls, is this F.normalize
+            image_features = F.normalize(model.encode_image(pixels), dim=-1)
+            text_features = F.normalize(model.encode_text(tokens), dim=-1)
+            scores.append((text_features @ image_features.T).squeeze(0).cpu().numpy())
         truths.append(np.isin(candidates, associations))
-    return winogavil_metrics(scores, truths)
+    return winogavil_metrics(scores, truths), winogavil_outcome(task.main_metric, scores, truths)
 
 
-def evaluate_task(task, task_dir: Path, model, preprocess, tokenizer,
-                  batch_size: int = 256, device: str = "cpu", num_workers: int = 0) -> dict[str, float]:
-    """All metrics of one task plus `main_metric`."""
+def evaluate_task(task, task_dir: Path, model, preprocess, tokenizer, batch_size: int = 64, device: str = "cpu",
+                  num_workers: int = 0, outcomes: dict | None = None) -> dict[str, float]:
+    """All metrics of one task plus `main_metric`. If `outcomes` is given, the per-sample outcomes its main metric
+    is computed from go to outcomes[task.key] (for the evaluation noise, evaluation/noise.py)."""
     task_dir = Path(task_dir)
+    outcome = None  # a task without one (no main metric) has no noise interval
     if task.kind == "classification":
-        metrics = evaluate_classification(task, task_dir, model, preprocess, tokenizer, batch_size, device,
-                                          num_workers)
+        metrics, outcome = evaluate_classification(task, task_dir, model, preprocess, tokenizer, batch_size, device,
+                                                   num_workers)
     elif task.kind == "retrieval":
-        metrics = evaluate_retrieval(task_dir, model, preprocess, tokenizer, batch_size, device)
+        metrics, outcome = evaluate_retrieval(task_dir, model, preprocess, tokenizer, batch_size, device)
     elif task.kind == "winogavil":
-        metrics = evaluate_winogavil(task_dir, model, preprocess, tokenizer, batch_size, device)
+        metrics, outcome = evaluate_winogavil(task, task_dir, model, preprocess, tokenizer, batch_size, device)
     else:
         raise ValueError(f"task {task.key!r}: unknown kind {task.kind!r}")
     metrics["main_metric"] = metrics[task.main_metric]
+    if outcomes is not None and outcome is not None:
+        outcomes[task.key] = outcome
     return metrics
 
 
@@ -301,14 +344,16 @@ def evaluate_task(task, task_dir: Path, model, preprocess, tokenizer,
 
 
 def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_root: str | Path,
-                        out_jsonl: str | Path, device: str = "cpu", batch_size: int = 256,
+                        out_jsonl: str | Path, device: str = "cpu", batch_size: int = REFERENCE_BATCH_SIZE,
                         progress: Callable[[str], None] | None = None,
                         tasks: list[str] | None = None, registry: Mapping[str, object] | None = None,
-                        num_workers: int = 0, task_done: Callable[[int, str], None] | None = None) -> list[dict]:
+                        num_workers: int = 0, task_done: Callable[[int, str], None] | None = None,
+                        samples_file: str | Path | None = None) -> list[dict]:
     """Evaluate a model on every task of a registry (default: the tiny suite's TASKS; REFERENCE_TASKS for
     DataComp's 38), one JSON line per task in out_jsonl; resumable. Each task scored goes to
     `task_done(tasks in out_jsonl, note)` if given, else to `progress`.
 
+    With `samples_file`, each task's per-sample outcomes (noise.py) are kept there too, written before its line.
     Tasks already in out_jsonl are skipped. Before the model is loaded, every task left to do must be on disk
     under suite_root: if any is not, MissingEvalData names them all. Returns the lines of all requested
     tasks, in the order asked (registry order by default).
@@ -340,15 +385,19 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_ro
             if not task_done:
                 log(f"[{n}/{len(todo)}] evaluating {task.key}")
             start = time.perf_counter()
+            outcomes = {}
             metrics = evaluate_task(task, task_directory(suite_root, task), model, preprocess, tokenizer,
-                                    batch_size, device, num_workers)
+                                    batch_size, device, num_workers, outcomes=outcomes)
+            if samples_file is not None and outcomes:
+                noise.add_outcomes(samples_file, outcomes)
             row = {"key": task.key, "dataset": getattr(task, "name", task.key), "group": task.group,
                    "metrics": metrics}
             out.write(json.dumps(row) + "\n")
             out.flush()
             done[task.key] = row
             seconds = time.perf_counter() - start
-            note = f"{task.key}: {task.main_metric} = {metrics['main_metric']:.4f} ({seconds:.0f} s)"
+            score = f"{task.main_metric} = {metrics['main_metric']:.4f}" if task.main_metric else "no main metric"
+            note = f"{task.key}: {score} ({seconds:.0f} s)"
             if task_done:
                 task_done(len(keys) - len(todo) + n, note)
             else:
