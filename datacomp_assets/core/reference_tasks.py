@@ -4,7 +4,8 @@ Copied from the reference harness (github.com/mlfoundations/datacomp): keys, nam
 `tasklist.yml`, groups from `aggregate_scores.py` (ImageNet, ImageNet distribution shifts, VTAB, Retrieval; the
 rest count only in the average) and the tasks' tags (`wilds`, `fairness`), Hugging Face repos and local folder
 names from `eval_utils/wds_eval.py` and `download_evalsets.py`. FairFace and UTKFace are in `tasklist.yml` too,
-but have no main metric and so are not among the 38 that are averaged.
+and the reference evaluates them (eval_utils/fairness_eval.py), but they have no main metric and so are not
+among the 38 that are averaged: they are in UNAVERAGED_TASKS, and TASKLIST holds all 40.
 """
 
 from __future__ import annotations
@@ -26,19 +27,25 @@ MPCR = "mean_per_class_recall"
 
 @dataclass(frozen=True)
 class ReferenceTask:
-    """One scored task. `kind` is "classification", "retrieval" or "winogavil"."""
+    """One task. `kind` is "classification", "retrieval", "winogavil" or "fairface" (FairFace's and UTKFace's
+    race, gender, age and toxicity objectives, fairness_eval.evaluate_fairface_dataset)."""
 
     key: str          # tasklist.yml key; also the "key" of a results line
     name: str         # tasklist.yml name; the "dataset" of a results line
     group: str
-    main_metric: str = "acc1"
+    main_metric: str | None = "acc1"  # None: the line's main_metric is null (FairFace, UTKFace)
     kind: str = "classification"
     size: int = 0     # test-set size in tasklist.yml (images; WinoGAViL: instances)
 
     @property
+    def webdataset(self) -> bool:
+        """True when the test set is a djghosh/wds_*_test webdataset (else one of the nlphuji `datasets` repos)."""
+        return self.kind in ("classification", "fairface")
+
+    @property
     def hf_repo(self) -> str:
         """The Hugging Face dataset repo DataComp reads the test set from."""
-        if self.kind == "classification":
+        if self.webdataset:
             # wds_eval.create_webdataset and download_evalsets.py; fairness tasks drop their prefix.
             return f"djghosh/wds_{self.key.removeprefix('fairness/').replace('/', '-')}_test"
         return f"nlphuji/{self.key.split('/', 1)[1]}"
@@ -96,3 +103,12 @@ REFERENCE_TASKS: dict[str, ReferenceTask] = {t.key: t for t in [
     _task("fairness/dollar_street", "Dollar Street", FAIRNESS, "acc_top5_wg", size=3503),
     _task("fairness/geode", "GeoDE", FAIRNESS, "acc_wg", size=12488),
 ]}
+
+# In tasklist.yml after the 38, evaluated by the reference but with no main metric: outside every average.
+UNAVERAGED_TASKS: dict[str, ReferenceTask] = {t.key: t for t in [
+    _task("fairness/fairface", "FairFace", FAIRNESS, None, "fairface", size=10954),
+    _task("fairness/utkface", "UTKFace", FAIRNESS, None, "fairface", size=23703),
+]}
+
+# Every task of tasklist.yml, in its order: what the reference's evaluate.py evaluates and writes a line for.
+TASKLIST: dict[str, ReferenceTask] = {**REFERENCE_TASKS, **UNAVERAGED_TASKS}

@@ -49,12 +49,14 @@ def print_summary(summary: dict[str, float], n_tasks: int, reference: bool) -> N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+    from datacomp_assets.core.reference_tasks import TASKLIST
+    from datacomp_assets.evaluation.hub_rows import HubCacheError
     from datacomp_assets.evaluation.reference import MissingEvalData, ensure_reference_suite
     from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
     from datacomp_assets.world.eval_suite import TASKS
 
-    registry = REFERENCE_TASKS if args.suite == "reference" else TASKS
+    # The reference suite is all of tasklist.yml, as evaluate.py runs it: the 38 and FairFace, UTKFace.
+    registry = TASKLIST if args.suite == "reference" else TASKS
     unknown = [key for key in args.tasks or [] if key not in registry]
     if unknown:
         print(f"unknown {args.suite} task(s): {', '.join(unknown)}; known: {', '.join(registry)}", file=sys.stderr)
@@ -68,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.suite == "reference":
-            ensure_reference_suite(args.data_dir, download=args.download, tasks=args.tasks, progress=log)
+            ensure_reference_suite(args.data_dir, download=args.download, tasks=args.tasks or list(registry),
+                                   progress=log)
         rows = evaluate_checkpoint(args.model, args.checkpoint, args.data_dir, args.out, device=args.device,
                                    batch_size=args.batch_size, progress=log, tasks=args.tasks, registry=registry,
                                    num_workers=args.workers)
-    except MissingEvalData as error:
+    except (MissingEvalData, HubCacheError) as error:
         print(error, file=sys.stderr)
         return 2
-    print_summary(summarize(rows), len(rows), args.suite == "reference")
+    scored = [row for row in rows if row["metrics"].get("main_metric") is not None]  # not FairFace, UTKFace
+    print_summary(summarize(rows), len(scored), args.suite == "reference")
     return 0

@@ -1,16 +1,27 @@
 """Rows of the Hugging Face `datasets` repos DataComp evaluates on (Flickr, MSCOCO, WinoGAViL), read from disk.
 
-DataComp loads these three with `datasets.load_dataset("nlphuji/<name>", split="test")` and reads `image` and
-`caption` (a list of captions) for retrieval (eval_utils/retr_eval.py), `candidate_images`, `cue`, `candidates`
-and `associations` for WinoGAViL (eval_utils/wino_eval.py). The same rows are read here from a local folder,
-without the `datasets` library, in either of two layouts:
+DataComp reads these three with `datasets.load_dataset("nlphuji/<name>", split="test",
+cache_dir=<data_dir>/hf_cache)` (eval_utils/retr_eval.py, eval_utils/wino_eval.py), and its download_evalsets.py
+fills that cache with the same call. So the first place looked in, and the one read the reference's way, is:
 
-- parquet files of those rows (the Hub's parquet export of the repo, or `load_dataset(...).to_parquet(...)`),
-  images stored as `datasets` stores them: `{"bytes": ..., "path": ...}`;
+- `<data_dir>/hf_cache`: the `datasets` library's arrow cache (`nlphuji___<name>/<config>/<version>/<hash>/`),
+  read with that very call, offline. Images come as `datasets` stores them, `{"bytes": ..., "path": ...}`
+  (the loading scripts store the path of the image in `hf_cache/downloads/extracted/`), and are decoded by the
+  caller with PIL, as the reference's datasets 2.8.0 decodes them (later versions also apply the EXIF
+  orientation, which the reference's numbers do not have).
+
+Two more layouts are read without the `datasets` library, because the library of today cannot make the first
+one where it is missing: it no longer runs the nlphuji repos' loading scripts, so our own `--download` fetches
+the repos' files instead, into `<data_dir>/<name>/`:
+
+- parquet files of the rows (the Hub's parquet export of the repo, or `load_dataset(...).to_parquet(...)`);
 - for the two retrieval sets, the repo's own files: one `test_*.csv` with a `filename` column and a `raw`
   column (the JSON list of the image's captions), beside the `.zip` of the images.
 
-This module imports neither torch nor Dagster.
+Retrieval reads `image` and `caption` (a list of captions); WinoGAViL reads `candidate_images`, `cue`,
+`candidates` and `associations`. Every function takes the task's folder, `<data_dir>/<name>` (see
+`reference.task_directory`); the cache is its sibling `hf_cache`, and the repo is `nlphuji/<name>`.
+This module imports neither torch nor Dagster (`datasets` is imported when a cache is read).
 """
 
 from __future__ import annotations
@@ -20,7 +31,97 @@ import csv
 import json
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+
+HF_CACHE = "hf_cache"  # download_evalsets.py's cache_dir under its data_dir
+NAMESPACE = "nlphuji"
+
+
+class HubCacheError(ValueError):
+    """A Hub task's cache under `<data_dir>/hf_cache` cannot be read; the message is one line saying what to do."""
+
+
+def repo_id(task_dir: Path) -> str:
+    return f"{NAMESPACE}/{Path(task_dir).name}"
+
+
+def hf_cache(task_dir: Path) -> Path:
+    """download_evalsets.py's `datasets` cache, beside the task folders."""
+    return Path(task_dir).parent / HF_CACHE
+
+
+def cached_test_files(task_dir: Path) -> list[Path]:
+    """The arrow files `datasets` cached for the repo's test split (`<name>-test.arrow`, or its shards)."""
+    name = Path(task_dir).name
+    return sorted((hf_cache(task_dir) / f"{NAMESPACE}___{name}").glob(f"*/*/*/{name}-test*.arrow"))
+
+
+def how_to_get(task_dir: Path) -> str:
+    data_dir = Path(task_dir).parent
+    return (f"run DataComp's `python download_evalsets.py {data_dir}` where huggingface.co is reachable (it "
+            f"fills {hf_cache(task_dir)}), or this project's evaluation with --download (it writes {task_dir})")
+
+
+@contextmanager
+def _offline():
+    """The Hub switched off for `datasets` and `huggingface_hub`, so that a load reads the cache and nothing else.
+
+    Both read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE when imported, so their module constants are set too.
+    """
+    import os
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
+             huggingface_hub.constants.HF_HUB_OFFLINE)
+    os.environ.update({name: "1" for name in names})
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
+         huggingface_hub.constants.HF_HUB_OFFLINE) = saved
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def load_cached_test_split(task_dir: Path):
+    """The test split as the reference loads it: `datasets.load_dataset(repo, split="test", cache_dir=...)`."""
+    import datasets
+
+    cache = hf_cache(task_dir)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()  # not its warning, on each load, that the Hub "couldn't be found"
+    try:
+        with _offline():
+            return datasets.load_dataset(repo_id(task_dir), split="test", cache_dir=str(cache))
+    except Exception as exc:  # the library raises many kinds; each becomes the same one-line advice
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise HubCacheError(f"{repo_id(task_dir)}: the test split in {cache} cannot be read ({reason}); "
+                            f"{how_to_get(task_dir)}") from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _cached_rows(task_dir: Path, columns: list[str]) -> Iterator[dict]:
+    # Arrow batches, not `datasets`' decoded rows: the images stay {"bytes", "path"} for the caller to decode.
+    dataset = load_cached_test_split(task_dir)
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise HubCacheError(f"{repo_id(task_dir)}: the test split in {hf_cache(task_dir)} has no column(s) "
+                            f"{missing} (it has {dataset.column_names}); {how_to_get(task_dir)}")
+    for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=64):
+        for row in batch.to_pylist():
+            row["__dir__"] = hf_cache(task_dir)
+            yield row
 
 
 def _visible_files(task_dir: Path, pattern: str) -> list[Path]:
@@ -43,10 +144,15 @@ def _caption_tables(task_dir: Path) -> list[Path]:
     return tables
 
 
-def has_rows(task_dir: Path) -> bool:
-    """True when task_dir holds parquet rows, or a caption csv beside a zip of images."""
+def has_files(task_dir: Path) -> bool:
+    """True when task_dir itself holds parquet rows, or a caption csv beside a zip of images."""
     return bool(_visible_files(task_dir, "*.parquet")) or bool(
         _caption_tables(task_dir) and _visible_files(task_dir, "*.zip"))
+
+
+def has_rows(task_dir: Path) -> bool:
+    """True when the task's rows are on disk: in the `datasets` cache beside task_dir, or in task_dir's files."""
+    return bool(cached_test_files(task_dir)) or has_files(task_dir)
 
 
 def _only(files: list[Path], what: str, task_dir: Path) -> Path:
@@ -63,22 +169,25 @@ def _parse_captions(raw: str) -> list[str]:
         return list(ast.literal_eval(raw))
 
 
-def iter_rows(task_dir: Path, columns: list[str] | None = None) -> Iterator[dict]:
-    """The test rows, in file order: dicts with (at least) the named columns.
+def iter_rows(task_dir: Path, columns: list[str]) -> Iterator[dict]:
+    """The test rows, in file order: dicts with the named columns.
 
     Images come as `{"bytes": ..., "path": ...}`; read them with `image_bytes(value, base_dir)`, whose
-    base_dir is the row's `__dir__` (relative image paths in parquet files are relative to the file).
+    base_dir is the row's `__dir__`.
     """
     import pyarrow.parquet as pq
 
     task_dir = Path(task_dir)
+    if cached_test_files(task_dir):
+        yield from _cached_rows(task_dir, columns)
+        return
     parquets = _visible_files(task_dir, "*.parquet")
     if parquets:
         for path in parquets:
             # Small batches: an image column holds whole encoded images.
             for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns):
                 for row in batch.to_pylist():
-                    row["__dir__"] = path.parent
+                    row["__dir__"] = path.parent  # relative image paths are relative to the file
                     yield row
         return
     csv_path = _only(_caption_tables(task_dir), "caption csv (filename, raw)", task_dir)
@@ -94,14 +203,28 @@ def iter_rows(task_dir: Path, columns: list[str] | None = None) -> Iterator[dict
                    "caption": _parse_captions(record["raw"]), "__dir__": task_dir}
 
 
+def _image_file(path: Path, base_dir: Path) -> Path:
+    """Where an image a row names lives. A cache stores absolute paths into its `downloads/` folder; a data
+    directory copied or moved since then is found again by that folder's place under base_dir (the cache)."""
+    if not path.is_absolute():
+        return base_dir / path
+    if path.exists() or "downloads" not in path.parts:
+        return path
+    moved = Path(base_dir).joinpath(*path.parts[path.parts.index("downloads"):])
+    return moved if moved.exists() else path
+
+
 def image_bytes(value, base_dir: Path) -> bytes:
     """The encoded bytes of an image value as `datasets` stores it ({"bytes", "path"}, or bare bytes)."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if value.get("bytes") is not None:
         return value["bytes"]
-    path = Path(value["path"])
-    return (path if path.is_absolute() else Path(base_dir) / path).read_bytes()
+    path = _image_file(Path(value["path"]), Path(base_dir))
+    if not path.is_file():
+        raise FileNotFoundError(f"image {value['path']} named by the rows in {base_dir} is missing; download the "
+                                f"test set again (the folder it came with was not copied with the rows)")
+    return path.read_bytes()
 
 
 def retrieval_examples(task_dir: Path) -> Iterator[tuple[bytes, list[str]]]:

@@ -1,15 +1,18 @@
-"""DataComp's 38 scored evaluation tasks (the table is `core.reference_tasks`): the local directory that holds
-their test sets, and fetching them.
+"""DataComp's evaluation tasks (the table is `core.reference_tasks`): the local directory that holds their test
+sets, and fetching them.
 
-Local layout, one folder per task under a data directory (the folder names DataComp's downloader uses):
+The directory is the data_dir of DataComp's `download_evalsets.py`, read exactly as that script leaves it:
 
-    <root>/wds_<key with / as ->_test/    classification (djghosh/wds_*_test, clip_benchmark's webdataset layout):
-        classnames.txt, zeroshot_classification_templates.txt, test/nshards.txt, test/{i}.tar
-        (samples <key>.webp|png|jpg|jpeg + <key>.cls, and <key>.npy metadata for WILDS and fairness tasks)
-    <root>/flickr_1k_test_image_text_retrieval/, mscoco_2014_5k_test_image_text_retrieval/, winogavil/
-        the nlphuji repos DataComp reads with `datasets.load_dataset` (see `hub_rows`)
+    <data_dir>/wds_<key with / as ->_test/   every classification task, FairFace and UTKFace included
+        (djghosh/wds_*_test in clip_benchmark's webdataset layout): classnames.txt,
+        zeroshot_classification_templates.txt, test/nshards.txt, test/{i}.tar (samples <key>.webp|png|jpg|jpeg
+        + <key>.cls, and <key>.npy metadata for the WILDS and fairness tasks)
+    <data_dir>/hf_cache/                      Flickr, MSCOCO and WinoGAViL: the `datasets` library's cache of
+        nlphuji/flickr_1k_test_image_text_retrieval, nlphuji/mscoco_2014_5k_test_image_text_retrieval and
+        nlphuji/winogavil, read with `datasets.load_dataset(repo, split="test", cache_dir=...)` (see `hub_rows`)
 
-This module imports neither torch nor Dagster.
+Our own `--download` fetches the same djghosh folders, and the nlphuji repos' files into
+`<data_dir>/<repo name>/` (see `hub_rows` for why). This module imports neither torch nor Dagster.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from datacomp_assets.core.reference_tasks import REFERENCE_TASKS, ReferenceTask
+from datacomp_assets.core.reference_tasks import REFERENCE_TASKS, TASKLIST, ReferenceTask
 from datacomp_assets.evaluation import hub_rows
 
 # ---------------------------------------------------------------- what is on disk
@@ -39,12 +42,13 @@ def has_webdataset(task_dir: Path) -> bool:
 
 
 def is_present(task_dir: Path) -> bool:
-    """True when task_dir holds a complete test set in either accepted layout."""
+    """True when a task's test set is complete: a webdataset in task_dir, or a Hub task's rows (in the
+    `hf_cache` beside task_dir, or in task_dir's own files)."""
     return has_webdataset(task_dir) or hub_rows.has_rows(task_dir)
 
 
 def missing_tasks(root: str | Path, tasks: Iterable | None = None) -> list:
-    """The tasks (default: all 38 reference tasks) whose test set is not complete under root."""
+    """The tasks (default: the 38 averaged reference tasks) whose test set is not complete under root."""
     tasks = list(REFERENCE_TASKS.values()) if tasks is None else list(tasks)
     return [task for task in tasks if not is_present(task_directory(root, task))]
 
@@ -57,21 +61,28 @@ class MissingEvalData(FileNotFoundError):
         super().__init__(missing_message(root, missing, reason))
 
 
+def looked_in(root: str | Path, task) -> str:
+    """The folder(s) a task's test set is looked for in."""
+    folder = task_directory(root, task)
+    if getattr(task, "webdataset", True):
+        return str(folder)
+    return f"{hub_rows.hf_cache(folder)} (download_evalsets.py's `datasets` cache) or {folder}"
+
+
 def missing_message(root: str | Path, missing: list, reason: str) -> str:
     lines = [f"{len(missing)} evaluation test set(s) missing under {root} ({reason}):"]
     for task in missing:
         source = f"Hugging Face dataset {task.hf_repo}" if hasattr(task, "hf_repo") else "the tiny suite"
-        lines.append(f"  {task.key}: {source} -> {task_directory(root, task)}")
+        lines.append(f"  {task.key}: {source} -> {looked_in(root, task)}")
     if any(hasattr(task, "hf_repo") for task in missing):
         lines.append(
-            "Provide them in one of two ways. (1) Where huggingface.co is reachable, fetch them: run the CLI with "
-            "--download (or call ensure_reference_suite(root, download=True)) with HF_HUB_OFFLINE unset. "
-            "(2) Copy each repo into the folder named above, e.g. `hf download djghosh/wds_imagenet1k_test "
-            f"--repo-type dataset --local-dir {task_directory(root, REFERENCE_TASKS['imagenet1k'])}`; the djghosh "
-            "folders are exactly what DataComp's download_evalsets.py writes (classnames.txt, "
-            "zeroshot_classification_templates.txt, test/nshards.txt, test/{i}.tar). The nlphuji folders hold "
-            "the repo's files (test_*.csv and the images .zip) or parquet files of the rows "
-            "`datasets.load_dataset(repo, split='test')` yields.")
+            f"Provide them in one of three ways. (1) Point --data-dir (DATACOMP_EVAL_DATA) at the data_dir of "
+            f"DataComp's `python download_evalsets.py <data_dir>`, or run it into {root}: its wds_*_test folders "
+            f"and its hf_cache are read as they are. (2) Where huggingface.co is reachable, fetch them here: run "
+            f"the CLI with --download (or call ensure_reference_suite(root, download=True)) with HF_HUB_OFFLINE "
+            f"unset. (3) Copy each djghosh repo into the folder named above, e.g. `hf download "
+            f"djghosh/wds_imagenet1k_test --repo-type dataset --local-dir "
+            f"{task_directory(root, REFERENCE_TASKS['imagenet1k'])}`.")
     if not all(hasattr(task, "hf_repo") for task in missing):
         lines.append("Build the tiny suite with datacomp_assets.world.eval_suite.build_suite(root) "
                      "(or materialize the eval_suite asset).")
@@ -81,13 +92,22 @@ def missing_message(root: str | Path, missing: list, reason: str) -> str:
 # ---------------------------------------------------------------- fetching
 
 
+def check_hub_caches(root: str | Path, tasks: Iterable[ReferenceTask]) -> None:
+    """Open each Hub task's `hf_cache` as the evaluation will (a few milliseconds each): a cache that is there
+    but cannot be read fails before any model is loaded, with hub_rows' one-line advice."""
+    for task in tasks:
+        task_dir = task_directory(root, task)
+        if not task.webdataset and hub_rows.cached_test_files(task_dir):
+            hub_rows.load_cached_test_split(task_dir)
+
+
 def download_task(task: ReferenceTask, root: str | Path, timeout_s: float) -> None:
     """Fetch one test set into its folder (resumable: files already there are kept)."""
     from huggingface_hub import snapshot_download
 
     task_dir = task_directory(root, task)
     snapshot_download(repo_id=task.hf_repo, repo_type="dataset", local_dir=task_dir, etag_timeout=timeout_s)
-    if task.kind != "classification" and not hub_rows.has_rows(task_dir):
+    if not task.webdataset and not hub_rows.has_files(task_dir):
         # A repo that holds only a `datasets` loading script: its rows are in the Hub's parquet export.
         snapshot_download(repo_id=task.hf_repo, repo_type="dataset", revision="refs/convert/parquet",
                           local_dir=task_dir, allow_patterns=["*test*.parquet"],
@@ -96,17 +116,20 @@ def download_task(task: ReferenceTask, root: str | Path, timeout_s: float) -> No
 
 def ensure_reference_suite(root: str | Path, download: bool, tasks: Iterable[str] | None = None,
                            progress: Callable[[str], None] | None = None) -> list[ReferenceTask]:
-    """Make sure the reference tasks (all 38, or the given keys) are under root; return those fetched now.
+    """Make sure the reference tasks (the 38, or the given keys of TASKLIST) are under root; return those
+    fetched now.
 
     With everything present this touches no network. Otherwise it fetches the missing ones with
     `huggingface_hub.snapshot_download` when `download` is true and the Hub is on and reachable, and raises
-    MissingEvalData at once, naming every missing task, its repo and folder, when it cannot.
+    MissingEvalData at once, naming every missing task, its repo and folder, when it cannot. A Hub task's
+    `hf_cache` that is there but unreadable raises hub_rows.HubCacheError now, not when its turn comes.
     """
     from datacomp_assets.core.published import HUB_TIMEOUT_S, hub_offline, network_errors
 
     log = progress or (lambda message: None)
-    selected = [REFERENCE_TASKS[key] for key in tasks] if tasks is not None else list(REFERENCE_TASKS.values())
+    selected = [TASKLIST[key] for key in tasks] if tasks is not None else list(REFERENCE_TASKS.values())
     missing = missing_tasks(root, selected)
+    check_hub_caches(root, [task for task in selected if task not in missing])
     if not missing:
         return []
     if not download:

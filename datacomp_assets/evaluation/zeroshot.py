@@ -28,7 +28,7 @@ from PIL import Image
 from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.shards import iter_shard_samples
-from datacomp_assets.evaluation import hub_rows, noise
+from datacomp_assets.evaluation import fairness, hub_rows, noise
 from datacomp_assets.evaluation.reference import MissingEvalData, missing_tasks, task_directory
 from datacomp_assets.evaluation.reference_metrics import (
     classification_outcome, metadata_metrics, winogavil_metrics, winogavil_outcome)
@@ -332,9 +332,14 @@ def evaluate_task(task, task_dir: Path, model, preprocess, tokenizer, batch_size
         metrics, outcome = evaluate_retrieval(task_dir, model, preprocess, tokenizer, batch_size, device)
     elif task.kind == "winogavil":
         metrics, outcome = evaluate_winogavil(task, task_dir, model, preprocess, tokenizer, batch_size, device)
+    elif task.kind == "fairface":  # FairFace, UTKFace (outside the average), with the classification tasks' parts
+        metrics = fairness.evaluate_fairface(
+            task_dir, preprocess, batch_size, num_workers,
+            classifier=lambda names, templates: zero_shot_classifier(model, tokenizer, names, templates, device),
+            logits=lambda batches, classifier: classification_logits(model, classifier, batches, device))
     else:
         raise ValueError(f"task {task.key!r}: unknown kind {task.kind!r}")
-    metrics["main_metric"] = metrics[task.main_metric]
+    metrics["main_metric"] = metrics[task.main_metric] if task.main_metric else None  # null, as the reference
     if outcomes is not None and outcome is not None:
         outcomes[task.key] = outcome
     return metrics
