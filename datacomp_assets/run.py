@@ -35,8 +35,10 @@ class RunFailed(Exception):
     """A step failed; the console has shown which, and the log holds the rest."""
 
 
-def materialize(selection, partition_key, instance, resources, console=None, dagster_logs: bool = False) -> None:
-    """Materialize `selection` (and its checks) for one partition, in this process, through Dagster."""
+def materialize(selection, partition_key, instance, resources, console=None, dagster_logs: bool = False,
+                ops: dict | None = None) -> None:
+    """Materialize `selection` (and its checks) for one partition, in this process, through Dagster; `ops`: the
+    run config of assets in it (`{"pool_features": {"config": {...}}}`)."""
     from datacomp_assets.console import dagster_logger
     from datacomp_assets.definitions import ALL_ASSETS, CHECKS
 
@@ -48,7 +50,8 @@ def materialize(selection, partition_key, instance, resources, console=None, dag
     if console:
         console.partition = partition_label(partition_key)
     result = defs.resolve_job_def(JOB_NAME).execute_in_process(
-        run_config={"loggers": {name: {} for name in loggers}}, instance=instance, partition_key=partition_key,
+        run_config={"loggers": {name: {} for name in loggers}, **({"ops": ops} if ops else {})}, instance=instance,
+        partition_key=partition_key,
         raise_on_error=False)
     if not result.success:
         raise RunFailed(f"materializing {partition_key} failed (run {result.run_id})")
@@ -72,7 +75,7 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     side instead (the accelerator resource's `cpu_trainings_at_once`)."""
     # Late imports: loading the code location reads the strategy and scale files, whose errors main() reports.
     from datacomp_assets.definitions import RESOURCES, STRATEGY_ASSETS
-    from datacomp_assets.filtering.assets import image_scores, strategy_definitions, subset
+    from datacomp_assets.filtering.assets import image_scores, pool_features, strategy_definitions, subset
     from datacomp_assets.instance import free_orphaned_slots
     from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis
     from partitions import get_scale
@@ -84,15 +87,17 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     pool_assets, scorers = assets_needed(config, strategies, train=not subsets_only)
     check_inputs(config, strategies, resources, train=not subsets_only)
 
-    def run(selection, partition_key):
-        materialize(selection, partition_key, instance, resources, console, dagster_logs)
+    def run(selection, partition_key, ops=None):
+        materialize(selection, partition_key, instance, resources, console, dagster_logs, ops)
 
     # A run killed earlier (SIGKILL, out of memory) may still hold the `gpu` slot; this run would wait forever.
     for run_id in free_orphaned_slots(instance):
         print(f"freed the pool slots of run {run_id}, which had ended or been killed")
     # Record each strategy's definition version first, so the UI can tell later which rules changed.
     run([strategy_definitions], None)  # observes it
-    run(pool_assets, scale)
+    # pool_features computes only the columns these strategies read
+    run(pool_assets, scale, {"pool_features": {"config": {"strategies": strategies}}}
+        if pool_features in pool_assets else None)
     for scorer in scorers:
         run([image_scores], dg.MultiPartitionKey({"scale": scale, "scorer": scorer}))
     keys = [dg.MultiPartitionKey({"scale": scale, "strategy": strategy}) for strategy in strategies]
@@ -126,6 +131,7 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
     from datacomp_assets.definitions import POOL_ASSETS
     from datacomp_assets.evaluation.assets import eval_suite
     from datacomp_assets.filtering.assets import pool_features, recaptioned_source
+    from datacomp_assets.filtering.features import feature_columns
     from datacomp_assets.metadata.assets import captioner_model, dfn_model, pool_metadata
     from datacomp_assets.pool.assets import external_sources, pool_index, pool_shards
 
@@ -143,7 +149,8 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
         # when a chosen strategy mixes them in.
         skipped = [a for a in trained_for if a not in models] + ([] if byod else [external_sources])
         return [a for a in POOL_ASSETS if a not in skipped] + recaptioned, scorers
-    assets = [pool_index, pool_metadata, pool_features]
+    # pool_features only where a strategy reads one of its columns: with none, no npz is needed
+    assets = [pool_index, pool_metadata, *([pool_features] if feature_columns(columns) else [])]
     if train or scorers or recaptioned:
         assets.append(pool_shards)
     assets += models
@@ -175,22 +182,46 @@ def check_inputs(scale, strategies: list[str], resources: dict, train: bool) -> 
         if recaptions(strategies):
             needed += [name for name in ("captioner_checkpoint", "clip_l14_checkpoint") if name not in needed]
         problems += configured_problems(scale, needed)
+        problems += embedding_problems(scale, strategies, mirror, resources["pool_source"].published.include_npz)
     if problems:
         raise FileNotFoundError(f"scale {scale.name!r} cannot run {', '.join(strategies)} here; nothing was started. "
                                 "Supply what is missing, or choose other --strategies:\n- " + "\n- ".join(problems))
 
 
+def embedding_problems(scale, strategies: list[str], mirror: str, include_npz: bool) -> list[str]:
+    """The strategies that read columns computed from the npz embeddings, where the metadata will have none (the
+    mirror's parquet files have no npz beside them, or the Hub's are not asked for)."""
+    from datacomp_assets.core.published import files_without_npz, mirror_files, npz_advice
+    from datacomp_assets.filtering.features import embedding_readers, missing_embeddings
+
+    readers = embedding_readers(strategies)
+    if not readers:
+        return []
+    if not mirror:
+        if include_npz:
+            return []
+        rules = "; ".join(f"{name} (reads {', '.join(columns)})" for name, columns in readers.items())
+        return [f"{rules}: computed from the metadata's embeddings, which are fetched from the Hub only with the "
+                f"published resource's include_npz (about 25 times the parquet's size): set it, or use a local copy: "
+                f"{npz_advice(scale.name)}"]
+    parquets = mirror_files(mirror) if Path(mirror).is_dir() else []  # none: the fetch names the mirror
+    lacking = files_without_npz(parquets)
+    return [missing_embeddings(readers, lacking, len(parquets), npz_advice(scale.name, lacking[0].parent))
+            ] if lacking else []
+
+
 def chosen_strategies(names: list[str] | None) -> list[str]:
-    """--strategies: none given, the headline set; `all`, every registered strategy; else the names given."""
-    from datacomp_assets.core.strategies import STRATEGIES
+    """--strategies: none given, the headline set; `all`, every registered strategy; else the names given, each a
+    registered strategy or one of the paper's sweeps (`clip_score_b32_thr0.28`)."""
+    from datacomp_assets.core.strategies import PARTITIONED, STRATEGIES
 
     if not names:
         return list(HEADLINE_STRATEGIES)
     if names == ["all"]:
         return list(STRATEGIES)
-    unknown = [name for name in names if name not in STRATEGIES]
+    unknown = [name for name in names if name not in PARTITIONED]
     if unknown:
-        raise ValueError(f"unknown strategies {', '.join(unknown)}; known: all, {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategies {', '.join(unknown)}; known: all, {', '.join(PARTITIONED)}")
     return names
 
 
@@ -299,7 +330,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="tiny")
     parser.add_argument("--strategies", nargs="*", metavar="NAME",
-                        help=f"`all` for every registered strategy; default: {' '.join(HEADLINE_STRATEGIES)}")
+                        help=f"registered strategies or the paper's sweeps (e.g. clip_score_b32_thr0.28); `all` for "
+                             f"every registered strategy; default: {' '.join(HEADLINE_STRATEGIES)}")
     parser.add_argument("--subsets-only", action="store_true",
                         help="stop after the subsets (no training or evaluation; at a published pool, no download "
                              "unless a strategy scores images)")

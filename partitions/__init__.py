@@ -5,10 +5,10 @@ import dagster as dg
 from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.scales import SCALES, ScaleConfig, get_scale
 from datacomp_assets.core.scorers import IMAGE_SCORERS, image_score_column
-from datacomp_assets.core.strategies import STRATEGIES, strategy_identifiers
+from datacomp_assets.core.strategies import PARTITIONED, strategy_identifiers
 
 scale_partitions = dg.StaticPartitionsDefinition(list(SCALES))
-strategy_partitions = dg.StaticPartitionsDefinition(list(STRATEGIES))
+strategy_partitions = dg.StaticPartitionsDefinition(list(PARTITIONED))  # the registry and the paper's sweeps
 scale_strategy_partitions = dg.MultiPartitionsDefinition({"scale": scale_partitions, "strategy": strategy_partitions})
 # Models scored over the downloaded images, per scale: only strategies that read a model's score wait for images.
 scorer_partitions = dg.StaticPartitionsDefinition(list(IMAGE_SCORERS))
@@ -30,7 +30,7 @@ on_synthetic_web = dg.StaticPartitionMapping(
 reading_image_scores = dg.MultiPartitionMapping({
     "scale": dg.DimensionPartitionMapping("scale", dg.IdentityPartitionMapping()),
     "scorer": dg.DimensionPartitionMapping("strategy", dg.StaticPartitionMapping(
-        {scorer: {name for name in STRATEGIES if image_score_column(scorer) in strategy_identifiers(name)}
+        {scorer: {name for name in PARTITIONED if image_score_column(scorer) in strategy_identifiers(name)}
          for scorer in IMAGE_SCORERS})),
 })
 

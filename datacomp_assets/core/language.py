@@ -117,12 +117,16 @@ def _cld3_identifier():
 
 
 def identify_languages_cld3(texts) -> list[str]:
-    """CLD3's top language per caption (the LAION-2B filter's language ID); `texts` as for identify_languages."""
+    """CLD3's top language per caption (the LAION-2B filter's language ID); `texts` as for identify_languages.
+
+    Each caption has its newlines made spaces first, as the reference's `get_gcld3_language` does."""
     identifier = _cld3_identifier()
     arrow = _arrow_strings(texts)
     if arrow is not None:
-        texts = arrow.to_pylist()
-    return [identifier.FindLanguage(text=text or "").language for text in texts]
+        texts = pc.replace_substring(arrow, "\n", " ").to_pylist()
+    else:
+        texts = [(text or "").replace("\n", " ") for text in texts]
+    return [identifier.FindLanguage(text=text).language for text in texts]
 
 
 def _fasttext_token_count(text: str) -> int:

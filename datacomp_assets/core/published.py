@@ -5,6 +5,11 @@ columns) and, optionally, an ``.npz`` of embeddings with the same stem. The upst
 ``huggingface_hub.snapshot_download`` and feeds the parquets to img2dataset; we do the same, but also accept a
 local mirror (a copy in the published layout), so a machine without access to huggingface.co can still run, and
 fail at once, with both ways out named, when neither is available.
+
+A mirror is either a snapshot of the repo (``huggingface-cli download``; xlarge's files sit in ``part_*/``
+folders) or the ``--data_dir`` that DataComp's ``download_upstream.py`` leaves: ``metadata/`` with the parquet (and
+the npz with ``--download_npz``) beside ``shards/``, img2dataset's output, whose own ``NNNNNNNN.parquet`` files are
+not metadata and are never read as such.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pyarrow.parquet as pq
 
 from datacomp_assets.core import settings
 from datacomp_assets.core.files import temporary_sibling
+from datacomp_assets.core.scales import UPSTREAM_METADATA
 from datacomp_assets.core.schema import NPZ_KEYS, POOL_METADATA_SCHEMA, validate_metadata
 
 # The setting that points at a local mirror: a resource field, defaulting to this environment variable.
@@ -90,10 +96,48 @@ def published_files(root: str | os.PathLike) -> list[Path]:
     return _metadata_files(Path(root), ".parquet")
 
 
+def metadata_root(mirror: str | os.PathLike) -> Path:
+    """Where a mirror's metadata files are: its `metadata/` folder where it has one (download_upstream.py's
+    --data_dir), else the mirror itself (a snapshot of the Hub repo)."""
+    mirror = Path(mirror)
+    return mirror / UPSTREAM_METADATA if (mirror / UPSTREAM_METADATA).is_dir() else mirror
+
+
+def mirror_files(mirror: str | os.PathLike) -> list[Path]:
+    """A mirror's metadata parquet files, in order."""
+    return _metadata_files(metadata_root(mirror), ".parquet")
+
+
 def _metadata_files(root: Path, suffix: str) -> list[Path]:
-    """Every `*<suffix>` under root, skipping hidden folders (the Hub client's `.cache/`)."""
+    """Every `*<suffix>` under root, skipping hidden folders (the Hub client's `.cache/`) and img2dataset's shards
+    (a `<stem>.parquet` beside `<stem>.tar` or `<stem>_stats.json` lists a shard's samples, not the pool's)."""
     return sorted(p for p in root.rglob(f"*{suffix}")
-                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
+                  if not any(part.startswith(".") for part in p.relative_to(root).parts)
+                  and not _is_shard_file(p))
+
+
+def _is_shard_file(path: Path) -> bool:
+    return path.with_suffix(".tar").exists() or path.with_name(f"{path.stem}_stats.json").exists()
+
+
+def npz_advice(scale: str, metadata_folder: Path | None = None) -> str:
+    """How to get the embeddings that download_upstream.py leaves out unless asked, into `metadata_folder` (the
+    folder that holds the parquet files) where it is known."""
+    if metadata_folder is None:
+        where, folder = "--data_dir DIR", "DIR/metadata"
+    elif metadata_folder.name == UPSTREAM_METADATA:
+        where, folder = f"--data_dir {metadata_folder.parent}", str(metadata_folder)
+    else:
+        where, folder = f"--data_dir DIR --metadata_dir {metadata_folder}", str(metadata_folder)
+    return (f"DataComp's `python download_upstream.py --scale {scale} {where} --download_npz --overwrite_metadata "
+            f"--skip_shards` fetches them beside the parquet files (without --overwrite_metadata it skips a metadata "
+            f"folder that exists), or `huggingface-cli download mlfoundations/datacomp_{scale} --repo-type dataset "
+            f"--include '*.npz' --local-dir {folder}`; from the Hub directly, set the published resource's "
+            f"include_npz")
+
+
+def files_without_npz(parquets: list[Path]) -> list[Path]:
+    return [p for p in parquets if not p.with_suffix(".npz").exists()]
 
 
 def _check_npz(path: Path) -> None:
@@ -120,10 +164,12 @@ def _from_mirror(source: PublishedSource, dest_dir: Path) -> list[Path]:
     mirror = Path(source.mirror_dir)
     if not mirror.is_dir():
         raise ValueError(f"{MIRROR_SETTING}={mirror} is not a directory")
-    parquets = _metadata_files(mirror, ".parquet")
+    root = metadata_root(mirror)
+    parquets = _metadata_files(root, ".parquet")
     if not parquets:
-        raise ValueError(f"{MIRROR_SETTING}={mirror} holds no .parquet files (expected the published layout)")
-    npz_by_stem = {p.stem: p for p in _metadata_files(mirror, ".npz")}
+        raise ValueError(f"{MIRROR_SETTING}={mirror} holds no metadata .parquet files (expected the published "
+                         f"layout, or download_upstream.py's --data_dir with its {UPSTREAM_METADATA}/ folder)")
+    npz_by_stem = {p.stem: p for p in _metadata_files(root, ".npz")}
     names = [p.name for p in parquets]
     if len(set(names)) != len(names):
         raise ValueError(f"{mirror}: two parquet files share a name; shards must have unique names")

@@ -23,6 +23,8 @@ from datacomp_assets.core import settings
 
 REGISTRY_FILE = Path(__file__).with_name("scales.toml")
 PAPER_SCALES = ("small", "medium", "large", "xlarge")
+# The folders DataComp's download_upstream.py makes under its --data_dir (its --metadata_dir defaults to the first).
+UPSTREAM_METADATA, UPSTREAM_SHARDS = "metadata", "shards"
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,10 @@ class ScaleConfig:
     eval_suite: str = "reference"   # "reference": DataComp's 38 tasks; "synthetic": the miniature's own suite
     cron_schedule: str = "0 3 * * 6"  # when the scale's schedule (stopped until turned on) requests every strategy
     # ---- published pools: where the files are (empty: the defaults named in docs/scales.md)
-    mirror_dir: str = ""      # the published parquet + npz; empty: $DATACOMP_MIRROR, else the Hugging Face Hub
-    shards_dir: str = ""      # img2dataset's shards of this pool; empty: <root>/<scale>/pool_shards
+    # DataComp's download_upstream.py --data_dir: its metadata/ is the mirror and its shards/ the shards, as they are
+    data_dir: str = ""
+    mirror_dir: str = ""      # the published parquet + npz; empty: <data_dir>/metadata, $DATACOMP_MIRROR, the Hub
+    shards_dir: str = ""      # img2dataset's shards of this pool; empty: <data_dir>/shards, <root>/<scale>/pool_shards
     # ---- inputs the paper's methods need and this project cannot ship (see core/inputs.py)
     imagenet_embeddings: str = ""    # .npy: L/14 image embeddings of ImageNet-1k training images (image_based)
     vas_target_embeddings: str = ""  # .npy: VAS's target embeddings; empty: imagenet_embeddings
@@ -89,13 +93,13 @@ class ScaleConfig:
 
 
 # What a user's file may set on one of the paper's scales: where things are, not how the model is trained.
-LOCATION_FIELDS = frozenset({"mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings",
+LOCATION_FIELDS = frozenset({"data_dir", "mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings",
                              "metaclip_entries", "dfn_checkpoint", "dfn_architecture", "reference_gpus",
                              "clip_l14_checkpoint", "clip_l14_architecture", "hype_heads",
                              "captioner_checkpoint", "captioner_architecture",
                              "download_timeout", "seeds", "cron_schedule",
                              "kmeans_max_points"})
-PATH_FIELDS = ("mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings", "metaclip_entries",
+PATH_FIELDS = ("data_dir", "mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings", "metaclip_entries",
                "dfn_checkpoint", "clip_l14_checkpoint", "hype_heads", "captioner_checkpoint")
 _FIELDS = {f.name: f for f in fields(ScaleConfig)}
 _SIMPLE_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
@@ -111,6 +115,9 @@ def _scale_from(name: str, spec: Mapping, base: ScaleConfig | None, where: str) 
     for key in PATH_FIELDS:  # relative paths in a user's file are relative to that file
         if values.get(key):
             values[key] = str((Path(where).parent / os.path.expanduser(values[key])).resolve())
+    if values.get("data_dir"):  # download_upstream.py's layout, unless the same table names a folder itself
+        values.setdefault("mirror_dir", str(Path(values["data_dir"]) / UPSTREAM_METADATA))
+        values.setdefault("shards_dir", str(Path(values["data_dir"]) / UPSTREAM_SHARDS))
     try:
         scale = replace(base, name=name, **values) if base else ScaleConfig(name=name, **values)
     except TypeError as err:

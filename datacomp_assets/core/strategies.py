@@ -14,8 +14,9 @@ The registry is `strategies.toml` beside this file plus any files named in `$DAT
 (os.pathsep-separated, read by `settings`): a user's file adds strategies under new names, and replaces a built-in
 (or an earlier file's) only where its table says `override = true`. Every registered strategy is a partition, is
 trained and evaluated, and has a leaderboard row, except a `building_block`: a named stage of a longer method that
-other strategies are built from, never trained on its own (`BUILDING_BLOCKS`). The paper's sweeps (`SWEEPS`) can be
-selected by name without being registered.
+other strategies are built from, never trained on its own (`BUILDING_BLOCKS`). The paper's sweeps (`SWEEPS`) are
+partitions too (`PARTITIONED`), so any of them can be named (`--strategies clip_score_b32_thr0.28`), but `all` and the
+schedules request only the registered strategies.
 The filtering stage runs the rules (`filtering.selection`).
 """
 
@@ -36,6 +37,9 @@ from datacomp_assets.core import settings
 SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
 REGISTRY_FILE = Path(__file__).with_name("strategies.toml")
 NAME_PATTERN = re.compile(r"[a-z0-9_]+")
+# A strategy's name is a partition key and a folder name (`<root>/<scale>/subset/<name>/`): dots may separate its
+# parts (`clip_score_b32_thr0.28`), but never lead, trail or repeat, so no name is "..", hidden, or a path.
+STRATEGY_NAME_PATTERN = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
 SOURCE_PREFIX = "source:"  # a mixture component naming an external source instead of a strategy
 # `{b32>=0.28}` in a rule: a reference score threshold, resolved per scale when the rule runs.
 THRESHOLD_PLACEHOLDER = re.compile(r"\{(b32|l14)>=([0-9.]+)\}")
@@ -111,11 +115,16 @@ def parse_strategies(table: Mapping, where: str) -> dict[str, Strategy]:
     known = {f.name for f in fields(Strategy)}
     out = {}
     for name, spec in table.items():
-        if not NAME_PATTERN.fullmatch(name):
-            raise ValueError(f"{where}: strategy name {name!r} must be lowercase letters, digits and _")
+        if not STRATEGY_NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"{where}: strategy name {name!r} must be lowercase letters, digits and _, with single "
+                             "dots between them (not at either end)")
         if not isinstance(spec, Mapping):
             raise ValueError(f"{where}: [{name}] must be a table of settings")
         unknown = set(spec) - known
+        nested = sorted(key for key in unknown if isinstance(spec[key], Mapping))
+        if nested:  # TOML reads [my_thr0.33] as table "my_thr0" holding table "33"
+            raise ValueError(f"{where}: [{name}] holds a table {nested[0]!r}: a name with a dot must be quoted in "
+                             f"TOML, as [\"{name}.{nested[0]}\"]")
         if unknown:
             raise ValueError(f"{where}: [{name}] has unknown settings {sorted(unknown)}; known: {sorted(known)}")
         spec = dict(spec)
@@ -283,6 +292,9 @@ def check_references(registry: Mapping[str, Strategy], defined_in: Mapping[str, 
 _REGISTRY = load_registry(settings.strategy_files())
 STRATEGIES: dict[str, Strategy] = {name: s for name, s in _REGISTRY.items() if not s.building_block}
 BUILDING_BLOCKS: dict[str, Strategy] = {name: s for name, s in _REGISTRY.items() if s.building_block}
+# The strategy partition's keys: every registered strategy, then the paper's sweeps not registered under their name,
+# so a sweep can be materialized (and shows on the leaderboard) without `all` or a schedule training every sweep.
+PARTITIONED: tuple[str, ...] = (*STRATEGIES, *(name for name in SWEEPS if name not in _REGISTRY))
 
 
 def get_strategy(name: str) -> Strategy:

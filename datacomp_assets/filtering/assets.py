@@ -14,7 +14,8 @@ from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.integrity import table_record, verified_values_version, verify_table
 from datacomp_assets.core.lineage import code_revision, file_sha256, write_lineage
 from datacomp_assets.core.strategies import (
-    STRATEGIES, expected_fraction, sources_read, strategy_definition, strategy_identifiers, strategy_version, track)
+    PARTITIONED, expected_fraction, get_strategy, sources_read, strategy_definition, strategy_identifiers,
+    strategy_version, track)
 from datacomp_assets.core.uids import (
     arrow_uids_to_array, isin_sorted, load_subset, save_subset, sort_uids, union_sorted, unique_sorted)
 from datacomp_assets.filtering.selection import select_uids
@@ -26,22 +27,37 @@ from partitions import (
 from resources import AcceleratorResource, EngineResource, PoolSourceResource, StorageResource
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="2", pool="gpu",
+class PoolFeaturesConfig(dg.Config):
+    """Which columns pool_features computes."""
+
+    strategies: list[str] = []  # the columns these strategies read (`run` passes its own); empty: every column
+
+
+@dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="3", pool="gpu",
           deps=[Asset.POOL_METADATA,
                 *(dg.AssetDep(a, partition_mapping=on_synthetic_web)
                   for a in (Asset.SCORER_MODELS, Asset.EVAL_SUITE, Asset.CURATED_SOURCE))])
-def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
-                  pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
+def pool_features(context: dg.AssetExecutionContext, config: PoolFeaturesConfig, storage: StorageResource,
+                  accelerator: AcceleratorResource, pool_source: PoolSourceResource,
+                  engine: EngineResource) -> dg.MaterializeResult:
     """Per-sample columns the filters beyond the metadata read: caption concepts and repeats, k-means clusters and
     the target clusters, SemDeDup similarities, density-pruning quotas, VAS, NormSim, negCLIPLoss and HYPE scores,
-    MetaCLIP keep probabilities. Metadata only: no image.
+    MetaCLIP keep probabilities. Metadata only: no image. With `strategies` in its config, only the columns they
+    read; without, every column the inputs allow.
+
+    The npz embeddings are read only for the columns computed from them. Where the metadata has no npz (DataComp's
+    download_upstream.py fetches them only with --download_npz), strategies that read such a column fail here at
+    once, naming them and the way to get the files; without `strategies`, those columns are left out.
 
     At a published pool, the inputs the paper's methods need (ImageNet's L/14 embeddings, VAS's targets,
     MetaCLIP's entries, HYPE's heads) are files named in the scale's configuration; a column whose file is not
     configured is left out (a rule reading it then names the file), and a configured file that is missing fails
     at once. At the synthetic web, HYPE's heads are trained here on the curated source."""
+    from datacomp_assets.core.published import files_without_npz, npz_advice
+    from datacomp_assets.core.uid_index import metadata_parquet
     from datacomp_assets.filtering.features import (
-        IMAGE_BASED_CAPTIONS, FeatureSettings, compute_pool_features, vocabulary_from_classnames)
+        EMBEDDING_COLUMNS, IMAGE_BASED_CAPTIONS, TEXT_COLUMNS, FeatureSettings, compute_pool_features,
+        embedding_readers, feature_columns, missing_embeddings, reads_hype, vocabulary_from_classnames)
     from datacomp_assets.filtering.selection import rows_where
     from datacomp_assets.filtering.image_based import proportional_k
 
@@ -51,34 +67,52 @@ def pool_features(context: dg.AssetExecutionContext, storage: StorageResource, a
         t0 = time.perf_counter()
         metadata_dir = layout.pool_metadata(scale.name)
         verified_values_version(metadata_dir, REDO.format(f"{Asset.POOL_METADATA} ({scale.name})"))
+        columns = (frozenset(feature_columns(set().union(*map(strategy_identifiers, config.strategies))))
+                   if config.strategies else None)
+        parquets = metadata_parquet(metadata_dir)
+        lacking = files_without_npz(parquets)
+        no_npz = []
+        if lacking:  # before anything long: a rule that needs the embeddings fails now, naming them
+            readers = embedding_readers(config.strategies)
+            advice = npz_advice(scale.name, lacking[0].resolve().parent)  # the user's folder, where linked
+            if readers:
+                raise FileNotFoundError(f"{Asset.POOL_FEATURES} ({scale.name}): " + missing_embeddings(
+                    readers, lacking, len(parquets), advice))
+            if columns is None:
+                columns = frozenset(TEXT_COLUMNS)
+                no_npz = [f"{', '.join(EMBEDDING_COLUMNS)} and HYPE's (the metadata has no npz: {advice})"]
         inputs = (feature_inputs_of_published(scale) if source.metadata_published
-                  else feature_inputs_of_miniature(scale, layout, accelerator, context.log.info))
+                  else feature_inputs_of_miniature(scale, layout, accelerator, context.log.info,
+                                                   hype=columns is None or any(map(reads_hype, columns))))
         n_pool = _parquet_rows(metadata_dir)
         settings = FeatureSettings(
             vocabulary=vocabulary_from_classnames(inputs["classnames"]), metaclip_entries=inputs["metaclip_entries"],
             metaclip_t=scale.metaclip_t, clusters=min(n_pool, scale.kmeans_clusters or proportional_k(n_pool)),
-            seed=scale.seed, kmeans_max_points=scale.kmeans_max_points)
+            seed=scale.seed, kmeans_max_points=scale.kmeans_max_points, columns=columns)
         out = layout.pool_features(scale.name)
         # the image-based baseline clusters only captions that pass its caption terms (fastText on demand)
         captioned = rows_where(metadata_dir, IMAGE_BASED_CAPTIONS,
-                               caption_features=caption_feature_store(context, layout, scale, source, engine))
+                               caption_features=caption_feature_store(context, layout, scale, source, engine)
+                               ) if settings.wants_image_clusters() else None
         summary = compute_pool_features(metadata_dir, out, settings, inputs["target_embeddings"],
                                         inputs["vas_targets"], context.log.info, hype_heads=inputs["hype_heads"],
                                         captioned=captioned)
-        if inputs["left_out"]:
-            context.log.warning("left out (no input configured): " + "; ".join(inputs["left_out"]))
+        left_out = inputs["left_out"] + no_npz
+        if left_out:
+            context.log.warning("left out: " + "; ".join(left_out))
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(out)), **summary,
-            "left_out": dg.MetadataValue.md("\n".join(f"- {m}" for m in inputs["left_out"]) or "nothing"),
+            "left_out": dg.MetadataValue.md("\n".join(f"- {m}" for m in left_out) or "nothing"),
+            "asked_for": ", ".join(config.strategies) or "every column",
             "target_images": 0 if inputs["target_embeddings"] is None else len(inputs["target_embeddings"]),
             **inputs.get("hype_training", {}),
             "text_vocabulary": len(settings.vocabulary), "seconds": round(time.perf_counter() - t0, 1)})
 
 
-def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource, log=print) -> dict:
+def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource, log=print, hype: bool = True) -> dict:
     """The miniature's stand-ins: the ImageNet analogue's class names and training images (embedded by the L/14
     scorer), MetaCLIP entries from the curated source's captions, and HYPE's heads trained on the curated source's
-    L/14 embeddings."""
+    L/14 embeddings (where `hype`: a HYPE column is asked for)."""
     from datacomp_assets.core.models import Scorer, load_model
     from datacomp_assets.core.scorers import SCORER_MODELS, scorer_checkpoint
     from datacomp_assets.core.shards import iter_webdataset
@@ -94,7 +128,8 @@ def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource,
     l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"), device), device)
     images, _ = zip(*objects_training_images(scale.target_images_per_class))
     targets, _ = l14.embed(list(images), [""] * len(images))
-    heads, hype_training = train_hype_heads(l14, curated, layout.hype_heads(scale.name), scale.seed, log)
+    heads, hype_training = (train_hype_heads(l14, curated, layout.hype_heads(scale.name), scale.seed, log) if hype
+                            else (None, {}))
     return {"classnames": classnames, "target_embeddings": targets, "vas_targets": targets, "left_out": [],
             "metaclip_entries": entries_from_captions([text for _, text in curated], min_count=5, extra=classnames),
             "hype_heads": heads, "hype_training": hype_training}
@@ -265,11 +300,11 @@ def scoring_model(scale, layout, model: str) -> tuple[str, Path]:
 
 @dg.observable_source_asset(partitions_def=strategy_partitions, group_name=Group.FILTERING)
 def strategy_definitions() -> dg.DataVersionsByPartition:
-    """Each registered strategy's rule (strategies.toml and $DATACOMP_STRATEGIES), versioned by its hash.
+    """Each strategy's rule (strategies.toml, $DATACOMP_STRATEGIES and the paper's sweeps), versioned by its hash.
 
     Edit a rule, reload the code location and observe this asset: that strategy's subsets, checkpoints and
     scores show as stale, and no other strategy's do."""
-    return dg.DataVersionsByPartition({name: dg.DataVersion(strategy_version(name)) for name in STRATEGIES})
+    return dg.DataVersionsByPartition({name: dg.DataVersion(strategy_version(name)) for name in PARTITIONED})
 
 
 @dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.FILTERING,
@@ -315,7 +350,7 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         return dg.MaterializeResult(data_version=dg.DataVersion(subset_sha256[:16]), metadata={
             "path": dg.MetadataValue.path(str(path)), "subset_sha256": subset_sha256, "pool_version": pool_version,
             "strategy_version": strategy_version(strategy),
-            "strategy": STRATEGIES[strategy].description,
+            "strategy": get_strategy(strategy).description,
             "rule": dg.MetadataValue.json(strategy_definition(strategy)),
             "track": track(strategy),
             "dataset_size": len(uids),

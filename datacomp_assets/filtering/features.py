@@ -89,6 +89,45 @@ IMAGE_BASED_CAPTIONS = "language = 'en' AND num_tokens > 1 AND num_chars > 5"
 EMBEDDING_KEY = "l14_img"
 TEXT_EMBEDDING_KEY = "l14_txt"  # negCLIPLoss and HYPE pair it with the image's
 
+# What this module can write, by what it is computed from: the captions alone, or the metadata's npz embeddings
+# (which DataComp's download_upstream.py fetches only with --download_npz). HYPE's columns all start with "hype_".
+TEXT_COLUMNS = ("text_concept", "caption_repeats", "metaclip_keep_probability", "metaclip_draw")
+EMBEDDING_COLUMNS = ("image_cluster", "in_target_cluster", "normsim", "semdedup_max_similarity",
+                     "density_pruning_keep", "vas_score", "negclip_loss")
+HYPE_PREFIX = "hype_"
+
+
+def reads_embeddings(column: str) -> bool:
+    return column in EMBEDDING_COLUMNS or reads_hype(column)
+
+
+def reads_hype(column: str) -> bool:
+    return column.startswith(HYPE_PREFIX)
+
+
+def feature_columns(identifiers: Iterable[str]) -> set[str]:
+    """Those of `identifiers` (the words a rule mentions) that are columns written here."""
+    return {name for name in identifiers if name in TEXT_COLUMNS or reads_embeddings(name)}
+
+
+def embedding_readers(strategies: Iterable[str]) -> dict[str, list[str]]:
+    """Each of `strategies` whose rule (or a strategy it is built from) reads a column computed from the
+    embeddings, with those columns."""
+    from datacomp_assets.core.strategies import strategy_identifiers
+
+    readers = {name: sorted(filter(reads_embeddings, feature_columns(strategy_identifiers(name))))
+               for name in strategies}
+    return {name: columns for name, columns in readers.items() if columns}
+
+
+def missing_embeddings(readers: Mapping[str, Sequence[str]], lacking: Sequence[Path], files: int,
+                       advice: str) -> str:
+    """The one line for rules that need embeddings the metadata does not have: the rules, the files, the fix."""
+    rules = "; ".join(f"{name} (reads {', '.join(columns)})" for name, columns in readers.items())
+    return (f"{rules}: computed from the metadata's embeddings, but {len(lacking)} of the {files} metadata files "
+            f"have no .npz beside them (e.g. {lacking[0].with_suffix('.npz')}). {advice}; or choose strategies "
+            "that read no embeddings")
+
 
 def passes_image_based_captions(table: pa.Table) -> np.ndarray:
     """English (fastText), more than 1 fastText token and more than 5 characters."""
@@ -129,15 +168,17 @@ class MetadataFile:
         return embeddings
 
 
-def metadata_files(metadata_dir: str | os.PathLike, caption_columns: bool = False) -> list[MetadataFile]:
-    """The metadata's parquet files in pool order, each checked for its embeddings (and the caption columns)."""
+def metadata_files(metadata_dir: str | os.PathLike, caption_columns: bool = False,
+                   embeddings: bool = True) -> list[MetadataFile]:
+    """The metadata's parquet files in pool order, each checked for its embeddings (where `embeddings`) and the
+    caption columns (where `caption_columns`)."""
     files, start = [], 0
     for path in sorted(Path(metadata_dir).glob("*.parquet")):
         missing = [c for c in CAPTION_COLUMNS if caption_columns and c not in pq.read_schema(path).names]
         if missing:
             raise ValueError(f"{path} lacks the caption features {missing}: pool_features needs them "
                              "(materialize pool_metadata again)")
-        if not path.with_suffix(".npz").exists():
+        if embeddings and not path.with_suffix(".npz").exists():
             raise FileNotFoundError(
                 f"{path.with_suffix('.npz')} is missing: pool_features needs the metadata's embeddings (at a "
                 "published scale: the npz files beside the parquet files in the mirror, or the published "
@@ -161,6 +202,20 @@ class FeatureSettings:
     negclip_batch_size: int = 32_768        # negCLIPLoss's random batches (the reference's), at most a tenth of the pool
     density_pruning_fraction: float = 0.30  # the share of the pool density-based pruning keeps
     density_pruning_semdedup: float = 0.995  # SemDeDup's threshold before it (the SemDeDup strategy's)
+    columns: frozenset[str] | None = None   # the columns to compute (and those their computation needs); None: all
+
+    def wants(self, *names: str) -> bool:
+        return self.columns is None or any(name in self.columns for name in names)
+
+    def wants_hype(self) -> bool:
+        return self.columns is None or any(map(reads_hype, self.columns))
+
+    def wants_image_clusters(self) -> bool:
+        """image_based's k-means, over the rows whose captions pass its terms (so fastText runs only for it)."""
+        return self.wants("image_cluster", "in_target_cluster")
+
+    def wants_embeddings(self) -> bool:
+        return self.columns is None or any(map(reads_embeddings, self.columns))
 
 
 def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: FeatureSettings,
@@ -169,18 +224,21 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
                           captioned: np.ndarray | None = None) -> dict:
     """Write `<out_dir>/<stem>.parquet` (uid + the feature columns) for every metadata file.
 
-    Streamed in bounded memory: the L/14 embeddings are copied once into float16 scratch files (removed at the
-    end) that k-means sampling, cluster assignment, SemDeDup, VAS, negCLIPLoss and HYPE read in blocks, and
-    captions are read a file at a time; memory holds the k-means sample and a few numbers per row, not the pool's
-    embeddings. `target_embeddings`: L/14 image embeddings of ImageNet's training images (or the tiny analogue's);
-    None leaves `in_target_cluster` and `normsim` out. `vas_targets`: VAS's target embeddings; None leaves
-    `vas_score` out. `settings.metaclip_entries` None leaves the MetaCLIP columns out; `hype_heads` None the HYPE
-    columns; metadata without L/14 text embeddings leaves negCLIPLoss and HYPE out. `captioned`: per pool row,
-    whether its caption passes IMAGE_BASED_CAPTIONS (`selection.rows_where`, which computes the caption features a
-    published pool lacks); None reads them from the metadata.
+    Only the columns `settings.columns` names are computed (all, when None); the npz files are read only when one
+    of them `reads_embeddings`, and the caption filter only for image_based's clusters. Streamed in bounded
+    memory: the L/14 embeddings are copied once into float16 scratch files (removed at the end) that k-means
+    sampling, cluster assignment, SemDeDup, VAS, negCLIPLoss and HYPE read in blocks, and captions are read a file
+    at a time; memory holds the k-means sample and a few numbers per row, not the pool's embeddings.
+    `target_embeddings`: L/14 image embeddings of ImageNet's training images (or the tiny analogue's); None leaves
+    `in_target_cluster` and `normsim` out. `vas_targets`: VAS's target embeddings; None leaves `vas_score` out.
+    `settings.metaclip_entries` None leaves the MetaCLIP columns out; `hype_heads` None the HYPE columns; metadata
+    without L/14 text embeddings leaves negCLIPLoss and HYPE out. `captioned`: per pool row, whether its caption
+    passes IMAGE_BASED_CAPTIONS (`selection.rows_where`, which computes the caption features a published pool
+    lacks); None reads them from the metadata.
     """
+    clustered, embedded = settings.wants_image_clusters(), settings.wants_embeddings()
     given = captioned is not None
-    files = metadata_files(metadata_dir, caption_columns=not given)
+    files = metadata_files(metadata_dir, caption_columns=clustered and not given, embeddings=embedded)
     n = files[-1].rows.stop
     if given and len(captioned) != n:
         raise ValueError(f"captioned: {len(captioned)} rows for a pool of {n}")
@@ -196,40 +254,49 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
     scratch = out_dir / ".scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        keys = [EMBEDDING_KEY] + ([TEXT_EMBEDDING_KEY] if all(f.has_embeddings(TEXT_EMBEDDING_KEY) for f in files)
-                                  else [])
+        keys = ([EMBEDDING_KEY] + ([TEXT_EMBEDDING_KEY] if all(f.has_embeddings(TEXT_EMBEDDING_KEY) for f in files)
+                                   else [])) if embedded else []
         scratch_files = {key: _scratch_file(scratch / f"{key}.npy", n, files[0].embedding_shape(key)[1])
                          for key in keys}
+        read_captions = clustered and not given
         captioned = np.array(captioned, dtype=bool) if given else np.zeros(n, dtype=bool)
-        caption_hashes = np.zeros(n, dtype=np.uint64)
-        matcher = metaclip.build_matcher(settings.metaclip_entries) if settings.metaclip_entries else None
+        repeated = settings.wants("caption_repeats")
+        caption_hashes = np.zeros(n if repeated else 0, dtype=np.uint64)
+        matcher = (metaclip.build_matcher(settings.metaclip_entries)
+                   if settings.metaclip_entries and settings.wants("metaclip_keep_probability", "metaclip_draw")
+                   else None)
         counts = np.zeros(len(matcher.entries) if matcher else 0, dtype=np.int64)
         # Pass 1: embeddings to scratch (plain writes: a memory map would keep every written page resident), the
         # caption filter, caption hashes, MetaCLIP's entry counts.
         for file in files:
-            table = pq.read_table(file.parquet, columns=["text", *([] if given else CAPTION_COLUMNS)])
+            table = pq.read_table(file.parquet, columns=["text", *(CAPTION_COLUMNS if read_captions else [])])
             for key, (path, offset, width) in scratch_files.items():
                 with open(path, "r+b") as writer:
                     writer.seek(offset + file.rows.start * width * 2)
                     writer.write(np.ascontiguousarray(file.embeddings(key), dtype=np.float16).tobytes())
-            if not given:
+            if read_captions:
                 captioned[file.rows] = passes_image_based_captions(table)
-            caption_hashes[file.rows] = caption_hash(table["text"].to_pylist())
+            if repeated:
+                caption_hashes[file.rows] = caption_hash(table["text"].to_pylist())
             if matcher:
                 counts += metaclip.count_shard(table["text"].to_pylist(), matcher)
         embeddings = {key: ScratchArray(path) for key, (path, _, _) in scratch_files.items()}
         lap("read")
-        log(f"pool_features: {n:,} samples in {len(files)} files ({int(captioned.sum()):,} pass the image-based "
-            f"caption filter); k-means into {settings.clusters:,} clusters on at most "
-            f"{min(n, settings.kmeans_max_points or n):,} rows")
-        columns, target_clusters = _pool_columns(embeddings, captioned, settings, target_embeddings, vas_targets,
-                                                 hype_heads, lap)
-        columns["caption_repeats"] = repeats(caption_hashes)
+        log(f"pool_features: {n:,} samples in {len(files)} files"
+            + (f" ({int(captioned.sum()):,} pass the image-based caption filter); k-means into {settings.clusters:,} "
+               f"clusters on at most {min(n, settings.kmeans_max_points or n):,} rows" if clustered else "")
+            + ("" if embedded else "; no column computed from the embeddings is asked for: the npz files are not read"))
+        columns, target_clusters = (_pool_columns(embeddings, captioned, settings, target_embeddings, vas_targets,
+                                                  hype_heads, lap) if embedded else ({}, 0))
+        if repeated:
+            columns["caption_repeats"] = repeats(caption_hashes)
+        concepts = settings.wants("text_concept")
         for i, file in enumerate(files):  # pass 2: per-file columns, written beside the pool-wide ones
             table = pq.read_table(file.parquet, columns=["uid", "text"])
             texts = table["text"].to_pylist()
             features = {"uid": table["uid"],
-                        "text_concept": pa.array(text_concepts(texts, settings.vocabulary), pa.string()),
+                        **({"text_concept": pa.array(text_concepts(texts, settings.vocabulary), pa.string())}
+                           if concepts else {}),
                         **{name: values[file.rows] for name, values in columns.items()}}
             if matcher:
                 matches = metaclip.match_entries(texts, matcher)
@@ -247,7 +314,8 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
         lap("write")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"rows": n, "files": len(files), "clusters": settings.clusters, "target_clusters": target_clusters,
+    return {"rows": n, "files": len(files), "clusters": settings.clusters if clustered else 0,
+            "target_clusters": target_clusters,
             "columns": ", ".join(c for c in pq.read_schema(out_dir / files[0].parquet.name).names if c != "uid"),
             "metaclip_entries": len(matcher.entries) if matcher else 0,
             "metaclip_entries_matched": int((counts > 0).sum()), "metaclip_t": settings.metaclip_t, **seconds}
@@ -314,37 +382,43 @@ def _pool_columns(embeddings: Mapping[str, np.ndarray], captioned: np.ndarray, s
         return image_based.train_centroids(rows, settings.clusters, seed=settings.seed,
                                            max_points=settings.kmeans_max_points)
 
-    # image_based: centroids of the caption-filtered pool, as upstream; every sample gets its nearest one.
-    image_centroids = kmeans(captioned_blocks())
-    lap("image_kmeans")
-    clusters = image_based.assign(images, image_centroids)
-    columns, targets = {"image_cluster": clusters}, np.empty(0, np.int64)
-    if target_embeddings is not None:
-        targets = image_based.target_clusters(target_embeddings, image_centroids)
-        columns["in_target_cluster"] = np.isin(clusters, targets)
+    columns, targets = {}, np.empty(0, np.int64)
+    if settings.wants_image_clusters():
+        # image_based: centroids of the caption-filtered pool, as upstream; every sample gets its nearest one.
+        image_centroids = kmeans(captioned_blocks())
+        lap("image_kmeans")
+        clusters = image_based.assign(images, image_centroids)
+        columns["image_cluster"] = clusters
+        if target_embeddings is not None:
+            targets = image_based.target_clusters(target_embeddings, image_centroids)
+            columns["in_target_cluster"] = np.isin(clusters, targets)
+        lap("image_assign")
+    if target_embeddings is not None and settings.wants("normsim"):
         columns["normsim"] = negclip.normsim(images, target_embeddings)
-    lap("image_assign")
-    # SemDeDup: its own clustering of the whole pool (it deduplicates within clusters, captions aside).
-    semdedup_centroids = kmeans(images)
-    semdedup_clusters = image_based.assign(images, semdedup_centroids)
-    columns["semdedup_max_similarity"] = semdedup.semdedup_max_similarity(images, semdedup_clusters)
-    lap("semdedup")
-    # Density-based pruning: per-cluster quotas over the same clusters, among SemDeDup's survivors (all of them
-    # when fewer survive than the target).
-    eligible = columns["semdedup_max_similarity"] <= settings.density_pruning_semdedup
-    columns["density_pruning_keep"] = prototypes.density_based_pruning(
-        images, semdedup_clusters, semdedup_centroids, eligible=eligible,
-        target=min(int(eligible.sum()), round(settings.density_pruning_fraction * len(images)))).keep
-    lap("density_pruning")
-    if vas_targets is not None:
+        lap("normsim")
+    if settings.wants("semdedup_max_similarity", "density_pruning_keep"):
+        # SemDeDup: its own clustering of the whole pool (it deduplicates within clusters, captions aside).
+        semdedup_centroids = kmeans(images)
+        semdedup_clusters = image_based.assign(images, semdedup_centroids)
+        columns["semdedup_max_similarity"] = semdedup.semdedup_max_similarity(images, semdedup_clusters)
+        lap("semdedup")
+        if settings.wants("density_pruning_keep"):
+            # Density-based pruning: per-cluster quotas over the same clusters, among SemDeDup's survivors (all of
+            # them when fewer survive than the target).
+            eligible = columns["semdedup_max_similarity"] <= settings.density_pruning_semdedup
+            columns["density_pruning_keep"] = prototypes.density_based_pruning(
+                images, semdedup_clusters, semdedup_centroids, eligible=eligible,
+                target=min(int(eligible.sum()), round(settings.density_pruning_fraction * len(images)))).keep
+            lap("density_pruning")
+    if vas_targets is not None and settings.wants("vas_score"):
         columns["vas_score"] = vas.vas_scores(images, vas.target_covariance(vas_targets))
         lap("vas")
-    if texts is not None:
+    if texts is not None and settings.wants("negclip_loss"):
         # A batch is at most a tenth of the pool, so the ten batchings differ (at tiny, 2,000 of 20,000 rows).
         batch_size = max(1, min(settings.negclip_batch_size, len(images) // 10))
         columns["negclip_loss"] = negclip.negclip_loss(images, texts, batch_size=batch_size, seed=settings.seed)
         lap("negclip")
-        if hype_heads is not None:
-            columns.update(hyperbolic.hype_scores(hyperbolic.load_heads(hype_heads), images, texts))
-            lap("hype")
+    if texts is not None and hype_heads is not None and settings.wants_hype():
+        columns.update(hyperbolic.hype_scores(hyperbolic.load_heads(hype_heads), images, texts))
+        lap("hype")
     return columns, len(targets)

@@ -641,3 +641,42 @@ def write_synthetic_mirror(out_dir: str | os.PathLike, rows: int, files: int, se
             progress(f"{stem}: {synthetic.n:,} rows in {time.perf_counter() - start:.1f} s ({number + 1}/{files})")
     _remove_stale(out, keep)
     return written
+
+
+# ---------------------------------------------------------------- download_upstream.py's --data_dir
+
+
+def write_upstream_metadata(index_file: str | os.PathLike, ground_truth_file: str | os.PathLike,
+                            data_dir: str | os.PathLike, files: int, seed: int = 0, npz: bool = True) -> list[Path]:
+    """The metadata folder DataComp's download_upstream.py leaves: `<data_dir>/metadata/<stem>.parquet`, with
+    `<stem>.npz` beside each only when `npz` (its --download_npz; off by default there). Returns the parquets."""
+    parquets = write_mirror_from_index(index_file, ground_truth_file, Path(data_dir) / "metadata", files, seed)
+    if not npz:
+        for parquet in parquets:
+            parquet.with_suffix(".npz").unlink()
+    return parquets
+
+
+def write_upstream_shards(data_dir: str | os.PathLike, shard_size: int = 10_000, processes: int = 1,
+                          threads: int = 8, timeout: int = 10) -> Path:
+    """`<data_dir>/shards/`, written by img2dataset with the arguments download_upstream.py gives it (its
+    defaults: 512 px, keep_ratio_largest, jpg, webdataset, faces blurred, the uid kept); `shard_size` is its
+    10,000 unless a test needs more shards, and `timeout` img2dataset's 10 s (which it keeps). It reads `<data_dir>/metadata/*.parquet` one file at a time, so the
+    shards split at file boundaries, as the real ones do. Returns the shards folder."""
+    import signal
+
+    import img2dataset  # late: a slow import (opencv, albumentations)
+
+    shards = Path(data_dir) / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    previous = signal.getsignal(signal.SIGINT)  # img2dataset's own handler would outlive the call
+    try:
+        img2dataset.download(
+            url_list=str(Path(data_dir) / "metadata"), image_size=512, output_folder=str(shards),
+            processes_count=processes, thread_count=threads, resize_mode="keep_ratio_largest",
+            resize_only_if_bigger=True, encode_format="jpg", output_format="webdataset", input_format="parquet",
+            url_col="url", caption_col="text", bbox_col="face_bboxes", save_additional_columns=["uid"],
+            number_sample_per_shard=shard_size, oom_shard_count=8, timeout=timeout, enable_wandb=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return shards
