@@ -30,9 +30,12 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
                 pool_source: PoolSourceResource, engine: EngineResource) -> dg.MaterializeResult:
     """img2dataset downloads the index into webdataset shards (`NNNNNNNN.tar/.parquet/_stats.json`).
 
-    Resumable: finished shards are kept, half-written ones are removed and fetched again. Every failure is
-    counted by kind; where the pool has ground truth (`tiny`), the counts are checked against the faults the
-    web injected. On a Ray cluster (the `engine` resource), img2dataset's Ray distributor fetches the shards."""
+    Resumable: finished shards are kept, half-written ones are removed and fetched again. Materializing again
+    also retries the samples of finished shards that failed for a reason that may pass (timeouts, HTTP 5xx,
+    dropped connections) and merges those that come back into their shards; successes and permanent failures
+    (404, undecodable bytes, hash mismatches) are kept as they are. Every failure is counted by kind; where the
+    pool has ground truth (`tiny`), the counts are checked against the faults the web injected. On a Ray cluster
+    (the `engine` resource), img2dataset's Ray distributor fetches the shards."""
     from datacomp_assets.pool.download import check_against_ground_truth, download_shards, remove_damaged_shards
 
     with storage.writing(context):
@@ -50,6 +53,8 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
                                       progress=Progress(context.log.info, "download", -(-urls // scale.shard_size),
                                                         "shards"), engine=engine.engine(), log=context.log.warning)
         context.log.info(f"downloaded {summary.successes}/{summary.count} images")
+        if summary.retry.retried:
+            context.log.info(f"{out}: {summary.retry.line()}")
         metadata = {
             "path": dg.MetadataValue.path(str(out)),
             "shards": summary.shards,
@@ -59,6 +64,12 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
             "failed_to_download": summary.failed_to_download,
             "failed_to_resize": summary.failed_to_resize,
             "failures_by_kind": count_table("failure", summary.failures_by_kind),
+            # this materialization's second try at the earlier shards' retryable failures
+            "retried": summary.retry.retried,
+            "recovered": summary.retry.recovered,
+            "still_failed": summary.retry.still_failed,
+            "retried_by_kind": count_table("failure", summary.retry.retried_by_kind),
+            "still_failed_by_kind": count_table("failure", summary.retry.still_failed_by_kind),
             "seconds": round(summary.elapsed_s, 1),
             "images_per_second": round(summary.images_per_second or 0.0, 1),
         }
@@ -68,7 +79,7 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
             metadata["faults_observed"] = dg.MetadataValue.md(
                 "| fault | injected | observed as | observed |\n|---|---|---|---|\n" + "\n".join(
                     f"| {k} | {v['injected']} | {v['expected']} | {v['observed']} |"
-                    for k, v in audit.items() if k != "no_fault"))
+                    for k, v in audit.items() if k != "no_fault" and v["injected"]))
             metadata["unexpected_failures"] = audit["no_fault"]["failed"]
         return dg.MaterializeResult(metadata=metadata)
 

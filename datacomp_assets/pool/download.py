@@ -6,7 +6,9 @@ a poisoned image is a counted failure). On a Ray cluster img2dataset's own `ray`
 Ray task (a task whose node is lost is retried and rewrites the same shard); the shards folder must then be on a
 file system every node shares. img2dataset's incremental mode skips every shard that already
 has a ``_stats.json``, so calling ``download_shards`` again on the same folder resumes instead of
-starting over; shards an interrupted run left half-written are deleted first.
+starting over; shards an interrupted run left half-written are deleted first. A call also asks again for the
+samples of the shards an earlier call finished that failed for a reason that may pass (timeouts, HTTP 5xx,
+dropped connections), and merges what comes back into those shards (`pool.retry`); the rest is kept as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import pyarrow.parquet as pq
 from datacomp_assets.core import processes, settings
 from datacomp_assets.core.engine import Engine, ray_error_message
 from datacomp_assets.core.shards import STATS_SUFFIX, shard_problem
+from datacomp_assets.pool.retry import RetryReport, finish_interrupted_merges, finished_shards, retry_failed
 
 # albumentations (pulled in by img2dataset) checks for updates over the network on import.
 settings.apply_offline_defaults()
@@ -55,10 +58,12 @@ REFERENCE_SETTINGS = {
 SHARD_FILE = re.compile(r"^(\d+)\.(tar|parquet)$")
 RAY_TASK_RETRIES = 3  # img2dataset's Ray task has Ray's defaults: a task whose worker dies is run 3 more times
 
-FAILURE_KINDS = ("dead_link", "refused", "timeout", "decode", "hash_mismatch", "other")
-# The failure each injected web fault must produce (None: the download must succeed).
+FAILURE_KINDS = ("dead_link", "refused", "timeout", "server_error", "decode", "hash_mismatch", "other")
+# The failure each injected web fault must produce (None: the download must succeed). A transient fault
+# (`unavailable`, `stalled`) fails the first download and must succeed once a second one has retried it.
 EXPECTED_FAILURE = {"dead_link": "dead_link", "refused": "refused", "slow": "timeout", "corrupt": "decode",
-                    "truncated": "decode", "poisoned": "hash_mismatch", "redirect": None}
+                    "truncated": "decode", "poisoned": "hash_mismatch", "redirect": None,
+                    "unavailable": None, "stalled": None}
 
 
 @dataclass
@@ -75,6 +80,7 @@ class DownloadSummary:
     failures_by_kind: dict[str, int] = field(default_factory=dict)  # FAILURE_KINDS -> samples
     elapsed_s: float = 0.0  # wall time of the download_shards call (0 when only summarised)
     images_per_second: float = 0.0
+    retry: RetryReport = field(default_factory=RetryReport)  # what this call asked again (download_shards only)
 
 
 def failure_kind(error_message: str) -> str:
@@ -88,6 +94,8 @@ def failure_kind(error_message: str) -> str:
         return "refused"
     if "timed out" in message or "timeout" in message:
         return "timeout"
+    if re.search(r"http error 5\d\d", message):
+        return "server_error"
     if "decod" in message or "resize" in message:
         return "decode"
     return "other"
@@ -202,7 +210,10 @@ def damaged_shards(out_dir: str | Path) -> dict[Path, str]:
 
 def remove_damaged_shards(out_dir: str | Path) -> dict[Path, str]:
     """Delete the files of every damaged shard (tar, parquet, `_stats.json`), so that img2dataset's incremental mode
-    fetches it again; returns what was wrong with each."""
+    fetches it again; returns what was wrong with each. A retry's merge cut off half-way is completed first (its
+    shards would look damaged)."""
+    if Path(out_dir).is_dir():
+        finish_interrupted_merges(out_dir)
     damaged = damaged_shards(out_dir)
     for tar in damaged:
         for path in (tar, tar.with_suffix(".parquet"), tar.with_name(tar.stem + STATS_SUFFIX)):
@@ -278,72 +289,89 @@ def check_complete(summary: DownloadSummary, out_dir: Path, expected_shards: int
         "materialize again: finished shards are kept and only the rest is fetched.")
 
 
-def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: int, shard_size: int,
-                    processes: int = 2, threads: int = 16, timeout: int = 10,
-                    retries: int = 2, progress: Callable[[int, str], None] | None = None,
-                    engine: Engine = Engine(), log: Callable[[str], None] = processes.to_stderr) -> DownloadSummary:
-    """Fetch every URL of the index into out_dir as NNNNNNNN.tar/.parquet/_stats.json shards, in `processes`
-    processes here or one Ray task per shard on the engine's cluster; raise IncompleteDownload when any shard did
-    not finish (the finished ones are kept for the next call). `progress(shards finished, note)` is told as shards
-    finish; `log` gets a line if the pool's workers had to be killed after every shard was written."""
-    check_index(index_parquet)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_unfinished_shards(out_dir)
-    done = summarize_shards(out_dir)  # shards a previous call finished
-    urls = pq.read_metadata(index_parquet).num_rows
-    expected_shards = -(-urls // shard_size)
-    if done.shards >= expected_shards:
-        # Nothing left to fetch. Not calling img2dataset at all also avoids a hang seen when its worker
-        # pool is terminated while its workers are still starting (zero tasks to map).
-        return done
-    already_done = done.successes
-    start = time.perf_counter()
+def img2dataset_options(index_parquet: str | Path, image_size: int, shard_size: int, processes: int, threads: int,
+                        timeout: int, retries: int, engine: Engine) -> dict:
+    """img2dataset's arguments for a url list, as the reference downloads (the url list and folder aside)."""
     columns = pq.read_schema(index_parquet).names
-    watching = None
-    if engine.on_ray:
-        engine.connect()  # img2dataset's ray distributor submits to the cluster this process has joined
+    return dict(
+        **REFERENCE_SETTINGS,
+        # Blur faces at download time where the index lists them (the published metadata does).
+        bbox_col="face_bboxes" if "face_bboxes" in columns else None,
+        verify_hash=["sha256", "sha256"] if "sha256" in columns else None,
+        image_size=image_size,
+        number_sample_per_shard=shard_size,
+        processes_count=processes,
+        thread_count=threads,
+        timeout=timeout,
+        retries=retries,
+        enable_wandb=False,
+        distributor="ray" if engine.on_ray else "multiprocessing",
+        incremental_mode="incremental",
+    )
+
+
+def fetch(url_list: Path, folder: Path, expected_shards: int, options: dict, engine: Engine,
+          log: Callable[[str], None], progress: Callable[[int, str], None] | None = None) -> None:
+    """Run img2dataset over `url_list` into `folder`; a full disk or a lost Ray task is an IncompleteDownload."""
+    folder.mkdir(parents=True, exist_ok=True)
+    watching = watch_shards(folder, progress) if progress else None
     try:
-        if progress:
-            watching = watch_shards(out_dir, progress)
-        _run_img2dataset(
-            lambda: len(list(out_dir.glob("*_stats.json"))) >= expected_shards, log,
-            url_list=str(Path(index_parquet).resolve()),
-            output_folder=str(out_dir.resolve()),
-            **REFERENCE_SETTINGS,
-            # Blur faces at download time where the index lists them (the published metadata does).
-            bbox_col="face_bboxes" if "face_bboxes" in columns else None,
-            verify_hash=["sha256", "sha256"] if "sha256" in columns else None,
-            image_size=image_size,
-            number_sample_per_shard=shard_size,
-            processes_count=processes,
-            thread_count=threads,
-            timeout=timeout,
-            retries=retries,
-            enable_wandb=False,
-            distributor="ray" if engine.on_ray else "multiprocessing",
-            incremental_mode="incremental",
-        )
+        _run_img2dataset(lambda: len(list(folder.glob("*_stats.json"))) >= expected_shards, log,
+                         url_list=str(url_list.resolve()), output_folder=str(folder.resolve()), **options)
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        raise IncompleteDownload(f"{out_dir}: the disk is full ({free_space(out_dir)}): {err}. Free space, then "
+        raise IncompleteDownload(f"{folder}: the disk is full ({free_space(folder)}): {err}. Free space, then "
                                  "materialize again: finished shards are kept.") from err
     except Exception as err:
         if not engine.on_ray or not type(err).__module__.startswith("ray."):
             raise
-        remove_unfinished_shards(out_dir)
+        remove_unfinished_shards(folder)
         raise IncompleteDownload(
-            f"{out_dir}: a download task failed on {engine.describe()}: {ray_error_message(err, RAY_TASK_RETRIES)}. "
+            f"{folder}: a download task failed on {engine.describe()}: {ray_error_message(err, RAY_TASK_RETRIES)}. "
             "Materialize again: finished shards are kept and only the rest is fetched.") from None
     finally:
         if watching:
             watching.set()
+
+
+def download_shards(index_parquet: str | Path, out_dir: str | Path, image_size: int, shard_size: int,
+                    processes: int = 2, threads: int = 16, timeout: int = 10,
+                    retries: int = 2, progress: Callable[[int, str], None] | None = None,
+                    engine: Engine = Engine(), log: Callable[[str], None] = processes.to_stderr,
+                    retry_failed_samples: bool = True) -> DownloadSummary:
+    """Fetch every URL of the index into out_dir as NNNNNNNN.tar/.parquet/_stats.json shards, in `processes`
+    processes here or one Ray task per shard on the engine's cluster; raise IncompleteDownload when any shard did
+    not finish (the finished ones are kept for the next call). Then, with `retry_failed_samples`, fetch again the
+    retryable failures of the shards an earlier call finished (`summary.retry` counts them). `progress(shards
+    finished, note)` is told as shards finish; `log` gets a line if the pool's workers had to be killed after every
+    shard was written."""
+    check_index(index_parquet)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_merges(out_dir)
+    remove_unfinished_shards(out_dir)
+    done = summarize_shards(out_dir)  # shards a previous call finished
+    earlier = finished_shards(out_dir)
+    urls = pq.read_metadata(index_parquet).num_rows
+    expected_shards = -(-urls // shard_size)
+    options = img2dataset_options(index_parquet, image_size, shard_size, processes, threads, timeout, retries, engine)
+    start = time.perf_counter()
+    if engine.on_ray:
+        engine.connect()  # img2dataset's ray distributor submits to the cluster this process has joined
+    # With every shard finished, img2dataset is not called at all: that also avoids a hang seen when its worker
+    # pool is terminated while its workers are still starting (zero tasks to map).
+    if done.shards < expected_shards:
+        fetch(Path(index_parquet), out_dir, expected_shards, options, engine, log, progress)
+        remove_unfinished_shards(out_dir)  # what a failed worker left behind must not look finished later
+        check_complete(summarize_shards(out_dir), out_dir, expected_shards, urls)
+    report = RetryReport()
+    if retry_failed_samples and earlier:
+        report = retry_failed(index_parquet, out_dir, earlier, shard_size, SHARD_DIGITS, kind_of=failure_kind,
+                              fetch=lambda url_list, folder, n: fetch(url_list, folder, n, options, engine, log))
     elapsed = time.perf_counter() - start
     summary = summarize_shards(out_dir)
-    summary.elapsed_s = elapsed
+    summary.elapsed_s, summary.retry = elapsed, report
     # Throughput of this call only: a resumed run does not get credit for earlier shards.
-    summary.images_per_second = (summary.successes - already_done) / elapsed if elapsed > 0 else 0.0
-    remove_unfinished_shards(out_dir)  # what a failed worker left behind must not look finished later
-    check_complete(summary, out_dir, expected_shards, urls)
+    summary.images_per_second = (summary.successes - done.successes) / elapsed if elapsed > 0 else 0.0
     return summary

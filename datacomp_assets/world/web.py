@@ -124,6 +124,10 @@ FAULT_KINDS = ("dead_link", "refused", "slow", "corrupt", "truncated", "redirect
 DEFAULT_FAULTS = {"dead_link": 0.02, "refused": 0.01, "slow": 0.005, "corrupt": 0.01, "truncated": 0.01,
                   "redirect": 0.01, "poisoned": 0.005}
 POOL_NAMESPACE = "pool"  # faults hit only the pool's URLs; eval and curated images are never downloaded
+# Hosts having a bad moment: their first `WebConfig.transient_failures` requests fail (``unavailable`` answers 503,
+# ``stalled`` answers only after the downloader has given up), later ones are served normally. None by default:
+# tests switch them on (in `WebConfig.faults`) to check that a second download retries exactly these.
+TRANSIENT_FAULT_KINDS = ("unavailable", "stalled")
 
 # eval_copy samples copy images of this evaluation task (datacomp_assets.world.eval_suite), whose full
 # size is 16 classes x 50 samples.
@@ -146,6 +150,8 @@ class WebConfig:
     faults: dict = field(default_factory=lambda: dict(DEFAULT_FAULTS))
     # A slow host answers after this many seconds: more than the downloader's timeout, so it fails.
     slow_seconds: float = 3.0
+    # How many requests a host with a transient fault fails before it recovers (each server counts its own).
+    transient_failures: int = 1
     # refused URLs point at this port of the server's host, where nothing listens. Port 1 (tcpmux) is
     # privileged and unused, so no ordinary process can ever listen there; a fixed port keeps the index
     # deterministic.
@@ -172,7 +178,7 @@ class Sample:
     duplicate_of: int | None = None  # near_duplicate: the pool index whose image and caption it copies
     eval_task: str | None = None  # eval_copy: the evaluation task and index whose image it copies
     eval_index: int | None = None
-    fault: str | None = None  # how the sample's host misbehaves (FAULT_KINDS), None when it does not
+    fault: str | None = None  # how its host misbehaves (FAULT_KINDS, TRANSIENT_FAULT_KINDS), None when it does not
     # The caption's words written on the image: TEXT_ONLY (instead of the object), TEXT_OVERLAY (over the
     # scene) or None. Its own field, so a near-duplicate of a text image copies the text too.
     text_in_image: str | None = None

@@ -5,7 +5,9 @@ as long as the server runs with the same ``WebConfig``. Samples with a fault (``
 misbehave the way web hosts do: ``dead_link`` answers 404, ``slow`` answers after
 ``WebConfig.slow_seconds``, ``redirect`` answers 302 to the same path with ``?redirected=1`` (served
 normally), ``corrupt``/``truncated``/``poisoned`` send the bytes of ``synthetic_web.served_bytes``.
-``refused`` is no server behaviour: the index points those URLs at a port where nothing listens.
+``refused`` is no server behaviour: the index points those URLs at a port where nothing listens. The transient
+faults (``unavailable``: 503, ``stalled``: an answer after ``slow_seconds``) hit only the first
+``WebConfig.transient_failures`` requests for a sample that this server has seen; ``requests`` counts them all.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import re
 import socket
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from datacomp_assets.world.web import WebConfig, sample, served_bytes
+from datacomp_assets.world.web import TRANSIENT_FAULT_KINDS, WebConfig, sample, served_bytes
 
 # /images/{namespace}/{index}.jpg; namespaces are simple names so URLs need no escaping.
 IMAGE_PATH = re.compile(r"^/images/([A-Za-z0-9_\-]+)/(\d+)\.jpg$")
@@ -40,7 +43,25 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client must not block stop()
 
 
-def _handler_for(config: WebConfig) -> type[BaseHTTPRequestHandler]:
+class RequestCounter:
+    """Requests per (namespace, index), counted across the server's threads."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, int]] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, key: tuple[str, int]) -> int:
+        """Count one more request for `key`; return how many there have been, this one included."""
+        with self._lock:
+            self._counts[key] += 1
+            return self._counts[key]
+
+    def snapshot(self) -> Counter[tuple[str, int]]:
+        with self._lock:
+            return Counter(self._counts)
+
+
+def _handler_for(config: WebConfig, requests: RequestCounter) -> type[BaseHTTPRequestHandler]:
     class SyntheticWebHandler(BaseHTTPRequestHandler):
         # HTTP/1.1 keeps connections alive between img2dataset's requests.
         protocol_version = "HTTP/1.1"
@@ -52,6 +73,12 @@ def _handler_for(config: WebConfig) -> type[BaseHTTPRequestHandler]:
                 return
             namespace, index = match.group(1), int(match.group(2))
             s = sample(index, config, namespace)
+            attempt = requests.add((namespace, index))
+            if s.fault in TRANSIENT_FAULT_KINDS and attempt <= config.transient_failures:
+                if s.fault == "unavailable":
+                    self._send(503, b"busy, try again later", "text/plain")
+                    return
+                time.sleep(config.slow_seconds)  # stalled: the client has given up by now
             if s.fault == "dead_link":
                 self._send(404, b"not found", "text/plain")
                 return
@@ -89,6 +116,12 @@ class SyntheticWebServer:
         self.port = port
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._requests = RequestCounter()
+
+    @property
+    def requests(self) -> Counter[tuple[str, int]]:
+        """How many requests each (namespace, index) got from this server, so far."""
+        return self._requests.snapshot()
 
     @property
     def base_url(self) -> str:
@@ -99,7 +132,7 @@ class SyntheticWebServer:
     def start(self) -> "SyntheticWebServer":
         if self._httpd is not None:
             return self
-        self._httpd = _Server((self.host, self.port), _handler_for(self.config))
+        self._httpd = _Server((self.host, self.port), _handler_for(self.config, self._requests))
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="synthetic-web",
                                         daemon=True)
         self._thread.start()
