@@ -178,20 +178,26 @@ def output_to_log(log_file: Path, enabled: bool = True) -> Iterator[Console]:
 
 
 def leaderboard_lines(board_json: Path) -> list[str]:
-    """The compact leaderboard (rank, strategy, dataset size, average ± std over seeds, beats the next row beyond
-    the seeds' noise) per track, then the paper's orderings, from the leaderboard asset's JSON."""
+    """The compact leaderboard (rank, strategy, dataset size, average ± std over seeds, the evaluation noise's 95%
+    interval, beats the next row beyond the seeds' noise / beyond the evaluation noise) per track, then the paper's
+    orderings, from the leaderboard asset's JSON."""
     board = json.loads(board_json.read_text())
     lines = []
     for track in sorted({r["track"] for r in board["rows"]}):
         rows = [r for r in board["rows"] if r["track"] == track]
         seeds = max(r["seeds"] for r in rows)
         lines += [f"[bold]Leaderboard, scale {board['scale']}[/] ({track} track, mean of {seeds} seeds' averages "
-                  "over the tasks; beats next: one-sided Welch t-test, p < 0.05)",
-                  f"  {'rank':>4}  {'strategy':<34} {'dataset size':>12}  {'average ± std':<17} beats next"]
+                  "over the tasks; beats next: one-sided Welch t-test over seeds, p < 0.05; eval noise: 95% "
+                  "bootstrap interval over the test samples, and whether the gap to the next row exceeds it)",
+                  f"  {'rank':>4}  {'strategy':<34} {'dataset size':>12}  {'average ± std':<17} "
+                  f"{'beats next':<13} {'eval noise 95%':<18} beyond eval noise"]
         for r in rows:
             beats = {True: "yes", False: "within noise", None: ""}[r.get("beats_next")]
+            beats_eval = {True: "yes", False: "within eval noise", None: ""}[r.get("beats_next_beyond_eval_noise")]
+            interval = r.get("eval_noise_95")
+            interval = f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "n/a"
             lines.append(f"  {r['rank']:>4}  {r['strategy']:<34} {r['dataset_size']:>12,}  "
-                         f"{r['average']:.4f} ± {r['std']:.4f}   {beats}")
+                         f"{r['average']:.4f} ± {r['std']:.4f}   {beats:<13} {interval:<18} {beats_eval}".rstrip())
         lines.append("")
     if board.get("paper_ordering"):
         lines.append("[bold]The paper's orderings[/] (gap in average, one-sided p over seeds)")

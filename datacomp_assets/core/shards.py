@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,15 +18,31 @@ class BrokenShard(ValueError):
     """A webdataset shard that cannot be read to its end, or holds fewer samples than its writer counted."""
 
 
+WEBDATASET_META = re.compile(r"__[^/]*__($|/)")  # members webdataset's tar reader skips (its `skip_meta`)
+# webdataset.tariterators.base_plus_ext's pattern, copied: importing webdataset imports torch, which the pool's
+# readers of shards do not otherwise load (tests/test_evaluation.py checks the two agree).
+WEBDATASET_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def sample_key_and_extension(member_name: str) -> tuple[str | None, str | None]:
+    """(key, extension) of a tar member as webdataset splits it: the key is the path up to the first "." of the
+    file's name, the extension the rest, lowercased (webdataset's default); (None, None) for a name it skips."""
+    match = WEBDATASET_NAME.match(member_name)
+    if not match or WEBDATASET_META.match(member_name):
+        return None, None
+    return match.group(1), match.group(2).lower()
+
+
 def iter_webdataset(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {extension: bytes}) for each sample of a webdataset tar, in order."""
+    """Yield (key, {extension: bytes}) for each sample of a webdataset tar, in order, grouped by
+    `sample_key_and_extension` as webdataset groups them."""
     try:
         with tarfile.open(tar_path) as tar:
             key, files = None, {}
             for member in tar:
-                if not member.isfile():
+                stem, ext = sample_key_and_extension(member.name)
+                if not member.isfile() or stem is None:
                     continue
-                stem, _, ext = member.name.partition(".")
                 if stem != key and files:
                     yield key, files
                     files = {}

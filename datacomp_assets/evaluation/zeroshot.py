@@ -348,6 +348,12 @@ def evaluate_task(task, task_dir: Path, model, preprocess, tokenizer, batch_size
 # ---------------------------------------------------------------- the results file
 
 
+def results_row(task, metrics: dict) -> dict:
+    """A task's line, as evaluate.py writes it ("key", "dataset", "metrics"; json writes None as null and NaN as
+    NaN), plus the task's "group", which the reference's readers ignore and ours use for a task of the tiny suite."""
+    return {"key": task.key, "dataset": getattr(task, "name", task.key), "group": task.group, "metrics": metrics}
+
+
 def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_root: str | Path,
                         out_jsonl: str | Path, device: str = "cpu", batch_size: int = REFERENCE_BATCH_SIZE,
                         progress: Callable[[str], None] | None = None,
@@ -395,8 +401,7 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_ro
                                     batch_size, device, num_workers, outcomes=outcomes)
             if samples_file is not None and outcomes:
                 noise.add_outcomes(samples_file, outcomes)
-            row = {"key": task.key, "dataset": getattr(task, "name", task.key), "group": task.group,
-                   "metrics": metrics}
+            row = results_row(task, metrics)
             out.write(json.dumps(row) + "\n")
             out.flush()
             done[task.key] = row

@@ -12,7 +12,7 @@ from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
 from datacomp_assets.core.lineage import file_sha256, files_sha256, path_from_record, path_in_record, read_lineage
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.scales import scale_version
-from datacomp_assets.core.strategies import PARTITIONED, get_strategy, overrides, strategy_version, track
+from datacomp_assets.core.strategies import STRATEGIES, get_strategy, overrides, strategy_version, track
 from datacomp_assets.leaderboard.scaling import (
     PAPER_IMAGENET, correlation_png, correlations_markdown, imagenet_scores, rank_correlations, size_vs_average_png)
 from datacomp_assets.leaderboard.submission import PUBLIC_SCALES, export_submission
@@ -60,11 +60,24 @@ def lineage_of(layout: Layout, scale_name: str, strategy: str) -> dict:
             "code_revision": scores.get("code_revision", ckpt.get("code_revision", "")), "consistent": consistent}
 
 
+def noise_replicates(layout: Layout, scale_name: str, strategy: str, seeds: list[int]) -> dict[int, list[float]]:
+    """Each seed's bootstrap replicates of its average, from the evaluation's eval_noise.json; a seed scored
+    before the file existed (or whose file lacks some task's outcomes) has none, and its row then no interval."""
+    replicates = {}
+    for seed in seeds:
+        path = layout.eval_noise_file(scale_name, strategy, seed)
+        if path.is_file():
+            average = json.loads(path.read_text()).get("average_replicates")
+            if average:
+                replicates[seed] = average
+    return replicates
+
+
 def collect_entries(layout: Layout, scale_name: str) -> list[Entry]:
     """One entry per strategy whose subset and scores (of at least one seed) exist at this scale."""
     scale = get_scale(scale_name)
     entries = []
-    for strategy in PARTITIONED:  # a sweep trained by name has its row too
+    for strategy in STRATEGIES:
         subset = layout.subset_file(scale_name, strategy)
         seeds = {seed: read_results(layout.results_file(scale_name, strategy, seed)) for seed in scale.seeds}
         seeds = {seed: rows for seed, rows in seeds.items() if rows}
@@ -75,12 +88,15 @@ def collect_entries(layout: Layout, scale_name: str) -> list[Entry]:
         lineage = lineage_of(layout, scale_name, strategy)
         entries.append(Entry(
             strategy, len(np.load(subset, mmap_mode="r")), lineage["samples_seen"],
-            {seed: {k: r["metrics"]["main_metric"] for k, r in rows.items()} for seed, rows in seeds.items()},
-            groups=groups, track=track(strategy), lineage=lineage))
+            {seed: {k: r["metrics"]["main_metric"] for k, r in rows.items()
+                    if r["metrics"].get("main_metric") is not None}  # FairFace, UTKFace: outside the average
+             for seed, rows in seeds.items()},
+            groups=groups, track=track(strategy), lineage=lineage,
+            noise_replicates=noise_replicates(layout, scale_name, strategy, list(seeds))))
     return entries
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=Group.LEADERBOARD, code_version="3",
+@dg.asset(partitions_def=scale_partitions, group_name=Group.LEADERBOARD, code_version="4",
           deps=[dg.AssetDep(Asset.EVAL_RESULTS, partition_mapping=by_scale)])
 def leaderboard(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """Strategies ranked by average zero-shot score (mean over seeds, with its spread), with dataset size,

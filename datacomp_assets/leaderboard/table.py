@@ -1,5 +1,6 @@
 """The leaderboard: strategies of one scale ranked by their mean zero-shot score over training seeds, with the
-seeds' spread and which gaps exceed it."""
+seeds' spread and which gaps exceed it, and beside it the evaluation noise: the 95% bootstrap interval of the
+average over the test samples (written by the evaluation as `eval_noise.json`) and which gaps exceed that."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+import numpy as np
+
 # Orderings the paper reports (CLIP-score filtering > basic filtering > no filtering), checked on every board.
 PAPER_ORDERING = (("clip_score_l14_30pct", "basic"), ("clip_score_b32_30pct", "basic"), ("basic", "no_filter"))
 SIGNIFICANCE = 0.05  # one-sided Welch t-test over seeds
+EVAL_CONFIDENCE = 0.95  # the bootstrap interval over test samples
 
 
 @dataclass
@@ -21,6 +25,9 @@ class Entry:
     groups: dict[str, float] = field(default_factory=dict)  # group -> mean over seeds
     track: str = "filtering"                 # or "byod": samples from outside the pool are mixed in
     lineage: dict = field(default_factory=dict)  # hashes and paths back to the pool (see lineage_of)
+    # seed -> the average over tasks on each bootstrap resample of the test samples (eval_noise.json); the same
+    # resamples for every checkpoint, so two rows' replicates pair up. Empty for results scored before it existed.
+    noise_replicates: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def seed_averages(self) -> list[float]:
@@ -34,6 +41,21 @@ class Entry:
     def std(self) -> float:
         """Sample standard deviation of the average over seeds (0 with one seed)."""
         return statistics.stdev(self.seed_averages) if len(self.seed_averages) > 1 else 0.0
+
+    @property
+    def eval_replicates(self) -> np.ndarray | None:
+        """The row's average (mean over seeds) on each resample; None unless every scored seed has them."""
+        seeds = [seed for seed, tasks in self.seed_tasks.items() if tasks]
+        reps = [self.noise_replicates.get(seed) for seed in seeds]
+        if not seeds or any(r is None for r in reps) or len({len(r) for r in reps}) != 1:
+            return None
+        return np.mean(np.asarray(reps, dtype=np.float64), axis=0)
+
+    @property
+    def eval_noise(self) -> tuple[float, float] | None:
+        """The 95% interval of the average over resamples of the test samples (None without replicates)."""
+        reps = self.eval_replicates
+        return None if reps is None else percentile_interval(reps)
 
     @property
     def tasks(self) -> dict[str, float]:
@@ -65,25 +87,53 @@ def beyond_noise(a: Entry, b: Entry) -> bool | None:
     return None if p is None else p < SIGNIFICANCE
 
 
+def percentile_interval(reps: np.ndarray, confidence: float = EVAL_CONFIDENCE) -> tuple[float, float]:
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.nanpercentile(reps, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def beyond_eval_noise(a: Entry, b: Entry) -> bool | None:
+    """Whether a's average exceeds b's on 95% of the paired resamples of the test samples (the interval of the
+    gap excludes 0); None where either row has no replicates (results scored before they were kept)."""
+    ra, rb = a.eval_replicates, b.eval_replicates
+    if ra is None or rb is None or len(ra) != len(rb):
+        return None
+    return percentile_interval(ra - rb)[0] > 0
+
+
+def _interval_text(interval: tuple[float, float] | None) -> str:
+    return "" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
 def to_markdown(entries: list[Entry]) -> str:
-    """A markdown table: rank, strategy, sizes, seeds, mean average ± std, whether it beats the next row beyond
-    the noise, each task group, then each task."""
+    """A markdown table: rank, strategy, sizes, seeds, mean average ± std over seeds, the evaluation-noise
+    interval, whether it beats the next row beyond the seeds' noise and beyond the evaluation noise, each task
+    group, then each task."""
     ranked = rank(entries)
     groups = sorted({g for e in ranked for g in e.groups}, key=_group_order)
     tasks = sorted({t for e in ranked for t in e.tasks})
     header = ["rank", "strategy", "track", "dataset_size", "samples_seen", "seeds", "average", "std",
-              "beats_next", *groups, *tasks]
+              "eval_noise_95", "beats_next", "beats_next_eval", *groups, *tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, e in enumerate(ranked, 1):
         beats = beyond_noise(e, ranked[i]) if i < len(ranked) else None
+        beats_eval = beyond_eval_noise(e, ranked[i]) if i < len(ranked) else None
         cells = [str(i), _marked(e), e.track, str(e.dataset_size),
                  "unknown" if e.samples_seen is None else str(e.samples_seen), str(len(e.seed_averages)),
-                 f"{e.average:.4f}", f"{e.std:.4f}", {True: "yes", False: "within noise", None: ""}[beats],
+                 f"{e.average:.4f}", f"{e.std:.4f}", _interval_text(e.eval_noise),
+                 {True: "yes", False: "within noise", None: ""}[beats],
+                 {True: "yes", False: "within eval noise", None: ""}[beats_eval],
                  *(f"{e.groups[g]:.4f}" if g in e.groups else "" for g in groups),
                  *(f"{e.tasks[t]:.4f}" if t in e.tasks else "" for t in tasks)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+NOISE_NOTE = ("std and beats_next: the spread over training seeds (one-sided Welch t-test, p < 0.05). "
+              "eval_noise_95: the 95% bootstrap interval of the average over resamples of each task's test samples; "
+              "beats_next_eval: the paired interval of the gap to the next row excludes 0 (blank: results scored "
+              "before per-sample outcomes were kept).")
 
 TRACK_TITLES = {"filtering": "Filtering track", "byod": "Bring-your-own-data track"}
 
@@ -93,7 +143,7 @@ def board_markdown(entries: list[Entry]) -> str:
     parts = []
     for track in sorted({e.track for e in entries}, key=lambda t: list(TRACK_TITLES).index(t)):
         rows = [e for e in entries if e.track == track]
-        parts += [f"### {TRACK_TITLES[track]}", to_markdown(rows), "Lineage:", lineage_markdown(rows)]
+        parts += [f"### {TRACK_TITLES[track]}", to_markdown(rows), NOISE_NOTE, "Lineage:", lineage_markdown(rows)]
     return "\n\n".join(parts)
 
 
@@ -130,9 +180,12 @@ def board_rows(entries: list[Entry]) -> list[dict]:
         ranked = rank([x for x in entries if x.track == track])
         for i, e in enumerate(ranked, 1):
             beats = beyond_noise(e, ranked[i]) if i < len(ranked) else None
+            beats_eval = beyond_eval_noise(e, ranked[i]) if i < len(ranked) else None
             rows.append({"track": track, "rank": i, "strategy": e.strategy, "dataset_size": e.dataset_size,
                          "samples_seen": e.samples_seen, "seeds": len(e.seed_averages), "average": e.average,
                          "std": e.std, "beats_next": beats,
+                         "eval_noise_95": None if e.eval_noise is None else list(e.eval_noise),
+                         "beats_next_beyond_eval_noise": beats_eval,
                          "seed_averages": {f"seed_{seed}": statistics.mean(tasks.values())
                                            for seed, tasks in e.seed_tasks.items() if tasks},
                          "groups": e.groups, "tasks": e.tasks, "lineage": e.lineage})
@@ -149,17 +202,19 @@ def ordering_report(entries: list[Entry], pairs=PAPER_ORDERING) -> list[dict]:
             a, b = by_name[better], by_name[worse]
             p = p_greater(a, b)
             report.append({"claim": f"{better} > {worse}", "gap": a.average - b.average, "p_value": p,
-                           "holds_beyond_noise": None if p is None else p < SIGNIFICANCE})
+                           "holds_beyond_noise": None if p is None else p < SIGNIFICANCE,
+                           "holds_beyond_eval_noise": beyond_eval_noise(a, b)})
     return report
 
 
 def ordering_markdown(report: list[dict]) -> str:
-    lines = ["| paper's ordering | gap in average | one-sided p (Welch, seeds) | holds beyond noise |",
-             "|---|---|---|---|"]
+    lines = ["| paper's ordering | gap in average | one-sided p (Welch, seeds) | holds beyond noise | "
+             "holds beyond eval noise |", "|---|---|---|---|---|"]
+    words = {True: "yes", False: "no", None: "unknown"}
     for r in report:
         p = "n/a (one seed)" if r["p_value"] is None else f"{r['p_value']:.4f}"
-        holds = {True: "yes", False: "no", None: "unknown"}[r["holds_beyond_noise"]]
-        lines.append(f"| {r['claim']} | {r['gap']:+.4f} | {p} | {holds} |")
+        lines.append(f"| {r['claim']} | {r['gap']:+.4f} | {p} | {words[r['holds_beyond_noise']]} | "
+                     f"{words[r.get('holds_beyond_eval_noise')]} |")
     return "\n".join(lines)
 
 
