@@ -131,6 +131,8 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
                                       shard_size=scale.shard_size, processes=downloader.processes,
                                       threads=downloader.threads, timeout=downloader.timeout or scale.download_timeout,
                                       retries=downloader.retries, engine=engine.engine(), log=context.log.warning)
+            if summary.retry.retried:
+                context.log.info(f"{shards}: {summary.retry.line()}")
             rows.append((name, index["rows"], summary.successes, str(shards)))
         root = layout.external_sources(scale.name)
         return dg.MaterializeResult(metadata={
