@@ -38,7 +38,7 @@ class RunFailed(Exception):
 def materialize(selection, partition_key, instance, resources, console=None, dagster_logs: bool = False,
                 ops: dict | None = None) -> None:
     """Materialize `selection` (and its checks) for one partition, in this process, through Dagster; `ops`: the
-    run config of assets in it (`{"pool_features": {"config": {...}}}`)."""
+    run config of assets in it (`{<asset name>: {"config": {...}}}`)."""
     from datacomp_assets.console import dagster_logger
     from datacomp_assets.definitions import ALL_ASSETS, CHECKS
 
@@ -75,6 +75,7 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     side instead (the accelerator resource's `cpu_trainings_at_once`)."""
     # Late imports: loading the code location reads the strategy and scale files, whose errors main() reports.
     from datacomp_assets.definitions import RESOURCES, STRATEGY_ASSETS
+    from datacomp_assets.core.layout import Asset
     from datacomp_assets.filtering.assets import image_scores, pool_features, strategy_definitions, subset
     from datacomp_assets.instance import free_orphaned_slots
     from datacomp_assets.leaderboard.assets import leaderboard, scaling_analysis
@@ -96,7 +97,7 @@ def run_scale(scale: str, strategies: list[str], resources=None, instance=None, 
     # Record each strategy's definition version first, so the UI can tell later which rules changed.
     run([strategy_definitions], None)  # observes it
     # pool_features computes only the columns these strategies read
-    run(pool_assets, scale, {"pool_features": {"config": {"strategies": strategies}}}
+    run(pool_assets, scale, {Asset.POOL_FEATURES: {"config": {"strategies": strategies}}}
         if pool_features in pool_assets else None)
     for scorer in scorers:
         run([image_scores], dg.MultiPartitionKey({"scale": scale, "scorer": scorer}))

@@ -31,7 +31,8 @@ DATACOMP_HOME = Variable(
     "DATACOMP_HOME", "data", "Storage root: every artifact is written under `<root>/<scale>/<asset>/`.")
 DATACOMP_MIRROR = Variable(
     "DATACOMP_MIRROR", "", "A local copy of the paper scales' published metadata (one `<shard>.parquet` per "
-    "shard, optionally `<shard>.npz`); empty: the Hugging Face Hub.")
+    "shard, optionally `<shard>.npz`), or a download_upstream.py --data_dir (its `metadata/` is read); empty: the "
+    "Hugging Face Hub.")
 DATACOMP_EVAL_DATA = Variable(
     "DATACOMP_EVAL_DATA", "", "Where DataComp's 38 reference test sets live at the paper's scales; empty: "
     "`<storage root>/eval_data`.")
