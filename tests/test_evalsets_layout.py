@@ -297,3 +297,32 @@ def test_a_moved_data_dir_still_finds_the_cached_images(tmp_path):
     examples = list(hub_rows.retrieval_examples(task_directory(moved, REFERENCE_TASKS[FLICKR])))
     assert [captions for _, captions in examples] == FLICKR_CAPTIONS
     assert examples[0][0] == encode(colour_image(FLICKR_SHOWN[0]), "PNG")
+
+
+FIXTURE_CACHE = Path(__file__).parent / "fixtures" / "hf_cache_datasets_2_8_0" / "hf_cache"
+
+
+def test_a_cache_written_by_the_references_datasets_version_scores_by_hand(tmp_path, monkeypatch, capsys):
+    """An hf_cache made by datasets 2.8.0 (DataComp's environment.yml) with loading scripts run under the repos'
+    names (tests/fixtures/hf_cache_datasets_2_8_0/make_cache.py), written elsewhere and copied in: read by
+    today's `datasets`, its images found under the copy."""
+    monkeypatch.setattr("datacomp_assets.core.models.load_model", open_clip_colour_model)
+    shutil.copytree(FIXTURE_CACHE, tmp_path / "data" / "hf_cache")
+    out = tmp_path / "eval_results.jsonl"
+    argv = ["--model", "datacomp-tiny", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--device", "cpu",
+            "--tasks", FLICKR, WINOGAVIL]
+    assert cli.main(argv) == 0
+    rows = {r["key"]: r["metrics"] for r in map(json.loads, out.read_text().splitlines())}
+    assert rows[FLICKR]["image_retrieval_recall@1"] == pytest.approx(3 / 4)
+    assert rows[FLICKR]["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert rows[WINOGAVIL]["jaccard_score_5"] == pytest.approx(1 / 3)
+    assert rows[WINOGAVIL]["main_metric"] == pytest.approx(1 / 5)
+
+    # Copied without its images: named before any model is loaded.
+    monkeypatch.setattr("datacomp_assets.core.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    shutil.rmtree(tmp_path / "data" / "hf_cache" / "downloads")
+    out.unlink()
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "copied without hf_cache/downloads/" in line and not out.exists()

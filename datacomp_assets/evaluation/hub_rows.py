@@ -39,7 +39,7 @@ NAMESPACE = "nlphuji"
 
 
 class HubCacheError(ValueError):
-    """A Hub task's cache under `<data_dir>/hf_cache` cannot be read; the message is one line saying what to do."""
+    """A Hub task's rows or images cannot be read; the message is one line saying what to do."""
 
 
 def repo_id(task_dir: Path) -> str:
@@ -208,10 +208,13 @@ def _image_file(path: Path, base_dir: Path) -> Path:
     directory copied or moved since then is found again by that folder's place under base_dir (the cache)."""
     if not path.is_absolute():
         return base_dir / path
-    if path.exists() or "downloads" not in path.parts:
+    if path.exists():
         return path
-    moved = Path(base_dir).joinpath(*path.parts[path.parts.index("downloads"):])
-    return moved if moved.exists() else path
+    for i, part in enumerate(path.parts):  # the first "downloads" may be the user's own folder of that name
+        moved = Path(base_dir).joinpath(*path.parts[i:])
+        if part == "downloads" and moved.exists():
+            return moved
+    return path
 
 
 def image_bytes(value, base_dir: Path) -> bytes:
@@ -222,9 +225,22 @@ def image_bytes(value, base_dir: Path) -> bytes:
         return value["bytes"]
     path = _image_file(Path(value["path"]), Path(base_dir))
     if not path.is_file():
-        raise FileNotFoundError(f"image {value['path']} named by the rows in {base_dir} is missing; download the "
-                                f"test set again (the folder it came with was not copied with the rows)")
+        raise HubCacheError(f"{value['path']}: an image the test rows in {base_dir} name is not there, nor under "
+                            f"{base_dir} (was the data_dir copied without hf_cache/downloads/?); copy the whole "
+                            f"data_dir, or fetch the test set again")
     return path.read_bytes()
+
+
+def check_cache(task_dir: Path) -> None:
+    """Open the cached test split and read its first image, so that an unreadable cache, or one copied without
+    its images, fails now with HubCacheError rather than when its task's turn comes."""
+    dataset = load_cached_test_split(task_dir)
+    column = next((c for c in ("image", "candidate_images") if c in dataset.column_names), None)
+    if column is None or not len(dataset):
+        raise HubCacheError(f"{repo_id(task_dir)}: the test split in {hf_cache(task_dir)} has no rows with images "
+                            f"(columns {dataset.column_names}); {how_to_get(task_dir)}")
+    first = dataset.select_columns([column]).with_format("arrow")[0:1].to_pylist()[0][column]
+    image_bytes(first[0] if column == "candidate_images" else first, hf_cache(task_dir))
 
 
 def retrieval_examples(task_dir: Path) -> Iterator[tuple[bytes, list[str]]]:

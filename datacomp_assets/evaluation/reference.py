@@ -93,12 +93,12 @@ def missing_message(root: str | Path, missing: list, reason: str) -> str:
 
 
 def check_hub_caches(root: str | Path, tasks: Iterable[ReferenceTask]) -> None:
-    """Open each Hub task's `hf_cache` as the evaluation will (a few milliseconds each): a cache that is there
-    but cannot be read fails before any model is loaded, with hub_rows' one-line advice."""
+    """Open each Hub task's `hf_cache` as the evaluation will, and read its first image (milliseconds each): a
+    cache that is there but cannot be read fails before any model is loaded, with hub_rows' one-line advice."""
     for task in tasks:
         task_dir = task_directory(root, task)
         if not task.webdataset and hub_rows.cached_test_files(task_dir):
-            hub_rows.load_cached_test_split(task_dir)
+            hub_rows.check_cache(task_dir)
 
 
 def download_task(task: ReferenceTask, root: str | Path, timeout_s: float) -> None:
