@@ -1,7 +1,10 @@
-"""A second download retries only the samples that failed for a reason that may pass, and merges them in place.
+"""Materializing pool_shards again retries only the samples that failed for a reason that may pass, and merges
+them into their shards in img2dataset's format.
 
-Against the synthetic web's transient faults: `unavailable` hosts answer 503 and `stalled` ones time out on their
-first request only; `refused` connections stay refused; dead links (404) and corrupt bytes are permanent."""
+Against the synthetic web's faults: on the first materialization `unavailable` hosts answer 503 and `stalled` ones
+time out; on the second those hosts are back (the same web without the transient faults: every other sample keeps
+its fault). `refused` connections stay refused (retryable, still failed); dead links (404) and corrupt bytes are
+permanent and never asked again."""
 
 from __future__ import annotations
 
@@ -12,41 +15,56 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
+from datacomp_assets.core.layout import Layout
+from datacomp_assets.core.scales import SCALES
 from datacomp_assets.pool import retry
-from datacomp_assets.pool.download import (
-    check_against_ground_truth, damaged_shards, download_shards, failure_kind, summarize_shards)
-from datacomp_assets.world.index import write_pool_index
-from datacomp_assets.world.web import WebConfig
+from datacomp_assets.pool.assets import pool_index, pool_shards, pool_shards_match_injected_faults
+from datacomp_assets.pool.download import damaged_shards, download_shards, failure_kind, summarize_shards
+from datacomp_assets.world import web_server
 from datacomp_assets.world.web_server import SyntheticWebServer, free_port
+from resources import (
+    DownloaderResource, EngineResource, PoolSourceResource, PublishedMetadataResource, StorageResource,
+    SyntheticWebResource)
+from tests.miniature import MINIATURE
 
-FAULTS = {"unavailable": 0.12, "stalled": 0.06, "refused": 0.05, "dead_link": 0.05, "corrupt": 0.05}
-CONFIG = WebConfig(seed=5, faults=FAULTS, slow_seconds=2.0)
-N_SAMPLES, SHARD_SIZE, IMAGE_SIZE = 60, 20, 64
-OPTIONS = dict(processes=1, threads=8, timeout=1, retries=0)  # no inline retries: the first request is the only one
+PERMANENT = {"dead_link": 0.05, "corrupt": 0.05, "refused": 0.05}
+TRANSIENT = {"unavailable": 0.12, "stalled": 0.06}  # after the permanent ones: dropping them moves no other fault
+N_SAMPLES, SHARD_SIZE = 60, 20
+SHARDS = ("00000000", "00000001", "00000002")
+
+
+def web(port: int, faults: dict) -> SyntheticWebResource:
+    return SyntheticWebResource(seed=5, port=port, faults=faults, slow_seconds=2.0)
+
+
+def resources(root: Path, web_resource: SyntheticWebResource) -> dict:
+    return {"storage": StorageResource(root=str(root)),
+            # no inline retries: a transient host's first answer is the download's only one
+            "downloader": DownloaderResource(processes=1, threads=8, timeout=1, retries=0),
+            "engine": EngineResource(),
+            "pool_source": PoolSourceResource(synthetic_web=web_resource, published=PublishedMetadataResource())}
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
-    """(root, faulty server): the index, a first download from the faulty web (`first/`), and the same download
-    from a web whose hosts have no bad moment (`healthy/`: what a first download gives when nothing is transient)."""
+def downloaded(tmp_path_factory):
+    """A first materialization from the web with transient faults (kept as `first/`), and, for comparison, the
+    same index downloaded from the web whose hosts are all back (`healthy/`: what a first download then gives)."""
     root = tmp_path_factory.mktemp("retry")
     port = free_port()
-    write_pool_index(CONFIG, N_SAMPLES, f"http://127.0.0.1:{port}", root / "index")
-    with SyntheticWebServer(replace(CONFIG, transient_failures=0), port=port):
-        download_shards(root / "index" / "index.parquet", root / "healthy", IMAGE_SIZE, SHARD_SIZE, **OPTIONS)
-    server = SyntheticWebServer(CONFIG, port=port).start()
-    try:
-        download_shards(root / "index" / "index.parquet", root / "first", IMAGE_SIZE, SHARD_SIZE, **OPTIONS)
-        yield root, server
-    finally:
-        server.stop()
-
-
-def faults_by_index(root: Path) -> dict[int, str | None]:
-    return dict(enumerate(pq.read_table(root / "index" / "ground_truth.parquet").column("fault").to_pylist()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(SCALES, "tiny", replace(MINIATURE, pool_size=N_SAMPLES, shard_size=SHARD_SIZE))
+        layout = Layout(root / "data")
+        first = resources(layout.root, web(port, {**PERMANENT, **TRANSIENT}))
+        assert dg.materialize([pool_index, pool_shards], partition_key="tiny", resources=first).success
+        shutil.copytree(layout.pool_shards("tiny"), root / "first")
+        with SyntheticWebServer(web(port, PERMANENT).web_config(), port=port):
+            download_shards(layout.pool_index_file("tiny"), root / "healthy", MINIATURE.image_size, SHARD_SIZE,
+                            processes=1, threads=8, timeout=1, retries=0)
+        yield root, layout, port
 
 
 def tar_members(tar_path: Path) -> list[tuple[str, bytes]]:
@@ -58,75 +76,75 @@ def shard_rows(folder: Path, name: str) -> list[dict]:
     return pq.read_table(folder / f"{name}.parquet").to_pylist()
 
 
-def test_a_second_download_recovers_the_transient_failures_and_keeps_everything_else(web, tmp_path):
-    root, server = web
-    faults = faults_by_index(root)
+def test_a_second_materialization_recovers_the_transient_failures_and_keeps_everything_else(downloaded, monkeypatch):
+    root, layout, port = downloaded  # (the fixture's miniature scale stays in place while its tests run)
+    faults = dict(enumerate(pq.read_table(layout.ground_truth_file("tiny")).column("fault").to_pylist()))
     injected = Counter(f for f in faults.values() if f)
-    assert all(injected[f] for f in FAULTS)
-    shards = tmp_path / "shards"
-    shutil.copytree(root / "first", shards)
-    first = summarize_shards(shards)
-    assert first.failures_by_kind == {"server_error": injected["unavailable"], "refused": injected["refused"],
-                                      "timeout": injected["stalled"], "dead_link": injected["dead_link"],
-                                      "decode": injected["corrupt"]}
-    kept = {name: tar_members(shards / f"{name}.tar") for name in ("00000000", "00000001", "00000002")}
-    before = server.requests
+    assert all(injected[f] for f in {**PERMANENT, **TRANSIENT})
+    shards, first, healthy = layout.pool_shards("tiny"), root / "first", root / "healthy"
+    assert summarize_shards(shards).failures_by_kind == {
+        "dead_link": injected["dead_link"], "refused": injected["refused"], "timeout": injected["stalled"],
+        "server_error": injected["unavailable"], "decode": injected["corrupt"]}
+    servers = []
 
-    second = download_shards(root / "index" / "index.parquet", shards, IMAGE_SIZE, SHARD_SIZE, **OPTIONS)
+    class RecordedServer(SyntheticWebServer):  # the one the second materialization starts, to count its requests
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            servers.append(self)
 
-    asked = server.requests - before
-    report = second.retry
+    monkeypatch.setattr(web_server, "SyntheticWebServer", RecordedServer)
+    again = dg.materialize([pool_shards, pool_shards_match_injected_faults], partition_key="tiny",
+                           resources=resources(layout.root, web(port, PERMANENT)))
+    assert again.success and all(e.passed for e in again.get_asset_check_evaluations())
+
     transient = injected["unavailable"] + injected["stalled"]
-    assert report.retried == transient + injected["refused"]  # 404s and undecodable bytes are not asked again
-    assert report.retried_by_kind == {"server_error": injected["unavailable"], "timeout": injected["stalled"],
-                                      "refused": injected["refused"]}
-    assert report.recovered == transient
-    assert report.still_failed_by_kind == {"refused": injected["refused"]}
-    assert report.line().startswith(f"retried {report.retried} failed downloads")
-    # Only the transient samples reached the server again (refused ones never reach it), once each.
-    assert asked == Counter({("pool", i): 1 for i, f in faults.items() if f in ("unavailable", "stalled")})
-    assert second.successes == first.successes + transient and second.count == N_SAMPLES
-    assert second.failures_by_kind == {"dead_link": injected["dead_link"], "refused": injected["refused"],
-                                       "decode": injected["corrupt"]}
+    metadata = again.asset_materializations_for_node("pool_shards")[0].metadata
+    assert metadata["retried"].value == transient + injected["refused"]  # 404s and bad bytes are not asked again
+    assert metadata["recovered"].value == transient
+    assert metadata["still_failed"].value == injected["refused"]
+    assert metadata["retried_by_kind"].value == (
+        "| failure | samples |\n|---|---|\n"
+        f"| refused | {injected['refused']} |\n| server_error | {injected['unavailable']} |\n"
+        f"| timeout | {injected['stalled']} |")
+    assert metadata["still_failed_by_kind"].value.endswith(f"| refused | {injected['refused']} |")
+    assert metadata["successes"].value == N_SAMPLES - sum(injected[f] for f in PERMANENT)
+    # Only the transient samples reached the web again, once each (refused connections never reach it).
+    [server] = servers
+    assert server.requests == Counter({("pool", i): 1 for i, f in faults.items() if f in TRANSIENT})
 
-    # The merged shards are what a first download from a web without transient faults gives, in its format.
-    healthy = root / "healthy"
-    for name in kept:
-        rows, expected_rows = shard_rows(shards, name), shard_rows(healthy, name)
-        assert [r["key"] for r in rows] == [r["key"] for r in shard_rows(root / "first", name)]  # rows kept in order
-        assert sorted(rows, key=lambda r: r["key"]) == sorted(expected_rows, key=lambda r: r["key"])
-        members = tar_members(shards / f"{name}.tar")
+    # The merged shards are what a first download from the web with its hosts back gives, in its format.
+    for name in SHARDS:
+        rows = shard_rows(shards, name)
+        assert [r["key"] for r in rows] == [r["key"] for r in shard_rows(first, name)]  # rows kept in their order
+        assert sorted(rows, key=lambda r: r["key"]) == sorted(shard_rows(healthy, name), key=lambda r: r["key"])
+        members, kept = tar_members(shards / f"{name}.tar"), tar_members(first / f"{name}.tar")
         assert sorted(members) == sorted(tar_members(healthy / f"{name}.tar"))
-        # every sample first downloaded is still there, byte for byte, in its place; the tar follows the rows' order
-        assert [m for m in members if m in kept[name]] == kept[name]
+        # every sample the first download got is there byte for byte, in its place; the tar follows the rows
+        assert [m for m in members if m in kept] == kept
         success_keys = [r["key"] for r in rows if r["status"] == "success"]
         assert list(dict.fromkeys(n.partition(".")[0] for n, _ in members)) == success_keys
-        for member_name, data in members:
-            if member_name.endswith(".json"):
-                assert json.loads(data)["key"] == member_name.partition(".")[0]
+        assert all(json.loads(data)["key"] == n.partition(".")[0] for n, data in members if n.endswith(".json"))
         stats = json.loads((shards / f"{name}_stats.json").read_text())
         expected = json.loads((healthy / f"{name}_stats.json").read_text())
+        assert list(stats) == list(expected)
         for field in ("count", "successes", "failed_to_download", "failed_to_resize"):
             assert stats[field] == expected[field], (name, field)
         assert Counter(stats["status_dict"]) == Counter(expected["status_dict"])
     assert not damaged_shards(shards) and not (shards / retry.RETRY_DIR).exists()
-    audit = check_against_ground_truth(shards, root / "index" / "ground_truth.parquet")
-    assert audit["no_fault"]["failed"] == 0
-    assert all(audit[f]["observed"] == audit[f]["injected"] for f in FAULTS), audit
 
-    # Only the refused ones are left to retry; a retry that brings nothing back leaves every file as it was.
+    # The refused ones are left to retry; a retry that brings nothing back leaves every file as it was.
     files = {p.name: p.read_bytes() for p in shards.iterdir()}
-    third = retry.retry_failed(root / "index" / "index.parquet", shards, retry.finished_shards(shards), SHARD_SIZE,
-                               8, fetch=lambda url_list, folder, n: None, kind_of=failure_kind)
-    assert third.retried == injected["refused"] and third.recovered == 0 and third.shards_merged == 0
-    assert third.still_failed_by_kind == {"not_retried": injected["refused"]}
+    nothing_back = retry.retry_failed(layout.pool_index_file("tiny"), shards, retry.finished_shards(shards),
+                                      SHARD_SIZE, 8, fetch=lambda url_list, folder, n: None, kind_of=failure_kind)
+    assert nothing_back.retried == injected["refused"] and nothing_back.recovered == 0
+    assert nothing_back.shards_merged == 0 and nothing_back.still_failed_by_kind == {"not_retried": injected["refused"]}
     assert {p.name: p.read_bytes() for p in shards.iterdir()} == files
 
 
-def test_a_merge_cut_off_while_renaming_is_completed_before_anything_reads_the_shards(web, tmp_path):
+def test_a_merge_cut_off_while_renaming_is_completed_before_anything_reads_the_shards(downloaded, tmp_path):
     """What `retry.commit` leaves when killed after its first rename: shard 0's merged tar in place, its parquet
     and stats still waiting beside the ready mark; shard 1's merge half-written (not ready)."""
-    root, _ = web
+    root, layout, _ = downloaded
     shards, healthy = tmp_path / "shards", root / "healthy"
     shutil.copytree(root / "first", shards)
     commit_dir = shards / retry.RETRY_DIR / "commit"
@@ -136,7 +154,7 @@ def test_a_merge_cut_off_while_renaming_is_completed_before_anything_reads_the_s
         shutil.copyfile(healthy / name, commit_dir / name)
     (commit_dir / "00000000.ready").touch()
 
-    download_shards(root / "index" / "index.parquet", shards, IMAGE_SIZE, SHARD_SIZE, **OPTIONS,
+    download_shards(layout.pool_index_file("tiny"), shards, MINIATURE.image_size, SHARD_SIZE,
                     retry_failed_samples=False)
     assert not (shards / retry.RETRY_DIR).exists() and not damaged_shards(shards)
     for name in ("00000000.tar", "00000000.parquet", "00000000_stats.json"):

@@ -51,7 +51,8 @@ def pool_shards(context: dg.AssetExecutionContext, storage: StorageResource, dow
                                       processes=downloader.processes, threads=downloader.threads,
                                       timeout=downloader.timeout or scale.download_timeout, retries=downloader.retries,
                                       progress=Progress(context.log.info, "download", -(-urls // scale.shard_size),
-                                                        "shards"), engine=engine.engine(), log=context.log.warning)
+                                                        "shards"), engine=engine.engine(), log=context.log.warning,
+                                      retry_failed_samples=downloader.retry_failed)
         context.log.info(f"downloaded {summary.successes}/{summary.count} images")
         if summary.retry.retried:
             context.log.info(f"{out}: {summary.retry.line()}")
@@ -130,7 +131,8 @@ def external_sources(context: dg.AssetExecutionContext, storage: StorageResource
             summary = download_shards(index["path"], shards, image_size=scale.image_size,
                                       shard_size=scale.shard_size, processes=downloader.processes,
                                       threads=downloader.threads, timeout=downloader.timeout or scale.download_timeout,
-                                      retries=downloader.retries, engine=engine.engine(), log=context.log.warning)
+                                      retries=downloader.retries, engine=engine.engine(), log=context.log.warning,
+                                      retry_failed_samples=downloader.retry_failed)
             if summary.retry.retried:
                 context.log.info(f"{shards}: {summary.retry.line()}")
             rows.append((name, index["rows"], summary.successes, str(shards)))

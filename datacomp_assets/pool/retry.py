@@ -92,8 +92,9 @@ def write_retry_index(index_parquet: Path, uids: list[str], out: Path) -> None:
         parts.append(rows.filter(pc.is_in(rows.column("uid"), value_set=wanted)))
     found = pa.concat_tables(parts) if parts else pq.read_schema(index_parquet).empty_table()
     if found.num_rows != len(uids) or len(set(found.column("uid").to_pylist())) != len(uids):
-        raise ValueError(f"{index_parquet}: {len(uids)} failed samples of the shards are not each one row of the "
-                         "index (it changed since the download?); materialize pool_index, then pool_shards again")
+        raise ValueError(f"{index_parquet}: of the {len(uids)} failed samples to retry, not each is one row of "
+                         "this index (it changed since the shards were downloaded?); to keep the shards as they are, "
+                         "set the downloader resource's retry_failed to false")
     position = {uid: i for i, uid in enumerate(found.column("uid").to_pylist())}
     pq.write_table(found.take(pa.array([position[u] for u in uids], pa.int64())), out)
 
@@ -171,7 +172,8 @@ def merged_rows(shard: Path, table: pa.Table, retried: RetriedSamples) -> tuple[
         new_row, members = again
         if set(new_row) != set(table.schema.names):
             raise ValueError(f"{shard}.parquet has other columns than its retry ({sorted(new_row)}): it was not "
-                             "downloaded from this index; materialize pool_index, then pool_shards again")
+                             "downloaded from this index with these settings; to keep it as it is, set the downloader "
+                             "resource's retry_failed to false")
         outcomes["success" if new_row["status"] == "success" else new_row["error_message"]] += 1
         rows[i] = {**new_row, "key": row["key"]}
         if new_row["status"] == "success":
