@@ -1,4 +1,4 @@
-"""The baselines' uid lists: a scale's subsets exported under the reference's file names, as its resharder reads them."""
+"""The baselines' uid lists: a scale's subsets under the reference's file names, as its resharder reads them."""
 
 from __future__ import annotations
 

@@ -8,9 +8,11 @@ holds the successes in that same order (the kept members copied byte for byte, a
 with its original key), and `_stats.json` counts the merged rows. Every other sample, a success or a permanent
 failure (404, bytes that do not decode, a hash mismatch), is left as it is and never fetched again.
 
-Each merged shard is written beside its original under `_retry/commit/`, marked ready once whole, then renamed into
-place; `finish_interrupted_merges` completes the renames of a merge that was cut off, so an interrupted retry
-leaves each shard either as it was or merged, never a mixture.
+Each merged shard is written under `_retry/commit/` (the shards folder's file system) and marked ready once whole;
+when every merged shard of the pass is ready, they are renamed into place, the `_stats.json` last. A retry cut off
+before that leaves the shards as they were; `finish_interrupted_merges` (run before anything reads the folder)
+completes the renames of one cut off after, so no shard is left a mixture of the two. A shard in which nothing
+changed (every retry failed as before) is not rewritten.
 """
 
 from __future__ import annotations
