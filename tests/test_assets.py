@@ -101,8 +101,10 @@ def test_tiny_scale_end_to_end(miniature, monkeypatch):
             assert {"objects", "retrieval", "digits"} <= {x["key"] for x in lines}
             assert all(0.0 <= x["metrics"]["main_metric"] <= 1.0 for x in lines)
             assert (root / "checkpoint" / "basic" / "logs" / f"seed_{seed}" / "checkpoints" / "epoch_1.pt").exists()
-        # The leaderboard shows the seeds' spread.
-        assert "| std |" in table and "| seeds |" in table
+        # The leaderboard shows the seeds' spread, and beside it each row's evaluation-noise interval.
+        assert "| std |" in table and "| seeds |" in table and "| eval_noise_95 |" in table
+        board_rows = json.loads((root / "leaderboard" / "leaderboard.json").read_text())["rows"]
+        assert all(low < r["average"] < high for r in board_rows for low, high in [r["eval_noise_95"]])
 
         # Materializations carry what a user looks at.
         # Every download failure is one the web injected, counted under its kind.

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datacomp_assets.evaluation import zeroshot
+from datacomp_assets.evaluation import noise, zeroshot
 from datacomp_assets.evaluation.zeroshot import (
     summarize, classification_logits, classification_metrics, evaluate_checkpoint, iter_shard_samples,
     retrieval_metrics, zero_shot_classifier,
@@ -217,8 +217,20 @@ def test_evaluate_checkpoint_writes_and_resumes(suite, tmp_path, monkeypatch):
     root, _ = suite
     out = tmp_path / "eval_results.jsonl"
     messages = []
-    rows = evaluate_checkpoint(TINY_MODEL, None, root, out, batch_size=64, progress=messages.append)
+    samples = tmp_path / "eval_samples.npz"
+    rows = evaluate_checkpoint(TINY_MODEL, None, root, out, batch_size=64, progress=messages.append,
+                               samples_file=samples)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
+    # Every task kept the per-sample outcomes its main metric is recomputed from (evaluation noise).
+    outcomes = noise.read_outcomes(samples)
+    assert set(outcomes) == set(TASKS)
+    for row in lines:
+        outcome = outcomes[row["key"]]
+        observed = noise.metric_on(outcome, np.arange(noise.sample_count(outcome))[None])[0]
+        assert observed == pytest.approx(row["metrics"]["main_metric"], rel=1e-6), row["key"]
+    summary = noise.noise_summary(outcomes, list(TASKS), n_resamples=200)
+    average = np.mean([r["metrics"]["main_metric"] for r in lines])
+    assert summary["average"]["low"] < average < summary["average"]["high"]
     assert [r["key"] for r in lines] == list(TASKS) == [r["key"] for r in rows]
     for row in lines:
         task = TASKS[row["key"]]
