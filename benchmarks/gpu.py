@@ -128,7 +128,7 @@ def in_child(fn, *args, timeout: float):
     results = SPAWN.Queue()
     proc = SPAWN.Process(target=_child, args=(results, fn, args))  # not a daemon: DataLoader workers need that
     proc.start()
-    deadline = time.monotonic() + timeout
+    deadline, returned = time.monotonic() + timeout, False
     try:
         while True:
             try:
@@ -144,9 +144,10 @@ def in_child(fn, *args, timeout: float):
                             from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{fn.__name__} ran past its {timeout:.0f} s and was killed")
+        returned = True
     finally:
-        if proc.is_alive():
-            proc.join(timeout=10)
+        if returned:  # a moment to exit on its own
+            proc.join(timeout=30)
         if proc.is_alive():
             kill_tree(proc.pid)
             proc.join()
@@ -504,35 +505,70 @@ def clip_benchmark_on(device: str, model_name: str, task_dir: str, checkpoint: s
         accuracy_from = "clip_benchmark's accuracy formula, restated (its float() of an array fails under NumPy 2)"
     metrics = {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(balanced_accuracy_score(target, pred))}
     return {"seconds": round(time.perf_counter() - start, 2), "accuracy_from": accuracy_from,
-            "rows": [{"key": REFERENCE_TASK, "metrics": metrics}]}
+            "rows": [{"key": REFERENCE_TASK, "metrics": metrics}], "logits": logits.numpy(), "labels": target.numpy()}
+
+
+def reference_side(device: str, model_name: str, root: str, out_jsonl: str, checkpoint: str) -> dict:
+    """Our results line for the stand-in, and our logits of its test images (in shard order): a random-weights
+    model may put every image in one class, where equal metrics would say little."""
+    result = evaluation_on(device, model_name, root, out_jsonl, checkpoint, [REFERENCE_TASK], True)
+    try:
+        from datacomp_assets.core.models import load_model
+        from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+        from datacomp_assets.evaluation.zeroshot import classification_set_logits, read_lines, zero_shot_classifier
+
+        task_dir = Path(root) / REFERENCE_TASKS[REFERENCE_TASK].dir_name
+        model, preprocess, tokenizer = load_model(model_name, checkpoint, device=device)
+        classifier = zero_shot_classifier(model, tokenizer, read_lines(task_dir / "classnames.txt"),
+                                          read_lines(task_dir / "zeroshot_classification_templates.txt"), device)
+        logits, labels, _ = classification_set_logits(model, preprocess, classifier, task_dir, 64, device)
+        result.update(logits=logits.numpy(), labels=labels.numpy())
+    except Exception as error:  # noqa: BLE001 - the evaluator's internals may move; the metrics still compare
+        result["logits_error"] = f"{type(error).__name__}: {error}"
+    return result
+
+
+def logits_difference(a: dict, b: dict) -> dict:
+    """The largest difference of two sides' logits of the same images, and how many predictions differ."""
+    import numpy as np
+
+    if "logits" not in a or "logits" not in b:
+        return {"logits": a.get("logits_error") or b.get("logits_error") or "not computed"}
+    if not np.array_equal(a["labels"], b["labels"]):
+        return {"logits": "not compared: the two sides read the images in different orders"}
+    return {"max_logit_difference": float(np.abs(a["logits"] - b["logits"]).max()),
+            "predictions_differing": int((a["logits"].argmax(1) != b["logits"].argmax(1)).sum()),
+            "distinct_predictions": int(len(np.unique(a["logits"].argmax(1))))}
 
 
 def bench_reference(data: dict, work: Path, sizes: Sizes, device: str) -> dict:
     root = work / "reference_standins"
     standin = write_reference_standin(root, sizes.reference_images)
     (cpu_label, _), (other_label, _) = labels = sides(device)
-    ours = {label: numeric_metrics(in_child(evaluation_on, side, sizes.model, str(root), str(work / f"reference_{label}.jsonl"),
-                                            data["checkpoint"], [REFERENCE_TASK], True,
-                                            timeout=sizes.side_timeout)["rows"])
-            for label, side in labels}
+    ours = {label: in_child(reference_side, side, sizes.model, str(root), str(work / f"reference_{label}.jsonl"),
+                            data["checkpoint"], timeout=sizes.side_timeout) for label, side in labels}
+    metrics = {label: numeric_metrics(result["rows"]) for label, result in ours.items()}
     report = {"standin": standin,
-              "ours": {label: {metric: value for (_, metric), value in metrics.items()}
-                       for label, metrics in ours.items()},
-              f"ours_{cpu_label}_against_ours_{other_label}": largest_difference(ours[cpu_label], ours[other_label])}
+              "ours": {label: {metric: value for (_, metric), value in m.items()} for label, m in metrics.items()},
+              f"ours_{cpu_label}_against_ours_{other_label}": {
+                  **largest_difference(metrics[cpu_label], metrics[other_label]),
+                  **logits_difference(ours[cpu_label], ours[other_label])}}
     version = _clip_benchmark_version()
     if version is None:
         report["clip_benchmark"] = ("absent: the reference's numbers were not computed (pip install "
                                     f"clip-benchmark=={CLIP_BENCHMARK_PIN}, DataComp's pin, to compare them); only "
                                     "our numbers on the two devices are compared")
         return report
-    result = in_child(clip_benchmark_on, device, sizes.model, standin["dir"], data["checkpoint"], timeout=sizes.side_timeout)
+    result = in_child(clip_benchmark_on, device, sizes.model, standin["dir"], data["checkpoint"],
+                      timeout=sizes.side_timeout)
     theirs = numeric_metrics(result["rows"])
-    # The reference's three metrics against ours on the same device.
+    # The reference's three metrics and its logits against ours on the same device.
     report["clip_benchmark"] = {"version": version, "reference_pin": CLIP_BENCHMARK_PIN, "device": device,
                                 "seconds": result["seconds"], "accuracy_from": result["accuracy_from"],
                                 "metrics": {metric: value for (_, metric), value in theirs.items()},
-                                **largest_difference({k: v for k, v in ours[other_label].items() if k in theirs},
-                                                     theirs)}
+                                **largest_difference({k: v for k, v in metrics[other_label].items() if k in theirs},
+                                                     theirs),
+                                **logits_difference(ours[other_label], result)}
     return report
 
 
