@@ -1,6 +1,6 @@
 """The prepared GPU check: the GPU-bound steps on CUDA, each beside its baseline, in one run of about 5 minutes.
 
-    .venv/bin/python benchmarks/gpu.py [--json-out FILE] [--budget-seconds 330] [--sections kmeans,...,training]
+    .venv/bin/python benchmarks/gpu.py [--json-out FILE] [--budget-seconds 420] [--sections kmeans,...,training]
     .venv/bin/python benchmarks/gpu.py --force-cpu-dry-run     # the same code on the CPU at miniature sizes
 
 On a machine where torch sees no CUDA device it prints `{"cuda": false, ...}` and exits 0. Otherwise, in a
@@ -750,7 +750,7 @@ def main() -> int:
     parser.add_argument("--force-cpu-dry-run", action="store_true",
                         help="run every section on the CPU at miniature sizes (a check of the code, not a timing)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")
-    parser.add_argument("--budget-seconds", type=float, default=330.0,
+    parser.add_argument("--budget-seconds", type=float, default=420.0,
                         help="the whole run's; sections past it are skipped, and training gets what is left")
     parser.add_argument("--train-steps", type=int, default=0, help="optimizer steps per training run (0: the size's)")
     parser.add_argument("--train-repeats", type=int, default=1, help="runs of each training side, alternating")
