@@ -90,13 +90,13 @@ class Sizes:
 
 
 # Sized for one H200 and 16 cores: about 5 minutes in all.
-FULL = Sizes(model="ViT-B-32", train_steps=24, global_batch=0, train_images=4096, shards=16, image_size=512, score_shards=4,
-             kmeans_rows=200_000, kmeans_dim=768, kmeans_k=2_000, kmeans_niter=20, eval_size_scale=0.25,
+FULL = Sizes(model="ViT-B-32", train_steps=24, global_batch=0, train_images=4096, shards=16, image_size=512,
+             score_shards=4, kmeans_rows=200_000, kmeans_dim=768, kmeans_k=2_000, kmeans_niter=20, eval_size_scale=0.25,
              eval_tasks=(), reference_images=500, side_timeout=150)
 # The same code on a CPU in a few minutes, with the miniature model (ViT-B/32 takes minutes a step on 2 cores,
 # in the GPU job's fp16 autocast): nothing measured.
-DRY = Sizes(model="datacomp-tiny", train_steps=2, global_batch=8, train_images=32, shards=2, image_size=128, score_shards=1,
-            kmeans_rows=4_000, kmeans_dim=64, kmeans_k=16, kmeans_niter=5, eval_size_scale=0.05,
+DRY = Sizes(model="datacomp-tiny", train_steps=2, global_batch=8, train_images=32, shards=2, image_size=128,
+            score_shards=1, kmeans_rows=4_000, kmeans_dim=64, kmeans_k=16, kmeans_niter=5, eval_size_scale=0.05,
             eval_tasks=("counting", "retrieval"), reference_images=40, side_timeout=300)
 
 
@@ -311,8 +311,8 @@ def kmeans_on(side: str, rows: int, dim: int, k: int, niter: int) -> dict:
     else:
         centroids = train_centroids(x, k, niter=niter, seed=0)
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "rows_per_second": round(rows * niter / seconds),
-            "objective": kmeans_objective(x, centroids), "faiss_gpus": _faiss_gpu_count(faiss),
+    return {"seconds": round(seconds, 2), "objective": kmeans_objective(x, centroids),
+            "faiss_gpus": _faiss_gpu_count(faiss),
             "threads": faiss.omp_get_max_threads()}
 
 
@@ -365,8 +365,8 @@ def bench_image_scores(data: dict, work: Path, sizes: Sizes, device: str) -> dic
     for tar in sorted(Path(data["shards_dir"]).glob("*.tar"))[:sizes.score_shards]:
         (shards_dir / tar.name).symlink_to(tar)
     (cpu_label, _), (other_label, _) = labels = sides(device)
-    results = {label: in_child(scores_on, side, sizes.model, str(shards_dir), str(work / f"scores_{label}"), data["checkpoint"],
-                               timeout=sizes.side_timeout) for label, side in labels}
+    results = {label: in_child(scores_on, side, sizes.model, str(shards_dir), str(work / f"scores_{label}"),
+                               data["checkpoint"], timeout=sizes.side_timeout) for label, side in labels}
     cpu, other = results[cpu_label], results[other_label]
     if cpu["uids"] != other["uids"]:
         raise RuntimeError("the two devices scored different uids")
@@ -592,8 +592,8 @@ def training_job(pattern: str, logs_dir: Path, sizes: Sizes, dry_run: bool, work
 
     small = SCALES["small"]
     batch = sizes.global_batch or small.global_batch
-    recipe = replace(small, name="small-gpu-check", model=sizes.model, global_batch=batch, samples_seen=sizes.train_steps * batch,
-                     epochs=1)
+    recipe = replace(small, name="small-gpu-check", model=sizes.model, global_batch=batch,
+                     samples_seen=sizes.train_steps * batch, epochs=1)
     if not dry_run:
         job = AcceleratorResource().train_job(recipe, pattern, logs_dir, "train")
         return replace(job, workers=workers)
