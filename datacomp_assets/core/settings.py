@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +187,21 @@ def usable_directory(variable: Variable, path: str | os.PathLike) -> Path:
 def environment_of(names: tuple[str, ...]) -> dict[str, str]:
     """Those of `names` that are set in this process's environment, with their values."""
     return {name: os.environ[name] for name in names if name in os.environ}
+
+
+@contextmanager
+def environment_set(**values: str) -> Iterator[None]:
+    """These variables set for the duration of the block (a library that reads them then), restored after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def child_environment(**overrides: str) -> dict[str, str]:

@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from datacomp_assets.core import settings
+
 HF_CACHE = "hf_cache"  # download_evalsets.py's cache_dir under its data_dir
 NAMESPACE = "nlphuji"
 
@@ -69,28 +71,19 @@ def _offline():
 
     Both read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE when imported, so their module constants are set too.
     """
-    import os
-
     import datasets.config
     import huggingface_hub.constants
 
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    saved_env = {name: os.environ.get(name) for name in names}
     saved = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
              huggingface_hub.constants.HF_HUB_OFFLINE)
-    os.environ.update({name: "1" for name in names})
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
-        yield
+        with settings.environment_set(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"):
+            yield
     finally:
         (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
          huggingface_hub.constants.HF_HUB_OFFLINE) = saved
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def load_cached_test_split(task_dir: Path):
