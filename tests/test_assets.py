@@ -233,3 +233,4 @@ def test_paper_scale_eval_suite_fails_at_once_naming_missing_reference_tasks(tmp
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.step_failure_data.error.to_string()
     assert "imagenet1k" in message and "djghosh/wds_imagenet1k_test" in message and str(tmp_path / "eval") in message
+    assert "djghosh/wds_fairface_test" in message  # the suite is tasklist.yml's: FairFace and UTKFace too

@@ -260,7 +260,10 @@ def test_the_folder_scores_38_of_38_and_the_fairness_tasks(evalsets, tmp_path, m
 
     scored = [rows[key]["metrics"]["main_metric"] for key in REFERENCE_TASKS]
     printed = capsys.readouterr().out
-    assert f"Average over 38 tasks: {np.mean(scored):.4f}" in printed
+    assert f"Average over 38 tasks: {np.mean(scored):.4f} (95% evaluation-noise interval " in printed
+    noise = json.loads(out.with_suffix(".noise.json").read_text())
+    assert noise["average"]["low"] <= np.mean(scored) <= noise["average"]["high"]
+    assert set(noise["tasks"]) <= set(REFERENCE_TASKS)  # the fairness tasks have no main metric to resample
 
 
 def test_a_missing_or_broken_hf_cache_is_named_before_any_model_loads(evalsets, tmp_path, monkeypatch, capsys):

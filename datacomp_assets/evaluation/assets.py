@@ -12,7 +12,7 @@ import dagster as dg
 from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
 from datacomp_assets.core.progress import Progress
 from datacomp_assets.core.lineage import code_revision, file_sha256, files_sha256, read_lineage, write_lineage
-from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+from datacomp_assets.core.reference_tasks import TASKLIST
 from datacomp_assets.core.scales import ScaleConfig
 from datacomp_assets.evaluation.noise import write_noise
 from datacomp_assets.evaluation.reference import ensure_reference_suite
@@ -22,7 +22,9 @@ from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions)
 from resources import AcceleratorResource, EvaluationDataResource, StorageResource
 
-SUITES = ("synthetic", "reference")  # a scale's `eval_suite`: the miniature's own, or DataComp's 38 tasks
+# A scale's `eval_suite`: the miniature's own, or DataComp's tasklist.yml (the 38 averaged, and FairFace and UTKFace
+# outside the average, as its evaluate.py runs them).
+SUITES = ("synthetic", "reference")
 
 
 def suite_for(scale: ScaleConfig, layout: Layout, eval_data: EvaluationDataResource) -> tuple[Path, dict]:
@@ -30,7 +32,7 @@ def suite_for(scale: ScaleConfig, layout: Layout, eval_data: EvaluationDataResou
     if scale.eval_suite == "synthetic":
         return layout.eval_suite(scale.name), TASKS
     if scale.eval_suite == "reference":
-        return eval_data.root(layout), REFERENCE_TASKS
+        return eval_data.root(layout), TASKLIST
     raise ValueError(f"scale {scale.name!r}: unknown eval_suite {scale.eval_suite!r}; choose one of {SUITES}")
 
 
@@ -38,14 +40,14 @@ def suite_for(scale: ScaleConfig, layout: Layout, eval_data: EvaluationDataResou
 def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource,
                eval_data: EvaluationDataResource) -> dg.MaterializeResult:
     """Zero-shot tasks in clip_benchmark's webdataset layout, never trained on: built at tiny, DataComp's 38
-    reference tasks at the paper's scales (fails at once, naming what is missing, when they cannot be had)."""
+    reference tasks and FairFace, UTKFace at the paper's scales (fails at once, naming what is missing, when they cannot be had)."""
     with storage.writing(context):
         scale = get_scale(context.partition_key)
         root, registry = suite_for(scale, storage.layout, eval_data)
         if scale.eval_suite == "synthetic":
             counts = build_suite(root, size_scale=scale.eval_suite_scale)
         else:
-            fetched = ensure_reference_suite(root, eval_data.download, progress=context.log.info)
+            fetched = ensure_reference_suite(root, eval_data.download, tasks=list(registry), progress=context.log.info)
             counts = {key: task.size for key, task in registry.items()}
             context.log.info(f"{len(fetched)} reference tasks downloaded, {len(registry) - len(fetched)} already there")
         rows = "\n".join(f"| {k} | {registry[k].group} | {registry[k].main_metric} | {n} |" for k, n in counts.items())

@@ -3,7 +3,9 @@
     python -m datacomp_assets.evaluation --model ViT-B-32 --checkpoint epoch_latest.pt --suite reference \\
         --data-dir /data/datacomp_eval --out eval_results.jsonl [--device cuda] [--tasks imagenet1k ...] [--download]
 
-Writes (and resumes) the reference's eval_results.jsonl, prints progress, then the group means and the average.
+Writes (and resumes) the reference's eval_results.jsonl, prints progress, then the group means and the average
+with its 95% evaluation-noise interval (a bootstrap over the test samples; per-sample outcomes in
+`<out>.samples.npz`, the intervals in `<out>.noise.json`).
 For the reference suite, missing test sets are fetched with --download, or else reported at once, before any
 model is loaded.
 """
@@ -36,7 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def print_summary(summary: dict[str, float], n_tasks: int, reference: bool) -> None:
+def samples_file(out: Path) -> Path:
+    """Where the per-sample outcomes of `--out`'s tasks are kept (noise.py reads them)."""
+    return out.with_suffix(".samples.npz")
+
+
+def print_summary(summary: dict[str, float], n_tasks: int, reference: bool, noise: dict | None = None) -> None:
     from datacomp_assets.core.reference_tasks import REFERENCE_TASKS, REPORTED_GROUPS
 
     groups = [g for g in REPORTED_GROUPS if g in summary] + sorted(
@@ -44,13 +51,16 @@ def print_summary(summary: dict[str, float], n_tasks: int, reference: bool) -> N
     for group in groups:
         print(f"{group}: {summary[group]:.4f}")
     of = f" of {len(REFERENCE_TASKS)}" if reference and n_tasks != len(REFERENCE_TASKS) else ""
-    print(f"Average over {n_tasks}{of} tasks: {summary['average']:.4f}")
+    interval = (noise or {}).get("average")
+    within = f" (95% evaluation-noise interval {interval['low']:.4f}-{interval['high']:.4f})" if interval else ""
+    print(f"Average over {n_tasks}{of} tasks: {summary['average']:.4f}{within}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from datacomp_assets.core.reference_tasks import TASKLIST
     from datacomp_assets.evaluation.hub_rows import HubCacheError
+    from datacomp_assets.evaluation.noise import write_noise
     from datacomp_assets.evaluation.reference import MissingEvalData, ensure_reference_suite
     from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
     from datacomp_assets.world.eval_suite import TASKS
@@ -74,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=log)
         rows = evaluate_checkpoint(args.model, args.checkpoint, args.data_dir, args.out, device=args.device,
                                    batch_size=args.batch_size, progress=log, tasks=args.tasks, registry=registry,
-                                   num_workers=args.workers)
+                                   num_workers=args.workers, samples_file=samples_file(args.out))
     except (MissingEvalData, HubCacheError) as error:
         print(error, file=sys.stderr)
         return 2
-    scored = [row for row in rows if row["metrics"].get("main_metric") is not None]  # not FairFace, UTKFace
-    print_summary(summarize(rows), len(scored), args.suite == "reference")
+    scored = [row["key"] for row in rows if row["metrics"].get("main_metric") is not None]  # not FairFace, UTKFace
+    noise = write_noise(samples_file(args.out), args.out.with_suffix(".noise.json"), scored)
+    print_summary(summarize(rows), len(scored), args.suite == "reference", noise)
     return 0

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datacomp_assets.core.reference_tasks import REFERENCE_TASKS
+from datacomp_assets.core.reference_tasks import TASKLIST
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.shards import iter_shard_samples
 from datacomp_assets.evaluation import fairness, hub_rows, noise
@@ -419,7 +419,7 @@ def task_group(row: dict) -> str:
     """A results line's group; lines written without one (by DataComp's own harness) are looked up."""
     if row.get("group"):
         return row["group"]
-    task = TASKS.get(row["key"]) or REFERENCE_TASKS[row["key"]]
+    task = TASKS.get(row["key"]) or TASKLIST[row["key"]]
     return task.group
 
 
