@@ -1,7 +1,7 @@
 """Evaluation stage: the scale's evaluation suite and each checkpoint's zero-shot scores.
 
 At `tiny` the suite is built here (synthetic tasks in clip_benchmark's layout); at the paper's scales it is
-DataComp's 38 reference tasks, read from a local directory or fetched from the Hugging Face Hub.
+DataComp's 38 reference tasks (and its two fairness tasks, outside the average), read from a local directory or fetched from the Hugging Face Hub.
 """
 
 import statistics
@@ -40,7 +40,8 @@ def suite_for(scale: ScaleConfig, layout: Layout, eval_data: EvaluationDataResou
 def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource,
                eval_data: EvaluationDataResource) -> dg.MaterializeResult:
     """Zero-shot tasks in clip_benchmark's webdataset layout, never trained on: built at tiny, DataComp's 38
-    reference tasks and FairFace, UTKFace at the paper's scales (fails at once, naming what is missing, when they cannot be had)."""
+    reference tasks and FairFace, UTKFace at the paper's scales (fails at once, naming what is missing, when they
+    cannot be had)."""
     with storage.writing(context):
         scale = get_scale(context.partition_key)
         root, registry = suite_for(scale, storage.layout, eval_data)
