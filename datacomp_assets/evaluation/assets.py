@@ -1,7 +1,8 @@
 """Evaluation stage: the scale's evaluation suite and each checkpoint's zero-shot scores.
 
 At `tiny` the suite is built here (synthetic tasks in clip_benchmark's layout); at the paper's scales it is
-DataComp's 38 reference tasks (and its two fairness tasks, outside the average), read from a local directory or fetched from the Hugging Face Hub.
+DataComp's 38 reference tasks (and its two fairness tasks, outside the average), read from a local directory
+or fetched from the Hugging Face Hub.
 """
 
 import statistics
