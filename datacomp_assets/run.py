@@ -144,14 +144,16 @@ def assets_needed(scale, strategies: list[str], train: bool) -> tuple[list, list
     trained_for = {dfn_model: "dfn", captioner_model: "sieve"}
     models = [asset for asset, scorer in trained_for.items()
               if scorer in scorers or (asset is captioner_model and recaptioned)]
+    # pool_features only where a strategy reads one of its columns (with none, a published pool needs no npz)
+    features = [pool_features] if feature_columns(columns) else []
     if scale.pool_source == "synthetic_web":
         # The miniature computes its metadata from images and trained scorers. It trains a DFN or a captioner only
         # when a chosen strategy reads its scores or captions, and downloads the bring-your-own-data sources only
         # when a chosen strategy mixes them in.
         skipped = [a for a in trained_for if a not in models] + ([] if byod else [external_sources])
+        skipped += [] if features else [pool_features]
         return [a for a in POOL_ASSETS if a not in skipped] + recaptioned, scorers
-    # pool_features only where a strategy reads one of its columns: with none, no npz is needed
-    assets = [pool_index, pool_metadata, *([pool_features] if feature_columns(columns) else [])]
+    assets = [pool_index, pool_metadata, *features]
     if train or scorers or recaptioned:
         assets.append(pool_shards)
     assets += models
@@ -176,7 +178,7 @@ def check_inputs(scale, strategies: list[str], resources: dict, train: bool) -> 
         except (ValueError, ConnectionError) as err:
             problems.append(str(err))
     if scale.pool_source == "published":
-        mirror = scale.mirror_dir or resources["pool_source"].published.published_mirror_dir
+        mirror = configured_mirror(scale, resources)
         if not mirror and hub_offline():
             problems.append(offline_message(PublishedSource(scale.name), "HF_HUB_OFFLINE is set"))
         needed = inputs_for_columns(columns_read(strategies))
@@ -187,6 +189,12 @@ def check_inputs(scale, strategies: list[str], resources: dict, train: bool) -> 
     if problems:
         raise FileNotFoundError(f"scale {scale.name!r} cannot run {', '.join(strategies)} here; nothing was started. "
                                 "Supply what is missing, or choose other --strategies:\n- " + "\n- ".join(problems))
+
+
+def configured_mirror(scale, resources: dict) -> str:
+    """The scale's mirror, else the published resource's (Dagster's EnvVar where $DATACOMP_MIRROR set it)."""
+    mirror = scale.mirror_dir or resources["pool_source"].published.published_mirror_dir
+    return (mirror.get_value() or "") if isinstance(mirror, dg.EnvVar) else mirror
 
 
 def embedding_problems(scale, strategies: list[str], mirror: str, include_npz: bool) -> list[str]:
@@ -204,11 +212,11 @@ def embedding_problems(scale, strategies: list[str], mirror: str, include_npz: b
         rules = "; ".join(f"{name} (reads {', '.join(columns)})" for name, columns in readers.items())
         return [f"{rules}: computed from the metadata's embeddings, which are fetched from the Hub only with the "
                 f"published resource's include_npz (about 25 times the parquet's size): set it, or use a local copy: "
-                f"{npz_advice(scale.name)}"]
+                f"{npz_advice(scale.name, hub=False)}"]
     parquets = mirror_files(mirror) if Path(mirror).is_dir() else []  # none: the fetch names the mirror
     lacking = files_without_npz(parquets)
-    return [missing_embeddings(readers, lacking, len(parquets), npz_advice(scale.name, lacking[0].parent))
-            ] if lacking else []
+    advice = npz_advice(scale.name, lacking[0].parent, hub=False) if lacking else ""
+    return [missing_embeddings(readers, lacking, len(parquets), advice)] if lacking else []
 
 
 def chosen_strategies(names: list[str] | None) -> list[str]:

@@ -120,9 +120,9 @@ def _is_shard_file(path: Path) -> bool:
     return path.with_suffix(".tar").exists() or path.with_name(f"{path.stem}_stats.json").exists()
 
 
-def npz_advice(scale: str, metadata_folder: Path | None = None) -> str:
+def npz_advice(scale: str, metadata_folder: Path | None = None, hub: bool = True) -> str:
     """How to get the embeddings that download_upstream.py leaves out unless asked, into `metadata_folder` (the
-    folder that holds the parquet files) where it is known."""
+    folder that holds the parquet files) where it is known; with `hub`, also the way for a fetch from the Hub."""
     if metadata_folder is None:
         where, folder = "--data_dir DIR", "DIR/metadata"
     elif metadata_folder.name == UPSTREAM_METADATA:
@@ -132,8 +132,8 @@ def npz_advice(scale: str, metadata_folder: Path | None = None) -> str:
     return (f"DataComp's `python download_upstream.py --scale {scale} {where} --download_npz --overwrite_metadata "
             f"--skip_shards` fetches them beside the parquet files (without --overwrite_metadata it skips a metadata "
             f"folder that exists), or `huggingface-cli download mlfoundations/datacomp_{scale} --repo-type dataset "
-            f"--include '*.npz' --local-dir {folder}`; from the Hub directly, set the published resource's "
-            f"include_npz")
+            f"--include '*.npz' --local-dir {folder}`"
+            + ("; fetching from the Hub, set the published resource's include_npz" if hub else ""))
 
 
 def files_without_npz(parquets: list[Path]) -> list[Path]:
