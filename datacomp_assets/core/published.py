@@ -58,9 +58,10 @@ def offline_message(source: PublishedSource, reason: str) -> str:
     return (
         f"cannot fetch the published DataComp metadata ({source.repo_id}): {reason}. Either set "
         f"`{MIRROR_SETTING}` (or the environment variable {MIRROR_ENV}) to a local copy in the published "
-        f"layout (one <shard>.parquet per shard, optionally <shard>.npz beside it), or `data_dir` in a scale file "
-        f"to the --data_dir of DataComp's download_upstream.py, or run where huggingface.co is reachable. A copy can be made on such a machine with: huggingface-cli download {source.repo_id} "
-        f"--repo-type dataset --local-dir /path/to/mirror (`hf download` with huggingface_hub 1.0 or newer)"
+        f"layout (one <shard>.parquet per shard, optionally <shard>.npz beside it), or `data_dir` in a scale "
+        f"file to the --data_dir of DataComp's download_upstream.py, or run where huggingface.co is reachable. "
+        f"A copy can be made on such a machine with: huggingface-cli download {source.repo_id} --repo-type dataset "
+        f"--local-dir /path/to/mirror (`hf download` with huggingface_hub 1.0 or newer)"
     )
 
 

@@ -99,8 +99,8 @@ LOCATION_FIELDS = frozenset({"data_dir", "mirror_dir", "shards_dir", "imagenet_e
                              "captioner_checkpoint", "captioner_architecture",
                              "download_timeout", "seeds", "cron_schedule",
                              "kmeans_max_points"})
-PATH_FIELDS = ("data_dir", "mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings", "metaclip_entries",
-               "dfn_checkpoint", "clip_l14_checkpoint", "hype_heads", "captioner_checkpoint")
+PATH_FIELDS = ("data_dir", "mirror_dir", "shards_dir", "imagenet_embeddings", "vas_target_embeddings",
+               "metaclip_entries", "dfn_checkpoint", "clip_l14_checkpoint", "hype_heads", "captioner_checkpoint")
 _FIELDS = {f.name: f for f in fields(ScaleConfig)}
 _SIMPLE_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
 

@@ -661,8 +661,9 @@ def write_upstream_shards(data_dir: str | os.PathLike, shard_size: int = 10_000,
                           threads: int = 8, timeout: int = 10) -> Path:
     """`<data_dir>/shards/`, written by img2dataset with the arguments download_upstream.py gives it (its
     defaults: 512 px, keep_ratio_largest, jpg, webdataset, faces blurred, the uid kept); `shard_size` is its
-    10,000 unless a test needs more shards, and `timeout` img2dataset's 10 s (which it keeps). It reads `<data_dir>/metadata/*.parquet` one file at a time, so the
-    shards split at file boundaries, as the real ones do. Returns the shards folder."""
+    10,000 unless a test needs more shards, and `timeout` img2dataset's 10 s. It reads
+    `<data_dir>/metadata/*.parquet` one file at a time, so the shards split at file boundaries, as the real ones
+    do. Returns the shards folder."""
     import signal
 
     import img2dataset  # late: a slow import (opencv, albumentations)
