@@ -12,7 +12,7 @@ from datacomp_assets.core.layout import Asset, Group, Layout, seed_name
 from datacomp_assets.core.lineage import file_sha256, files_sha256, path_from_record, path_in_record, read_lineage
 from datacomp_assets.core.results import aggregate, read_results
 from datacomp_assets.core.scales import scale_version
-from datacomp_assets.core.strategies import STRATEGIES, get_strategy, overrides, strategy_version, track
+from datacomp_assets.core.strategies import PARTITIONED, get_strategy, overrides, strategy_version, track
 from datacomp_assets.leaderboard.scaling import (
     PAPER_IMAGENET, correlation_png, correlations_markdown, imagenet_scores, rank_correlations, size_vs_average_png)
 from datacomp_assets.leaderboard.submission import PUBLIC_SCALES, export_submission
@@ -77,7 +77,7 @@ def collect_entries(layout: Layout, scale_name: str) -> list[Entry]:
     """One entry per strategy whose subset and scores (of at least one seed) exist at this scale."""
     scale = get_scale(scale_name)
     entries = []
-    for strategy in STRATEGIES:
+    for strategy in PARTITIONED:  # a sweep trained by name has its row too
         subset = layout.subset_file(scale_name, strategy)
         seeds = {seed: read_results(layout.results_file(scale_name, strategy, seed)) for seed in scale.seeds}
         seeds = {seed: rows for seed, rows in seeds.items() if rows}
