@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -80,6 +81,14 @@ class Engine:
             with spawn_pool(min(processes, len(tasks)), step or "a process pool") as pool:
                 yield from pool.imap_unordered(_NamedWork(work, step), tasks)
 
+    @contextmanager
+    def session(self, processes: int = 2, step: str = "") -> Iterator["Session"]:
+        """For a step that maps several times in a row: `map_unordered` as above, with this machine's worker
+        processes started once (at the first map of more than one task) and kept until the block ends; spawning
+        them costs seconds each time. On a cluster, every map is Ray tasks as above."""
+        with ExitStack() as stack:
+            yield Session(self, processes, step, stack)
+
     def _ray_map(self, work: Callable[[Task], Result], tasks: list[Task], step: str) -> Iterator[Result]:
         import ray
 
@@ -100,6 +109,22 @@ class Engine:
         finally:
             for ref in pending:  # a failure, or a consumer that stopped early: nothing keeps running
                 ray.cancel(ref, force=True)
+
+
+class Session:
+    """`Engine.session`'s maps: one process pool for all of them (here), or Ray tasks (on a cluster)."""
+
+    def __init__(self, engine: Engine, processes: int, step: str, stack: ExitStack):
+        self.engine, self.processes, self.step, self._stack, self._pool = engine, processes, step, stack, None
+
+    def map_unordered(self, work: Callable[[Task], Result], tasks: Iterable[Task], step: str = "") -> Iterator[Result]:
+        tasks, step = list(tasks), step or self.step
+        if self.engine.on_ray or self.processes <= 1 or len(tasks) <= 1:
+            yield from self.engine.map_unordered(work, tasks, self.processes, step)
+            return
+        if self._pool is None:
+            self._pool = self._stack.enter_context(spawn_pool(self.processes, self.step or "a process pool"))
+        yield from self._pool.imap_unordered(_NamedWork(work, step), tasks)
 
 
 def _reachable(address: str, timeout_s: float = 10.0) -> None:
