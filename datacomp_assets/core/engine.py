@@ -8,6 +8,7 @@ cluster, the node it ran on. The reductions (thresholds, centroids, counts) stay
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -65,15 +66,41 @@ class Engine:
         return int(min((n["Resources"].get("GPU", 0) for n in ray.nodes()
                         if n["Alive"] and n["Resources"].get("GPU", 0)), default=0))
 
+    def task_slots(self, gpus: float = 0.0) -> int:
+        """How many tasks of `gpus` GPUs each (where the cluster has GPUs; else of one CPU) the cluster runs at
+        once; 1 on this machine."""
+        if not self.on_ray:
+            return 1
+        import ray
+
+        self.connect()
+        total = ray.cluster_resources()
+        if gpus and total.get("GPU", 0):
+            return max(1, int(total["GPU"] / gpus))
+        return max(1, int(total.get("CPU", 1)))
+
+    def task_groups(self, items: list, gpus: float = 0.0, per_slot: int = 2) -> list[list]:
+        """`items` in contiguous groups, one task each, so that a task that loads a model scores several files with
+        it: one item a group here (the model is loaded once per process, see `process_cache`), and on the cluster
+        about `per_slot` groups for each task the cluster runs at once (a GPU task's worker exits when it ends)."""
+        if not self.on_ray:
+            return [[item] for item in items]
+        n = max(1, min(len(items), self.task_slots(gpus) * per_slot))
+        size = -(-len(items) // n)
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
     def map_unordered(self, work: Callable[[Task], Result], tasks: Iterable[Task], processes: int = 2,
-                      step: str = "") -> Iterator[Result]:
+                      step: str = "", gpus: float = 0.0) -> Iterator[Result]:
         """`work(task)` for every task, results as they finish: on the cluster, one Ray task each; here, in
-        `processes` spawned processes (the caller may be a threaded Dagster process), or in this one if 1."""
+        `processes` spawned processes (the caller may be a threaded Dagster process), or in this one if 1.
+
+        `gpus`: on a cluster that has GPUs, each Ray task requests this many (a fraction shares one GPU between
+        tasks) and Ray sets its CUDA_VISIBLE_DEVICES; on one without, or with 0, each requests one CPU."""
         tasks = list(tasks)
         if not tasks:
             return
         if self.on_ray:
-            yield from self._ray_map(work, tasks, step)
+            yield from self._ray_map(work, tasks, step, gpus)
         elif processes <= 1 or len(tasks) == 1:
             for task in tasks:
                 yield _named(work, task, step)
@@ -89,11 +116,13 @@ class Engine:
         with ExitStack() as stack:
             yield Session(self, processes, step, stack)
 
-    def _ray_map(self, work: Callable[[Task], Result], tasks: list[Task], step: str) -> Iterator[Result]:
+    def _ray_map(self, work: Callable[[Task], Result], tasks: list[Task], step: str,
+                 gpus: float = 0.0) -> Iterator[Result]:
         import ray
 
         self.connect()
-        remote = ray.remote(num_cpus=1, max_retries=self.task_retries)(_named_on_node)
+        request = {"num_gpus": gpus} if gpus and self.gpus_per_node() else {"num_cpus": 1}
+        remote = ray.remote(max_retries=self.task_retries, **request)(_named_on_node)
         pending = {remote.remote(work, task, step): task for task in tasks}
         try:
             while pending:
@@ -109,6 +138,32 @@ class Engine:
         finally:
             for ref in pending:  # a failure, or a consumer that stopped early: nothing keeps running
                 ray.cancel(ref, force=True)
+
+
+_PROCESS_CACHE: dict = {}
+
+
+def process_cache(key: tuple, load: Callable[[], Any]) -> Any:
+    """`load()`, kept for the next task this process runs with the same `key` (one entry: a process holds one
+    task kind's models at a time). A key should name what the value was loaded from, a checkpoint's size and
+    modification time included, so a file rewritten since is loaded again."""
+    if key not in _PROCESS_CACHE:
+        _PROCESS_CACHE.clear()
+        _PROCESS_CACHE[key] = load()
+    return _PROCESS_CACHE[key]
+
+
+def clear_process_cache() -> None:
+    """Let go of what `process_cache` holds here (a step's process, once its tasks are done)."""
+    _PROCESS_CACHE.clear()
+
+
+def file_key(path: str | os.PathLike | None) -> tuple:
+    """A file's path, size and modification time (a cache key that changes when the file is rewritten)."""
+    if path is None:
+        return (None,)
+    stat = os.stat(path)
+    return (str(path), stat.st_size, stat.st_mtime_ns)
 
 
 class Session:

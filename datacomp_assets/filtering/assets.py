@@ -6,7 +6,6 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 from datacomp_assets.core.caption_features import CaptionFeatureStore
@@ -183,102 +182,91 @@ def feature_inputs_of_published(scale) -> dict:
                 dg.AssetDep(Asset.CAPTIONER_MODEL, partition_mapping=by_scale),
                 dg.AssetDep(Asset.SCORER_MODELS, partition_mapping=by_scale)])
 def image_scores(context: dg.AssetExecutionContext, storage: StorageResource,
-                 accelerator: AcceleratorResource) -> dg.MaterializeResult:
+                 accelerator: AcceleratorResource, engine: EngineResource) -> dg.MaterializeResult:
     """A model's score of every downloaded image with its caption: the DFN's cosine (`dfn`), the L/14 cosine with
     the image's text masked (`tmars`) or of the flipped image (`flipped`), SIEVE's match between the alt-text and
     the captioner's captions of the image (`sieve`, with the best caption in `generated_caption`). The filtering
     inputs that need pixels, so only the strategies that read them wait for the download.
 
-    One parquet per pool shard (uid + `<scorer>_score`); a shard already scored is kept (resume)."""
-    from datacomp_assets.core.models import Scorer, load_model
-    from datacomp_assets.filtering.image_scores import score_shards, write_shard_scores
+    One parquet per pool shard (uid + `<scorer>_score`); a shard already scored is kept (resume). On a Ray cluster
+    (the `engine` resource), groups of shards are Ray tasks, each loading the models once, on a GPU where the
+    cluster has them."""
+    from datacomp_assets.filtering.image_scores import ScoringModels, score_on_engine
 
     with storage.writing(context):
         scale, scorer = scale_and_scorer(context)
-        layout = storage.layout
+        layout, on = storage.layout, engine.engine()
         model_name, checkpoint = scoring_model(scale, layout, SCORER_MODEL[scorer])
-        device = accelerator.placement(scale.precision).device
-        model = Scorer(scorer, *load_model(model_name, checkpoint, device), device)
+        device = accelerator.placement(scale.precision, on).device
         out = layout.image_scores(scale.name, scorer)
         shards, column = layout.pool_shards(scale.name), image_score_column(scorer)
-        models = {"model": model_name, "checkpoint_path": str(checkpoint)}
+        metadata = {"model": model_name, "checkpoint_path": str(checkpoint)}
+        captioner_name, captioner_checkpoint = scoring_model(scale, layout, "captioner") if scorer == "sieve" \
+            else ("", "")
         if scorer == "sieve":
-            from datacomp_assets.filtering.sieve import SieveScoring
-
-            captioner_name, captioner_checkpoint = scoring_model(scale, layout, "captioner")
-            captioner, preprocess, tokenizer = load_model(captioner_name, captioner_checkpoint, device)
-            scoring = SieveScoring(captioner, tokenizer, preprocess, model.embed_text, seed=scale.seed, device=device)
-            summary = write_shard_scores(shards, out, column, scoring, context.log.info)
-            models.update(captioner=captioner_name, captioner_checkpoint_path=str(captioner_checkpoint))
-        else:
-            summary = score_shards(shards, out, model, column, context.log.info, prepare=image_preparation(scorer))
-        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)), **models, **summary})
+            metadata.update(captioner=captioner_name, captioner_checkpoint_path=str(captioner_checkpoint))
+        models = ScoringModels(scorer, column, model_name, str(checkpoint), device, captioner_name,
+                               str(captioner_checkpoint), seed=scale.seed)
+        context.log.info(f"{column}: scoring on {on.describe()} ({device})")
+        summary = score_on_engine(shards, out, models, on, engine.gpus_per_task, context.log.info)
+        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)), **metadata, **summary})
 
 
 @dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="1", pool="gpu",
           deps=[Asset.POOL_SHARDS, Asset.POOL_METADATA, Asset.CAPTIONER_MODEL, Asset.SCORER_MODELS])
 def recaptioned_source(context: dg.AssetExecutionContext, storage: StorageResource,
-                       accelerator: AcceleratorResource) -> dg.MaterializeResult:
+                       accelerator: AcceleratorResource, pool_source: PoolSourceResource,
+                       engine: EngineResource) -> dg.MaterializeResult:
     """The pool's images with the captioner's captions, one each, as a bring-your-own-data source with uids of its own
     (`external_sources/recaptioned/`; `pool_uid` names the pool image), and the L/14 score of each image with its
     generated caption (`clip_l14_similarity_score`), so a rule with `source = "recaptioned"` can filter them.
-    Recaptioning, the bring-your-own-data track's leading method (Nguyen et al. 2023)."""
+    Recaptioning, the bring-your-own-data track's leading method (Nguyen et al. 2023).
+
+    At a published pool the score's image side is the metadata's own L/14 embedding (its npz's `l14_img`), so only
+    the captions are embedded; metadata without it fails at once, naming the file and how to fetch it. On a Ray
+    cluster (the `engine` resource), groups of shards are Ray tasks, on a GPU where the cluster has them."""
     import duckdb
 
-    from datacomp_assets.core.models import Scorer, load_model
-    from datacomp_assets.filtering.recaption import write_recaptioned_source
-    from datacomp_assets.filtering.sieve import generated_captions, shard_seed
+    from datacomp_assets.core.published import npz_advice
+    from datacomp_assets.core.uid_index import metadata_parquet
+    from datacomp_assets.filtering.recaption import (
+        IMAGE_EMBEDDINGS, RecaptionModels, files_without_image_embeddings, recaption_on_engine)
 
     with storage.writing(context):
-        scale, layout = get_scale(context.partition_key), storage.layout
-        device = accelerator.placement(scale.precision).device
+        scale, layout, on = get_scale(context.partition_key), storage.layout, engine.engine()
+        metadata_dir = layout.pool_metadata(scale.name)
+        published = pool_source.for_scale(scale, layout).metadata_published
+        if published:  # before any model loads: the images' embeddings are the metadata's
+            parquets = metadata_parquet(metadata_dir)
+            lacking = files_without_image_embeddings(parquets)
+            if lacking:
+                raise FileNotFoundError(
+                    f"{Asset.RECAPTIONED_SOURCE} ({scale.name}): scores each image with its generated caption from "
+                    f"the metadata's L/14 image embeddings ({IMAGE_EMBEDDINGS}), but {len(lacking)} of the "
+                    f"{len(parquets)} metadata files have none beside them (e.g. {lacking[0].with_suffix('.npz')}). "
+                    + npz_advice(scale.name, lacking[0].resolve().parent))
         l14_name, l14_checkpoint = scoring_model(scale, layout, "l14")
-        l14 = Scorer("l14", *load_model(l14_name, l14_checkpoint, device), device)
         captioner_name, captioner_checkpoint = scoring_model(scale, layout, "captioner")
-        captioner, preprocess, tokenizer = load_model(captioner_name, captioner_checkpoint, device)
-        pool = _uid_array(f"select uid from read_parquet('{layout.pool_metadata(scale.name)}/*.parquet')")
-
-        def in_pool(uids: list[str]) -> np.ndarray:  # the safety steps' removals stay removed
-            return isin_sorted(arrow_uids_to_array(pa.array(uids, pa.string())), pool)
-
-        def caption(shard: str):
-            return lambda images: [captions[0] for captions in generated_captions(
-                captioner, tokenizer, preprocess, images, 1, shard_seed(scale.seed, shard), device=device)]
-
-        def score(images, captions) -> np.ndarray:
-            image, text = l14.embed(images, captions)
-            return (image * text).sum(axis=1)
-
+        device = accelerator.placement(scale.precision, on).device
+        models = RecaptionModels(captioner_name, str(captioner_checkpoint), l14_name, str(l14_checkpoint), device,
+                                 scale.seed)
         out = layout.external_source(scale.name, RECAPTIONED_SOURCE)
-        summary = write_recaptioned_source(layout.pool_shards(scale.name), out, in_pool, caption, score,
-                                           context.log.info)
+        context.log.info(f"recaptioning on {on.describe()} ({device}); image embeddings "
+                         + ("from the metadata's npz" if published else f"by {l14_name}"))
+        summary = recaption_on_engine(layout.pool_shards(scale.name), out, metadata_dir, models, published, on,
+                                      engine.gpus_per_task, context.log.info)
         examples = duckdb.sql(f"select alt_text, caption, clip_l14_similarity_score from "
                               f"read_parquet('{out}/*.parquet') order by uid limit 8").fetchall()
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(out)), "captioner": captioner_name,
-            "captioner_checkpoint_path": str(captioner_checkpoint), "scorer": l14_name, **summary,
+            "captioner_checkpoint_path": str(captioner_checkpoint), "scorer": l14_name,
+            "image_embeddings": f"the metadata's {IMAGE_EMBEDDINGS}" if published else l14_name, **summary,
             "examples": dg.MetadataValue.md("| alt-text | generated caption | L/14 score |\n|---|---|---|\n" + "\n".join(
                 f"| {_cell(a)} | {_cell(c)} | {s:.3f} |" for a, c, s in examples))})
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
-
-
-def image_preparation(scorer: str):
-    """What is done to the images before the scorer sees them (None: scored as downloaded)."""
-    from datacomp_assets.filtering import text_masking
-
-    if scorer == "tmars":
-        detector = text_masking.TextDetector()
-
-        def masked(images):
-            images, text_area_share = text_masking.masked_images(images, detector)
-            return images, {"text_area_share": text_area_share}
-        return masked
-    if scorer == "flipped":
-        return lambda images: ([text_masking.flipped(image) for image in images], {})
-    return None
 
 
 def scoring_model(scale, layout, model: str) -> tuple[str, Path]:
