@@ -218,6 +218,12 @@ class Layout:
         """Beside it: the bootstrap intervals of the seed's scores, which the leaderboard reads."""
         return self.results_file(scale, strategy, seed).with_name("eval_noise.json")
 
+    def eval_part_file(self, scale: str, strategy: str, seed: int, group: str) -> Path:
+        """Beside it, until merged into it: one task group's lines, as one engine task wrote them (its samples in
+        the same name with `.npz`). Hidden, so no reader of the seed's folder takes it for a result."""
+        slug = "".join(c if c.isalnum() else "_" for c in group.lower())
+        return self.results_file(scale, strategy, seed).with_name(f".part_{slug}.jsonl")
+
     def submission_dir(self, scale: str, strategy: str) -> Path:
         return self.asset_dir(scale, Asset.SUBMISSION, strategy)
 
