@@ -16,12 +16,13 @@ from datacomp_assets.core.lineage import code_revision, file_sha256, files_sha25
 from datacomp_assets.core.reference_tasks import TASKLIST
 from datacomp_assets.core.scales import ScaleConfig
 from datacomp_assets.evaluation.noise import write_noise
+from datacomp_assets.evaluation.on_engine import CheckpointToScore, evaluate_on_engine, part_samples
 from datacomp_assets.evaluation.reference import ensure_reference_suite
-from datacomp_assets.evaluation.zeroshot import evaluate_checkpoint, summarize
+from datacomp_assets.evaluation.zeroshot import summarize
 from datacomp_assets.world.eval_suite import TASKS, build_suite
 from partitions import (
     STRATEGY_DEFINITION, by_scale, get_scale, scale_and_strategy, scale_partitions, scale_strategy_partitions)
-from resources import AcceleratorResource, EvaluationDataResource, StorageResource
+from resources import AcceleratorResource, EngineResource, EvaluationDataResource, StorageResource
 
 # A scale's `eval_suite`: the miniature's own, or DataComp's tasklist.yml (the 38 averaged, and FairFace and UTKFace
 # outside the average, as its evaluate.py runs them).
@@ -63,39 +64,51 @@ def eval_suite(context: dg.AssetExecutionContext, storage: StorageResource,
           deps=[STRATEGY_DEFINITION, Asset.CHECKPOINT, dg.AssetDep(Asset.EVAL_SUITE, partition_mapping=by_scale)],
           pool="gpu")
 def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, accelerator: AcceleratorResource,
-                 eval_data: EvaluationDataResource) -> dg.MaterializeResult:
-    """Zero-shot scores of every seed's checkpoint, one line per task; tasks already written are not redone."""
+                 eval_data: EvaluationDataResource, engine: EngineResource) -> dg.MaterializeResult:
+    """Zero-shot scores of every seed's checkpoint, one line per task; tasks already written are not redone. One
+    engine task per checkpoint and task group: in this process here, Ray tasks on a cluster (on a GPU each where
+    it has them)."""
     with storage.writing(context):
         scale, strategy = scale_and_strategy(context)
-        device = accelerator.placement(scale.precision).device
+        on = engine.engine()
+        device = accelerator.placement(scale.precision, on).device
         layout = storage.layout
         suite_root, registry = suite_for(scale, layout, eval_data)
         out = layout.eval_results_dir(scale.name, strategy)
         scored = read_lineage(out).get("checkpoints", {})
-        per_seed, noise = {}, {}
-        scored_tasks = Progress(context.log.info, "tasks scored", len(scale.seeds) * len(registry), "tasks")
-        for i, seed in enumerate(scale.seeds):
+        noise, to_score = {}, []
+        for seed in scale.seeds:
             ckpt = layout.seed_checkpoint(scale.name, strategy, seed, scale.epochs)
             results = layout.results_file(scale.name, strategy, seed)
             samples = layout.eval_samples_file(scale.name, strategy, seed)
             ckpt_sha256 = file_sha256(ckpt)
+
+            def part(group: str, seed=seed) -> Path:
+                return layout.eval_part_file(scale.name, strategy, seed, group)
+
             if scored.get(seed_name(seed), ckpt_sha256) != ckpt_sha256 and results.exists():
                 # Lines already written score an earlier checkpoint: skipping them as done would be wrong.
                 context.log.warning(f"seed {seed}: {ckpt} changed since it was scored; scoring it again")
                 results.unlink()
                 samples.unlink(missing_ok=True)
             if scored.get(seed_name(seed)) != ckpt_sha256:
+                for group in {task.group for task in registry.values()}:  # nor are a killed run's parts
+                    part(group).unlink(missing_ok=True)
+                    part_samples(part(group)).unlink(missing_ok=True)
                 # Reset the record only when a seed's scores are about to be replaced: a failed run over unchanged
                 # checkpoints must leave the finished record (and the board's consistency) as it was.
                 scored[seed_name(seed)] = ckpt_sha256
                 write_lineage(out, {"checkpoints": scored, "complete": False})
-            context.log.info(f"seed {seed}: evaluating {ckpt}")
-            per_seed[seed] = evaluate_checkpoint(
-                scale.model, ckpt, suite_root, results, device=device, progress=context.log.info, registry=registry,
-                task_done=lambda n, note, before=i * len(registry): scored_tasks(before + n, f"seed {seed}, {note}"),
-                samples_file=samples)
-            averaged = [r["key"] for r in per_seed[seed] if r["metrics"].get("main_metric") is not None]
-            noise[seed] = write_noise(samples, layout.eval_noise_file(scale.name, strategy, seed), averaged)
+            to_score.append(CheckpointToScore(ckpt, results, samples, part, f"seed {seed}"))
+        context.log.info(f"evaluating {len(to_score)} checkpoints on {on.describe()} ({device})")
+        lines = evaluate_on_engine(
+            scale.model, to_score, suite_root, registry, device, on, engine.gpus_per_task, context.log.info,
+            task_done=Progress(context.log.info, "tasks scored", len(scale.seeds) * len(registry), "tasks"))
+        per_seed = dict(zip(scale.seeds, lines))
+        for seed, rows in per_seed.items():
+            averaged = [r["key"] for r in rows if r["metrics"].get("main_metric") is not None]
+            noise[seed] = write_noise(layout.eval_samples_file(scale.name, strategy, seed),
+                                      layout.eval_noise_file(scale.name, strategy, seed), averaged)
         summaries = {seed: summarize(rows) for seed, rows in per_seed.items()}
         averages = [s["average"] for s in summaries.values()]
         task_means = {row["key"]: statistics.mean(r["metrics"]["main_metric"] for rows in per_seed.values()

@@ -359,7 +359,7 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_ro
                         progress: Callable[[str], None] | None = None,
                         tasks: list[str] | None = None, registry: Mapping[str, object] | None = None,
                         num_workers: int = 0, task_done: Callable[[int, str], None] | None = None,
-                        samples_file: str | Path | None = None) -> list[dict]:
+                        samples_file: str | Path | None = None, loaded: tuple | None = None) -> list[dict]:
     """Evaluate a model on every task of a registry (default: the tiny suite's TASKS; REFERENCE_TASKS for
     DataComp's 38), one JSON line per task in out_jsonl; resumable. Each task scored goes to
     `task_done(tasks in out_jsonl, note)` if given, else to `progress`.
@@ -367,7 +367,8 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_ro
     With `samples_file`, each task's per-sample outcomes (noise.py) are kept there too, written before its line.
     Tasks already in out_jsonl are skipped. Before the model is loaded, every task left to do must be on disk
     under suite_root: if any is not, MissingEvalData names them all. Returns the lines of all requested
-    tasks, in the order asked (registry order by default).
+    tasks, in the order asked (registry order by default). `loaded`: the (model, preprocess, tokenizer) of the
+    checkpoint, already loaded (an engine task's, kept between its task groups).
     """
     from datacomp_assets.core.models import load_model
 
@@ -390,7 +391,7 @@ def evaluate_checkpoint(model_name: str, checkpoint: str | Path | None, suite_ro
     if missing:
         raise MissingEvalData(suite_root, missing, "not found")
     log(f"{len(keys) - len(todo)} of {len(keys)} tasks already in {out_jsonl}; {len(todo)} to evaluate")
-    model, preprocess, tokenizer = load_model(model_name, checkpoint, device=device)
+    model, preprocess, tokenizer = loaded or load_model(model_name, checkpoint, device=device)
     with out_jsonl.open("a") as out:
         for n, task in enumerate(todo, 1):
             if not task_done:
