@@ -28,7 +28,7 @@ from datacomp_assets.evaluation.zeroshot import REFERENCE_BATCH_SIZE, evaluate_c
 class CheckpointToScore:
     """One checkpoint's files: its results and samples, and where each task group's part goes."""
 
-    checkpoint: Path
+    checkpoint: Path | None
     results: Path
     samples: Path
     part: Callable[[str], Path]  # group -> its part file (the driver's; never sent to a task)
@@ -38,7 +38,7 @@ class CheckpointToScore:
 @dataclass(frozen=True)
 class GroupTask:
     model: str
-    checkpoint: str
+    checkpoint: str | None
     suite_root: str
     tasks: tuple  # the group's tasks still to score, in the registry's order
     part: str
@@ -95,7 +95,7 @@ def evaluate_on_engine(model: str, checkpoints: list[CheckpointToScore], suite_r
         groups: dict[str, list] = {}
         for t in todo:
             groups.setdefault(t.group, []).append(t)
-        tasks += [(len(todo_of) - 1, GroupTask(model, str(c.checkpoint), str(suite_root), tuple(group),
+        tasks += [(len(todo_of) - 1, GroupTask(model, c.checkpoint and str(c.checkpoint), str(suite_root), tuple(group),
                                                str(c.part(name)), device, batch_size))
                   for name, group in groups.items()]
     if missing:
