@@ -1,0 +1,112 @@
+"""image_scores on a real two-node Ray cluster on 127.0.0.1 (`tests/ray_cluster.py`): the pool the published-path
+rehearsal downloads (the synthetic web's index, fetched by img2dataset into webdataset shards), scored by the DFN
+and by SIEVE as Ray tasks, equals the local engine's scores table for table, byte for byte; and a worker killed
+mid-step (SIGKILL, while its task is between shards) is retried by Ray with nothing lost or duplicated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from datacomp_assets.core.engine import Engine
+from datacomp_assets.core.models import load_model
+from datacomp_assets.core.scorers import CAPTIONER_MODEL, DFN_MODEL, SCORER_MODELS
+from datacomp_assets.filtering.image_scores import ScoringModels, score_on_engine
+from datacomp_assets.pool.download import download_shards
+from datacomp_assets.world.index import write_pool_index
+from datacomp_assets.world.web import WebConfig
+from datacomp_assets.world.web_server import SyntheticWebServer
+from tests.ray_cluster import local_cluster
+
+URLS, SHARD_SIZE = 240, 30  # 8 shards: 4 tasks of 2 on the cluster's 2 CPUs
+RAY_TASK = "ray::_named_on_node"  # the process title of a Ray worker while it runs one of the engine's tasks
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster(nodes=2) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """The rehearsal's pool: the synthetic web's index downloaded by img2dataset (its faults are failed samples,
+    absent from the shards), and seeded random weights for the DFN, the L/14 and the captioner."""
+    root = tmp_path_factory.mktemp("cluster_scores")
+    web = WebConfig(seed=11)
+    with SyntheticWebServer(web) as server:
+        index = write_pool_index(web, URLS, server.base_url, root / "index", processes=1)["path"]
+        download_shards(index, root / "shards", image_size=64, shard_size=SHARD_SIZE, processes=1, threads=8,
+                        timeout=2, log=lambda _: None)
+    checkpoints = {}
+    for name in (DFN_MODEL, SCORER_MODELS["l14"], CAPTIONER_MODEL):
+        torch.manual_seed(0)
+        checkpoints[name] = root / f"{name}.pt"
+        torch.save({"state_dict": load_model(name)[0].state_dict()}, checkpoints[name])
+    return root, checkpoints
+
+
+def models(kind: str, checkpoints: dict) -> ScoringModels:
+    if kind == "dfn":
+        return ScoringModels("dfn", "dfn_score", DFN_MODEL, str(checkpoints[DFN_MODEL]))
+    return ScoringModels("sieve", "sieve_score", SCORER_MODELS["l14"], str(checkpoints[SCORER_MODELS["l14"]]),
+                         captioner=CAPTIONER_MODEL, captioner_checkpoint=str(checkpoints[CAPTIONER_MODEL]), seed=3)
+
+
+def tables(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.parquet"))}
+
+
+@pytest.mark.parametrize("kind", ["dfn", "sieve"])
+def test_image_scores_on_the_cluster_equal_the_local_engine_table_for_table(cluster, pool, kind):
+    root, checkpoints = pool
+    local = score_on_engine(root / "shards", root / f"local_{kind}", models(kind, checkpoints), Engine(),
+                            log=lambda _: None)
+    on_ray = score_on_engine(root / "shards", root / f"ray_{kind}", models(kind, checkpoints),
+                             Engine(cluster.address), log=lambda _: None)
+    assert on_ray["shards"] == local["shards"] == URLS // SHARD_SIZE
+    assert on_ray["images_scored"] == local["images_scored"] > URLS // 2
+    assert tables(root / f"ray_{kind}") == tables(root / f"local_{kind}")
+
+
+def test_a_worker_killed_mid_step_is_retried_with_nothing_lost_or_duplicated(cluster, pool):
+    root, checkpoints = pool
+    out = root / "killed"
+    killed: dict = {}
+
+    def kill_a_busy_worker() -> None:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        killed["shards_done"] = len(list(out.glob("*.parquet")))
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if " ".join(process.info["cmdline"] or []).startswith(RAY_TASK):
+                os.kill(process.info["pid"], signal.SIGKILL)
+                killed["pid"] = process.info["pid"]
+                break
+
+    killer = threading.Thread(target=kill_a_busy_worker)
+    killer.start()
+    summary = score_on_engine(root / "shards", out, models("sieve", checkpoints), Engine(cluster.address),
+                              log=lambda _: None)
+    killer.join()
+    assert "pid" in killed and killed["shards_done"] < URLS // SHARD_SIZE, killed  # killed while tasks ran
+    assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE
+    # the local engine's tables (kept from the comparison test where it ran first)
+    score_on_engine(root / "shards", root / "local_sieve", models("sieve", checkpoints), Engine(), log=lambda _: None)
+    uids = [u for p in sorted(out.glob("*.parquet")) for u in pq.read_table(p, columns=["uid"])["uid"].to_pylist()]
+    assert len(uids) == len(set(uids)) == summary["images_scored"]  # every image once
+    downloaded = [u for p in sorted((root / "shards").glob("*.parquet"))
+                  for u, s in zip(*pq.read_table(p, columns=["uid", "status"]).to_pydict().values()) if s == "success"]
+    assert Counter(uids) == Counter(downloaded)  # none lost
+    assert tables(out) == tables(root / "local_sieve")
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
