@@ -189,19 +189,32 @@ def files_without_image_embeddings(parquets: list[Path]) -> list[Path]:
     return lacking
 
 
-def _positions(uids: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
-    """Each uid's position in `sorted_pool`, -1 where it is not there."""
+def _positions(uids: np.ndarray, sorted_pool: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """Each uid's position in `sorted_pool`, -1 where it is not there: one pass over the pool in chunks, so a
+    memory-mapped index is read once and never copied whole (a binary search on its field would copy it)."""
+    out = np.full(len(uids), -1, np.int64)
     if not len(sorted_pool) or not len(uids):
-        return np.full(len(uids), -1, np.int64)
-    hi, lo = sorted_pool["f0"], sorted_pool["f1"]
-    pos = np.searchsorted(hi, uids["f0"]).astype(np.int64)
-    for i in np.flatnonzero(pos < len(hi)):  # uids sharing a high half sit together: walk past the lower ones
-        while pos[i] + 1 < len(hi) and hi[pos[i]] == uids["f0"][i] and lo[pos[i]] < uids["f1"][i]:
-            pos[i] += 1
-    inside = pos < len(hi)
-    found = np.zeros(len(uids), bool)
-    found[inside] = (hi[pos[inside]] == uids["f0"][inside]) & (lo[pos[inside]] == uids["f1"][inside])
-    return np.where(found, pos, -1)
+        return out
+    order = np.argsort(uids["f0"], kind="stable")
+    q_hi, q_lo = uids["f0"][order], uids["f1"][order]
+    for start in range(0, len(sorted_pool), chunk):
+        block = np.asarray(sorted_pool[start:start + chunk])
+        hi, lo = np.ascontiguousarray(block["f0"]), np.ascontiguousarray(block["f1"])
+        a, b = np.searchsorted(q_hi, hi[0], "left"), np.searchsorted(q_hi, hi[-1], "right")
+        if a == b:
+            continue
+        pos = np.searchsorted(hi, q_hi[a:b])  # the first of the block with that high half
+        at = np.minimum(pos, len(hi) - 1)
+        same_high = hi[at] == q_hi[a:b]
+        found = same_high & (lo[at] == q_lo[a:b])
+        for i in np.flatnonzero(same_high & ~found):  # uids sharing a high half (rare): walk along them
+            j = at[i] + 1
+            while j < len(hi) and hi[j] == q_hi[a + i] and not found[i]:
+                found[i], at[i] = lo[j] == q_lo[a + i], j
+                j += 1
+        hits = np.flatnonzero(found)
+        out[order[a + hits]] = start + at[hits]
+    return out
 
 
 def pool_rows(rank: np.ndarray, positions: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
@@ -321,25 +334,27 @@ def _shard_uids(tar: Path) -> np.ndarray:
     return sort_uids(arrow_uids_to_array(column)) if len(column) else np.empty(0, UID_DTYPE)
 
 
-def plan_shards(tars: list[Path], metadata_dir: str | os.PathLike, published: bool) -> list[ShardToRecaption]:
-    """Per shard: its uids still in the pool and, at a published pool, where each one's L/14 embedding is."""
-    from datacomp_assets.core.uid_index import uid_index
+PLAN_SHARDS = 512  # shards planned (and mapped) at once: the driver holds their uids, not the whole pool's
 
-    index = uid_index(metadata_dir)
-    kept, positions = [], []
-    for tar in tars:
-        uids = _shard_uids(tar)
-        at = _positions(uids, index.sorted_uids)
-        kept.append(uids[at >= 0])
-        positions.append(at[at >= 0])
-    if not published:
-        return [ShardToRecaption(str(tar), keep) for tar, keep in zip(tars, kept)]
-    rows = pool_rows(index.rank, np.concatenate(positions) if positions else np.empty(0, np.int64))
+
+def plan_shards(tars: list[Path], index, published: bool) -> list[ShardToRecaption]:
+    """Per shard: its uids still in the pool (`index`, core.uid_index) and, at a published pool, where each one's
+    L/14 embedding is. One pass over the index for all the shards' uids, and one over its ranks."""
+    uids = [_shard_uids(tar) for tar in tars]
+    sizes = np.cumsum([0, *map(len, uids)])
+    everything = np.concatenate(uids) if uids else np.empty(0, UID_DTYPE)
+    at = _positions(everything, index.sorted_uids)
+    inside = at >= 0
+    rows = pool_rows(index.rank, at[inside]) if published else None
+    rows_at = np.cumsum([0, *(int(inside[a:b].sum()) for a, b in zip(sizes[:-1], sizes[1:]))])
     starts = np.asarray(index.starts)
-    plans, first = [], 0
-    for tar, keep in zip(tars, kept):
-        mine = rows[first:first + len(keep)]
-        first += len(keep)
+    plans = []
+    for k, tar in enumerate(tars):
+        keep = uids[k][inside[sizes[k]:sizes[k + 1]]]
+        if rows is None:
+            plans.append(ShardToRecaption(str(tar), keep))
+            continue
+        mine = rows[rows_at[k]:rows_at[k + 1]]
         file_of = np.searchsorted(starts, mine, side="right") - 1
         used = np.unique(file_of)
         plans.append(ShardToRecaption(
@@ -355,6 +370,8 @@ def recaption_on_engine(shards_dir: str | os.PathLike, out_dir: str | os.PathLik
     groups of shards, one task each, requesting `gpus` GPUs where the cluster has them. The pool is the metadata's
     uids (its index); with `published`, each image's L/14 embedding is read from the metadata's npz
     (`files_without_image_embeddings` names the files that lack it; check it first). Returns counts and timings."""
+    from datacomp_assets.core.uid_index import uid_index
+
     tars, out_dir = _shards(shards_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -368,15 +385,17 @@ def recaption_on_engine(shards_dir: str | os.PathLike, out_dir: str | os.PathLik
                 log(f"recaptioned: {target}: {redo}; recaptioning shard {tar.name} again")
                 target.unlink()
             todo.append(tar)
-    plans = plan_shards(todo, metadata_dir, published) if todo else []
-    tasks = [RecaptionTask(tuple(group), str(out_dir), models) for group in engine.task_groups(plans, gpus)]
+    index = uid_index(metadata_dir) if todo else None
     written = empty = count = 0
     try:
-        for results in engine.map_unordered(recaption_task, tasks, processes=1, step="recaptioning", gpus=gpus):
-            for shard, n, blank in results:
-                count += 1
-                written, empty = written + n, empty + blank
-                log(f"recaptioned: shard {shard} ({n} images) [{count}/{len(todo)}]")
+        for first in range(0, len(todo), PLAN_SHARDS):
+            plans = plan_shards(todo[first:first + PLAN_SHARDS], index, published)
+            tasks = [RecaptionTask(tuple(group), str(out_dir), models) for group in engine.task_groups(plans, gpus)]
+            for results in engine.map_unordered(recaption_task, tasks, processes=1, step="recaptioning", gpus=gpus):
+                for shard, n, blank in results:
+                    count += 1
+                    written, empty = written + n, empty + blank
+                    log(f"recaptioned: shard {shard} ({n} images) [{count}/{len(todo)}]")
     finally:
         clear_process_cache()
     record_table(out_dir, out_dir.glob("*.parquet"))  # the manifest a subset checks before it reads the source
