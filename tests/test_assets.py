@@ -16,7 +16,7 @@ from datacomp_assets.dagster_private import stale_status
 from datacomp_assets.definitions import ALL_ASSETS, RESOURCES, defs
 from datacomp_assets.filtering.assets import strategy_definitions
 from datacomp_assets.run import run_scale
-from datacomp_assets.training.assets import faces_in_pool
+from datacomp_assets.training.faces import faces_in_pool
 from datacomp_assets.world.web_server import free_port
 from resources import (
     AcceleratorResource, DownloaderResource, EngineResource, PoolSourceResource, PublishedMetadataResource,

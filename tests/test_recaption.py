@@ -11,7 +11,7 @@ from PIL import Image
 
 from datacomp_assets.core.shards import iter_webdataset, write_webdataset
 from datacomp_assets.filtering.recaption import recaptioned_uid, write_recaptioned_source
-from datacomp_assets.training.assets import faces_in_pool
+from datacomp_assets.training.faces import faces_in_pool
 
 
 def _parquets(directory) -> "pa.Table":

@@ -67,3 +67,51 @@ def test_the_uid_index_gives_the_sorted_uids_of_any_rows_and_is_rebuilt_when_the
     write_pool(tmp_path / "meta", pool[::-1])  # the same names, other contents: the written index is stale
     assert load_uid_index(tmp_path / "meta") is None
     assert np.array_equal(uid_index(tmp_path / "meta").sorted_uids[uid_index(tmp_path / "meta").rank], pool[::-1])
+
+
+def test_the_external_merge_writes_the_bytes_a_whole_pool_sort_would(tmp_path):
+    """Many merge rounds (a few rows each) over files of other sizes, one empty, with uids repeated within a file
+    and across files and high halves shared: the same files as np.save of a stable sort of the whole pool."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from datacomp_assets.core.uid_index import load_uid_index, write_uid_index
+
+    rng = np.random.default_rng(5)
+    pool = uids(rng, 2_000, shared_high=60)
+    pool[rng.choice(2_000, 200)] = pool[rng.choice(2_000, 200)]  # repeats, in one file and across files
+    cuts = [0, 700, 700, 710, 1_500, 2_000]  # the third file is empty
+    (tmp_path / "meta").mkdir()
+    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        pq.write_table(pa.table({"uid": pa.array(array_to_uids(pool[a:b]), pa.string())}),
+                       tmp_path / "meta" / f"{i:04d}.parquet")
+    written = write_uid_index(tmp_path / "meta", merge_rows=37)
+
+    order = np.lexsort((np.arange(len(pool)), pool["f1"], pool["f0"]))  # ties in pool order
+    rank = np.empty(len(pool), np.int32)
+    rank[order] = np.arange(len(pool), dtype=np.int32)
+    for name, expected in (("uids.npy", pool[order]), ("rank.npy", rank)):
+        buffer = io.BytesIO()
+        np.save(buffer, expected)
+        assert (tmp_path / "meta" / "uid_index" / name).read_bytes() == buffer.getvalue(), name
+    loaded = load_uid_index(tmp_path / "meta")
+    assert np.array_equal(loaded.starts, cuts) and np.array_equal(loaded.sorted_uids, pool[order])
+    same = np.flatnonzero(pool[order][1:] == pool[order][:-1]) + 1
+    assert written.repeats() == loaded.repeats() == (len(same), int(same[0]))
+    assert not list((tmp_path / "meta" / "uid_index").glob(".*"))  # no run or temporary file left
+
+
+def test_the_index_finds_the_pool_rows_of_uids(tmp_path):
+    from datacomp_assets.core.uid_index import write_uid_index
+
+    rng = np.random.default_rng(6)
+    pool = uids(rng, 3_000, shared_high=30)
+    pool[10] = pool[2_900]  # a uid in two files: both its rows
+    write_pool(tmp_path / "meta", pool)
+    index = write_uid_index(tmp_path / "meta")
+    wanted = unique_sorted(sort_uids(np.concatenate([pool[rng.choice(3_000, 500)], pool[[10]], uids(rng, 20)])))
+    found = {(f, int(r)) for f, rows in index.pool_rows(wanted) for r in rows}
+    expected = {(int(np.searchsorted(index.starts, i, "right") - 1), i - int(index.starts[np.searchsorted(
+        index.starts, i, "right") - 1])) for i in np.flatnonzero(np.isin(pool, wanted))}
+    assert found == expected and (0, 10) in found and len(found) == np.isin(pool, wanted).sum()

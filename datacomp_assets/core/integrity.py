@@ -102,15 +102,15 @@ def require_valid(table: pa.Table, where: str, what_to_do: str) -> None:
 
 def require_unique_pool(index: UidIndex, what_to_do: str) -> None:
     """Refuse a pool in which a uid appears more than once (in one file or two): ValueError naming the uid, the two
-    rows and `what_to_do`. One linear pass over the index's sorted uids."""
-    repeated = np.flatnonzero(index.sorted_uids[1:] == index.sorted_uids[:-1])
-    if not len(repeated):
+    rows and `what_to_do`. Counted by the index's merge, or one linear pass over its sorted uids in chunks."""
+    repeats, first = index.repeats()
+    if not repeats:
         return
-    rows = np.flatnonzero(np.isin(index.rank, repeated[:1] + np.arange(2)))  # the pool rows of the first pair
+    rows = np.flatnonzero(np.isin(index.rank, [first - 1, first]))  # the pool rows of the first pair
     where = [f"{index.files[f].name} row {row - index.starts[f]}" for row in rows
              for f in [int(np.searchsorted(index.starts, row, side="right")) - 1]]
-    raise ValueError(f"{index.files[0].parent}: {_uids_appear(len(repeated))} more than once in the pool (uid "
-                     f"{array_to_uids(index.sorted_uids[repeated[:1]])[0]} in {' and '.join(where)}). {what_to_do}")
+    raise ValueError(f"{index.files[0].parent}: {_uids_appear(repeats)} more than once in the pool (uid "
+                     f"{array_to_uids(index.sorted_uids[first:first + 1])[0]} in {' and '.join(where)}). {what_to_do}")
 
 
 class RecordedTable:

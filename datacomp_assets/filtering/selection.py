@@ -23,10 +23,10 @@ from datacomp_assets.core.inputs import INPUTS
 from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.strategies import (
     SCORE_COLUMNS, SOURCE_PREFIX, THRESHOLD_PLACEHOLDER, Strategy, get_strategy, strategy_identifiers)
-from datacomp_assets.core.caption_features import GROUPS, CaptionFeatureStore
+from datacomp_assets.core.caption_features import GROUPS, ROW_COLUMNS, CaptionFeatureStore
 from datacomp_assets.core.uid_index import UidIndex, describe_files, metadata_parquet, uid_index
 from datacomp_assets.core.uids import (
-    UID_DTYPE, array_to_uids, arrow_uids_to_array, intersect_sorted, sort_uids, union_sorted, unique_sorted)
+    UID_DTYPE, arrow_uids_to_array, intersect_sorted, sort_uids, union_sorted, unique_sorted)
 from datacomp_assets.filtering.time_limit import RuleClock, rule_time_limit
 
 # Where a column a rule reads comes from, for the error when it is missing.
@@ -44,8 +44,12 @@ COLUMN_SOURCES = {
                     "`captioner_checkpoint` and `clip_l14_checkpoint` settings)"),
 }
 
-# The pool view's row numbering, which the uid index reads.
-FILE_INDEX, ROW_NUMBER = "_file_index", "_row_number"
+# The pool view's row numbering, which the uid index reads (and the caption feature store's parts carry).
+FILE_INDEX, ROW_NUMBER = (column.name for column in ROW_COLUMNS)
+# One integer per pool row (files hold fewer than 2^40 rows): what `within`/`outside` match a pool rule's rows on.
+ROW_KEY = f"({FILE_INDEX}::BIGINT * {1 << 40} + {ROW_NUMBER}::BIGINT)"
+# The tables `within` and `outside` register: another strategy's rows (pool) or uid halves (a derived source).
+NARROWING_TABLES = ("within_rows", "outside_rows", "within_uids", "outside_uids")
 
 # Reference score thresholds are on OpenAI CLIP's cosine scale. Where the scorers are other models (the
 # tiny scale's stand-ins), a threshold is carried over as the share of the pool it keeps on CommonPool.
@@ -107,11 +111,12 @@ def pool_directories(metadata_dir: str | os.PathLike) -> list[Path]:
 
 
 def create_pool_view(con, metadata_dir: str | os.PathLike, feature_dirs: Sequence[str | os.PathLike] = (),
-                     needed: set[str] | None = None) -> None:
+                     needed: set[str] | None = None, row_keyed: Sequence[str | os.PathLike] = ()) -> None:
     """(Re)define the view `pool`: the metadata parquet files (NaN scores as NULL), left-joined on uid with each
-    feature directory's parquet files (columns the metadata already has are not repeated). `needed`: the
-    identifiers the queries will use; a feature directory with none of them is not joined (a join on 12.8M uids
-    costs more than the rest of a simple rule)."""
+    feature directory's parquet files (columns the metadata already has are not repeated), and on (file, row)
+    numbers with each `row_keyed` directory's (the caption feature store's groups: two integers a row, where a
+    join on uid strings holds 12.8M strings in its hash table). `needed`: the identifiers the queries will use; a
+    directory with none of them is not joined (a join on 12.8M rows costs more than the rest of a simple rule)."""
     columns = parquet_columns(metadata_dir)
     files = ", ".join(_sql_string(os.path.abspath(path)) for path in metadata_parquet(metadata_dir))
     # isfinite, not isnan: DuckDB 2.0 folds isnan() to false from parquet min/max statistics, which leave NaN out.
@@ -119,13 +124,16 @@ def create_pool_view(con, metadata_dir: str | os.PathLike, feature_dirs: Sequenc
     replace = f" REPLACE ({', '.join(nan_to_null)})" if nan_to_null else ""
     # Each row's file and row number (DuckDB numbers the files in list order, as the uid index does).
     select, joins = [f"m.*{replace}", f"m.file_index AS {FILE_INDEX}", f"m.file_row_number AS {ROW_NUMBER}"], []
-    for i, directory in enumerate(feature_dirs):
-        new = [c for c in parquet_columns(directory) if c not in columns]
+    keyed = [(d, False) for d in feature_dirs] + [(d, True) for d in row_keyed]
+    for i, (directory, by_row) in enumerate(keyed):
+        new = [c for c in parquet_columns(directory) if c not in columns and c not in (FILE_INDEX, ROW_NUMBER)]
         if needed is not None and not needed & set(new):
             continue
         columns += new
         select += [f"f{i}.{c}" for c in new]
-        joins.append(f"LEFT JOIN read_parquet('{_parquet_glob(directory)}') f{i} USING (uid)")
+        on = (f"ON f{i}.{FILE_INDEX} = m.file_index::BIGINT AND f{i}.{ROW_NUMBER} = m.file_row_number" if by_row
+              else "USING (uid)")
+        joins.append(f"LEFT JOIN read_parquet('{_parquet_glob(directory)}') f{i} {on}")
     con.execute(f"CREATE OR REPLACE VIEW pool AS SELECT {', '.join(select)} "
                 f"FROM read_parquet([{files}]) m {' '.join(joins)}")
 
@@ -204,7 +212,7 @@ class PoolView:
 
     def create(self, con) -> None:
         groups = [self.store.group_dir(g) for g in GROUPS if self.store.has(g)] if self.store else []
-        create_pool_view(con, self.metadata_dir, [*self.feature_dirs, *groups], self.needed)
+        create_pool_view(con, self.metadata_dir, self.feature_dirs, self.needed, row_keyed=groups)
 
     def groups_to_compute(self, columns_read: set[str]) -> list[str]:
         """The caption feature groups (cheapest first) of columns read that neither the metadata nor a feature
@@ -292,12 +300,11 @@ class PoolQuery:
         uids another strategy keeps from the pool. With the pool's `index`, kept rows are read as (file, row)
         numbers and looked up in it; otherwise their `key` uids are parsed and sorted."""
         where = resolve_thresholds(s.where, self.reference_scorers)
-        # Both parts are computed before either is registered: computing one may register its own `within_uids`.
-        narrowing = [(table, operator, unique_sorted(self.uids_of(part))) for part, table, operator in
-                     ((s.within, "within_uids", "IN"), (s.outside, "outside_uids", "NOT IN")) if part]
-        for table, operator, uids in narrowing:
-            con.register(table, pa.table({"uid": array_to_uids(uids)}))
-            where = f"({where}) AND {key} {operator} (SELECT uid FROM {table})"
+        # Both parts are computed before either is registered: computing one may register its own `within_rows`.
+        narrowing = [(inside, unique_sorted(self.uids_of(part))) for part, inside in
+                     ((s.within, True), (s.outside, False)) if part]
+        for inside, uids in narrowing:
+            where = f"({where}) AND {self._narrowed(con, key, index, uids, inside)}"
         if index is not None:
             self._compute_caption_features(con, where, s.order_by)
         if s.order_by:
@@ -319,6 +326,25 @@ class PoolQuery:
             uids = uids[np.sort(rng.choice(len(uids), size=min(n_keep, len(uids)), replace=False))]
         return uids
 
+    @staticmethod
+    def _narrowed(con, key: str, index: UidIndex | None, uids: np.ndarray, inside: bool) -> str:
+        """The condition that a row's `key` is (`inside`) or is not among the sorted distinct `uids`, with the table
+        it reads registered on `con`. Never uid strings (two Python strings a uid, 2 GB at 12.8M): the pool's rows
+        holding them as one integer each, by the index; for a derived source, the uids' two 64-bit halves."""
+        if key == "uid" and index is not None:
+            table = "within_rows" if inside else "outside_rows"
+            keys = [np.int64(f) * (1 << 40) + rows.astype(np.int64) for f, rows in index.pool_rows(uids)]
+            con.register(table, pa.table({"row_key": np.concatenate(keys) if keys else np.empty(0, np.int64)}))
+            return f"{ROW_KEY} {'IN' if inside else 'NOT IN'} (SELECT row_key FROM {table})"
+        table = "within_uids" if inside else "outside_uids"
+        con.register(table, pa.table({"hi": np.ascontiguousarray(uids["f0"]), "lo": np.ascontiguousarray(uids["f1"])}))
+        # TRY_CAST: a key that is not 32 hex digits matches no uid, as its string would not have
+        halves = " AND ".join(f"n.{half} = TRY_CAST('0x' || substr({key}, {start}, 16) AS UBIGINT)"
+                              for half, start in (("hi", 1), ("lo", 17)))
+        found = f"EXISTS (SELECT 1 FROM {table} n WHERE length({key}) = 32 AND {halves})"
+        # a NULL key was neither in nor outside the uids (`NOT IN` gave NULL): never kept
+        return found if inside else f"({key} IS NOT NULL AND NOT {found})"
+
     def _compute_caption_features(self, con, where: str, order_by: str | None) -> None:
         """Compute the caption features the rule reads and the pool lacks, group by group (cheapest first), each
         on the rows that pass the rule's terms already computable and that the store does not hold yet."""
@@ -337,11 +363,11 @@ class PoolQuery:
                                      if not columns & (on_demand - ready)) or "true"
             # A condition over the pool's own columns means the same rows next time; one that reads another
             # strategy's uids (within, outside) may not, so it is checked row by row every time.
-            stable = not (set(re.findall(r"\w+", prefilter)) & {"within_uids", "outside_uids"})
+            stable = not (set(re.findall(r"\w+", prefilter)) & set(NARROWING_TABLES))
             with view.store.lock(group):
                 if not (stable and view.store.covers(group, prefilter)):
                     directory = view.store.group_dir(group)
-                    held = (f" AND uid NOT IN (SELECT uid FROM read_parquet('{_parquet_glob(directory)}'))"
+                    held = (f" AND {ROW_KEY} NOT IN (SELECT {ROW_KEY} FROM read_parquet('{_parquet_glob(directory)}'))"
                             if view.store.has(group) else "")
                     rows = self._matching_rows(con, f"({prefilter}){held}")
                     view.store.compute(group, [(path, np.flatnonzero(rows[a:b]).astype(np.int32)) for path, a, b in

@@ -6,7 +6,6 @@ import statistics
 from pathlib import Path
 
 import dagster as dg
-import pyarrow.parquet as pq
 
 from datacomp_assets.core.figures import loss_curve_png, png_markdown
 from datacomp_assets.core.layout import Asset, Group, seed_name
@@ -17,24 +16,10 @@ from datacomp_assets.core.scales import scale_version
 from datacomp_assets.core.strategies import track
 from datacomp_assets.core.trainer import TrainResult, train_in_waves
 from datacomp_assets.core.uids import load_subset
+from datacomp_assets.training.faces import faces_in_pool
 from datacomp_assets.training.reshard import reshard
 from partitions import STRATEGY_DEFINITION, by_scale, scale_and_strategy, scale_strategy_partitions
 from resources import AcceleratorResource, EngineResource, StorageResource
-
-
-def faces_in_pool(metadata_dir: Path, source_dirs=()) -> dict[str, list]:
-    """uid -> face boxes for the (few) pool samples with detected faces, and for the samples of sources made from
-    the pool's images (a `pool_uid` column: the recaptioned source), which carry their pool image's faces."""
-    import duckdb
-
-    pool = f"read_parquet('{metadata_dir}/*.parquet')"
-    rows = duckdb.sql(f"select uid, face_bboxes from {pool} where len(face_bboxes) > 0").fetchall()
-    for directory in source_dirs:
-        tables = sorted(Path(directory).glob("*.parquet"))  # a source of tars alone (tiny's noisy one) has none
-        if tables and "pool_uid" in pq.read_schema(tables[0]).names:
-            rows += duckdb.sql(f"select s.uid, m.face_bboxes from read_parquet('{directory}/*.parquet') s "
-                               f"join {pool} m on s.pool_uid = m.uid where len(m.face_bboxes) > 0").fetchall()
-    return dict(rows)
 
 
 @dg.asset(partitions_def=scale_strategy_partitions, group_name=Group.TRAINING, code_version="2",
@@ -65,7 +50,7 @@ def checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, acce
             # complete (a failed run leaves a finished checkpoint's record as it was).
             write_lineage(out, {"subset_sha256": subset_sha256, "scale_version": recipe, "complete": False})
         sources = list(layout.external_source_dirs(scale.name).values()) if track(strategy) == "byod" else []
-        faces = faces_in_pool(layout.pool_metadata(scale.name), sources)
+        faces = faces_in_pool(layout.pool_metadata(scale.name), sources, subset=uids)  # the subset's only
         shard_dirs = [layout.pool_shards(scale.name), *sources]
         shards = reshard(shard_dirs, uids, layout.train_shards(scale.name, strategy), scale.shard_size,
                          face_bboxes=faces)

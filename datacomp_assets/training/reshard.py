@@ -13,7 +13,7 @@ import os
 import shutil
 import tarfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.shards import brace_pattern, check_shards, iter_webdataset
 from datacomp_assets.core.uids import array_to_uids
-from datacomp_assets.training.faces import blur_faces
+from datacomp_assets.training.faces import FaceBoxes, blur_faces
 
 
 @dataclass
@@ -36,13 +36,13 @@ class ReshardSummary:
 
 
 def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, out_dir: str | Path, shard_size: int,
-            min_shards: int = 4, face_bboxes: dict[str, list] | None = None) -> ReshardSummary:
+            min_shards: int = 4, face_bboxes: Mapping[str, list] | None = None) -> ReshardSummary:
     """Write the subset's samples (with multiplicity) into `out_dir/{00000000..}.tar`.
 
     `shard_dirs`: the pool's shard directory, and for a bring-your-own-data subset the external sources' too.
 
-    Faces listed in `face_bboxes` (uid -> normalized boxes, from the pool metadata) are blurred on the way,
-    so no unblurred face reaches training.
+    Faces listed in `face_bboxes` (uid -> normalized boxes, from the pool metadata: a dict, or `faces_in_pool`'s
+    columnar FaceBoxes, asked sample by sample) are blurred on the way, so no unblurred face reaches training.
 
     Written to a temporary directory and renamed, so a crash never leaves partial shards behind. A finished
     directory records what it was cut from (`manifest.json`); asked again for the same, it is reused as is,
@@ -84,8 +84,9 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
             if copies == 0:
                 continue
             found.add(uid)
-            if face_bboxes and face_bboxes.get(uid) and "jpg" in files:
-                files = {**files, "jpg": blur_faces(files["jpg"], face_bboxes[uid])}
+            boxes = face_bboxes.get(uid) if face_bboxes else None
+            if boxes and "jpg" in files:
+                files = {**files, "jpg": blur_faces(files["jpg"], boxes)}
                 blurred += 1
             for _ in range(copies):
                 if tar is None or in_shard == per_shard:
@@ -113,11 +114,12 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
 
 
 def _source_key(pool_tars: list[Path], subset: np.ndarray, shard_size: int, min_shards: int,
-                face_bboxes: dict | None) -> str:
+                face_bboxes: Mapping | None) -> str:
     """A digest of everything the training shards are cut from (pool shards by name, size and time)."""
     h = hashlib.sha256(np.ascontiguousarray(subset).tobytes())
     for tar in pool_tars:
         stat = tar.stat()
         h.update(f"{tar.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    h.update(json.dumps([shard_size, min_shards, sorted((face_bboxes or {}).items())]).encode())
+    faces = face_bboxes.digest() if isinstance(face_bboxes, FaceBoxes) else sorted((face_bboxes or {}).items())
+    h.update(json.dumps([shard_size, min_shards, faces]).encode())
     return h.hexdigest()
