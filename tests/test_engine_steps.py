@@ -249,6 +249,32 @@ def test_recaptioning_a_published_pool_without_its_npz_fails_at_once_naming_it(u
     assert not Layout(tmp_path / "data").external_source("small", RECAPTIONED_SOURCE).exists()
 
 
+def test_recaptioning_a_published_pool_with_its_npz_never_runs_the_image_tower(upstream, tmp_path,  # noqa: F811
+                                                                               monkeypatch, checkpoints):
+    """Through Dagster at the user's data dir (download_upstream.py --download_npz): every downloaded image is
+    recaptioned, scored against the metadata's own l14_img."""
+    from datacomp_assets.filtering.assets import recaptioned_source
+    from datacomp_assets.metadata.assets import pool_metadata
+    from datacomp_assets.pool.assets import pool_index
+
+    scale = replace(scale_at(upstream["full"], tmp_path), clip_l14_architecture=L14,
+                    clip_l14_checkpoint=str(checkpoints["l14"]), captioner_architecture=CAPTIONER_MODEL,
+                    captioner_checkpoint=str(checkpoints["captioner"]))
+    monkeypatch.setitem(SCALES, "small", scale)
+    resources = resources_at(tmp_path / "data")
+    assert dg.materialize([pool_index, pool_metadata], partition_key="small", resources=resources).success
+
+    def no_image_tower(*args, **kwargs):
+        raise AssertionError("an image embedding was computed")
+    monkeypatch.setattr(Scorer, "embed", no_image_tower)
+    assert dg.materialize([recaptioned_source], partition_key="small", resources=resources).success
+    out = Layout(tmp_path / "data").external_source("small", RECAPTIONED_SOURCE)
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("*.parquet")))
+    downloaded = sum(s == "success" for p in sorted((upstream["full"] / "shards").glob("*.parquet"))
+                     for s in pq.read_table(p, columns=["status"])["status"].to_pylist())
+    assert table.num_rows == downloaded > 0
+
+
 # ---------------------------------------------------------------- evaluation
 
 
