@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datacomp_assets.core.uids import (
-    UID_DTYPE, array_to_uids, arrow_uids_to_array, isin_sorted, sort_order, sort_uids, uid_to_pair, unique_sorted)
+    UID_DTYPE, UidLookup, array_to_uids, arrow_uids_to_array, isin_sorted, sort_order, sort_uids, unique_sorted)
 
 BOXES_TYPE = pa.list_(pa.list_(pa.float64()))
 BATCH_ROWS = 1 << 16
@@ -32,22 +32,10 @@ class FaceBoxes(Mapping):
     `boxes[i]` those of `uids[i]`."""
 
     def __init__(self, uids: np.ndarray, boxes: pa.Array):
-        self.uids, self.boxes = uids, boxes
-
-    def _position(self, uid: str) -> int | None:
-        try:
-            hi, lo = uid_to_pair(uid)
-        except (ValueError, TypeError):
-            return None
-        i = int(np.searchsorted(self.uids["f0"], np.uint64(hi)))
-        while i < len(self.uids) and self.uids["f0"][i] == hi:  # several only where high halves are shared
-            if self.uids["f1"][i] == lo:
-                return i
-            i += 1
-        return None
+        self.uids, self.boxes, self.lookup = uids, boxes, UidLookup(uids)
 
     def __getitem__(self, uid: str) -> list:
-        i = self._position(uid)
+        i = self.lookup.find(uid)
         if i is None:
             raise KeyError(uid)
         return self.boxes[i].as_py()

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tarfile
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 from datacomp_assets.core.files import temporary_sibling
 from datacomp_assets.core.shards import brace_pattern, check_shards, iter_webdataset
-from datacomp_assets.core.uids import array_to_uids
+from datacomp_assets.core.uids import UidLookup, sort_uids
 from datacomp_assets.training.faces import FaceBoxes, blur_faces
 
 
@@ -60,8 +59,15 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
         recorded = json.loads(manifest.read_text())
         if recorded.get("source") == source:
             return ReshardSummary(**recorded["summary"])
-    wanted = Counter(array_to_uids(subset))
-    total = sum(wanted.values())
+    # The subset's distinct uids and how often each is listed, looked up sample by sample (not a Counter of
+    # strings, about 100 bytes a uid: 4 GB for a medium-scale subset).
+    ordered = sort_uids(subset)
+    first = np.ones(len(ordered), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    wanted, starts = UidLookup(ordered[first]), np.flatnonzero(first)
+    copies_of = np.diff(np.append(starts, len(ordered)))
+    found = np.zeros(len(wanted), dtype=bool)
+    total = len(ordered)
     if total == 0:
         raise ValueError("the subset is empty: nothing to train on")
     # A pool shard cut short would silently train on fewer samples, or fail half-way naming no file: check every
@@ -73,17 +79,17 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
 
     tmp_dir = temporary_sibling(out_dir)
     tmp_dir.mkdir(parents=True)
-    written, shard_index, in_shard, found, blurred = 0, 0, 0, set(), 0
+    written, shard_index, in_shard, blurred = 0, 0, 0, 0
     tar = None
     for pool_tar in pool_tars:
         for _, files in iter_webdataset(pool_tar):
             if "json" not in files:
                 continue
             uid = json.loads(files["json"]).get("uid")
-            copies = wanted.get(uid, 0)
-            if copies == 0:
+            at = wanted.find(uid)
+            if at is None:
                 continue
-            found.add(uid)
+            copies, found[at] = int(copies_of[at]), True
             boxes = face_bboxes.get(uid) if face_bboxes else None
             if boxes and "jpg" in files:
                 files = {**files, "jpg": blur_faces(files["jpg"], boxes)}
@@ -102,8 +108,8 @@ def reshard(shard_dirs: str | Path | Sequence[str | Path], subset: np.ndarray, o
     if tar is not None:
         tar.close()
     summary = ReshardSummary(
-        samples_written=written, unique_uids=len(found), shards=shard_index,
-        missing_uids=len(wanted) - len(found),
+        samples_written=written, unique_uids=int(found.sum()), shards=shard_index,
+        missing_uids=len(wanted) - int(found.sum()),
         shard_pattern=brace_pattern(out_dir, shard_index), faces_blurred=blurred,
     )
     (tmp_dir / "manifest.json").write_text(json.dumps({"source": source, "summary": asdict(summary)}, indent=1))
