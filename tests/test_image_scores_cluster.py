@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -62,6 +61,19 @@ def models(kind: str, checkpoints: dict) -> ScoringModels:
                          captioner=CAPTIONER_MODEL, captioner_checkpoint=str(checkpoints[CAPTIONER_MODEL]), seed=3)
 
 
+def local_scores(root: Path, kind: str, checkpoints: dict) -> dict:
+    """The local engine's scores, computed on one intra-op thread as a Ray task of one CPU is (Ray sets its
+    OMP_NUM_THREADS): torch's float reductions split by thread count, and 2 threads against 1 move a cosine by an
+    ulp (5e-8), so equal bytes are asked of equal arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return score_on_engine(root / "shards", root / f"local_{kind}", models(kind, checkpoints), Engine(),
+                               log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tables(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.parquet"))}
 
@@ -69,8 +81,7 @@ def tables(directory: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("kind", ["dfn", "sieve"])
 def test_image_scores_on_the_cluster_equal_the_local_engine_table_for_table(cluster, pool, kind):
     root, checkpoints = pool
-    local = score_on_engine(root / "shards", root / f"local_{kind}", models(kind, checkpoints), Engine(),
-                            log=lambda _: None)
+    local = local_scores(root, kind, checkpoints)
     on_ray = score_on_engine(root / "shards", root / f"ray_{kind}", models(kind, checkpoints),
                              Engine(cluster.address), log=lambda _: None)
     assert on_ray["shards"] == local["shards"] == URLS // SHARD_SIZE
@@ -79,6 +90,7 @@ def test_image_scores_on_the_cluster_equal_the_local_engine_table_for_table(clus
 
 
 def test_a_worker_killed_mid_step_is_retried_with_nothing_lost_or_duplicated(cluster, pool):
+    import psutil  # Ray's own copy (ray/thirdparty_files), on the path once ray is imported
     root, checkpoints = pool
     out = root / "killed"
     killed: dict = {}
@@ -101,8 +113,7 @@ def test_a_worker_killed_mid_step_is_retried_with_nothing_lost_or_duplicated(clu
     killer.join()
     assert "pid" in killed and killed["shards_done"] < URLS // SHARD_SIZE, killed  # killed while tasks ran
     assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE
-    # the local engine's tables (kept from the comparison test where it ran first)
-    score_on_engine(root / "shards", root / "local_sieve", models("sieve", checkpoints), Engine(), log=lambda _: None)
+    local_scores(root, "sieve", checkpoints)  # (kept from the comparison test where it ran first)
     uids = [u for p in sorted(out.glob("*.parquet")) for u in pq.read_table(p, columns=["uid"])["uid"].to_pylist()]
     assert len(uids) == len(set(uids)) == summary["images_scored"]  # every image once
     downloaded = [u for p in sorted((root / "shards").glob("*.parquet"))
