@@ -65,7 +65,7 @@ def write_recaptioned_source(shards_dir: str | os.PathLike, out_dir: str | os.Pa
     t0 = time.perf_counter()
     recorded = RecordedTable(out_dir)
     for i, tar in enumerate(tars, 1):
-        done = recaption_shard(tar, out_dir, in_pool, caption(tar.stem),
+        done = recaption_shard(tar, out_dir, in_pool, lambda images, shard=tar.stem: caption(shard)(images),
                                lambda images, captions, _: score(images, captions), recorded, log)
         if done is None:
             skipped += 1
