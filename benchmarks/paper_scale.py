@@ -1,20 +1,28 @@
-"""The filtering stage at the DataComp `small` scale's size, through Dagster, against bare baselines in the same run.
+"""The filtering stage at the DataComp `small` and `medium` scales' sizes, through Dagster, against bare baselines.
 
-    .venv/bin/python benchmarks/paper_scale.py [--rows 12800000] [--small-rows 1280000] [--files 26]
-                                               [--clusters 1000] [--work-dir DIR] [--keep]
+    .venv/bin/python benchmarks/paper_scale.py [--rows 12800000] [--small-rows 1280000] [--medium-rows 128000000]
+                                               [--files 26] [--clusters 1000] [--[no-]l14-at-13m]
+                                               [--scales bench_1m bench_13m bench_128m] [--work-dir DIR] [--keep]
 
-Two scales are declared in a scale file written into the work directory (`$DATACOMP_SCALES`), each over a
+Three scales are declared in a scale file written into the work directory (`$DATACOMP_SCALES`), each over a
 synthetic mirror in DataComp's published layout (`world.published_mirror.write_synthetic_mirror`):
 
-- `bench_13m`: `--rows` rows (the small pool's 12.8M) in `--files` parquet files, without embeddings (12.8M rows
-  of npz would be 67 GB);
-- `bench_1m`: `--small-rows` rows (a tenth) with their npz embeddings, in proportionally fewer files (at least 2),
-  `kmeans_clusters = --clusters`, and a stand-in for ImageNet's L/14 embeddings (rows of the mirror's own l14_img).
+- `bench_1m`: `--small-rows` rows (a tenth of small) with every npz key, in proportionally fewer files (at least
+  2);
+- `bench_13m`: `--rows` rows (the small pool's 12.8M) in `--files` parquet files (26), with npz files that hold
+  `l14_img` alone (20 GB at 12.8M rows; the whole npz would be 67 GB), so pool_features' image-embedding methods
+  run at small's size; `--no-l14-at-13m` writes no npz;
+- `bench_128m`: `--medium-rows` rows (medium's 128M, about 21 GB) in proportionally more files, parquet only:
+  the metadata-only path at medium's size.
+
+With embeddings, a scale gets `kmeans_clusters = --clusters` and a stand-in for ImageNet's L/14 embeddings (rows
+of the mirror's own l14_img). The mirrors still to be written must fit in 90% of the free disk, or the run stops
+at once saying so.
 
 Mirrors already in the work directory with the same size are reused (`--keep` keeps them for the next run); the
 pipeline's storage and Dagster instance are fresh each run. Each step is materialized through Dagster, as
 `python -m datacomp_assets.run --subsets-only` does, in its own subprocess (`--step SCALE ASSET [STRATEGY]`), so
-its peak memory is its own: per scale, (a) pool_index + pool_metadata, (b) pool_features (bench_1m only), (c) each
+its peak memory is its own: per scale, (a) pool_index + pool_metadata, (b) pool_features (where there is an npz), (c) each
 subset with its blocking check. The bare baselines run in subprocesses too (`--bare KIND ...`), right after the
 pipeline step they are compared with, on the same files:
 
@@ -22,7 +30,7 @@ pipeline step they are compared with, on the same files:
    computed there any more, the rules compute what they read, on the rows they need);
 2. each rule (subset): one DuckDB query over the pool_metadata parquet files (joined on uid with pool_features and
    with the caption features the pipeline stored, where the rule reads them), fetched to Arrow; the kept row
-   count must equal the subset's (target: 2x). A rule's subset seconds include the caption features it computed;
+   count must equal the subset's (target: 2x; 1.5x at bench_128m, medium's size). A rule's subset seconds include the caption features it computed;
 3. image k-means (pool_features): faiss on the same caption-filtered L/14 sample (target: within 2x).
 
 Every step's peak memory: `peak_rss_mb` is the larger of the step process's and its largest child's ru_maxrss
@@ -49,11 +57,17 @@ from process_tree import tree_memory_mb  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ROWS, SMALL_FILES = 12_800_000, 26
-SCALE_13M, SCALE_1M = "bench_13m", "bench_1m"
+MEDIUM_ROWS = 128_000_000
+SCALE_128M, SCALE_13M, SCALE_1M = "bench_128m", "bench_13m", "bench_1m"
+# What a mirror's npz holds: every key (bench_1m), L/14's image embeddings alone (bench_13m: the image-embedding
+# methods at 12.8M rows in 20 GB instead of 67), or none (bench_128m: the metadata-only path).
+ALL_KEYS, L14_IMAGES, NO_NPZ = "all", "l14_img", "none"
+BYTES_PER_ROW = {"parquet": 170, ALL_KEYS: 5120, L14_IMAGES: 1536, NO_NPZ: 0}  # on disk, measured on the mirrors
 # Rules over the metadata alone (both scales), and those that read pool_features (bench_1m only: no npz at 13M).
 METADATA_RULES = ["no_filter", "random_10pct", "basic", "clip_score_b32_30pct", "clip_score_l14_30pct", "laion2b"]
 FEATURE_RULES = ["text_based", "image_based", "image_based_clip_score_l14_30pct"]
 TARGETS = {"pool_metadata": None, "pool_features": 2.0, "subset": 2.0}
+SUBSET_TARGET_AT = {SCALE_128M: 1.5}  # the issue's target at medium's size, where fixed costs no longer dominate
 MEMORY_TARGET_MB = 4096
 TARGET_IMAGES = 1000  # rows of the stand-in for ImageNet's L/14 embeddings
 MIRROR_MARKER = ".paper_scale.json"
@@ -78,11 +92,13 @@ def emit(result: dict) -> None:
 # ---------------------------------------------------------------- the subprocess modes
 
 
-def write_mirror(out_dir: str, rows: int, files: int, embeddings: bool) -> dict:
+def write_mirror(out_dir: str, rows: int, files: int, npz: str) -> dict:
+    from datacomp_assets.core.schema import NPZ_KEYS
     from datacomp_assets.world.published_mirror import write_synthetic_mirror
 
     start = time.perf_counter()
-    write_synthetic_mirror(out_dir, rows, files, seed=0, embeddings=embeddings, progress=lambda m: log(f"mirror {m}"))
+    write_synthetic_mirror(out_dir, rows, files, seed=0, embeddings=npz != NO_NPZ,
+                           npz_keys=NPZ_KEYS if npz == ALL_KEYS else (npz,), progress=lambda m: log(f"mirror {m}"))
     return {"seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -283,9 +299,39 @@ def subprocess_json(args: list[str], env: dict, log_file: Path) -> dict:
     return out
 
 
+def file_count(rows: int) -> int:
+    """The published layout's files for `rows` rows: 26 at 12.8M, proportionally more or fewer, at least 2."""
+    return max(2, round(SMALL_FILES * rows / SMALL_ROWS))
+
+
 def file_counts(args) -> tuple[int, int]:
-    files = args.files or max(2, round(SMALL_FILES * args.rows / SMALL_ROWS))
+    files = args.files or file_count(args.rows)
     return files, max(2, round(files * args.small_rows / args.rows))
+
+
+def bytes_needed(spec: dict) -> int:
+    return spec["rows"] * (BYTES_PER_ROW["parquet"] + BYTES_PER_ROW[spec["npz"]])
+
+
+def require_disk(work: Path, specs: dict[str, dict]) -> None:
+    """Refuse at once when the mirrors still to be written would not fit, rather than fill the disk half-way."""
+    missing = {scale: spec for scale, spec in specs.items() if not _mirror_current(work, scale, spec)}
+    needed = sum(map(bytes_needed, missing.values()))
+    free = shutil.disk_usage(work).free
+    if needed > 0.9 * free:
+        sizes = ", ".join(f"{scale} {bytes_needed(spec) / 1e9:.0f} GB" for scale, spec in missing.items())
+        raise SystemExit(f"paper_scale: the mirrors to write need about {needed / 1e9:.0f} GB ({sizes}) and "
+                         f"{work} has {free / 1e9:.0f} GB free: choose fewer --scales, smaller --rows / "
+                         "--medium-rows, --no-l14-at-13m, or another --work-dir")
+
+
+def _mirror_wanted(spec: dict) -> dict:
+    return {"rows": spec["rows"], "files": spec["files"], "npz": spec["npz"], "seed": 0}
+
+
+def _mirror_current(work: Path, scale: str, spec: dict) -> bool:
+    marker = work / "mirrors" / scale / MIRROR_MARKER
+    return marker.exists() and json.loads(marker.read_text()) == _mirror_wanted(spec)
 
 
 def ensure_mirrors(work: Path, specs: dict[str, dict], env: dict) -> dict:
@@ -294,15 +340,15 @@ def ensure_mirrors(work: Path, specs: dict[str, dict], env: dict) -> dict:
     for scale, spec in specs.items():
         directory = work / "mirrors" / scale
         marker = directory / MIRROR_MARKER
-        wanted = {"rows": spec["rows"], "files": spec["files"], "embeddings": spec["embeddings"], "seed": 0}
-        if marker.exists() and json.loads(marker.read_text()) == wanted:
+        wanted = _mirror_wanted(spec)
+        if _mirror_current(work, scale, spec):
             log(f"{scale}: mirror of {spec['rows']:,} rows already in {directory}, reused")
             report[scale] = {"reused": True}
             continue
         marker.unlink(missing_ok=True)
         log(f"{scale}: writing a mirror of {spec['rows']:,} rows in {spec['files']} files "
-            f"({'parquet + npz' if spec['embeddings'] else 'parquet only'}) to {directory}")
-        args = ["--write-mirror", str(directory), str(spec["rows"]), str(spec["files"]), str(int(spec["embeddings"]))]
+            f"({'parquet only' if spec['npz'] == NO_NPZ else 'parquet + npz (' + spec['npz'] + ')'}) to {directory}")
+        args = ["--write-mirror", str(directory), str(spec["rows"]), str(spec["files"]), spec["npz"]]
         thread_out: dict = {}
         thread = threading.Thread(target=lambda a=args, s=scale, o=thread_out: o.update(
             subprocess_json(a, env, work / "logs" / f"mirror_{s}.log")))
@@ -333,21 +379,25 @@ def write_target_embeddings(mirror: Path, out: Path) -> None:
     np.save(out, x / np.linalg.norm(x, axis=1, keepdims=True))
 
 
-SCALE_FILE = """# Written by benchmarks/paper_scale.py: the small scale's recipe over synthetic mirrors.
-[{big}]
+SCALE_ENTRY = """
+[{scale}]
 inherit = "small"
 pool_size = {rows}
 samples_seen = {rows}
-mirror_dir = "mirrors/{big}"
-
-[{small}]
-inherit = "small"
-pool_size = {small_rows}
-samples_seen = {small_rows}
-mirror_dir = "mirrors/{small}"
-kmeans_clusters = {clusters}
-imagenet_embeddings = "inputs/imagenet_l14.npy"
+mirror_dir = "mirrors/{scale}"
 """
+EMBEDDING_ENTRY = """kmeans_clusters = {clusters}
+imagenet_embeddings = "inputs/imagenet_l14_{scale}.npy"
+"""
+
+
+def scale_file(specs: dict[str, dict], clusters: int) -> str:
+    """The benchmark's scales: the small scale's recipe over each mirror (and, with embeddings, the clusters and
+    the stand-in for ImageNet's L/14 embeddings)."""
+    return "# Written by benchmarks/paper_scale.py: the small scale's recipe over synthetic mirrors.\n" + "".join(
+        SCALE_ENTRY.format(scale=scale, rows=spec["rows"])
+        + (EMBEDDING_ENTRY.format(clusters=clusters, scale=scale) if spec["npz"] != NO_NPZ else "")
+        for scale, spec in specs.items())
 
 
 def compare(step: dict, pipeline_seconds, baseline: dict | None, target: float) -> dict:
@@ -408,7 +458,7 @@ def run_scale(scale: str, spec: dict, work: Path, env: dict, args) -> dict:
         return steps
 
     # (b) pool_features, against bare faiss k-means on the same sample
-    if spec["embeddings"]:
+    if spec["npz"] != NO_NPZ:
         features = step(scale, "pool_features")
         fmeta = features.get("metadata", {}).get("pool_features", {})
         kmeans = bare("kmeans", str(data / "pool_metadata"), str(data / "caption_features"), str(args.clusters),
@@ -438,7 +488,7 @@ def run_scale(scale: str, spec: dict, work: Path, env: dict, args) -> dict:
             smeta = sub.get("metadata", {}).get("subset", {})
         query = bare("query", str(data / "pool_metadata"), str(data / "pool_features"), str(data / "caption_features"),
                      strategy)
-        row = compare(sub, smeta.get("seconds"), query, TARGETS["subset"])
+        row = compare(sub, smeta.get("seconds"), query, SUBSET_TARGET_AT.get(scale, TARGETS["subset"]))
         row.update(dataset_size=smeta.get("dataset_size"), baseline_rows=query.get("rows"),
                    rows_equal=smeta.get("dataset_size") is not None and smeta.get("dataset_size") == query.get("rows"),
                    check_passed=sub.get("checks", {}).get("subset_is_valid"),
@@ -480,11 +530,12 @@ def kmeans_max_points() -> int:
 
 def notes(args, files: int, small_files: int) -> list[str]:
     return [
-        f"{SCALE_13M} ({args.rows:,} rows, {files} files) is written without embeddings: the npz is 5,120 bytes a row, "
-        f"67 GB at 12.8M rows, more than this disk holds. {SCALE_1M} ({args.small_rows:,} rows) carries them, in "
-        f"{small_files} files (the 26 files of 12.8M scaled to a tenth, rounded; at least 2).",
-        f"pool_features needs every file's npz, so it, and the rules that read its columns "
-        f"({', '.join(FEATURE_RULES)}), run at {SCALE_1M} only; the metadata-only rules run at both sizes.",
+        f"{SCALE_1M} ({args.small_rows:,} rows, {small_files} files) carries every npz key (5,120 bytes a row). "
+        f"{SCALE_13M} ({args.rows:,} rows, {files} files) carries " + ("l14_img alone (1,536 bytes a row; the whole "
+        "npz would be 67 GB at 12.8M rows)" if args.l14_at_13m else "no npz") + f"; {SCALE_128M} "
+        f"({args.medium_rows:,} rows, {file_count(args.medium_rows)} files) carries none: the metadata-only path.",
+        "pool_features and the rules that read its columns (" + ", ".join(FEATURE_RULES) + ") run where there is an "
+        "npz; without l14_txt, negCLIPLoss and HYPE are left out. The metadata-only rules run at every size.",
         f"{SCALE_1M} clusters into kmeans_clusters = {args.clusters:,}: the reference's 100,000 clusters cannot be "
         f"trained on a 2-core CPU in reasonable time (upstream trains them on GPUs). The pipeline trains on at most "
         f"kmeans_max_points = {kmeans_max_points():,} caption-filtered rows; the bare faiss baseline trains on the "
@@ -514,6 +565,12 @@ def orchestrate(args) -> dict:
     started = time.perf_counter()
     if args.small_rows > args.rows:
         raise SystemExit("--small-rows must not exceed --rows")
+    specs = {
+        SCALE_1M: {"npz": ALL_KEYS, "strategies": METADATA_RULES + FEATURE_RULES},
+        SCALE_13M: {"npz": L14_IMAGES if args.l14_at_13m else NO_NPZ,
+                    "strategies": METADATA_RULES + (FEATURE_RULES if args.l14_at_13m else [])},
+        SCALE_128M: {"npz": NO_NPZ, "strategies": METADATA_RULES},
+    }
     files, small_files = file_counts(args)
     work = Path(args.work_dir).resolve()
     for fresh in ("data", "dagster", "logs"):  # the pipeline's state is new each run; the mirrors are reused
@@ -521,20 +578,19 @@ def orchestrate(args) -> dict:
     (work / "logs").mkdir(parents=True)
     (work / "dagster").mkdir()
     shutil.copy(ROOT / "instance" / "dagster.yaml", work / "dagster" / "dagster.yaml")  # as bin/setup does
-    (work / "scales.toml").write_text(SCALE_FILE.format(big=SCALE_13M, small=SCALE_1M, rows=args.rows,
-                                                        small_rows=args.small_rows, clusters=args.clusters))
     env = {**os.environ, "DATACOMP_HOME": str(work / "data"), "DAGSTER_HOME": str(work / "dagster"),
            "DATACOMP_SCALES": str(work / "scales.toml"), "DATACOMP_MIRROR": "", "PYTHONUNBUFFERED": "1"}
-    specs = {
-        SCALE_1M: {"rows": args.small_rows, "files": small_files, "embeddings": True,
-                   "strategies": METADATA_RULES + FEATURE_RULES},
-        SCALE_13M: {"rows": args.rows, "files": files, "embeddings": False, "strategies": METADATA_RULES},
-    }
-    specs = {s: spec for s, spec in specs.items() if s in args.scales}
+    sizes = {SCALE_1M: (args.small_rows, small_files), SCALE_13M: (args.rows, files),
+             SCALE_128M: (args.medium_rows, file_count(args.medium_rows))}
+    specs = {scale: {"rows": sizes[scale][0], "files": sizes[scale][1], **spec}
+             for scale, spec in specs.items() if scale in args.scales}
+    (work / "scales.toml").write_text(scale_file(specs, args.clusters))
     log(f"work directory {work}")
+    require_disk(work, specs)
     mirrors = ensure_mirrors(work, specs, env)
-    if SCALE_1M in specs:
-        write_target_embeddings(work / "mirrors" / SCALE_1M, work / "inputs" / "imagenet_l14.npy")
+    for scale, spec in specs.items():
+        if spec["npz"] != NO_NPZ:
+            write_target_embeddings(work / "mirrors" / scale, work / "inputs" / f"imagenet_l14_{scale}.npy")
     steps = {}
     for scale, spec in specs.items():
         steps[scale] = run_scale(scale, spec, work, env, args)
@@ -547,7 +603,7 @@ def orchestrate(args) -> dict:
         "command": shlex.join([sys.executable, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "dagster": dagster.__version__, "duckdb": duckdb.__version__, "faiss": faiss.__version__},
-        "sizes": {scale: {k: spec[k] for k in ("rows", "files", "embeddings")} | {"strategies": spec["strategies"]}
+        "sizes": {scale: {k: spec[k] for k in ("rows", "files", "npz")} | {"strategies": spec["strategies"]}
                   for scale, spec in specs.items()},
         "clusters": args.clusters,
         "mirrors": mirrors,
@@ -568,13 +624,18 @@ def main() -> None:
                         help="files of the bench_13m mirror (default: 26 at 12.8M rows, proportionally fewer, >= 2); "
                              "bench_1m gets proportionally fewer, at least 2")
     parser.add_argument("--clusters", type=int, default=1000, help="bench_1m's kmeans_clusters")
-    parser.add_argument("--scales", nargs="+", default=[SCALE_1M, SCALE_13M], choices=[SCALE_1M, SCALE_13M])
+    parser.add_argument("--medium-rows", type=int, default=MEDIUM_ROWS,
+                        help="rows of the parquet-only mirror at medium's size (bench_128m)")
+    parser.add_argument("--l14-at-13m", action=argparse.BooleanOptionalAction, default=True,
+                        help="bench_13m's npz holds l14_img (20 GB at 12.8M rows), so pool_features runs there too")
+    parser.add_argument("--scales", nargs="+", default=[SCALE_1M, SCALE_13M, SCALE_128M],
+                        choices=[SCALE_1M, SCALE_13M, SCALE_128M])
     parser.add_argument("--work-dir", default="/tmp/datacomp_paper_scale")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (mirrors reused next run)")
     # Subprocess modes (used by the run itself; each prints one JSON line)
     parser.add_argument("--step", nargs="+", metavar="ARG", help="SCALE ASSET [STRATEGY]: materialize one step")
     parser.add_argument("--bare", nargs="+", metavar="ARG", help="KIND ARGS...: one bare baseline")
-    parser.add_argument("--write-mirror", nargs=4, metavar=("DIR", "ROWS", "FILES", "EMBEDDINGS"))
+    parser.add_argument("--write-mirror", nargs=4, metavar=("DIR", "ROWS", "FILES", "NPZ"))
     args = parser.parse_args()
 
     if args.step:
@@ -590,8 +651,8 @@ def main() -> None:
             raise SystemExit(f"unknown baseline {kind!r}")
         return
     if args.write_mirror:
-        out_dir, rows, files, embeddings = args.write_mirror
-        written = write_mirror(out_dir, int(rows), int(files), embeddings == "1")
+        out_dir, rows, files, npz = args.write_mirror
+        written = write_mirror(out_dir, int(rows), int(files), npz)
         emit({"ok": True, **written, "peak_rss_mb": peak_rss_mb()})
         return
 

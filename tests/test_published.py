@@ -122,6 +122,23 @@ def test_mirror_missing_npz_when_asked(mirror, tmp_path):
                                  tmp_path / "fetched")
 
 
+def _rewrite_npz(path, keys):
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in keys}
+    np.savez(path, **arrays)
+
+
+def test_an_npz_trimmed_to_l14_img_is_linked_and_one_without_it_is_named(mirror, tmp_path):
+    _rewrite_npz(mirror / "metadata" / "00000000.npz", ["l14_img"])  # a user who kept only L/14's images
+    source = PublishedSource("small", mirror_dir=str(mirror), include_npz=True)
+    files = fetch_published_metadata(source, tmp_path / "fetched")
+    with np.load(files[0].with_suffix(".npz")) as npz:
+        assert npz.files == ["l14_img"]
+    _rewrite_npz(mirror / "metadata" / "00000001.npz", ["b32_img", "b32_txt", "l14_txt"])
+    with pytest.raises(ValueError, match=r"00000001\.npz: missing embedding arrays l14_img"):
+        fetch_published_metadata(source, tmp_path / "fetched_again")
+
+
 def test_download_index_has_what_img2dataset_needs(mirror, tmp_path):
     files = fetch_published_metadata(PublishedSource("small", mirror_dir=str(mirror)), tmp_path / "fetched")
     summary = write_download_index(files, tmp_path / "index.parquet")

@@ -215,6 +215,13 @@ def test_synthetic_mirror_is_deterministic_across_chunks_and_without_embeddings(
     bare = write_synthetic_mirror(tmp_path / "a", rows=3000, files=2, seed=3, embeddings=False, progress=None)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["0000000000.parquet", "0000000001.parquet"]
     assert [p.read_bytes() for p in bare] == [p.read_bytes() for p in second]
+    # Trimmed to L/14's images: the same parquets and the same l14_img, nothing else in the npz.
+    trimmed = write_synthetic_mirror(tmp_path / "d", rows=3000, files=2, seed=3, npz_keys=("l14_img",), progress=None)
+    assert [p.read_bytes() for p in trimmed] == [p.read_bytes() for p in second]
+    for a, b in zip(trimmed, second):
+        with np.load(a.with_suffix(".npz")) as small, np.load(b.with_suffix(".npz")) as whole:
+            assert small.files == ["l14_img"]
+            assert np.array_equal(small["l14_img"], whole["l14_img"])
     other = write_synthetic_mirror(tmp_path / "c", rows=3000, files=2, seed=4, embeddings=False, progress=None)
     assert pq.read_table(other).column("uid") != pq.read_table(second).column("uid")
 

@@ -28,7 +28,7 @@ import os
 import re
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -610,15 +610,18 @@ class _SyntheticFile:
 
 
 def write_synthetic_mirror(out_dir: str | os.PathLike, rows: int, files: int, seed: int = 0,
-                           embeddings: bool = True, progress: Callable[[str], object] | None = print) -> list[Path]:
+                           embeddings: bool = True, progress: Callable[[str], object] | None = print,
+                           npz_keys: Sequence[str] = NPZ_KEYS) -> list[Path]:
     """Write a synthetic pool of `rows` rows in `files` published-layout files; return the parquet paths.
 
     Captions: ~72% English sentences of 2-15 words (a few hundred words, ImageNet-like nouns among them), ~25%
     German, Spanish, French or Italian, ~3% short or empty; urls ``https://example.invalid/<row>.jpg``; sizes
     varied (13% under 200 px, 6% with aspect ratio above 3); 4% near-duplicates of an earlier row. Without
-    `embeddings`, no npz is written (a metadata-only mirror); the parquets are the same either way. Files
-    are generated one at a time, embeddings CHUNK_ROWS rows at a time (memory stays under ~1 GB at 500k rows
-    per file); a parquet is written after its npz, so a parquet on disk means its file is complete.
+    `embeddings`, no npz is written (a metadata-only mirror); `npz_keys` chooses its members (`l14_img` alone is
+    30% of the bytes: the image-embedding methods at sizes whose whole npz would not fit on a disk); the parquets
+    are the same either way. Files are generated one at a time, embeddings CHUNK_ROWS rows at a time (memory
+    stays under ~1 GB at 500k rows per file); a parquet is written after its npz, so a parquet on disk means its
+    file is complete.
     """
     _check_files(files, rows)
     out = Path(out_dir)
@@ -632,7 +635,7 @@ def write_synthetic_mirror(out_dir: str | os.PathLike, rows: int, files: int, se
         synthetic = _SyntheticFile(seed, number, int(a), int(b - a))
         if embeddings:
             _write_npz(out / f"{stem}.npz", synthetic.n,
-                       [(key, EMBEDDING_DIMS[key[:3]], synthetic.chunks(key)) for key in NPZ_KEYS])
+                       [(key, EMBEDDING_DIMS[key[:3]], synthetic.chunks(key)) for key in npz_keys])
             keep.add(f"{stem}.npz")
         write_parquet_atomically(synthetic.table, out / f"{stem}.parquet")
         keep.add(f"{stem}.parquet")
