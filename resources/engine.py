@@ -24,3 +24,7 @@ class EngineResource(dg.ConfigurableResource):
             raise ValueError(f"engine.training_nodes is {self.training_nodes}: it must be 1 on this machine, and at "
                              "least 1 on a Ray cluster (set engine.ray_address)")
         return Engine((address or "").strip(), self.task_retries, self.training_nodes)
+
+    def task_gpus(self, device: str) -> float:
+        """GPUs a model-loading task requests: none when the step's device is the CPU (set so, or no GPU)."""
+        return self.gpus_per_task if device == "cuda" else 0.0

@@ -24,7 +24,7 @@ from datacomp_assets.pool.download import download_shards
 from datacomp_assets.world.index import write_pool_index
 from datacomp_assets.world.web import WebConfig
 from datacomp_assets.world.web_server import SyntheticWebServer
-from tests.ray_cluster import local_cluster
+from tests.ray_cluster import local_cluster, node_args
 
 URLS, SHARD_SIZE = 240, 30  # 8 shards: 4 tasks of 2 on the cluster's 2 CPUs
 RAY_TASK = "ray::_named_on_node"  # the process title of a Ray worker while it runs one of the engine's tasks
@@ -121,3 +121,21 @@ def test_a_worker_killed_mid_step_is_retried_with_nothing_lost_or_duplicated(clu
     assert Counter(uids) == Counter(downloaded)  # none lost
     assert tables(out) == tables(root / "local_sieve")
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
+
+
+def test_model_tasks_request_gpus_where_the_cluster_has_them(cluster):
+    """A node that declares one GPU (Ray takes the count as given): tasks of half a GPU run two at a time and see
+    it as their CUDA_VISIBLE_DEVICES; the CPU-only cluster before it ran every task on one CPU."""
+    from datacomp_assets.core.settings import environment_of
+
+    engine = Engine(cluster.address)
+    assert engine.gpus_per_node() == 0 and engine.task_slots(0.5) == 2  # two nodes of one CPU
+    node = cluster.add_node(**node_args(num_cpus=2, num_gpus=1))
+    cluster.wait_for_nodes()
+    try:
+        assert engine.gpus_per_node() == 1 and engine.task_slots(0.5) == 2 and engine.task_slots(1) == 1
+        assert engine.task_groups(list(range(9)), gpus=0.5) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+        seen = list(engine.map_unordered(environment_of, [("CUDA_VISIBLE_DEVICES",)] * 3, gpus=0.5))
+        assert seen == [{"CUDA_VISIBLE_DEVICES": "0"}] * 3
+    finally:
+        cluster.remove_node(node)

@@ -102,7 +102,7 @@ def eval_results(context: dg.AssetExecutionContext, storage: StorageResource, ac
             to_score.append(CheckpointToScore(ckpt, results, samples, part, f"seed {seed}"))
         context.log.info(f"evaluating {len(to_score)} checkpoints on {on.describe()} ({device})")
         lines = evaluate_on_engine(
-            scale.model, to_score, suite_root, registry, device, on, engine.gpus_per_task, context.log.info,
+            scale.model, to_score, suite_root, registry, device, on, engine.task_gpus(device), context.log.info,
             task_done=Progress(context.log.info, "tasks scored", len(scale.seeds) * len(registry), "tasks"))
         per_seed = dict(zip(scale.seeds, lines))
         for seed, rows in per_seed.items():

@@ -208,7 +208,7 @@ def image_scores(context: dg.AssetExecutionContext, storage: StorageResource,
         models = ScoringModels(scorer, column, model_name, str(checkpoint), device, captioner_name,
                                str(captioner_checkpoint), seed=scale.seed)
         context.log.info(f"{column}: scoring on {on.describe()} ({device})")
-        summary = score_on_engine(shards, out, models, on, engine.gpus_per_task, context.log.info)
+        summary = score_on_engine(shards, out, models, on, engine.task_gpus(device), context.log.info)
         return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)), **metadata, **summary})
 
 
@@ -254,7 +254,7 @@ def recaptioned_source(context: dg.AssetExecutionContext, storage: StorageResour
         context.log.info(f"recaptioning on {on.describe()} ({device}); image embeddings "
                          + ("from the metadata's npz" if published else f"by {l14_name}"))
         summary = recaption_on_engine(layout.pool_shards(scale.name), out, metadata_dir, models, published, on,
-                                      engine.gpus_per_task, context.log.info)
+                                      engine.task_gpus(device), context.log.info)
         examples = duckdb.sql(f"select alt_text, caption, clip_l14_similarity_score from "
                               f"read_parquet('{out}/*.parquet') order by uid limit 8").fetchall()
         return dg.MaterializeResult(metadata={
