@@ -337,3 +337,36 @@ def test_a_retried_evaluation_task_rewrites_its_part_and_a_whole_part_is_kept(su
     assert after.results.read_bytes() == (tmp_path / "before" / "eval_results.jsonl").read_bytes()
     assert not Path(part).exists()
     assert [json.loads(x)["key"] for x in after.results.read_text().splitlines()] == list(TASKS)
+
+
+def test_eval_results_through_dagster_equal_one_process_and_a_rerun_scores_nothing(tmp_path, monkeypatch):
+    """The asset on the miniature: each seed's eval_results.jsonl is what `evaluate_checkpoint` writes in one
+    process; materialized again, no task is scored."""
+    from datacomp_assets.definitions import RESOURCES, defs
+    from resources import AcceleratorResource, EngineResource, StorageResource
+    from tests.miniature import MINIATURE
+
+    monkeypatch.setitem(SCALES, "tiny", MINIATURE)
+    layout = Layout(tmp_path / "data")
+    for seed in MINIATURE.seeds:
+        torch.manual_seed(seed)
+        path = layout.seed_checkpoint("tiny", "basic", seed, MINIATURE.epochs)
+        path.parent.mkdir(parents=True)
+        torch.save({"state_dict": load_model(MINIATURE.model)[0].state_dict()}, path)
+    resources = {**RESOURCES, "storage": StorageResource(root=str(tmp_path / "data")),
+                 "accelerator": AcceleratorResource(device="cpu"), "engine": EngineResource()}
+    assets = [defs.get_assets_def("eval_suite"), defs.get_assets_def("eval_results")]
+    assert dg.materialize(assets, selection=["eval_suite"], partition_key="tiny", resources=resources).success
+    assert dg.materialize(assets, selection=["eval_results"], partition_key="tiny|basic", resources=resources).success
+    for seed in MINIATURE.seeds:
+        reference = tmp_path / f"reference_{seed}.jsonl"
+        evaluate_checkpoint(MINIATURE.model, layout.seed_checkpoint("tiny", "basic", seed, MINIATURE.epochs),
+                            layout.eval_suite("tiny"), reference)
+        assert layout.results_file("tiny", "basic", seed).read_bytes() == reference.read_bytes()
+        assert sorted(p.name for p in layout.results_file("tiny", "basic", seed).parent.iterdir()) == [
+            "eval_noise.json", "eval_results.jsonl", "eval_samples.npz"]  # no part left
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished task was scored again")
+    monkeypatch.setattr("datacomp_assets.evaluation.on_engine.evaluate_checkpoint", must_not_run)
+    assert dg.materialize(assets, selection=["eval_results"], partition_key="tiny|basic", resources=resources).success
