@@ -7,6 +7,11 @@ the score column + any extra columns), its values checked (each uid once, finite
 a temporary name and renamed; a shard already scored is kept, so an interrupted run resumes, unless it is not what
 was written (its manifest, the directory's `_manifest.json`, says so) or its values are wrong: then it is scored
 again. Memory holds one shard's images.
+
+On the engine (`score_on_engine`), the shards are tasks of a module-level function that loads the models once
+(`ScoringModels`: names, checkpoint paths, device): here one process, shard after shard, as before; on Ray, groups
+of shards, each task requesting GPUs where the cluster has them. A retried task keeps the shards its first try had
+renamed into place.
 """
 
 from __future__ import annotations
