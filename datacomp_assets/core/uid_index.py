@@ -34,7 +34,7 @@ from datacomp_assets.core.files import replace_atomically, temporary_sibling
 from datacomp_assets.core.uids import UID_DTYPE, arrow_uids_to_array, isin_sorted, sort_order
 
 INDEX_DIR = "uid_index"
-MERGE_ROWS = 1 << 22  # rows held by one merge round, over all runs together (about 100 MB)
+MERGE_ROWS = 1 << 21  # rows held by one merge round, over all runs together (about 150 MB with its sort)
 CHUNK_ROWS = 1 << 20  # rows read at a time by the linear passes over the index
 
 
