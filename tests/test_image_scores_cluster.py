@@ -139,3 +139,34 @@ def test_model_tasks_request_gpus_where_the_cluster_has_them(cluster):
         assert seen == [{"CUDA_VISIBLE_DEVICES": "0"}] * 3
     finally:
         cluster.remove_node(node)
+
+
+def test_evaluation_tasks_on_the_cluster_write_the_local_engines_results(cluster, pool, tmp_path):
+    """eval_results' work on the cluster: one Ray task per checkpoint and task group (here two checkpoints x three
+    groups), each checkpoint's lines merged in the registry's order, equal to the local engine's bytes."""
+    from datacomp_assets.evaluation.on_engine import CheckpointToScore, evaluate_on_engine
+    from datacomp_assets.world.eval_suite import TASKS, build_suite
+
+    root, checkpoints = pool
+    build_suite(tmp_path / "suite", size_scale=0.04)
+    registry = {k: TASKS[k] for k in ("objects", "objects_sketch", "objects_v2", "colors", "digits")}
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": load_model(DFN_MODEL)[0].state_dict()}, other)
+
+    def files(where: str) -> list[CheckpointToScore]:
+        return [CheckpointToScore(ckpt, tmp_path / where / f"{i}.jsonl", tmp_path / where / f"{i}.npz",
+                                  lambda group, i=i: tmp_path / where / f".{i}_{group.replace(' ', '_')}.jsonl")
+                for i, ckpt in enumerate((checkpoints[DFN_MODEL], other))]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a one-CPU Ray task computes (see local_scores)
+    try:
+        evaluate_on_engine(DFN_MODEL, files("local"), tmp_path / "suite", registry, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    evaluate_on_engine(DFN_MODEL, files("ray"), tmp_path / "suite", registry, engine=Engine(cluster.address),
+                       log=lambda _: None)
+    for i in range(2):
+        assert (tmp_path / "ray" / f"{i}.jsonl").read_bytes() == (tmp_path / "local" / f"{i}.jsonl").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["0.jsonl", "0.npz", "1.jsonl", "1.npz"]
