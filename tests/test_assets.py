@@ -120,7 +120,9 @@ def test_tiny_scale_end_to_end(miniature, monkeypatch):
         basic_subset = latest_metadata(instance, "subset", "tiny|basic")
         assert basic_subset["kept_fraction"] < 1.0
         assert "ground_truth_kind" in basic_subset["audit"] and "| non_english |" in basic_subset["audit"]
-        features = pq.read_table(root / "pool_features").to_pandas()
+        from datacomp_assets.filtering.features import read_features
+
+        features = read_features(root / "pool_features").to_pandas()  # each method its own folder
         assert len(features) == len(pool) and features["in_target_cluster"].any()
         both = np.load(root / "subset" / "image_based_clip_score_l14_30pct" / "subset.npy")
         clip = np.load(root / "subset" / "clip_score_l14_30pct" / "subset.npy")

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from datacomp_assets.filtering.features import (
-    FeatureSettings, compute_pool_features, entries_from_captions, text_concepts, vocabulary_from_classnames)
+    FeatureSettings, compute_pool_features, entries_from_captions, method_dirs, read_features, text_concepts,
+    vocabulary_from_classnames)
 
 
 def test_text_concepts_find_the_first_class_word_and_plurals():
@@ -50,10 +51,10 @@ def test_compute_pool_features_writes_one_row_per_sample(tmp_path):
                                metaclip_t=20, clusters=8)
     summary = compute_pool_features(tmp_path / "meta", tmp_path / "features", settings,
                                     target_embeddings=directions[:2], vas_targets=directions[:2], log=lambda _: None)
-    features = pq.read_table(tmp_path / "features").to_pandas()
+    features = read_features(tmp_path / "features").to_pandas()
     meta = pq.read_table(sorted((tmp_path / "meta").glob("*.parquet")), columns=["uid", "text"]).to_pandas()
     assert sorted(features.uid) == sorted(meta.uid) and summary["rows"] == len(meta)
-    assert not list((tmp_path / "features").glob(".*"))  # no temporary files left behind
+    assert not list((tmp_path / "features").glob("**/.*"))  # no temporary files left behind
     merged = meta.merge(features, on="uid")
     assert (merged.text_concept.notna() == merged.text.str.endswith("dog")).all()
     # Two of eight well-separated directions are targets: about a quarter of the pool is in their clusters.
@@ -76,9 +77,9 @@ def test_features_whose_input_is_not_supplied_are_left_out_and_kmeans_trains_on_
     settings = FeatureSettings(vocabulary={"dog": "dog"}, metaclip_entries=None, metaclip_t=20, clusters=8,
                                kmeans_max_points=50)
     summary = compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, None, None, log=lambda _: None)
-    features = pq.read_table(tmp_path / "features")
-    assert features.column_names == ["uid", "text_concept", "image_cluster", "semdedup_max_similarity",
-                                     "density_pruning_keep", "caption_repeats"]
+    features = read_features(tmp_path / "features")
+    assert features.column_names == ["uid", "text_concept", "caption_repeats", "image_cluster",
+                                     "semdedup_max_similarity", "density_pruning_keep"]
     assert features.num_rows == 120 and summary["target_clusters"] == 0
     assert len(set(features["image_cluster"].to_pylist())) > 4  # 50 sampled rows still find the 8 directions
     assert not (tmp_path / "features" / ".scratch").exists()
@@ -132,7 +133,7 @@ def test_image_based_keeps_what_the_reference_rule_keeps(tmp_path):
     targets = directions[:3] / np.linalg.norm(directions[:3], axis=1, keepdims=True)
     settings = FeatureSettings(vocabulary={}, metaclip_entries=["dog"], metaclip_t=10, clusters=k)
     compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, targets, None, log=lambda _: None)
-    kept = set(array_to_uids(select_uids(tmp_path / "meta", "image_based", feature_dirs=[tmp_path / "features"])))
+    kept = set(array_to_uids(select_uids(tmp_path / "meta", "image_based", feature_dirs=method_dirs(tmp_path / "features"))))
 
     stored = emb.astype(np.float16).astype(np.float32)  # what the npz holds
     passes = (language == "en") & (num_tokens > 1) & (num_chars > 5)
@@ -165,7 +166,7 @@ def test_embedding_methods_columns_match_their_modules_and_caption_repeats_count
     compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, directions[:2], None,
                           log=lambda _: None, hype_heads=tmp_path / "heads.pt")
     meta = pq.read_table(sorted((tmp_path / "meta").glob("*.parquet")), columns=["uid", "text"]).to_pandas()
-    features = meta.merge(pq.read_table(tmp_path / "features").to_pandas(), on="uid")  # back in pool order
+    features = meta.merge(read_features(tmp_path / "features").to_pandas(), on="uid")  # back in pool order
     np.testing.assert_allclose(features.negclip_loss, negclip.negclip_loss(images, texts, batch_size=12, seed=0),
                                atol=2e-3)  # a tenth of the pool per batch; float16 storage rounds the inputs
     np.testing.assert_allclose(features.normsim, negclip.normsim(images, directions[:2]), atol=2e-3)

@@ -21,6 +21,7 @@ from datacomp_assets.core.published import PublishedSource, fetch_published_meta
 from datacomp_assets.core.scales import SCALES, load_registry
 from datacomp_assets.core.strategies import PARTITIONED, STRATEGIES, SWEEPS, parse_strategies
 from datacomp_assets.core.uids import load_subset, uids_to_array
+from datacomp_assets.filtering.features import read_features
 from datacomp_assets.world.index import write_pool_index
 from datacomp_assets.world.published_mirror import write_upstream_metadata, write_upstream_shards
 from datacomp_assets.world.web_server import free_port
@@ -107,7 +108,7 @@ def test_parquet_only_runs_the_metadata_rules_and_the_reshard_reads_the_shards_i
     passing = pool.filter(pc.greater_equal(pool["clip_b32_similarity_score"], 0.28))["uid"].to_pylist()
     assert np.array_equal(kept, np.sort(uids_to_array(passing))) and len(kept) > 0
     # pool_features computed only text_based's column: no npz was needed
-    features = pq.read_table(sorted(layout.pool_features("small").glob("*.parquet")))
+    features = read_features(layout.pool_features("small"))
     assert features.column_names == ["uid", "text_concept"]
     # the metadata is the user's files, linked; the shards are read where img2dataset wrote them
     assert all(p.is_symlink() for p in layout.pool_metadata("small").glob("*.parquet"))
@@ -151,7 +152,7 @@ def test_pool_features_refuses_a_rule_needing_the_npz_before_any_caption_feature
     assert not Layout(tmp_path / "data").caption_features("small").exists()  # fastText never ran
     # asked for nothing in particular (the UI), it computes what the parquet allows and says what it left out
     assert dg.materialize([pool_features], partition_key="small", resources=resources).success
-    features = pq.read_table(sorted(Layout(tmp_path / "data").pool_features("small").glob("*.parquet")))
+    features = read_features(Layout(tmp_path / "data").pool_features("small"))
     assert features.column_names == ["uid", "text_concept", "caption_repeats"]
 
 
@@ -160,7 +161,7 @@ def test_with_the_npz_the_embedding_rule_runs_and_reads_only_its_columns(upstrea
     run_subsets(scale, [NPZ_RULE], tmp_path / "data", monkeypatch)
     layout = Layout(tmp_path / "data")
     assert 0 < len(load_subset(layout.subset_file("small", NPZ_RULE))) < POOL
-    features = pq.read_table(sorted(layout.pool_features("small").glob("*.parquet")))
+    features = read_features(layout.pool_features("small"))
     assert features.column_names == ["uid", "semdedup_max_similarity"]
 
 

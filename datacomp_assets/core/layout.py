@@ -164,6 +164,20 @@ class Layout:
         """The miniature's HYPE heads (trained on the curated source's L/14 embeddings by pool_features)."""
         return self.asset_dir(scale, Asset.POOL_FEATURES).with_name("hype_model") / "heads.pt"
 
+    def hype_heads_record(self, scale: str) -> Path:
+        """Beside them: a key of what they were trained from (trained again only when it changes)."""
+        return self.hype_heads(scale).with_name("heads.json")
+
+    def pool_features_method(self, scale: str, method: str) -> Path:
+        """One pool_features method's table (`<stem>.parquet` per metadata file) and its record of its inputs."""
+        return self.pool_features(scale) / method
+
+    def pool_features_methods(self, scale: str) -> list[Path]:
+        """The method folders pool_features has written (a rule joins those it reads, on uid)."""
+        root = self.pool_features(scale)
+        return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))) \
+            if root.exists() else []
+
     def image_scores(self, scale: str, scorer: str) -> Path:
         """A model's scores of the pool's downloaded images (uid + `<scorer>_score`), one parquet per shard."""
         return self.asset_dir(scale, Asset.IMAGE_SCORES) / scorer

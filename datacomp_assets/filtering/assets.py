@@ -1,17 +1,20 @@
 """Filtering stage: one subset (sorted `u8,u8` uid .npy) per (scale, strategy), with its checks."""
 
 import io
+import json
 import time
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 from datacomp_assets.core.caption_features import CaptionFeatureStore
 from datacomp_assets.core.layout import Asset, Group
 from datacomp_assets.core.integrity import table_record, verified_values_version, verify_table
-from datacomp_assets.core.lineage import code_revision, file_sha256, write_lineage
+from datacomp_assets.core.files import replace_atomically
+from datacomp_assets.core.lineage import code_revision, file_sha256, text_sha256, write_lineage
 from datacomp_assets.core.strategies import (
     PARTITIONED, expected_fraction, get_strategy, sources_read, strategy_definition, strategy_identifiers,
     strategy_version, track)
@@ -32,7 +35,7 @@ class PoolFeaturesConfig(dg.Config):
     strategies: list[str] = []  # the columns these strategies read (`run` passes its own); empty: every column
 
 
-@dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="3", pool="gpu",
+@dg.asset(partitions_def=scale_partitions, group_name=Group.FILTERING, code_version="4", pool="gpu",
           deps=[Asset.POOL_METADATA,
                 *(dg.AssetDep(a, partition_mapping=on_synthetic_web)
                   for a in (Asset.SCORER_MODELS, Asset.EVAL_SUITE, Asset.CURATED_SOURCE))])
@@ -65,7 +68,7 @@ def pool_features(context: dg.AssetExecutionContext, config: PoolFeaturesConfig,
         source = pool_source.for_scale(scale, layout)
         t0 = time.perf_counter()
         metadata_dir = layout.pool_metadata(scale.name)
-        verified_values_version(metadata_dir, REDO.format(f"{Asset.POOL_METADATA} ({scale.name})"))
+        pool_version = verified_values_version(metadata_dir, REDO.format(f"{Asset.POOL_METADATA} ({scale.name})"))
         columns = (frozenset(feature_columns(set().union(*map(strategy_identifiers, config.strategies))))
                    if config.strategies else None)
         parquets = metadata_parquet(metadata_dir)
@@ -90,12 +93,16 @@ def pool_features(context: dg.AssetExecutionContext, config: PoolFeaturesConfig,
             seed=scale.seed, kmeans_max_points=scale.kmeans_max_points, columns=columns)
         out = layout.pool_features(scale.name)
         # the image-based baseline clusters only captions that pass its caption terms (fastText on demand)
-        captioned = rows_where(metadata_dir, IMAGE_BASED_CAPTIONS,
-                               caption_features=caption_feature_store(context, layout, scale, source, engine)
-                               ) if settings.wants_image_clusters() else None
+        # (called only when image_based's clusters are computed again, not when they are kept)
+        def captioned():
+            return rows_where(metadata_dir, IMAGE_BASED_CAPTIONS,
+                              caption_features=caption_feature_store(context, layout, scale, source, engine))
+
+        # each method its own folder, kept while its inputs are those recorded; the tasks on the engine
         summary = compute_pool_features(metadata_dir, out, settings, inputs["target_embeddings"],
                                         inputs["vas_targets"], context.log.info, hype_heads=inputs["hype_heads"],
-                                        captioned=captioned)
+                                        captioned=captioned, engine=engine.engine(), processes=source.processes,
+                                        metadata_version=pool_version)
         left_out = inputs["left_out"] + no_npz
         if left_out:
             context.log.warning("left out: " + "; ".join(left_out))
@@ -120,15 +127,21 @@ def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource,
 
     classnames = [c for c in (layout.eval_suite(scale.name) / OBJECTS_TASK / "classnames.txt").read_text().split("\n")
                   if c]
-    curated = [(Image.open(io.BytesIO(files["jpg"])).convert("RGB"), files["txt"].decode())
-               for tar in sorted(layout.curated_source(scale.name).glob("*.tar"))
+    curated = [(files["jpg"], files["txt"].decode()) for tar in sorted(layout.curated_source(scale.name).glob("*.tar"))
                for _, files in iter_webdataset(tar) if "txt" in files and "jpg" in files]
     device = accelerator.placement(scale.precision).device
-    l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], scorer_checkpoint(layout, scale, "l14"), device), device)
+    checkpoint = scorer_checkpoint(layout, scale, "l14")
+    l14 = Scorer("l14", *load_model(SCORER_MODELS["l14"], checkpoint, device), device)
     images, _ = zip(*objects_training_images(scale.target_images_per_class))
     targets, _ = l14.embed(list(images), [""] * len(images))
-    heads, hype_training = (train_hype_heads(l14, curated, layout.hype_heads(scale.name), scale.seed, log) if hype
-                            else (None, {}))
+    heads, hype_training = None, {}
+    if hype:  # trained again only when what they are trained from changed (else pool_features' HYPE is kept)
+        heads, record = layout.hype_heads(scale.name), layout.hype_heads_record(scale.name)
+        key = text_sha256([file_sha256(checkpoint), [text for _, text in curated], HYPE_MINIATURE, scale.seed])
+        if not (heads.exists() and record.exists() and json.loads(record.read_text()).get("key") == key):
+            curated_images = [(Image.open(io.BytesIO(jpg)).convert("RGB"), text) for jpg, text in curated]
+            heads, hype_training = train_hype_heads(l14, curated_images, heads, scale.seed, log)
+            replace_atomically(lambda tmp: tmp.write_text(json.dumps({"key": key})), record)
     return {"classnames": classnames, "target_embeddings": targets, "vas_targets": targets, "left_out": [],
             "metaclip_entries": entries_from_captions([text for _, text in curated], min_count=5, extra=classnames),
             "hype_heads": heads, "hype_training": hype_training}
@@ -155,7 +168,6 @@ def train_hype_heads(l14, curated: list, path: Path, seed: int, log=print) -> tu
 
 def feature_inputs_of_published(scale) -> dict:
     """The user's files named in the scale's configuration, and ImageNet-1k's class names (open_clip ships them)."""
-    import numpy as np
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     from datacomp_assets.core.inputs import INPUTS, input_path, require_input
@@ -170,9 +182,9 @@ def feature_inputs_of_published(scale) -> dict:
     left_out: list[str] = []
     targets, vas_targets, entries = load("imagenet_embeddings"), load("vas_target_embeddings"), load("metaclip_entries")
     hype_heads = load("hype_heads")
+    # the arrays as files: versioned by their size and time, read memory-mapped by the tasks (ImageNet's are 2 GB)
     return {"classnames": list(IMAGENET_CLASSNAMES), "left_out": left_out, "hype_heads": hype_heads,
-            "target_embeddings": None if targets is None else np.load(targets, allow_pickle=False),
-            "vas_targets": None if vas_targets is None else np.load(vas_targets, allow_pickle=False),
+            "target_embeddings": targets, "vas_targets": vas_targets,
             "metaclip_entries": None if entries is None else read_entries(entries)}
 
 
@@ -316,10 +328,10 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
         metadata_dir = layout.pool_metadata(scale.name)
         # the files it reads are the version it records, and hold the values that were checked when written
         pool_version = verified_values_version(metadata_dir, REDO.format(f"{Asset.POOL_METADATA} ({scale.name})"))
-        verify_tables_read(layout, scale.name, strategy)
+        features = verify_tables_read(layout, scale.name, strategy, pool_version)
         t0 = time.perf_counter()
         scored = [layout.image_scores(scale.name, scorer) for scorer in IMAGE_SCORERS]
-        feature_dirs = [d for d in (layout.pool_features(scale.name), *scored) if d.exists()]
+        feature_dirs = [*features, *(d for d in scored if d.exists())]  # each pool_features method its own table
         store = caption_feature_store(context, layout, scale, source, engine)
         uids = select_uids(metadata_dir, strategy, seed=scale.seed, feature_dirs=feature_dirs,
                            reference_scorers=source.reference_scorers,
@@ -355,11 +367,13 @@ def subset(context: dg.AssetExecutionContext, storage: StorageResource,
 REDO = "Materialize {} again: it computes again (at a published pool, checks again) the files that fail this check."
 
 
-def verify_tables_read(layout, scale: str, strategy: str) -> None:
+def verify_tables_read(layout, scale: str, strategy: str, pool_version: str | None = None) -> list[Path]:
     """The tables of per-sample values beside the metadata that the strategy's rule reads are those their writers
-    recorded (or, where none was recorded, hold valid values): a file that is not is named before any is read."""
+    recorded (or, where none was recorded, hold valid values): a file that is not is named before any is read.
+    Returns pool_features' method folders to join: those recorded for this pool (`pool_version`)."""
     reads = strategy_identifiers(strategy)
-    tables = {layout.pool_features(scale): f"{Asset.POOL_FEATURES} ({scale})",
+    features = pool_feature_dirs(layout, scale, reads, pool_version)
+    tables = {**{d: f"{Asset.POOL_FEATURES} ({scale})" for d in features},
               **{layout.image_scores(scale, scorer): f"{Asset.IMAGE_SCORES} ({scale}|{scorer})"
                  for scorer in IMAGE_SCORERS if image_score_column(scorer) in reads}}
     # The external sources whose writers record a manifest (the recaptioned source, the miniature's noisy one); a
@@ -371,6 +385,36 @@ def verify_tables_read(layout, scale: str, strategy: str) -> None:
     for directory, asset in tables.items():
         if directory.exists():
             verify_table(directory, REDO.format(asset))
+    return features
+
+
+def pool_feature_dirs(layout, scale: str, reads: set[str], pool_version: str | None) -> list[Path]:
+    """pool_features' method folders recorded for this pool. One that a rule reading `reads` would join but that is
+    not (unrecorded: a run cut short; of other metadata; the single-folder layout of before) is refused, named."""
+    from datacomp_assets.filtering.features import METADATA_VERSION, feature_columns
+
+    redo = REDO.format(f"{Asset.POOL_FEATURES} ({scale})")
+    read = feature_columns(reads)
+    root = layout.pool_features(scale)
+    old = sorted(root.glob("*.parquet")) if root.exists() else []
+    if old and read:
+        raise ValueError(f"{root}: {old[0].name} and {len(old) - 1} more files are pool_features' single-folder "
+                         f"layout of before, which is no longer read (each method has its folder now). {redo}")
+    usable = []
+    for directory in layout.pool_features_methods(scale):
+        try:
+            record = table_record(directory)
+        except ValueError:
+            record = {}
+        if "manifest" in record and (pool_version is None or record.get(METADATA_VERSION) == pool_version):
+            usable.append(directory)
+            continue
+        files = sorted(directory.glob("*.parquet"))
+        if files and read & set(pq.read_schema(files[0]).names):
+            why = ("was not recorded (a run cut short)" if "manifest" not in record
+                   else "was computed from other metadata than the pool's")
+            raise ValueError(f"{directory} {why}; {', '.join(sorted(read))} would be read from it. {redo}")
+    return usable
 
 
 def caption_feature_store(context, layout, scale, source, engine: EngineResource) -> CaptionFeatureStore:
