@@ -133,7 +133,8 @@ def test_image_based_keeps_what_the_reference_rule_keeps(tmp_path):
     targets = directions[:3] / np.linalg.norm(directions[:3], axis=1, keepdims=True)
     settings = FeatureSettings(vocabulary={}, metaclip_entries=["dog"], metaclip_t=10, clusters=k)
     compute_pool_features(tmp_path / "meta", tmp_path / "features", settings, targets, None, log=lambda _: None)
-    kept = set(array_to_uids(select_uids(tmp_path / "meta", "image_based", feature_dirs=method_dirs(tmp_path / "features"))))
+    kept = set(array_to_uids(select_uids(tmp_path / "meta", "image_based",
+                                         feature_dirs=method_dirs(tmp_path / "features"))))
 
     stored = emb.astype(np.float16).astype(np.float32)  # what the npz holds
     passes = (language == "en") & (num_tokens > 1) & (num_chars > 5)

@@ -389,8 +389,9 @@ def verify_tables_read(layout, scale: str, strategy: str, pool_version: str | No
 
 
 def pool_feature_dirs(layout, scale: str, reads: set[str], pool_version: str | None) -> list[Path]:
-    """pool_features' method folders recorded for this pool. One that a rule reading `reads` would join but that is
-    not (unrecorded: a run cut short; of other metadata; the single-folder layout of before) is refused, named."""
+    """The method folders of pool_features recorded for this pool. One that a rule reading `reads` would join but
+    that is not (unrecorded: a run cut short; of other metadata; the single-folder layout of before) is refused,
+    named."""
     from datacomp_assets.filtering.features import METADATA_VERSION, feature_columns
 
     redo = REDO.format(f"{Asset.POOL_FEATURES} ({scale})")

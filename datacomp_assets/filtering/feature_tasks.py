@@ -1,4 +1,5 @@
-"""pool_features' per-file and per-block work: one module-level function of one picklable task each (no Dagster).
+"""The per-file and per-block work of pool_features: one module-level function of one picklable task each
+(no Dagster).
 
 `Engine.map_unordered` runs them in this machine's spawned processes or as Ray tasks. A task reads its inputs from
 files (on a cluster, a file system every node shares: the data directory), never from the step's memory, and

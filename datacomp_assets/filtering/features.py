@@ -46,11 +46,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datacomp_assets.core.engine import Engine
+from datacomp_assets.core.layout import Asset
 from datacomp_assets.core.integrity import MANIFEST_FILE, record_table, table_record
 from datacomp_assets.core.lineage import manifest_differences
 from datacomp_assets.filtering import (
     feature_tasks, hyperbolic, image_based, metaclip, negclip, prototypes, semdedup, vas)
-from datacomp_assets.filtering.feature_tasks import FileTask, PoolArray, Span, caption_hash, save_npy, text_concepts
+from datacomp_assets.filtering.feature_tasks import (  # caption_hash, text_concepts: re-exported
+    FileTask, PoolArray, Span, caption_hash, save_npy, text_concepts)  # noqa: F401
 
 # ---------------------------------------------------------------- text_based
 
@@ -369,7 +371,7 @@ def compute_pool_features(metadata_dir: str | os.PathLike, out_dir: str | os.Pat
     """
     run = _Run(Path(metadata_dir), Path(out_dir), settings, ArrayInput("target_embeddings", target_embeddings),
                ArrayInput("vas_targets", vas_targets), hype_heads, captioned, log, metadata_version)
-    with (engine or Engine()).session(processes, "pool_features") as session:
+    with (engine or Engine()).session(processes, Asset.POOL_FEATURES) as session:
         run.session = session
         return run.compute()
 
@@ -509,7 +511,8 @@ class _Run:
         columns = [c for name in chosen for c in pq.read_schema(next((self.out_dir / name).glob("*.parquet"))).names
                    if c != "uid"]
         image, meta = summaries.get("image_clusters", {}), summaries.get("metaclip", {})
-        return {"rows": self.n, "files": len(self.files), "methods_computed": ", ".join(n for n, _, _ in todo) or "none",
+        return {"rows": self.n, "files": len(self.files),
+                "methods_computed": ", ".join(n for n, _, _ in todo) or "none",
                 "methods_kept": ", ".join(kept) or "none", "columns": ", ".join(columns),
                 "clusters": s.clusters if any(m in chosen for m in ("image_clusters", "semdedup")) else 0,
                 "target_clusters": image.get("target_clusters", 0),
@@ -521,7 +524,8 @@ class _Run:
         never join them."""
         old = [p for p in self.out_dir.glob("*.parquet")] + [p for p in [self.out_dir / MANIFEST_FILE] if p.exists()]
         if old:
-            self.log(f"pool_features: removing {len(old)} files of the single-folder layout of before in {self.out_dir}")
+            self.log(f"pool_features: removing {len(old)} files of the single-folder layout of before in "
+                     f"{self.out_dir}")
             for path in old:
                 path.unlink()
         for directory in method_dirs(self.out_dir):
@@ -679,9 +683,9 @@ class _Run:
         semdedup_dir = self.out_dir / "semdedup"
         centroids = np.load(semdedup_dir / SEMDEDUP_CENTROIDS)
         clusters_path = str(semdedup_dir / SEMDEDUP_CLUSTERS)
-        similarity = self.by_file(self.map(partial(feature_tasks.centroid_similarity_file, str(self.scratch),
-                                                   EMBEDDING_KEY, clusters_path, str(semdedup_dir / SEMDEDUP_CENTROIDS)),
-                                           self.tasks, "density_similarity"), np.float32)
+        similarity = self.by_file(self.map(partial(
+            feature_tasks.centroid_similarity_file, str(self.scratch), EMBEDDING_KEY, clusters_path,
+            str(semdedup_dir / SEMDEDUP_CENTROIDS)), self.tasks, "density_similarity"), np.float32)
         scores = np.concatenate([pq.read_table(semdedup_dir / f.parquet.name, columns=["semdedup_max_similarity"])
                                  .column(0).to_numpy() for f in self.files])
         eligible = scores <= self.settings.density_pruning_semdedup
