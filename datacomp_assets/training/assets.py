@@ -3,7 +3,6 @@ samples; and a blocking check that every checkpoint loads safely and runs."""
 
 import shutil
 import statistics
-from pathlib import Path
 
 import dagster as dg
 
