@@ -110,9 +110,16 @@ def pool_features(context: dg.AssetExecutionContext, config: PoolFeaturesConfig,
             "path": dg.MetadataValue.path(str(out)), **summary,
             "left_out": dg.MetadataValue.md("\n".join(f"- {m}" for m in left_out) or "nothing"),
             "asked_for": ", ".join(config.strategies) or "every column",
-            "target_images": 0 if inputs["target_embeddings"] is None else len(inputs["target_embeddings"]),
+            "target_images": _target_rows(inputs["target_embeddings"]),
             **inputs.get("hype_training", {}),
             "text_vocabulary": len(settings.vocabulary), "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _target_rows(targets) -> int:
+    """Rows of the target embeddings: an array (the miniature's) or a user's .npy file (its header only)."""
+    if targets is None:
+        return 0
+    return len(targets) if isinstance(targets, np.ndarray) else np.load(targets, mmap_mode="r").shape[0]
 
 
 def feature_inputs_of_miniature(scale, layout, accelerator: AcceleratorResource, log=print, hype: bool = True) -> dict:
