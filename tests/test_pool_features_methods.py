@@ -101,3 +101,25 @@ def test_only_the_methods_asked_for_run_and_the_pool_is_backfilled_method_by_met
     summary = compute(pool, out, asked)
     assert (summary["methods_computed"], summary["methods_kept"]) == ("negclip", "semdedup")
     assert {d.name for d in method_dirs(out)} == {"semdedup", "density_pruning", "negclip"}
+
+
+def test_subset_joins_the_methods_of_this_pool_and_refuses_a_stale_one_it_would_read(pool, tmp_path):
+    from datacomp_assets.core.layout import Layout
+    from datacomp_assets.filtering.assets import pool_feature_dirs
+
+    layout = Layout(tmp_path / "data")
+    out = layout.pool_features("tiny")
+    asked = FeatureSettings(**{**SETTINGS.__dict__, "columns": frozenset({"semdedup_max_similarity", "text_concept"})})
+    compute(pool, out, asked, metadata_version="v1")
+    reads = {"semdedup_max_similarity"}
+    assert pool_feature_dirs(layout, "tiny", reads, "v1") == [out / "semdedup", out / "text_concept"]
+    with pytest.raises(ValueError, match=r"semdedup was computed from other metadata than the pool's; "
+                                         r"semdedup_max_similarity would be read from it\. Materialize pool_features"):
+        pool_feature_dirs(layout, "tiny", reads, "v2")
+    assert pool_feature_dirs(layout, "tiny", {"clip_b32_similarity_score"}, "v2") == []  # not read: not joined
+    (out / "text_concept" / "_manifest.json").unlink()  # a run cut short before it recorded the method
+    with pytest.raises(ValueError, match=r"text_concept was not recorded \(a run cut short\)"):
+        pool_feature_dirs(layout, "tiny", {"text_concept"}, "v1")
+    (out / "00000000.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="single-folder layout of before, which is no longer read"):
+        pool_feature_dirs(layout, "tiny", reads, "v1")
