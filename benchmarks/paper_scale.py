@@ -181,7 +181,9 @@ def run_step(scale: str, asset: str, strategy: str | None) -> dict:
 def bare_queries(metadata_dir: str, features_dir: str, store_dir: str, pool_rows: int) -> dict[str, str]:
     """Each rule as one hand-written DuckDB query (thresholds as the reference's), over the metadata, pool_features
     and the caption features the pipeline's rules stored (the rows each needed)."""
-    m, f = f"read_parquet('{metadata_dir}/*.parquet')", f"read_parquet('{features_dir}/*.parquet')"
+    m = f"read_parquet('{metadata_dir}/*.parquet')"
+    concepts, clusters = (f"read_parquet('{features_dir}/{method}/*.parquet')"  # pool_features' method folders
+                          for method in ("text_concept", "image_clusters"))
     counts, fasttext, cld3 = (f"read_parquet('{store_dir}/{group}/*.parquet') AS {group}"
                               for group in ("counts", "fasttext", "cld3"))
     captions = f"{m} AS m JOIN {counts} USING (uid) JOIN {fasttext} USING (uid)"
@@ -199,10 +201,10 @@ def bare_queries(metadata_dir: str, features_dir: str, store_dir: str, pool_rows
         "clip_score_l14_30pct": f"SELECT uid FROM {m} WHERE {l14_top}",
         "laion2b": f"""SELECT uid FROM {m} AS m JOIN {cld3} USING (uid)
                        WHERE cld3_language = 'en' AND clip_b32_similarity_score >= 0.28""",
-        "text_based": f"SELECT uid FROM {m} AS m JOIN {fasttext} USING (uid) JOIN {f} AS f USING (uid) "
+        "text_based": f"SELECT uid FROM {m} AS m JOIN {fasttext} USING (uid) JOIN {concepts} AS f USING (uid) "
                       "WHERE language = 'en' AND text_concept IS NOT NULL",
-        "image_based": f"SELECT uid FROM {captions} JOIN {f} AS f USING (uid) WHERE {image_based}",
-        "image_based_clip_score_l14_30pct": f"SELECT uid FROM {captions} JOIN {f} AS f USING (uid) "
+        "image_based": f"SELECT uid FROM {captions} JOIN {clusters} AS f USING (uid) WHERE {image_based}",
+        "image_based_clip_score_l14_30pct": f"SELECT uid FROM {captions} JOIN {clusters} AS f USING (uid) "
                                             f"WHERE {image_based} AND {l14_top}",
     }
 
