@@ -200,3 +200,18 @@ def test_proportional_k():
     assert proportional_k(10) == 10  # never more clusters than samples
     with pytest.raises(ValueError):
         proportional_k(0)
+
+
+def test_an_array_is_read_only_at_the_sampled_rows():
+    x = np.random.default_rng(3).normal(size=(3000, 4)).astype(np.float32)
+
+    class Recording:  # an array-like that counts the rows each read returns
+        shape, ndim, reads = x.shape, 2, []
+
+        def __getitem__(self, key):
+            self.reads.append(len(x[key]))
+            return x[key]
+
+    rows, total = _sample_rows(Recording(), 400, seed=0, chunk=256)
+    assert total == 3000 and sum(Recording.reads) == 400  # the sample, not the pool
+    np.testing.assert_array_equal(rows, _sample_rows(iter([x[:1000], x[1000:]]), 400, seed=0)[0])
