@@ -80,3 +80,21 @@ def test_metric_differences_name_the_largest_and_every_mismatch(gpu):
                                                  "mismatched": ["fmow/extra", "cifar10/acc5"]}
     rows = [{"key": "fmow", "metrics": {"acc1": 1, "region": float("nan"), "acc5": None, "flag": True, "name": "x"}}]
     assert gpu.numeric_metrics(rows) == {("fmow", "acc1"): 1.0, ("fmow", "region"): None, ("fmow", "acc5"): None}
+
+
+def test_kernels_benchmark_prints_one_json_object_with_each_kernel_against_its_bare_computation(tmp_path):
+    argv = [sys.executable, str(BENCHMARKS / "kernels.py"), "--rows", "2000", "--dim", "32", "--threads", "1",
+            "--negclip-batch-size", "400", "--negclip-batches", "2", "--normsim-targets", "50", "--clusters", "8",
+            "--kmeans-sample", "500", "--niter", "3", "--out", str(tmp_path / "pool")]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # stdout is the JSON object alone
+    assert report["benchmark"] == "kernels" and report["rows"] == 2000 and report["target_ratio"] == 1.5
+    assert set(report["kernels"]) == {"negclip", "normsim", "semdedup", "kmeans"}
+    for row in report["kernels"].values():
+        for side in ("ours", "bare"):
+            assert row[side]["seconds"] >= 0 and row[side]["peak_rss_mb"] > 0
+        assert row["ratio"] >= 0 and isinstance(row["within_target"], bool)
+    agreement = {name: row["agreement"] for name, row in report["kernels"].items()}
+    assert agreement["negclip"]["max_abs_difference"] < 1e-4 and agreement["normsim"]["max_abs_difference"] < 1e-5
+    assert agreement["semdedup"]["kept_differently"] == 0 and agreement["kmeans"]["assignments_equal"] == 1.0
