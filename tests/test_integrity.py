@@ -72,7 +72,9 @@ def write_downloaded_shards(directory):
 def pool(tmp_path, monkeypatch):
     """A tiny pool whose models are stand-ins: (layout, resources, materialize(asset, partition) -> result)."""
     import datacomp_assets.core.models as models
+    import datacomp_assets.filtering.image_scores as image_scores
     import datacomp_assets.metadata.assets as metadata_assets
+    from datacomp_assets.core.scorers import dfn_checkpoint
     from datacomp_assets.metadata.build import build_pool_metadata
 
     layout = Layout(tmp_path / "data")
@@ -85,6 +87,10 @@ def pool(tmp_path, monkeypatch):
     monkeypatch.setattr(metadata_assets, "metadata_from_images", metadata_from_images)
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: (None, None, None))
     monkeypatch.setattr(models, "Scorer", StandInScorer)
+    monkeypatch.setattr(image_scores, "Scorer", StandInScorer)  # imported there by name
+    checkpoint = dfn_checkpoint(layout, SCALES["tiny"])  # the models' tasks key their cache on the file
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"a stand-in model")
     resources = {"storage": StorageResource(root=str(tmp_path / "data")), "engine": EngineResource(),
                  "accelerator": AcceleratorResource(device="cpu"),
                  "pool_source": PoolSourceResource(synthetic_web=SyntheticWebResource(),
