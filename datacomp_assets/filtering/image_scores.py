@@ -190,6 +190,22 @@ def _worker_log(line: str) -> None:
     print(line, flush=True)
 
 
+def shards_to_write(tars: list[Path], out_dir: Path, redoing: Callable[[Path, Path, str], None]) -> list[Path]:
+    """The shards whose `<out_dir>/<shard>.parquet` is missing or not what its manifest recorded (removed first,
+    `redoing(target, tar, why)` told): what a resumed per-shard step still has to write."""
+    recorded = RecordedTable(out_dir)
+    todo = []
+    for tar in tars:
+        target = out_dir / f"{tar.stem}.parquet"
+        why = recorded.reason_to_redo(target) if target.exists() else "missing"
+        if why is not None:
+            if why != "missing":
+                redoing(target, tar, why)
+                target.unlink()
+            todo.append(tar)
+    return todo
+
+
 def score_on_engine(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, models: ScoringModels,
                     engine: Engine = Engine(), gpus: float = 1.0, log: Callable[[str], None] = print) -> dict:
     """`<out_dir>/<shard>.parquet` for every downloaded shard, as `write_shard_scores` writes them, by the engine's
@@ -201,16 +217,8 @@ def score_on_engine(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, m
     tars, out_dir = _shards(shards_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    recorded = RecordedTable(out_dir)
-    todo = []
-    for tar in tars:
-        target = out_dir / f"{tar.stem}.parquet"
-        redo = recorded.reason_to_redo(target) if target.exists() else "missing"
-        if redo is not None:
-            if redo != "missing":
-                log(f"{models.column}: {target}: {redo}; scoring shard {tar.name} again")
-                target.unlink()
-            todo.append(str(tar))
+    todo = [str(tar) for tar in shards_to_write(tars, out_dir, lambda target, tar, why: log(
+        f"{models.column}: {target}: {why}; scoring shard {tar.name} again"))]
     tasks = [ScoringTask(tuple(group), str(out_dir), models) for group in engine.task_groups(todo, gpus)]
     scored, done = 0, 0
     try:

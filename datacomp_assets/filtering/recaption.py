@@ -37,6 +37,7 @@ from datacomp_assets.core.integrity import RecordedTable, record_table, require_
 from datacomp_assets.core.scorers import RECAPTIONED_SOURCE
 from datacomp_assets.core.shards import iter_webdataset, write_webdataset
 from datacomp_assets.core.uids import UID_DTYPE, arrow_uids_to_array, isin_sorted, sort_uids
+from datacomp_assets.filtering.image_scores import shards_to_write
 
 # (images) -> one generated caption per image
 Captioner = Callable[[list[Image.Image]], list[str]]
@@ -375,16 +376,8 @@ def recaption_on_engine(shards_dir: str | os.PathLike, out_dir: str | os.PathLik
     tars, out_dir = _shards(shards_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    recorded = RecordedTable(out_dir)
-    todo = []
-    for tar in tars:
-        target = out_dir / f"{tar.stem}.parquet"
-        redo = recorded.reason_to_redo(target) if target.exists() else "missing"
-        if redo is not None:
-            if redo != "missing":
-                log(f"recaptioned: {target}: {redo}; recaptioning shard {tar.name} again")
-                target.unlink()
-            todo.append(tar)
+    todo = shards_to_write(tars, out_dir, lambda target, tar, why: log(
+        f"recaptioned: {target}: {why}; recaptioning shard {tar.name} again"))
     index = uid_index(metadata_dir) if todo else None
     written = empty = count = 0
     try:
